@@ -1,0 +1,43 @@
+"""Helpers shared by the op modules: output allocation (NaN-poisoned under test) and launch sizing."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Tests flip this on (tests/kernels/conftest.py) so that every launcher allocates its outputs filled
+# with NaN: an element a kernel forgot to write then fails the comparison instead of passing by luck
+# with whatever the allocator left there. Off by default because the fill is an extra memory pass.
+POISON_OUTPUTS: bool = False
+
+
+def new_output(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty``, or a NaN-filled tensor while ``POISON_OUTPUTS`` is set."""
+    if POISON_OUTPUTS:
+        if dtype.is_floating_point:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def is_interpreter(device: torch.device) -> bool:
+    """True when kernels run on CPU tensors, i.e. under ``TRITON_INTERPRET=1``."""
+    return device.type != "cuda"
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device``; a small stand-in for the CPU interpreter."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sm_count(index)
+    return 4
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
