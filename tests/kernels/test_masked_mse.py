@@ -1,0 +1,101 @@
+"""masked_mse against masked_mse_ref: loss and grad of pred, norm-pix on and off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastmae.kernels import masked_mse, masked_mse_ref
+
+# (N, H, W, P, mask_ratio): patch 8/14/16, L from 6 to 1024, ratio 0.5 to 0.95 (0.0: see below).
+CASES = [
+    (2, 32, 48, 16, 0.75),
+    (3, 42, 56, 14, 0.75),
+    (2, 64, 40, 8, 0.95),
+    (1, 448, 448, 14, 0.75),
+    (4, 32, 32, 8, 0.5),
+]
+
+
+def _ids(case):
+    N, H, W, P, ratio = case
+    return f"N{N}-L{(H // P) * (W // P)}-H{H}xW{W}-P{P}-r{ratio}"
+
+
+def _make(N, H, W, P, ratio, dtype, device, seed, img_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    L = (H // P) * (W // P)
+    K = int(L * (1 - ratio))
+    # An offset and a scale per image, so that norm-pix's mean and variance matter.
+    imgs = 3 * torch.randn(N, 3, H, W, generator=g) + torch.randn(N, 1, 1, 1, generator=g)
+    pred = torch.randn(N, L, P * P * 3, generator=g)
+    ids_restore = torch.argsort(torch.argsort(torch.rand(N, L, generator=g), dim=1), dim=1)
+    mask = torch.ones(N, L)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # MAE's own construction, 1 = removed
+    return (
+        pred.to(device=device, dtype=dtype),
+        imgs.to(device=device, dtype=img_dtype or dtype),
+        mask.to(device),
+    )
+
+
+def _run(fn, pred, imgs, mask, P, norm_pix):
+    pred = pred.detach().requires_grad_()
+    loss = fn(pred, imgs, mask, P, norm_pix)
+    loss.backward()
+    return loss, pred.grad
+
+
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_masked_mse(case, dtype, norm_pix, device, seed, check):
+    P = case[3]
+    pred, imgs, mask = _make(*case, dtype, device, seed)
+    loss, grad = _run(masked_mse, pred, imgs, mask, P, norm_pix)
+    ref = _run(masked_mse_ref, pred.float(), imgs.float(), mask, P, norm_pix)
+    low = _run(masked_mse_ref, pred, imgs, mask, P, norm_pix) if dtype != torch.float32 else (None, None)
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and grad.dtype == dtype
+    check(loss, ref[0], low[0], dtype, 2, "loss")
+    check(grad, ref[1], low[1], dtype, 3, "grad pred")
+    assert (grad[mask == 0] == 0).all(), "kept patches must get an exact zero grad"
+
+
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm", "raw"])
+def test_masked_mse_bf16_pred_fp32_images(norm_pix, device, seed, check):
+    """The training mix: autocast's bf16 prediction against fp32 images."""
+    case = (2, 32, 48, 16, 0.75)
+    pred, imgs, mask = _make(*case, torch.bfloat16, device, seed, img_dtype=torch.float32)
+    loss, grad = _run(masked_mse, pred, imgs, mask, 16, norm_pix)
+    ref = _run(masked_mse_ref, pred.float(), imgs, mask, 16, norm_pix)
+    low = _run(masked_mse_ref, pred, imgs, mask, 16, norm_pix)
+    check(loss, ref[0], low[0], torch.bfloat16, 2, "loss")
+    check(grad, ref[1], low[1], torch.bfloat16, 3, "grad pred")
+
+
+def test_masked_mse_nothing_masked_is_nan(device, close):
+    """mask ratio 0: sum(mask) == 0 gives NaN loss and NaN grads in the reference; match, don't crash."""
+    pred, imgs, mask = _make(2, 32, 48, 16, 0.0, torch.float32, device, seed=5)
+    assert mask.sum() == 0
+    loss, grad = _run(masked_mse, pred, imgs, mask, 16, True)
+    ref_loss, ref_grad = _run(masked_mse_ref, pred, imgs, mask, 16, True)
+    assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
+    close(grad, ref_grad, atol=0.0, name="grad pred")
+
+
+def test_masked_mse_scales_grad(device, close):
+    """The incoming grad (e.g. a GradScaler's loss scale) multiplies the grad of pred."""
+    pred, imgs, mask = _make(2, 32, 32, 8, 0.75, torch.float32, device, seed=6)
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    (1024.0 * masked_mse(p1, imgs, mask, 8, True)).backward()
+    (1024.0 * masked_mse_ref(p2, imgs, mask, 8, True)).backward()
+    close(p1.grad, p2.grad, atol=1e-5 * p2.grad.abs().max().item(), name="scaled grad")
+
+
+def test_masked_mse_channels_last(device, close):
+    pred, imgs, mask = _make(2, 42, 28, 14, 0.75, torch.float32, device, seed=10)
+    got = masked_mse(pred, imgs.to(memory_format=torch.channels_last), mask, 14, True)
+    close(got, masked_mse_ref(pred, imgs, mask, 14, True), atol=1e-5 * got.abs().item(), name="loss")
