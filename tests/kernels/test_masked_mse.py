@@ -99,3 +99,13 @@ def test_masked_mse_channels_last(device, close):
     pred, imgs, mask = _make(2, 42, 28, 14, 0.75, torch.float32, device, seed=10)
     got = masked_mse(pred, imgs.to(memory_format=torch.channels_last), mask, 14, True)
     close(got, masked_mse_ref(pred, imgs, mask, 14, True), atol=1e-5 * got.abs().item(), name="loss")
+
+
+def test_masked_mse_flat_patches(device, seed, check):
+    """Near-constant patches (variance ~ 1e-6), where norm-pix's eps and the variance's rounding matter."""
+    pred, imgs, mask = _make(2, 32, 48, 16, 0.75, torch.float32, device, seed)
+    imgs = 0.5 + 1e-3 * imgs
+    loss, grad = _run(masked_mse, pred, imgs, mask, 16, True)
+    ref_loss, ref_grad = _run(masked_mse_ref, pred, imgs, mask, 16, True)
+    check(loss, ref_loss, None, torch.float32, 2, "loss")
+    check(grad, ref_grad, None, torch.float32, 3, "grad pred")
