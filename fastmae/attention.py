@@ -1,0 +1,107 @@
+"""One attention call, several backends.
+
+Backends:
+    ``sdpa``      ``F.scaled_dot_product_attention``: PyTorch dispatches to its flash, cuDNN or
+                  memory-efficient kernel (or a math fallback on CPU). The default.
+    ``xformers``  ``xformers.ops.memory_efficient_attention``; only when xformers is installed and
+                  the tensors are on CUDA. Asking for it where it cannot run is an error.
+    ``math``      plain ``softmax(q k^T / sqrt(d)) v``, written as the reference MAE's timm ``Attention``
+                  does it. The reference every other backend is tested against.
+    ``auto``      ``xformers`` when it works on the tensors' device, else ``sdpa``.
+
+All take the packed projection ``qkv: (B, N, 3, H, Dh)`` (the layout ``Linear(dim, 3 * dim)``
+produces) and return ``(B, N, H * Dh)``, so each backend picks its own best memory layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+class AttentionBackendError(RuntimeError):
+    """An attention backend was asked for where it cannot run."""
+
+
+@functools.cache
+def xformers_available() -> bool:
+    """True when ``xformers.ops.memory_efficient_attention`` imports."""
+    try:
+        from xformers.ops import memory_efficient_attention  # noqa: F401
+    except Exception:  # a broken build raises more than ImportError
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """The concrete backend ``backend`` means on ``device``; raises if it cannot run there.
+
+    ``device=None`` means where training will run: CUDA when it is available, else CPU. Models
+    resolve their backend once, at construction, so nothing in the (compiled) forward probes imports.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if backend == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if backend == "xformers":
+        if not xformers_available():
+            raise AttentionBackendError(
+                "attention backend 'xformers' requested but xformers is not installed or does not import; "
+                "use 'sdpa' (default) or install fastmae[xformers]"
+            )
+        if device.type != "cuda":
+            raise AttentionBackendError(f"attention backend 'xformers' needs CUDA tensors, got {device.type}")
+    return backend
+
+
+def attention_math(qkv: torch.Tensor) -> torch.Tensor:
+    """Reference attention. ``qkv: (B, N, 3, H, Dh)`` -> ``(B, N, H * Dh)``."""
+    B, N, _, H, Dh = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) each
+    attn = (q @ k.transpose(-2, -1)) * Dh**-0.5
+    attn = attn.softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def attention_sdpa(qkv: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``. ``qkv: (B, N, 3, H, Dh)`` -> ``(B, N, H * Dh)``."""
+    B, N, _, H, Dh = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, N, H * Dh)
+
+
+def attention_xformers(qkv: torch.Tensor) -> torch.Tensor:
+    """xformers' memory-efficient attention, which wants ``(B, N, H, Dh)`` as the projection lays it out."""
+    from xformers.ops import memory_efficient_attention
+
+    if not qkv.is_cuda:
+        raise AttentionBackendError(f"attention backend 'xformers' needs CUDA tensors, got {qkv.device.type}")
+    B, N, _, H, Dh = qkv.shape
+    q, k, v = qkv.unbind(2)
+    return memory_efficient_attention(q, k, v).reshape(B, N, H * Dh)
+
+
+_IMPLS = {"math": attention_math, "sdpa": attention_sdpa, "xformers": attention_xformers}
+
+
+def attention(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Multi-head self-attention without masking or dropout (MAE uses neither).
+
+    Args:
+        qkv: ``(B, N, 3, H, Dh)``, the reshaped output of the fused qkv projection.
+        backend: one of :data:`BACKENDS`.
+
+    Returns:
+        ``(B, N, H * Dh)``.
+    """
+    if backend not in _IMPLS:
+        backend = resolve_backend(backend, qkv.device)
+    return _IMPLS[backend](qkv)

@@ -1,0 +1,327 @@
+"""Weight conversion between fastmae, the official MAE checkpoints and Hugging Face ViTMAE.
+
+fastmae's state-dict keys *are* the official MAE keys (timm ViT names), so an official checkpoint
+(``{'model': state_dict}``) loads as it is. Hugging Face's ``ViTMAEForPreTraining`` is the same
+function with other names: separate q/k/v projections instead of one fused qkv, and a prefix per
+module. Two HF key layouts exist (transformers 4.x ``vit.encoder.layer.N.attention.attention.query``
+and 5.x ``vit.layers.N.attention.q_proj``); both are read and written, the style chosen from the
+keys at hand.
+
+Checkpoint files here are for weights; the trainer's resumable checkpoints live in
+:mod:`fastmae.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fastmae.model import LN_EPS, MaskedAutoencoderViT
+
+if TYPE_CHECKING:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+StateDict = dict[str, torch.Tensor]
+
+# fastmae name -> HF name, outside the blocks
+_GLOBAL = {
+    "cls_token": "vit.embeddings.cls_token",
+    "pos_embed": "vit.embeddings.position_embeddings",
+    "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "vit.layernorm.weight",
+    "norm.bias": "vit.layernorm.bias",
+    "mask_token": "decoder.mask_token",
+    "decoder_pos_embed": "decoder.decoder_pos_embed",
+    "decoder_embed.weight": "decoder.decoder_embed.weight",
+    "decoder_embed.bias": "decoder.decoder_embed.bias",
+    "decoder_norm.weight": "decoder.decoder_norm.weight",
+    "decoder_norm.bias": "decoder.decoder_norm.bias",
+    "decoder_pred.weight": "decoder.decoder_pred.weight",
+    "decoder_pred.bias": "decoder.decoder_pred.bias",
+}
+
+# per-block names; "qkv" is split into three HF projections
+_HF_STYLES = {
+    "v5": {
+        "encoder_prefix": "vit.layers.{i}.",
+        "decoder_prefix": "decoder.decoder_layers.{i}.",
+        "qkv": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+        "names": {
+            "norm1": "layernorm_before",
+            "attn.proj": "attention.o_proj",
+            "norm2": "layernorm_after",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
+    },
+    "v4": {
+        "encoder_prefix": "vit.encoder.layer.{i}.",
+        "decoder_prefix": "decoder.decoder_layers.{i}.",
+        "qkv": ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+        "names": {
+            "norm1": "layernorm_before",
+            "attn.proj": "attention.output.dense",
+            "norm2": "layernorm_after",
+            "mlp.fc1": "intermediate.dense",
+            "mlp.fc2": "output.dense",
+        },
+    },
+}
+
+_BLOCK_KEY = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_style_of(keys: Any) -> str:
+    """``'v5'`` or ``'v4'``: which Hugging Face key layout ``keys`` use."""
+    keys = list(keys)
+    if any(k.startswith("vit.layers.") for k in keys):
+        return "v5"
+    if any(k.startswith("vit.encoder.layer.") for k in keys):
+        return "v4"
+    raise ValueError("not a Hugging Face ViTMAE state dict (no vit.layers.* or vit.encoder.layer.* keys)")
+
+
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], style: str = "v5") -> StateDict:
+    """fastmae / official MAE keys -> Hugging Face ``ViTMAEForPreTraining`` keys."""
+    spec = _HF_STYLES[style]
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key in _GLOBAL:
+            out[_GLOBAL[key]] = value
+            continue
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            raise KeyError(f"no Hugging Face name for {key!r}")
+        part, i, name, kind = m.groups()
+        prefix = spec["encoder_prefix" if part == "blocks" else "decoder_prefix"].format(i=i)
+        if name == "attn.qkv":
+            for hf_name, chunk in zip(spec["qkv"], value.chunk(3, dim=0), strict=True):
+                out[f"{prefix}{hf_name}.{kind}"] = chunk.clone()
+        elif name in spec["names"]:
+            out[f"{prefix}{spec['names'][name]}.{kind}"] = value
+        else:
+            raise KeyError(f"no Hugging Face name for {key!r}")
+    return out
+
+
+def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Hugging Face ``ViTMAEForPreTraining`` keys (either layout) -> fastmae / official MAE keys."""
+    spec = _HF_STYLES[hf_style_of(hf_state_dict.keys())]
+    inverse_global = {v: k for k, v in _GLOBAL.items()}
+    inverse_names = {v: k for k, v in spec["names"].items()}
+    qkv_index = {name: j for j, name in enumerate(spec["qkv"])}
+    prefixes = [
+        ("blocks", re.compile("^" + re.escape(spec["encoder_prefix"]).replace(r"\{i\}", r"(\d+)") + "(.+)$")),
+        (
+            "decoder_blocks",
+            re.compile("^" + re.escape(spec["decoder_prefix"]).replace(r"\{i\}", r"(\d+)") + "(.+)$"),
+        ),
+    ]
+    out: StateDict = {}
+    qkv_parts: dict[str, list[torch.Tensor | None]] = {}
+    for key, value in hf_state_dict.items():
+        if key in inverse_global:
+            out[inverse_global[key]] = value
+            continue
+        for part, pattern in prefixes:
+            m = pattern.match(key)
+            if m is None:
+                continue
+            i, rest = m.groups()
+            name, kind = rest.rsplit(".", 1)
+            if name in qkv_index:
+                parts = qkv_parts.setdefault(f"{part}.{i}.attn.qkv.{kind}", [None, None, None])
+                parts[qkv_index[name]] = value
+            elif name in inverse_names:
+                out[f"{part}.{i}.{inverse_names[name]}.{kind}"] = value
+            else:
+                raise KeyError(f"no fastmae name for {key!r}")
+            break
+        else:
+            raise KeyError(f"no fastmae name for {key!r}")
+    for key, parts in qkv_parts.items():
+        if any(p is None for p in parts):
+            raise KeyError(f"incomplete q/k/v projections for {key!r}")
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def model_config(model: MaskedAutoencoderViT) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``model``'s architecture."""
+    blocks, dec = model.blocks, model.decoder_blocks
+    return {
+        "img_size": model.patch_embed.img_size[0],
+        "patch_size": model.patch_size,
+        "in_chans": model.in_chans,
+        "embed_dim": model.cls_token.shape[-1],
+        "depth": len(blocks),
+        "num_heads": blocks[0].attn.num_heads,
+        "decoder_embed_dim": model.mask_token.shape[-1],
+        "decoder_depth": len(dec),
+        "decoder_num_heads": dec[0].attn.num_heads,
+        "mlp_ratio": blocks[0].mlp.fc1.out_features / model.cls_token.shape[-1],
+        "norm_pix_loss": model.norm_pix_loss,
+    }
+
+
+def hf_config(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> ViTMAEConfig:
+    """A ``ViTMAEConfig`` for ``model``'s architecture (LayerNorm eps 1e-6, exact GELU, no dropout)."""
+    from transformers import ViTMAEConfig
+
+    c = model_config(model)
+    if not all(b.norm1.eps == LN_EPS for b in model.blocks):
+        raise ValueError("Hugging Face ViTMAE has one layer_norm_eps; this model's LayerNorms differ from 1e-6")
+    return ViTMAEConfig(
+        hidden_size=c["embed_dim"],
+        num_hidden_layers=c["depth"],
+        num_attention_heads=c["num_heads"],
+        intermediate_size=model.blocks[0].mlp.fc1.out_features,
+        decoder_hidden_size=c["decoder_embed_dim"],
+        decoder_num_hidden_layers=c["decoder_depth"],
+        decoder_num_attention_heads=c["decoder_num_heads"],
+        decoder_intermediate_size=model.decoder_blocks[0].mlp.fc1.out_features,
+        image_size=c["img_size"],
+        patch_size=c["patch_size"],
+        num_channels=c["in_chans"],
+        qkv_bias=True,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=LN_EPS,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=c["norm_pix_loss"],
+    )
+
+
+def to_hf(
+    model: MaskedAutoencoderViT, mask_ratio: float = 0.75, attn_implementation: str = "sdpa"
+) -> ViTMAEForPreTraining:
+    """A Hugging Face ``ViTMAEForPreTraining`` with ``model``'s weights, dtype and device.
+
+    ``attn_implementation="sdpa"`` by default: HF's eager attention runs its softmax in float32 even
+    for float64 inputs, which would break float64 parity by ~3e-8.
+    """
+    from transformers import ViTMAEForPreTraining
+
+    hf = ViTMAEForPreTraining(hf_config(model, mask_ratio))
+    hf.config._attn_implementation = attn_implementation
+    param = next(model.parameters())
+    hf.to(device=param.device, dtype=param.dtype)
+    sd = to_hf_state_dict(model.state_dict(), hf_style_of(hf.state_dict().keys()))
+    hf.load_state_dict(sd, strict=True)
+    return hf
+
+
+def from_hf(hf: ViTMAEForPreTraining, **kwargs: Any) -> MaskedAutoencoderViT:
+    """A fastmae model with ``hf``'s architecture, weights, dtype and device (``kwargs`` to the constructor)."""
+    c = hf.config
+    if c.hidden_act != "gelu" or not c.qkv_bias:
+        raise ValueError(f"only exact-GELU, qkv-bias ViTMAE models convert (got {c.hidden_act}, qkv_bias={c.qkv_bias})")
+    if c.intermediate_size / c.hidden_size != c.decoder_intermediate_size / c.decoder_hidden_size:
+        raise ValueError("encoder and decoder MLP ratios differ; fastmae uses one mlp_ratio")
+    image_size = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+    patch_size = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+    from functools import partial
+
+    model = MaskedAutoencoderViT(
+        img_size=image_size,
+        patch_size=patch_size,
+        in_chans=c.num_channels,
+        embed_dim=c.hidden_size,
+        depth=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        decoder_embed_dim=c.decoder_hidden_size,
+        decoder_depth=c.decoder_num_hidden_layers,
+        decoder_num_heads=c.decoder_num_attention_heads,
+        mlp_ratio=c.intermediate_size / c.hidden_size,
+        norm_layer=partial(torch.nn.LayerNorm, eps=c.layer_norm_eps),
+        norm_pix_loss=c.norm_pix_loss,
+        **kwargs,
+    )
+    param = next(hf.parameters())
+    model.to(device=param.device, dtype=param.dtype)
+    model.load_state_dict(from_hf_state_dict(hf.state_dict()), strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------- official checkpoints
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint into a model did."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def encoder_only(self) -> bool:
+        return bool(self.missing) and all(_is_decoder_key(k) for k in self.missing)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            what = "the decoder (encoder-only checkpoint)" if self.encoder_only else "some weights"
+            lines.append(f"missing {len(self.missing)} tensors, {what}; they keep their init: " + _abbrev(self.missing))
+        if self.unexpected:
+            lines.append(f"ignored {len(self.unexpected)} tensors the model does not have: " + _abbrev(self.unexpected))
+        return "\n".join(lines)
+
+
+def _is_decoder_key(key: str) -> bool:
+    return key.startswith(("decoder_", "mask_token"))
+
+
+def _abbrev(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
+    """The weights of a checkpoint file or object: ``{'model': sd}``, ``{'state_dict': sd}`` or ``sd``."""
+    if isinstance(source, (str, os.PathLike)):
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        obj = source
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"a checkpoint must be a dict of tensors, got {type(obj).__name__}")
+    for wrapper in ("model", "state_dict"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise ValueError("the checkpoint holds no tensors")
+    return sd
+
+
+def load_official(
+    model: MaskedAutoencoderViT, source: str | os.PathLike | Mapping[str, Any], strict: bool = True
+) -> LoadReport:
+    """Load an official MAE checkpoint (``{'model': state_dict}``) into ``model``.
+
+    A full pretraining checkpoint (``mae_visualize_*``, ``*_full``) loads with ``strict=True``.
+    An encoder-only one (``mae_pretrain_vit_*``) loads into the encoder and the report names the
+    decoder weights it lacks. Anything else missing, an unexpected key under ``strict``, or a shape
+    mismatch is an error.
+    """
+    sd = read_state_dict(source)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    report = LoadReport(loaded=[k for k in sd if k in expected], missing=missing, unexpected=unexpected)
+    if missing and not report.encoder_only:
+        raise KeyError(f"checkpoint lacks encoder weights: {_abbrev([k for k in missing if not _is_decoder_key(k)])}")
+    if unexpected and strict:
+        raise KeyError(f"checkpoint has keys the model does not: {_abbrev(unexpected)} (strict=True)")
+    for k in report.loaded:
+        if sd[k].shape != expected[k].shape:
+            raise ValueError(f"{k}: checkpoint shape {tuple(sd[k].shape)} != model shape {tuple(expected[k].shape)}")
+    model.load_state_dict({k: sd[k] for k in report.loaded}, strict=not missing)
+    return report

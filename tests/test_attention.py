@@ -1,0 +1,93 @@
+"""Attention backends agree with the plain math reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae.attention import (
+    AttentionBackendError,
+    attention,
+    attention_math,
+    resolve_backend,
+    xformers_available,
+)
+from fastmae.model import MaskedAutoencoderViT
+from tests.helpers import assert_close_rel, rel_err
+
+SHAPES = [(2, 50, 12, 64), (3, 197, 4, 20), (1, 17, 2, 16)]  # (B, N, H, Dh): odd token counts and head dims
+
+
+def _qkv(B, N, H, Dh, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, N, 3, H, Dh, generator=g).to(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-H{}-D{}".format(*s))
+def test_sdpa_matches_math_fp32(shape, device):
+    qkv = _qkv(*shape, seed=sum(shape), device=device)
+    assert_close_rel(attention(qkv, "sdpa"), attention_math(qkv), 1e-5, "sdpa fp32")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-H{}-D{}".format(*s))
+def test_sdpa_bf16_three_way(shape, device):
+    """bf16 sdpa's error against the fp32 reference is at most 2x plain math's own error in bf16."""
+    qkv = _qkv(*shape, seed=7 + sum(shape), device=device).requires_grad_()
+    ref = attention_math(qkv)
+    grad_out = torch.randn_like(ref)
+    (ref_grad,) = torch.autograd.grad(ref, qkv, grad_out)
+
+    low = qkv.detach().bfloat16().requires_grad_()
+    math_bf16 = attention_math(low)
+    (math_grad,) = torch.autograd.grad(math_bf16, low, grad_out.bfloat16())
+    low2 = qkv.detach().bfloat16().requires_grad_()
+    sdpa_bf16 = attention(low2, "sdpa")
+    (sdpa_grad,) = torch.autograd.grad(sdpa_bf16, low2, grad_out.bfloat16())
+
+    assert sdpa_bf16.dtype == torch.bfloat16
+    assert rel_err(sdpa_bf16, ref) <= 2 * rel_err(math_bf16, ref)
+    assert rel_err(sdpa_grad, ref_grad) <= 3 * rel_err(math_grad, ref_grad)
+
+
+def test_backend_resolution_and_errors():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("math", "cpu") == "math"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash3'"):
+        resolve_backend("flash3")
+    with pytest.raises(AttentionBackendError, match="xformers"):
+        resolve_backend("xformers", "cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        MaskedAutoencoderViT(img_size=32, patch_size=8, attn_backend="nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not xformers_available(), reason="xformers not installed")
+def test_xformers_matches_math_fp32():
+    qkv = _qkv(2, 197, 12, 64, seed=3, device="cuda").half()
+    assert_close_rel(attention(qkv, "xformers").float(), attention_math(qkv.float()), 2e-3, "xformers fp16")
+
+
+def test_model_with_each_backend_agrees():
+    kw = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=4,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        norm_pix_loss=True,
+    )
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    outs = {}
+    for backend in ("math", "sdpa", "auto"):
+        torch.manual_seed(0)
+        m = MaskedAutoencoderViT(**kw, attn_backend=backend)
+        assert m.attn_backend == resolve_backend(backend) and m.blocks[0].attn.backend == m.attn_backend
+        loss, pred, _ = m(imgs, noise=noise)
+        loss.backward()
+        outs[backend] = (loss, pred, m.blocks[0].attn.qkv.weight.grad)
+    for backend in ("sdpa", "auto"):
+        for a, b, name in zip(outs[backend], outs["math"], ("loss", "pred", "qkv grad"), strict=True):
+            assert_close_rel(a, b, 1e-5, f"{backend} {name}")

@@ -1,0 +1,87 @@
+"""Weight conversion: HF round trips, official checkpoints strict and encoder-only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmae.convert import LoadReport, from_hf, load_official, read_state_dict, to_hf
+from fastmae.model import MaskedAutoencoderViT
+
+pytest.importorskip("transformers")
+
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=48,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=2,
+    decoder_num_heads=4,
+)
+
+
+def _equal_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_fastmae_to_hf_to_fastmae_is_identity(norm_pix_loss):
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(**TINY, norm_pix_loss=norm_pix_loss).double()
+    hf = to_hf(m, mask_ratio=0.6)
+    assert hf.config.layer_norm_eps == 1e-6 and hf.config.norm_pix_loss == norm_pix_loss
+    assert hf.config.mask_ratio == 0.6 and next(hf.parameters()).dtype == torch.float64
+    back = from_hf(hf)
+    assert _equal_state(m, back)
+    assert back.norm_pix_loss == norm_pix_loss and back.blocks[0].norm1.eps == 1e-6
+    imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16, dtype=torch.float64)
+    out = hf(pixel_values=imgs, noise=noise)
+    loss, pred, _ = back(imgs, mask_ratio=0.6, noise=noise)
+    torch.testing.assert_close(pred, out.logits, rtol=1e-12, atol=1e-12)
+
+
+def test_official_full_checkpoint_loads_strict(tmp_path):
+    torch.manual_seed(0)
+    src = MaskedAutoencoderViT(**TINY)
+    path = tmp_path / "mae_visualize.pth"
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)  # the official file layout
+    dst = MaskedAutoencoderViT(**TINY)
+    report = load_official(dst, path)
+    assert not report.missing and not report.unexpected and not report.encoder_only
+    assert _equal_state(src, dst)
+
+
+def test_encoder_only_checkpoint_reports_the_decoder(tmp_path):
+    torch.manual_seed(0)
+    src = MaskedAutoencoderViT(**TINY)
+    enc = {k: v for k, v in src.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": enc}, path)
+    dst = MaskedAutoencoderViT(**TINY)
+    dec_before = dst.decoder_pred.weight.clone()
+    report = load_official(dst, path)
+    assert isinstance(report, LoadReport) and report.encoder_only
+    assert "mask_token" in report.missing and "decoder_pred.weight" in report.missing
+    assert "decoder (encoder-only checkpoint)" in str(report)
+    assert torch.equal(dst.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    assert torch.equal(dst.decoder_pred.weight, dec_before)
+
+
+def test_bad_checkpoints_raise():
+    src = MaskedAutoencoderViT(**TINY).state_dict()
+    dst = MaskedAutoencoderViT(**TINY)
+    no_block = {k: v for k, v in src.items() if not k.startswith("blocks.1.")}
+    with pytest.raises(KeyError, match="lacks encoder weights"):
+        load_official(dst, {"model": no_block})
+    with pytest.raises(KeyError, match="does not"):
+        load_official(dst, {"model": {**src, "head.weight": torch.zeros(2, 48)}})
+    report = load_official(dst, {"model": {**src, "head.weight": torch.zeros(2, 48)}}, strict=False)
+    assert report.unexpected == ["head.weight"]
+    wrong = dict(src, cls_token=torch.zeros(1, 1, 64))
+    with pytest.raises(ValueError, match="cls_token: checkpoint shape"):
+        load_official(dst, wrong)
+    with pytest.raises(ValueError, match="no tensors"):
+        read_state_dict({"model": {"epoch": 1}})
