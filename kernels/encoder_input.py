@@ -48,9 +48,7 @@ def _encoder_input_kernel(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(
-        x_ptr + (n * K + t - 1)[:, None] * D + cols[None, :], mask=is_patch[:, None] & col_ok[None, :]
-    )
+    x = tl.load(x_ptr + (n * K + t - 1)[:, None] * D + cols[None, :], mask=is_patch[:, None] & col_ok[None, :])
     cls = tl.load(cls_ptr + cols, mask=col_ok)
     pos = tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=ok)
     # Arithmetic in fp32 whatever the storage dtype (the interpreter also has no bf16 scalar ops).

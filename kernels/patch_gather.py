@@ -126,8 +126,7 @@ def patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) ->
     """
     if imgs.requires_grad:
         raise ValueError(
-            "patch_gather has no backward into imgs (MAE's images are data); "
-            "pass imgs.detach() or use patch_gather_ref"
+            "patch_gather has no backward into imgs (MAE's images are data); pass imgs.detach() or use patch_gather_ref"
         )
     N, C, H, W = imgs.shape
     if H % patch_size or W % patch_size:

@@ -49,9 +49,7 @@ def _unshuffle_fwd_kernel(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(
-        x_ptr + (n * (K + 1) + src_tok)[:, None] * D + cols[None, :], mask=from_x[:, None] & col_ok[None, :]
-    )
+    x = tl.load(x_ptr + (n * (K + 1) + src_tok)[:, None] * D + cols[None, :], mask=from_x[:, None] & col_ok[None, :])
     mask_token = tl.load(mask_token_ptr + cols, mask=col_ok)
     pos = tl.load(pos_ptr + t[:, None] * D + cols[None, :], mask=ok)
     src = tl.where(from_x[:, None], x.to(tl.float32), mask_token.to(tl.float32)[None, :])
@@ -110,9 +108,7 @@ def _launch_config(n_rows: int, D: int, device: torch.device) -> tuple[int, int,
 
 
 @triton_op("fastmae::unshuffle", mutates_args=())
-def _unshuffle(
-    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
+def _unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     N, K1, D = x.shape
     L = ids_restore.shape[1]
     dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos.dtype)
@@ -189,18 +185,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out: torch.Tensor):
     (ids_restore,) = ctx.saved_tensors
-    grad_x, grad_mask_token = _unshuffle_backward(
-        grad_out, ids_restore, ctx.K, ctx.x_dtype, ctx.mask_token_dtype
-    )
+    grad_x, grad_mask_token = _unshuffle_backward(grad_out, ids_restore, ctx.K, ctx.x_dtype, ctx.mask_token_dtype)
     return grad_x, grad_mask_token, None, None
 
 
 _unshuffle.register_autograd(_backward, setup_context=_setup_context)
 
 
-def unshuffle(
-    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
+def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Restore the full token sequence for the decoder and add its pos-embed.
 
     Args:
@@ -216,8 +208,7 @@ def unshuffle(
     L = ids_restore.shape[1] if ids_restore.dim() == 2 else -1
     if K1 < 1 or ids_restore.shape != (N, L) or K1 - 1 > L:
         raise ValueError(
-            f"expected x (N, 1+K, D) and ids_restore (N, L >= K), got {tuple(x.shape)}, "
-            f"{tuple(ids_restore.shape)}"
+            f"expected x (N, 1+K, D) and ids_restore (N, L >= K), got {tuple(x.shape)}, {tuple(ids_restore.shape)}"
         )
     if mask_token.shape != (1, 1, D) or pos.shape != (1, 1 + L, D):
         raise ValueError(

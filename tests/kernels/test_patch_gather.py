@@ -55,9 +55,7 @@ def test_patch_gather_embeds_like_conv(device, close):
     emb = conv(imgs).flatten(2).transpose(1, 2)  # [N, L, D], l = hi * w + wi
     want = torch.gather(emb, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
     with torch.no_grad():
-        got = torch.nn.functional.linear(
-            patch_gather(imgs, ids_keep, P), conv.weight.reshape(D, -1), conv.bias
-        )
+        got = torch.nn.functional.linear(patch_gather(imgs, ids_keep, P), conv.weight.reshape(D, -1), conv.bias)
     close(got, want, atol=1e-4, name="linear(patch_gather) vs conv")
 
 

@@ -1,0 +1,317 @@
+"""Benchmark the MAE kernels against their PyTorch references, eager and compiled.
+
+Each op (forward, backward, forward+backward) at ViT-B and ViT-L shapes, batch 256, bf16, against
+the eager ``*_ref`` in bf16 (how the model's reference path runs it) and ``torch.compile`` of the
+same ref. Reports the median time, GB/s from the minimum bytes each phase must move, and that as a
+% of a device-to-device copy's bandwidth measured in the same run; writes JSON.
+
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels_h100.json
+    python benchmarks/bench_kernels.py --smoke --out /tmp/smoke.json   # CPU: harness only, times meaningless
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+IMPLS = ("triton", "eager", "compiled")
+PHASES = ("fwd", "bwd", "fwd+bwd")
+
+# name: (encoder dim, decoder dim, patch, image side). ViT-B and ViT-L share the decoder (512).
+MODELS = {
+    "vit_base_patch16": (768, 512, 16, 224),
+    "vit_large_patch16": (1024, 512, 16, 224),
+}
+SMOKE_MODELS = {"smoke_patch8": (60, 48, 8, 32)}
+
+
+@dataclass
+class Bench:
+    """One op at one shape: how to build each impl's call, and the bytes each phase must move."""
+
+    op: str
+    model: str
+    shape: dict[str, int]
+    run: dict[str, Callable[[], torch.Tensor]]  # impl -> forward call on fresh leaves
+    leaves: dict[str, list[torch.Tensor]]  # impl -> the tensors that get grads
+    grad_out: torch.Tensor | None  # None: no backward (patch_gather)
+    min_bytes: dict[str, int] = field(default_factory=dict)  # phase -> bytes
+
+
+def _nbytes(*tensors_or_counts: tuple[int, torch.dtype]) -> int:
+    return sum(n * torch.empty((), dtype=dt).element_size() for n, dt in tensors_or_counts)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+def _mae_indices(N: int, L: int, ratio: float, device: str):
+    ids_shuffle = torch.argsort(torch.rand(N, L, device=device), dim=1)
+    K = int(L * (1 - ratio))
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(N, L, device=device)
+    mask[:, :K] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_shuffle[:, :K].contiguous(), ids_restore, mask, K
+
+
+def build_benches(
+    model: str,
+    dims: tuple[int, int, int, int],
+    batch: int,
+    ratio: float,
+    dtype: torch.dtype,
+    device: str,
+    compile_ref: bool,
+) -> list[Bench]:
+    from fastmae import kernels as K_
+
+    enc_d, dec_d, P, side = dims
+    N, C = batch, 3
+    L = (side // P) ** 2
+    CPP = C * P * P
+    ids_keep, ids_restore, mask, K = _mae_indices(N, L, ratio, device)
+    imgs = torch.randn(N, C, side, side, device=device, dtype=dtype)
+    i64 = torch.int64
+    comp = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile_ref else (lambda f: None)
+    benches = []
+
+    # Kept-patch gather (no backward: images get no grad).
+    fns = {"triton": K_.patch_gather, "eager": K_.patch_gather_ref, "compiled": comp(K_.patch_gather_ref)}
+    b = Bench("patch_gather", model, {"N": N, "K": K, "L": L, "P": P}, {}, {}, None)
+    for impl, f in fns.items():
+        if f is not None:
+            b.run[impl] = lambda f=f: f(imgs, ids_keep, P)
+            b.leaves[impl] = []
+    b.min_bytes["fwd"] = _nbytes((2 * N * K * CPP, dtype), (N * K, i64))
+    benches.append(b)
+
+    # Encoder input: cls + pos gather-add of the kept tokens.
+    D = enc_d
+    x = torch.randn(N, K, D, device=device, dtype=dtype)
+    cls = 0.02 * torch.randn(1, 1, D, device=device, dtype=dtype)
+    pos = torch.randn(1, 1 + L, D, device=device, dtype=dtype)
+    fns = {"triton": K_.encoder_input, "eager": K_.encoder_input_ref, "compiled": comp(K_.encoder_input_ref)}
+    b = Bench("encoder_input", model, {"N": N, "K": K, "L": L, "D": D}, {}, {}, None)
+    b.grad_out = torch.randn(N, 1 + K, D, device=device, dtype=dtype)
+    for impl, f in fns.items():
+        if f is not None:
+            lv = [_leaf(x), _leaf(cls)]
+            b.run[impl] = lambda f=f, lv=lv: f(lv[0], lv[1], pos, ids_keep)
+            b.leaves[impl] = lv
+    b.min_bytes["fwd"] = _nbytes((N * K * D + N * (1 + K) * D + (1 + L) * D, dtype), (N * K, i64))
+    # grad_x is grad_out[:, 1:] itself (a view): only the cls column is read, grad_cls written.
+    b.min_bytes["bwd"] = _nbytes((N * D + D, dtype))
+    benches.append(b)
+
+    # Decoder unshuffle.
+    D = dec_d
+    xd = torch.randn(N, 1 + K, D, device=device, dtype=dtype)
+    mask_token = 0.02 * torch.randn(1, 1, D, device=device, dtype=dtype)
+    dpos = torch.randn(1, 1 + L, D, device=device, dtype=dtype)
+    fns = {"triton": K_.unshuffle, "eager": K_.unshuffle_ref, "compiled": comp(K_.unshuffle_ref)}
+    b = Bench("unshuffle", model, {"N": N, "K": K, "L": L, "D": D}, {}, {}, None)
+    b.grad_out = torch.randn(N, 1 + L, D, device=device, dtype=dtype)
+    for impl, f in fns.items():
+        if f is not None:
+            lv = [_leaf(xd), _leaf(mask_token)]
+            b.run[impl] = lambda f=f, lv=lv: f(lv[0], lv[1], ids_restore, dpos)
+            b.leaves[impl] = lv
+    tokens_in, tokens_out = N * (1 + K) * D, N * (1 + L) * D
+    b.min_bytes["fwd"] = _nbytes((tokens_in + tokens_out + (1 + L) * D, dtype), (N * L, i64))
+    b.min_bytes["bwd"] = _nbytes((tokens_out + tokens_in + D, dtype), (N * L, i64))
+    benches.append(b)
+
+    # Norm-pix masked MSE: only the removed rows of pred and image must be read.
+    pred = torch.randn(N, L, CPP, device=device, dtype=dtype)
+    fns = {"triton": K_.masked_mse, "eager": K_.masked_mse_ref, "compiled": comp(K_.masked_mse_ref)}
+    b = Bench("masked_mse", model, {"N": N, "L": L, "P": P, "removed": L - K}, {}, {}, None)
+    b.grad_out = torch.ones((), device=device, dtype=torch.float32)
+    for impl, f in fns.items():
+        if f is not None:
+            lv = [_leaf(pred)]
+            b.run[impl] = lambda f=f, lv=lv: f(lv[0], imgs, mask, P, True)
+            b.leaves[impl] = lv
+    removed = N * (L - K)
+    b.min_bytes["fwd"] = _nbytes((2 * removed * CPP, dtype), (N * L, torch.float32))
+    b.min_bytes["bwd"] = b.min_bytes["fwd"] + _nbytes((N * L * CPP, dtype))
+    benches.append(b)
+
+    for b in benches:
+        if "bwd" in b.min_bytes:
+            b.min_bytes["fwd+bwd"] = b.min_bytes["fwd"] + b.min_bytes["bwd"]
+        else:
+            b.min_bytes["fwd+bwd"] = b.min_bytes["fwd"]
+    return benches
+
+
+def time_ms(fn: Callable[[], object], device: str, smoke: bool) -> float:
+    """Median milliseconds of ``fn`` after warm-up (compile and autotune stay out of the timing)."""
+    fn()
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(1 if smoke else 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def phase_fn(b: Bench, impl: str, phase: str) -> Callable[[], object] | None:
+    run, leaves, grad_out = b.run[impl], b.leaves[impl], b.grad_out
+    if phase == "fwd" or (phase == "fwd+bwd" and grad_out is None):
+        return run
+    if grad_out is None:
+        return None
+    if phase == "bwd":
+        out = run()
+        return lambda: torch.autograd.grad(out, leaves, grad_out.to(out.dtype), retain_graph=True)
+
+    def fwd_bwd():
+        out = run()
+        return torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+    return fwd_bwd
+
+
+def copy_bandwidth(device: str, smoke: bool) -> dict[str, float]:
+    """Device-to-device copy of a buffer far larger than L2: the reachable memory bandwidth."""
+    numel = (1 << 16) if smoke else (1 << 28)  # 512 MiB of bf16 each way on GPU
+    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, smoke)
+    nbytes = 2 * src.numel() * src.element_size()
+    return {"bytes": nbytes, "ms": ms, "gbps": nbytes / ms / 1e6}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: str, argv: list[str]) -> dict[str, object]:
+    import triton
+
+    env: dict[str, object] = {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "kernels", "benchmarks")),
+        "command": shlex.join([sys.executable, str(Path(__file__).relative_to(REPO)), *argv]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
+    if device == "cuda":
+        env["cuda"] = torch.version.cuda
+        try:
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            env["nvidia_smi"] = "unavailable"
+    return env
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--ops", nargs="*", default=None, help="only these ops (default: all)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, CPU allowed (interpreter): exercises the harness only"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        if not args.smoke:
+            parser.error("timings need CUDA; on CPU only --smoke runs (Triton's interpreter)")
+        # Must precede the first @triton.jit, i.e. the kernels' import below.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = getattr(torch, args.dtype)
+    models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}
+    batch = min(args.batch, 2) if args.smoke else args.batch
+    # Compiling the refs on CPU costs far more than the smoke run is worth.
+    compile_ref = not args.no_compile and not (args.smoke and device == "cpu")
+    torch.manual_seed(0)
+
+    copy = copy_bandwidth(device, args.smoke)
+    print(f"device-to-device copy: {copy['gbps']:.0f} GB/s")
+    results = []
+    for model, dims in models.items():
+        torch.compiler.reset()
+        for b in build_benches(model, dims, batch, args.mask_ratio, dtype, device, compile_ref):
+            if args.ops and b.op not in args.ops:
+                continue
+            for phase in PHASES:
+                if phase not in b.min_bytes:  # patch_gather has no backward
+                    continue
+                row: dict[str, object] = {"op": b.op, "model": model, "phase": phase, "shape": b.shape}
+                row["min_bytes"] = b.min_bytes[phase]
+                for impl in IMPLS:
+                    fn = phase_fn(b, impl, phase) if impl in b.run else None
+                    if fn is None:
+                        row[impl] = None
+                        continue
+                    ms = time_ms(fn, device, args.smoke)
+                    gbps = b.min_bytes[phase] / ms / 1e6
+                    row[impl] = {"ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy["gbps"]}
+                t, c, e = row["triton"], row["compiled"], row["eager"]
+                row["speedup_vs_compiled"] = c["ms"] / t["ms"] if t and c else None
+                row["speedup_vs_eager"] = e["ms"] / t["ms"] if t and e else None
+                results.append(row)
+                print(_format_row(row))
+
+    report = {
+        "benchmark": "bench_kernels",
+        "smoke": args.smoke,
+        "config": {"batch": batch, "mask_ratio": args.mask_ratio, "dtype": args.dtype, "models": models},
+        "env": environment(device, argv),
+        "copy": copy,
+        "results": results,
+        "goal": "fwd+bwd >= 80% of copy bandwidth and >= 1.5x the compiled reference",
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return report
+
+
+def _format_row(row: dict[str, object]) -> str:
+    def cell(impl: str) -> str:
+        r = row[impl]
+        return f"{impl} {r['ms']:.4f} ms {r['gbps']:.1f} GB/s ({r['pct_of_copy']:.0f}%)" if r else f"{impl} -"
+
+    speed = row["speedup_vs_compiled"]
+    tail = f" | {speed:.2f}x compiled" if speed else ""
+    return f"{row['model']:>18} {row['op']:>13} {row['phase']:>7} | " + " | ".join(map(cell, IMPLS)) + tail
+
+
+if __name__ == "__main__":
+    main()
