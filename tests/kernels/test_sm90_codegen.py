@@ -1,0 +1,128 @@
+"""The kernels compile for an H100 (sm_90) without a GPU, vectorize and don't spill.
+
+The interpreter accepts code the GPU compiler rejects, and says nothing about performance. Triton
+ships ptxas, so the CUDA code generation runs here too: each kernel is compiled ahead of time with
+the specialization the runtime applies at the benchmark's shapes (pointers and multiple-of-16 ints
+marked divisible by 16, stride 1 folded to a constant), then its cubin's resource usage and its
+PTX's global loads and stores are checked. In a subprocess: under TRITON_INTERPRET=1 (set by the
+test bed) ``@triton.jit`` builds interpreter functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import collections, importlib, json, os, re, subprocess, tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+BF = "*bf16"
+I32 = "i32"
+STRIDES = {"stride_n": I32, "stride_c": I32, "stride_h": I32}
+MSE = {
+    "n_rows": I32, "L": I32, "w": I32, **STRIDES, "stride_w": "constexpr", "C": "constexpr",
+    "P": "constexpr", "P_PAD": "constexpr", "CP_PAD": "constexpr", "BLOCK_R": "constexpr",
+    "NORM_PIX": "constexpr", "EPS": "constexpr",
+}
+MSE_C = {"stride_w": 1, "C": 3, "P": 16, "P_PAD": 16, "CP_PAD": 64, "BLOCK_R": 4, "NORM_PIX": True, "EPS": 1e-6}
+# module, kernel, signature, constexprs, ints divisible by 16 at ViT-B shapes, num_warps
+KERNELS = [
+    ("patch_gather", "_patch_gather_kernel",
+     {"imgs_ptr": BF, "ids_ptr": "*i64", "out_ptr": BF, "n_rows": I32, "K": I32, "w": I32, **STRIDES,
+      "stride_w": "constexpr", "C": "constexpr", "P": "constexpr", "P_PAD": "constexpr",
+      "BLOCK_R": "constexpr", "BLOCK_CP": "constexpr"},
+     {"stride_w": 1, "C": 3, "P": 16, "P_PAD": 16, "BLOCK_R": 16, "BLOCK_CP": 16}, set(STRIDES), 4),
+    ("encoder_input", "_encoder_input_kernel",
+     {"x_ptr": BF, "cls_ptr": BF, "pos_ptr": BF, "ids_ptr": "*i64", "out_ptr": BF, "n_rows": I32,
+      "K": I32, "D": I32, "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+     {"BLOCK_R": 4, "BLOCK_D": 1024}, {"D"}, 4),
+    ("unshuffle", "_unshuffle_fwd_kernel",
+     {"x_ptr": BF, "mask_token_ptr": BF, "ids_restore_ptr": "*i64", "pos_ptr": BF, "out_ptr": BF,
+      "n_rows": I32, "K": I32, "L": I32, "D": I32, "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+     {"BLOCK_R": 8, "BLOCK_D": 512}, {"D"}, 4),
+    ("unshuffle", "_unshuffle_bwd_kernel",
+     {"grad_out_ptr": BF, "ids_restore_ptr": "*i64", "grad_x_ptr": BF, "partial_ptr": "*fp32",
+      "n_rows": I32, "rows_per_program": I32, "K": I32, "L": I32, "D": I32,
+      "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+     {"BLOCK_R": 8, "BLOCK_D": 512}, {"D", "rows_per_program"}, 4),
+    ("masked_mse", "_masked_mse_fwd_kernel",
+     {"pred_ptr": BF, "imgs_ptr": BF, "mask_ptr": "*fp32", "partial_ptr": "*fp32", **MSE},
+     MSE_C, set(STRIDES), 8),
+    ("masked_mse", "_masked_mse_bwd_kernel",
+     {"pred_ptr": BF, "imgs_ptr": BF, "mask_ptr": "*fp32", "scale_ptr": "*fp32", "grad_pred_ptr": BF, **MSE},
+     MSE_C, set(STRIDES), 8),
+]
+cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
+report = {}
+for module, name, sig, constexprs, div16, num_warps in KERNELS:
+    fn = getattr(importlib.import_module("fastmae.kernels." + module), name)
+    assert list(sig) == fn.arg_names, (name, fn.arg_names)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*") or a in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    ptx = k.asm["ptx"]
+    report[name] = {
+        "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
+        "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "loads": collections.Counter(re.findall(r"ld\.global[.\w]*", ptx)),
+        "stores": collections.Counter(re.findall(r"st\.global[.\w]*", ptx)),
+    }
+print(json.dumps(report))
+"""
+
+
+def _nvidia_backend_available() -> bool:
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas"))
+
+
+@pytest.fixture(scope="module")
+def codegen() -> dict[str, dict]:
+    if not _nvidia_backend_available():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_no_spills(codegen):
+    for name, r in codegen.items():
+        assert r["local_bytes"] == 0, f"{name} spills {r['local_bytes']} bytes to local memory"
+        assert r["regs"] <= 128, f"{name} uses {r['regs']} registers"
+
+
+@pytest.mark.parametrize(
+    "kernel, vector_loads, vector_stores",
+    [
+        # The image is read 16 bytes at a time along q (patch 16 in bf16), the output written so.
+        ("_patch_gather_kernel", True, True),
+        ("_encoder_input_kernel", True, True),
+        ("_unshuffle_fwd_kernel", True, True),
+        ("_unshuffle_bwd_kernel", True, True),
+        # pred is stored in (p, q, c) order with C = 3: its accesses cannot be 16-byte vectors,
+        # but the image's can (the bulk of the bytes when images are fp32).
+        ("_masked_mse_fwd_kernel", True, False),
+        ("_masked_mse_bwd_kernel", True, False),
+    ],
+)
+def test_vectorized(codegen, kernel, vector_loads, vector_stores):
+    r = codegen[kernel]
+    if vector_loads:
+        assert any(".v4" in op for op in r["loads"]), f"{kernel}: no 16-byte loads: {r['loads']}"
+    if vector_stores:
+        assert any(".v4" in op for op in r["stores"]), f"{kernel}: no 16-byte stores: {r['stores']}"
