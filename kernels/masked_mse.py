@@ -34,6 +34,8 @@ def _load_patch_rows(
     n_rows,  # N * L
     L,
     w,  # patches per image row
+    stride_pn,  # pred's batch and token strides (its last dim is contiguous)
+    stride_pl,
     stride_n,
     stride_c,
     stride_h,
@@ -48,8 +50,8 @@ def _load_patch_rows(
 ):
     """Rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, CP_PAD*P_PAD] in the image's (c, p, q) order.
 
-    Returns (diff = pred - target, mask, row indices, pred offsets, element validity); padding and
-    kept rows hold 0 in diff.
+    Returns (diff = pred - target, mask, row indices, each column's offset within a (p, q, c) row);
+    padding and kept rows hold 0 in diff.
     """
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -76,7 +78,8 @@ def _load_patch_rows(
         + (hi[:, None] * P + p[None, :]) * stride_h
         + (wi[:, None] * P + q[None, :]) * stride_w
     )
-    pred_off = rows[:, None] * (C * P * P) + (p * (P * C) + q * C + c)[None, :]
+    in_row = p * (P * C) + q * C + c
+    pred_off = n[:, None] * stride_pn + patch[:, None] * stride_pl + in_row[None, :]
     t = tl.load(imgs_ptr + img_off, mask=ok, other=0.0).to(tl.float32)
     x = tl.load(pred_ptr + pred_off, mask=ok, other=0.0).to(tl.float32)
     if NORM_PIX:
@@ -85,7 +88,7 @@ def _load_patch_rows(
         t = tl.where(ok, t - mean[:, None], 0.0)
         var = tl.sum(t * t, axis=1) / (D - 1)  # unbiased, as torch.var's default
         t = t / tl.sqrt(var + EPS)[:, None]
-    return x - t, m, rows, pred_off, ok
+    return x - t, m, rows, in_row
 
 
 @triton.jit
@@ -97,6 +100,8 @@ def _masked_mse_fwd_kernel(
     n_rows,
     L,
     w,
+    stride_pn,
+    stride_pl,
     stride_n,
     stride_c,
     stride_h,
@@ -110,8 +115,8 @@ def _masked_mse_fwd_kernel(
     EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    diff, m, rows, pred_off, ok = _load_patch_rows(
-        pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_n, stride_c, stride_h, stride_w,
+    diff, m, rows, in_row = _load_patch_rows(
+        pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
         C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
     )  # fmt: skip
     row_mse = tl.sum(diff * diff, axis=1) / (C * P * P)
@@ -128,6 +133,8 @@ def _masked_mse_bwd_kernel(
     n_rows,
     L,
     w,
+    stride_pn,
+    stride_pl,
     stride_n,
     stride_c,
     stride_h,
@@ -141,8 +148,8 @@ def _masked_mse_bwd_kernel(
     EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    diff, m, rows, pred_off, ok = _load_patch_rows(
-        pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_n, stride_c, stride_h, stride_w,
+    diff, m, rows, in_row = _load_patch_rows(
+        pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
         C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
     )  # fmt: skip
     scale = tl.load(scale_ptr) * (2.0 / (C * P * P))
@@ -153,7 +160,8 @@ def _masked_mse_bwd_kernel(
     q = j % P_PAD
     col_ok = (cp < C * P) & (q < P)
     store_ok = (rows < n_rows)[:, None] & col_ok[None, :]
-    tl.store(grad_pred_ptr + pred_off, g.to(grad_pred_ptr.dtype.element_ty), mask=store_ok)
+    grad_off = rows[:, None] * (C * P * P) + in_row[None, :]  # grad_pred is contiguous
+    tl.store(grad_pred_ptr + grad_off, g.to(grad_pred_ptr.dtype.element_ty), mask=store_ok)
 
 
 def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -163,6 +171,11 @@ def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[i
     if is_interpreter(device):
         return p_pad, cp_pad, min(64, next_pow2(n_rows)), 1
     return p_pad, cp_pad, max(1, 4096 // width), 8
+
+
+def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
+    # A view such as the decoder output's ``[:, 1:]`` (dropping the cls row) is read in place.
+    return pred if pred.stride(-1) == 1 else pred.contiguous()
 
 
 def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_loss, cfg) -> None:
@@ -175,6 +188,8 @@ def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_los
         n_rows,
         L,
         imgs.shape[3] // P,
+        pred.stride(0),
+        pred.stride(1),
         imgs.stride(0),
         imgs.stride(1),
         imgs.stride(2),
@@ -202,7 +217,7 @@ def _masked_mse(
     partial = new_output((n_programs,), torch.float32, pred.device)
     if n_programs > 0:
         _launch(
-            _masked_mse_fwd_kernel, (n_programs,), pred.contiguous(), imgs, mask.contiguous(), (partial,),
+            _masked_mse_fwd_kernel, (n_programs,), _rows_contiguous(pred), imgs, mask.contiguous(), (partial,),
             n_rows, L, C, patch_size, norm_pix_loss, cfg,
         )  # fmt: skip
     # 0 / 0 = NaN when nothing is masked, as the reference.
@@ -221,7 +236,7 @@ def _masked_mse_backward(
     N, L, _ = pred.shape
     C = imgs.shape[1]
     n_rows = N * L
-    pred = pred.contiguous()
+    pred = _rows_contiguous(pred)
     grad_pred = new_output(pred.shape, pred.dtype, pred.device)
     scale = (grad_loss.to(torch.float32) / mask.sum(dtype=torch.float32)).reshape(1)
     cfg = _launch_config(n_rows, C, patch_size, pred.device)
@@ -256,7 +271,8 @@ def masked_mse(
     """MAE's reconstruction loss on the removed patches, targets read from the image.
 
     Args:
-        pred: (N, L, P*P*C) the decoder's prediction, (p, q, c) order within a patch.
+        pred: (N, L, P*P*C) the decoder's prediction, (p, q, c) order within a patch; any strides
+            with a contiguous last dim are read in place (e.g. ``decoder_out[:, 1:]``).
         imgs: (N, C, H, W), any strides; no grad flows into it.
         mask: (N, L) float, 1 = removed (these rows are scored), 0 = kept.
         patch_size: P.

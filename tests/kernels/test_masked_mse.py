@@ -109,3 +109,18 @@ def test_masked_mse_flat_patches(device, seed, check):
     ref_loss, ref_grad = _run(masked_mse_ref, pred, imgs, mask, 16, True)
     check(loss, ref_loss, None, torch.float32, 2, "loss")
     check(grad, ref_grad, None, torch.float32, 3, "grad pred")
+
+
+def test_masked_mse_pred_view(device, seed, check):
+    """pred as the decoder output minus its cls row (a strided view) is read in place."""
+    N, H, W, P = 2, 32, 48, 16
+    pred, imgs, mask = _make(N, H, W, P, 0.75, torch.float32, device, seed)
+    full = torch.randn(N, 1 + pred.shape[1], pred.shape[2], device=device)
+    full[:, 1:] = pred
+    full.requires_grad_()
+    loss = masked_mse(full[:, 1:], imgs, mask, P, True)
+    loss.backward()
+    ref_loss, ref_grad = _run(masked_mse_ref, pred, imgs, mask, P, True)
+    check(loss, ref_loss, None, torch.float32, 2, "loss")
+    check(full.grad[:, 1:], ref_grad, None, torch.float32, 3, "grad pred")
+    assert (full.grad[:, 0] == 0).all()

@@ -28,7 +28,7 @@ BF = "*bf16"
 I32 = "i32"
 STRIDES = {"stride_n": I32, "stride_c": I32, "stride_h": I32}
 MSE = {
-    "n_rows": I32, "L": I32, "w": I32, **STRIDES, "stride_w": "constexpr", "C": "constexpr",
+    "n_rows": I32, "L": I32, "w": I32, "stride_pn": I32, "stride_pl": I32, **STRIDES, "stride_w": "constexpr", "C": "constexpr",
     "P": "constexpr", "P_PAD": "constexpr", "CP_PAD": "constexpr", "BLOCK_R": "constexpr",
     "NORM_PIX": "constexpr", "EPS": "constexpr",
 }
@@ -55,10 +55,10 @@ KERNELS = [
      {"BLOCK_R": 8, "BLOCK_D": 512}, {"D", "rows_per_program"}, 4),
     ("masked_mse", "_masked_mse_fwd_kernel",
      {"pred_ptr": BF, "imgs_ptr": BF, "mask_ptr": "*fp32", "partial_ptr": "*fp32", **MSE},
-     MSE_C, set(STRIDES), 8),
+     MSE_C, {"stride_pn", "stride_pl", *STRIDES}, 8),
     ("masked_mse", "_masked_mse_bwd_kernel",
      {"pred_ptr": BF, "imgs_ptr": BF, "mask_ptr": "*fp32", "scale_ptr": "*fp32", "grad_pred_ptr": BF, **MSE},
-     MSE_C, set(STRIDES), 8),
+     MSE_C, {"stride_pn", "stride_pl", *STRIDES}, 8),
 ]
 cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
 report = {}
