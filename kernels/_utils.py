@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 # Tests flip this on (tests/kernels/conftest.py) so that every launcher allocates its outputs filled
 # with NaN: an element a kernel forgot to write then fails the comparison instead of passing by luck
@@ -41,3 +43,18 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@triton.jit
+def to_output_dtype(x, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """Cast fp32 ``x`` to ``dtype``, rounding to nearest even as the GPU's ``cvt.rn`` does.
+
+    Triton's CPU interpreter (3.7) truncates fp32 -> bf16 instead of rounding, a one-ulp bias the
+    low-precision tests see. With ``EMULATE_RTNE`` (the launchers set it on CPU only) the rounding
+    is done on the bits first, so the truncation is exact; on GPU the plain cast is already right.
+    """
+    if EMULATE_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2
+from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
 
 
 @triton.jit
@@ -34,6 +34,7 @@ def _encoder_input_kernel(
     D,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -54,7 +55,9 @@ def _encoder_input_kernel(
     # Arithmetic in fp32 whatever the storage dtype (the interpreter also has no bf16 scalar ops).
     src = tl.where(is_patch[:, None], x.to(tl.float32), cls.to(tl.float32)[None, :])
     y = src + pos.to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(
+        out_ptr + rows[:, None] * D + cols[None, :], to_output_dtype(y, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok
+    )
 
 
 def _launch_config(n_rows: int, D: int, device: torch.device) -> tuple[int, int, int]:
@@ -88,6 +91,7 @@ def _encoder_input(
         D,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
+        EMULATE_RTNE=is_interpreter(x.device),
         num_warps=num_warps,
     )
     return out

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2
+from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
 
 NORM_PIX_EPS = 1e-6
 
@@ -146,6 +146,7 @@ def _masked_mse_bwd_kernel(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     diff, m, rows, in_row = _load_patch_rows(
@@ -161,7 +162,7 @@ def _masked_mse_bwd_kernel(
     col_ok = (cp < C * P) & (q < P)
     store_ok = (rows < n_rows)[:, None] & col_ok[None, :]
     grad_off = rows[:, None] * (C * P * P) + in_row[None, :]  # grad_pred is contiguous
-    tl.store(grad_pred_ptr + grad_off, g.to(grad_pred_ptr.dtype.element_ty), mask=store_ok)
+    tl.store(grad_pred_ptr + grad_off, to_output_dtype(g, grad_pred_ptr.dtype.element_ty, EMULATE_RTNE), mask=store_ok)
 
 
 def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -178,7 +179,7 @@ def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
     return pred if pred.stride(-1) == 1 else pred.contiguous()
 
 
-def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_loss, cfg) -> None:
+def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_loss, cfg, **constexprs) -> None:
     p_pad, cp_pad, block_r, num_warps = cfg
     wrap_triton(kernel)[grid](
         pred,
@@ -201,6 +202,7 @@ def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_los
         BLOCK_R=block_r,
         NORM_PIX=norm_pix_loss,
         EPS=NORM_PIX_EPS,
+        **constexprs,
         num_warps=num_warps,
     )
 
@@ -244,7 +246,7 @@ def _masked_mse_backward(
     if n_programs > 0:
         _launch(
             _masked_mse_bwd_kernel, (n_programs,), pred, imgs, mask.contiguous(), (scale, grad_pred),
-            n_rows, L, C, patch_size, norm_pix_loss, cfg,
+            n_rows, L, C, patch_size, norm_pix_loss, cfg, EMULATE_RTNE=is_interpreter(pred.device),
         )  # fmt: skip
     return grad_pred
 

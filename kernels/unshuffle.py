@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2, num_sms
+from ._utils import is_interpreter, new_output, next_pow2, num_sms, to_output_dtype
 
 
 @triton.jit
@@ -34,6 +34,7 @@ def _unshuffle_fwd_kernel(
     D,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -54,7 +55,9 @@ def _unshuffle_fwd_kernel(
     pos = tl.load(pos_ptr + t[:, None] * D + cols[None, :], mask=ok)
     src = tl.where(from_x[:, None], x.to(tl.float32), mask_token.to(tl.float32)[None, :])
     y = src + pos.to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(
+        out_ptr + rows[:, None] * D + cols[None, :], to_output_dtype(y, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=ok
+    )
 
 
 @triton.jit
@@ -70,6 +73,7 @@ def _unshuffle_bwd_kernel(
     D,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     # Each program owns a contiguous range of grad_out rows (not one tile) so that the number of
     # mask-token partial sums, and the second reduction over them, stays ~ a few per SM.
@@ -92,7 +96,7 @@ def _unshuffle_bwd_kernel(
         g = tl.load(grad_out_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
         tl.store(
             grad_x_ptr + (n * (K + 1) + src_tok)[:, None] * D + cols[None, :],
-            g.to(grad_x_ptr.dtype.element_ty),
+            to_output_dtype(g.to(tl.float32), grad_x_ptr.dtype.element_ty, EMULATE_RTNE),
             mask=to_x[:, None] & col_ok[None, :],
         )
         acc += tl.sum(tl.where(to_mask[:, None], g.to(tl.float32), 0.0), axis=0)
@@ -130,6 +134,7 @@ def _unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Ten
         D,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
+        EMULATE_RTNE=is_interpreter(x.device),
         num_warps=num_warps,
     )
     return out
@@ -167,6 +172,7 @@ def _unshuffle_backward(
             D,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
+            EMULATE_RTNE=is_interpreter(grad_out.device),
             num_warps=num_warps,
         )
     else:
