@@ -6,7 +6,8 @@ With ``norm_pix_loss`` each target patch is normalized by its mean and **unbiase
 ``(t - mean) / sqrt(var + 1e-6)``. ``loss = sum_l(mask * mean_j (pred - t)^2) / sum(mask)``.
 
 Only removed patches (mask = 1) contribute, so only their rows of pred and of the image are read;
-kept rows get an exact zero grad without being read. The backward recomputes the target from the
+kept rows get an exact zero grad without being read (so, unlike the reference's ``0 * NaN``, a
+non-finite value in a kept row of pred does not reach the loss). The backward recomputes the target from the
 image instead of saving a pred-sized grad from the forward: the same bytes moved with an fp32
 image (one more image read against one more grad write + read), fewer with a bf16 image, no
 pred-sized buffer held from forward to backward, and the incoming grad scale applied in the same
