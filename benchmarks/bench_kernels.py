@@ -78,6 +78,7 @@ def build_benches(
     dtype: torch.dtype,
     device: str,
     compile_ref: bool,
+    imgs_dtype: torch.dtype | None = None,
 ) -> list[Bench]:
     from fastmae import kernels as K_
 
@@ -86,7 +87,9 @@ def build_benches(
     L = (side // P) ** 2
     CPP = C * P * P
     ids_keep, ids_restore, mask, K = _mae_indices(N, L, ratio, device)
-    imgs = torch.randn(N, C, side, side, device=device, dtype=dtype)
+    # The model feeds the loader's images (fp32 unless cast) to patch_gather and masked_mse.
+    imgs_dtype = imgs_dtype or dtype
+    imgs = torch.randn(N, C, side, side, device=device, dtype=imgs_dtype)
     i64 = torch.int64
     comp = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile_ref else (lambda f: None)
     benches = []
@@ -98,7 +101,7 @@ def build_benches(
         if f is not None:
             b.run[impl] = lambda f=f: f(imgs, ids_keep, P)
             b.leaves[impl] = []
-    b.min_bytes["fwd"] = _nbytes((2 * N * K * CPP, dtype), (N * K, i64))
+    b.min_bytes["fwd"] = _nbytes((2 * N * K * CPP, imgs_dtype), (N * K, i64))
     benches.append(b)
 
     # Encoder input: cls + pos gather-add of the kept tokens.
@@ -148,7 +151,7 @@ def build_benches(
             b.run[impl] = lambda f=f, lv=lv: f(lv[0], imgs, mask, P, True)
             b.leaves[impl] = lv
     removed = N * (L - K)
-    b.min_bytes["fwd"] = _nbytes((2 * removed * CPP, dtype), (N * L, torch.float32))
+    b.min_bytes["fwd"] = _nbytes((removed * CPP, dtype), (removed * CPP, imgs_dtype), (N * L, torch.float32))
     b.min_bytes["bwd"] = b.min_bytes["fwd"] + _nbytes((N * L * CPP, dtype))
     benches.append(b)
 
@@ -238,6 +241,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--imgs-dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="images' dtype (default: --dtype)",
+    )
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--ops", nargs="*", default=None, help="only these ops (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         # Must precede the first @triton.jit, i.e. the kernels' import below.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = getattr(torch, args.dtype)
+    imgs_dtype = getattr(torch, args.imgs_dtype) if args.imgs_dtype else None
     models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}
     batch = min(args.batch, 2) if args.smoke else args.batch
     # Compiling the refs on CPU costs far more than the smoke run is worth.
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results = []
     for model, dims in models.items():
         torch.compiler.reset()
-        for b in build_benches(model, dims, batch, args.mask_ratio, dtype, device, compile_ref):
+        for b in build_benches(model, dims, batch, args.mask_ratio, dtype, device, compile_ref, imgs_dtype):
             if args.ops and b.op not in args.ops:
                 continue
             for phase in PHASES:
@@ -290,7 +300,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     report = {
         "benchmark": "bench_kernels",
         "smoke": args.smoke,
-        "config": {"batch": batch, "mask_ratio": args.mask_ratio, "dtype": args.dtype, "models": models},
+        "config": {
+            "batch": batch,
+            "mask_ratio": args.mask_ratio,
+            "dtype": args.dtype,
+            "imgs_dtype": str(imgs_dtype or dtype).removeprefix("torch."),
+            "models": models,
+        },
         "env": environment(device, argv),
         "copy": copy,
         "results": results,
