@@ -21,6 +21,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "safetensors",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
@@ -29,7 +30,6 @@ setup(
             "pytest",
             "pytest-benchmark",
             "transformers>=4.40",
-            "safetensors",
             "ruff",
         ],
     },

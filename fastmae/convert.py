@@ -284,7 +284,10 @@ def _abbrev(keys: list[str], n: int = 6) -> str:
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
-    """The weights of a checkpoint file or object: ``{'model': sd}``, ``{'state_dict': sd}`` or ``sd``."""
+    """The weights of a checkpoint: ``{'model': sd}``, ``{'state_dict': sd}`` or ``sd``; a ``.pth`` file
+    (loaded with ``weights_only=True``), a ``.safetensors`` file, or an object in memory."""
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
+        return load_safetensors(source)
     if isinstance(source, (str, os.PathLike)):
         obj = torch.load(source, map_location="cpu", weights_only=True)
     else:
@@ -301,17 +304,33 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
     return sd
 
 
+WRAPPER_PREFIXES = ("module.", "encoder.", "backbone.")
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> StateDict:
+    """Keys without the wrapper prefixes that DDP (``module.``) and EasyCV (``encoder.``) add."""
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
 def load_official(
     model: MaskedAutoencoderViT, source: str | os.PathLike | Mapping[str, Any], strict: bool = True
 ) -> LoadReport:
     """Load an official MAE checkpoint (``{'model': state_dict}``) into ``model``.
 
     A full pretraining checkpoint (``mae_visualize_*``, ``*_full``) loads with ``strict=True``.
+    Wrapper prefixes are stripped first: ``module.`` (DDP) and ``encoder.`` / ``backbone.`` (EasyCV's
+    encoder-only exports).
     An encoder-only one (``mae_pretrain_vit_*``) loads into the encoder and the report names the
     decoder weights it lacks. Anything else missing, an unexpected key under ``strict``, or a shape
     mismatch is an error.
     """
-    sd = read_state_dict(source)
+    sd = strip_prefixes(read_state_dict(source))
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -325,3 +344,54 @@ def load_official(
             raise ValueError(f"{k}: checkpoint shape {tuple(sd[k].shape)} != model shape {tuple(expected[k].shape)}")
     model.load_state_dict({k: sd[k] for k in report.loaded}, strict=not missing)
     return report
+
+
+# ---------------------------------------------------------------------- timm and safetensors
+
+
+def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor], global_pool: bool = True) -> StateDict:
+    """An encoder for ``timm.create_model('vit_*_patch*_224', global_pool=...)``, loadable with ``strict=True``.
+
+    ``state_dict``: a fastmae / official MAE pretraining state dict (the decoder is dropped; ``encoder.``,
+    ``module.`` and ``backbone.`` prefixes are stripped), or a :class:`fastmae.vit.VisionTransformer`'s.
+
+    - ``global_pool=True`` (timm ``global_pool='avg'``, which implies ``fc_norm``): the pretrained
+      final ``norm`` becomes ``fc_norm``, applied after pooling the patch tokens.
+    - ``global_pool=False`` (timm ``global_pool='token'``): ``norm`` stays; features are the cls token.
+
+    A linear-probe head (``BatchNorm1d`` without affine + ``Linear``) is folded into one ``head``
+    Linear, so timm's plain head computes the same logits. Load the result with ``num_classes=0``
+    when it has no ``head.*`` keys.
+    """
+    from fastmae.vit import encoder_state_dict
+
+    sd = encoder_state_dict(state_dict)
+    out: StateDict = {}
+    for key, value in sd.items():
+        if global_pool and key.startswith("norm."):
+            key = "fc_norm." + key[len("norm.") :]
+        elif not global_pool and key.startswith("fc_norm."):
+            raise ValueError("a global-pool model (fc_norm) cannot export as a cls-token model")
+        out[key] = value
+    if "head.1.weight" in out:  # linear probe: fold the affine-free BatchNorm into the Linear
+        mean, var = out.pop("head.0.running_mean"), out.pop("head.0.running_var")
+        out.pop("head.0.num_batches_tracked", None)
+        inv_std = (var.double() + 1e-6).rsqrt()
+        w, b = out.pop("head.1.weight"), out.pop("head.1.bias")
+        out["head.weight"] = (w.double() * inv_std).to(w.dtype)
+        out["head.bias"] = (b.double() - (w.double() * inv_std) @ mean.double()).to(b.dtype)
+    return out
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, **metadata: str) -> None:
+    """Write ``state_dict`` as a safetensors file (contiguous, unshared copies; string metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, os.fspath(path), metadata={"format": "pt", **metadata})
+
+
+def load_safetensors(path: str | os.PathLike) -> StateDict:
+    from safetensors.torch import load_file
+
+    return load_file(os.fspath(path))

@@ -75,8 +75,29 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``); the identity when ``p == 0`` or in eval."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block (timm's ``Block`` keys: norm1, attn, norm2, mlp)."""
+    """Pre-norm transformer block (timm's ``Block`` keys: norm1, attn, norm2, mlp).
+
+    ``drop_path`` is for fine-tuning; pretraining uses none, as the reference.
+    """
 
     def __init__(
         self,
@@ -85,6 +106,7 @@ class Block(nn.Module):
         mlp_ratio: float = 4.0,
         norm_layer: Callable[[int], nn.Module] | None = None,
         attn_backend: str = "sdpa",
+        drop_path: float = 0.0,
     ):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
@@ -92,10 +114,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=True, backend=attn_backend)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def random_masking_ids(noise: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
