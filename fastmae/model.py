@@ -15,7 +15,7 @@ Two paths compute the same function, chosen by ``fused``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
@@ -26,6 +26,9 @@ from fastmae.attention import attention, resolve_backend
 from fastmae.pos_embed import sincos_pos_embed_tensor
 
 LN_EPS = 1e-6
+
+# The fast path's steps: the kept-patch gather (+ pos-embed add), the decoder unshuffle, the loss.
+FUSED_OPS = ("gather", "unshuffle", "loss")
 
 
 class PatchEmbed(nn.Module):
@@ -155,7 +158,8 @@ class MaskedAutoencoderViT(nn.Module):
         norm_layer: normalisation factory; default LayerNorm with eps 1e-6, as the reference factories.
         norm_pix_loss: normalise each target patch by its mean and (unbiased) variance.
         attn_backend: ``sdpa`` | ``xformers`` | ``math`` | ``auto`` (see :mod:`fastmae.attention`).
-        fused: use the Triton kernels of :mod:`fastmae.kernels` for the memory-bound steps.
+        fused: use the Triton kernels of :mod:`fastmae.kernels` for the memory-bound steps: True for
+            all, False for none, or a subset of :data:`FUSED_OPS` (for ablations).
     """
 
     def __init__(
@@ -173,12 +177,12 @@ class MaskedAutoencoderViT(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = None,
         norm_pix_loss: bool = False,
         attn_backend: str = "sdpa",
-        fused: bool = False,
+        fused: bool | Iterable[str] = False,
     ):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
         self.attn_backend = resolve_backend(attn_backend)
-        self.fused = fused
+        self.fused = fused  # type: ignore[assignment]  # the setter normalises it
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
 
@@ -202,6 +206,21 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
         self.initialize_weights()
+
+    # ------------------------------------------------------------------ the fast-path switch
+
+    @property
+    def fused(self) -> frozenset[str]:
+        """The steps running as Triton kernels, a subset of :data:`FUSED_OPS` (empty: the reference path)."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool | Iterable[str]) -> None:
+        ops = frozenset(FUSED_OPS if value is True else () if value is False else value)
+        unknown = ops - set(FUSED_OPS)
+        if unknown:
+            raise ValueError(f"unknown fused ops {sorted(unknown)}; choose from {', '.join(FUSED_OPS)}")
+        self._fused = ops
 
     # ------------------------------------------------------------------ init
 
@@ -289,7 +308,7 @@ class MaskedAutoencoderViT(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``imgs: (N, C, H, W)`` -> latent ``(N, 1+K, D)``, mask ``(N, L)``, ids_restore ``(N, L)``."""
-        if self.fused:
+        if "gather" in self._fused:
             x, mask, ids_restore = self._embed_kept_fused(imgs, mask_ratio, noise)
         else:
             x = self.patch_embed(imgs)
@@ -335,7 +354,7 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent ``(N, 1+K, D)`` + ids_restore ``(N, L)`` -> pred ``(N, L, P*P*C)``."""
         x = self.decoder_embed(x)
-        if self.fused:
+        if "unshuffle" in self._fused:
             from fastmae import kernels
 
             x = kernels.unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed)
@@ -362,7 +381,7 @@ class MaskedAutoencoderViT(nn.Module):
             pred: ``(N, L, P*P*C)``.
             mask: ``(N, L)``, 0 = kept, 1 = removed.
         """
-        if self.fused:
+        if "loss" in self._fused:
             from fastmae import kernels
 
             return kernels.masked_mse(pred, imgs, mask, self.patch_size, self.norm_pix_loss)
