@@ -1,0 +1,362 @@
+"""DALI backend: decode + MAE augmentation in a DALI pipeline (nvJPEG / hardware decoder on CUDA).
+
+Design: the host feeds the pipeline through ``fn.external_source`` with the encoded bytes of
+each batch, in the order of :class:`~fastmae.data.sampling.EpochPlan`, together with the crop
+window and flip of every sample, drawn on the host by :mod:`fastmae.data.transforms` from the
+image header's size and the sample's ``(seed, epoch, index)`` generator. So the DALI backend and
+the reference backend read the same images in the same order with the same crop windows and
+flips; they differ only in the decoders' and resize filters' rounding. Owning the feed (rather
+than ``fn.readers.file`` + ``fn.random_resized_crop``) is what gives exact resume at
+(epoch, step), sharding identical to the reference loader, and bad-file handling.
+
+Pipeline: ``external_source`` (bytes, anchor, shape, flip, label) ->
+``decoders.image_slice`` (``device="mixed"`` on CUDA, ``"cpu"`` otherwise; ROI decode of the
+crop window; RGB; no EXIF rotation, like PIL) -> ``resize`` to S x S (cubic, antialiased) ->
+``crop_mirror_normalize`` (flip, ImageNet mean/std, CHW, float32 or float16) -> torch tensors on
+the training device (``feed_ndarray`` on the current stream: no host round trip on CUDA), cast
+to the training dtype there. ``prefetch_queue_depth`` batches are prepared ahead.
+
+Bad files: before feeding, the host reads the bytes and parses the header; an empty file, a
+non-image or a JPEG without its end-of-image marker (truncated) is checked with a full PIL decode
+and, if that fails, skipped like in the reference loader (same stand-in rule, so both backends
+give the same batch). A file that passes these checks but still makes DALI fail (e.g. corrupt
+entropy data) stops the pipeline: the loader then decodes the in-flight files with PIL, marks
+the unreadable ones bad, rebuilds the pipeline and resumes at the same step. A file PIL reads
+but DALI cannot is decoded on the host and fed re-encoded as PNG. Every bad file is reported in
+the log and in ``report_dir/bad_files.txt``.
+
+DALI is optional: importing this module works without it; constructing :class:`DaliLoader`
+without it raises a one-line :class:`~fastmae.data.sources.DataError`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastmae.data.sampling import MAX_ATTEMPTS, EpochPlan, ScheduledLoader, candidates, sample_generator
+from fastmae.data.sources import BadFileReport, DataError, Source
+from fastmae.data.transforms import (
+    CROP_RATIO,
+    CROP_SCALE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_rgb,
+    sample_params,
+)
+
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_EOI = b"\xff\xd9"
+_MAX_REBUILDS = 8  # consecutive pipeline failures without a delivered batch before giving up
+
+
+def dali_available() -> bool:
+    """True when ``nvidia.dali`` imports."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _require_dali():
+    try:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+    except Exception as exc:
+        raise DataError(
+            f"the 'dali' data backend needs NVIDIA DALI ({type(exc).__name__}: {exc}); "
+            "pip install nvidia-dali-cuda130, or use the 'torch' backend"
+        ) from None
+    return fn, types, pipeline_def
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """``(height, width)`` from the encoded bytes' header; raises on what PIL cannot identify."""
+    if not data:
+        raise OSError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise OSError("cannot identify image file") from None
+    with img:
+        w, h = img.size
+    return h, w
+
+
+def _looks_truncated(data: bytes) -> bool:
+    return data.startswith(_JPEG_SOI) and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
+
+
+def _png_bytes(path: str) -> bytes:
+    buf = io.BytesIO()
+    load_rgb(path).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class _Feeder:
+    """The ``external_source`` callable: one call = one step's host batch, in plan order."""
+
+    def __init__(self, loader: DaliLoader, epoch: int, steps: range):
+        self.loader = loader
+        self.epoch = epoch
+        self.steps = iter(steps)
+        self.inflight: deque[tuple[int, list[int]]] = deque()  # (step, dataset indices fed)
+
+    def __call__(self):
+        step = next(self.steps)  # StopIteration ends DALI's epoch
+        ld = self.loader
+        idx = ld.plan.batch_indices(self.epoch, step)
+        enc, anchors, shapes, flips, labels, used = [], [], [], [], [], []
+        for index in idx:
+            data, params, j = ld._prepare(self.epoch, int(index))
+            enc.append(np.frombuffer(data, dtype=np.uint8))
+            anchors.append((params.left, params.top))
+            shapes.append((params.width, params.height))
+            flips.append(int(params.flip))
+            labels.append(ld.source.samples[j][1])
+            used.append(j)
+        self.inflight.append((step, used))
+        return (
+            enc,
+            np.asarray(anchors, dtype=np.float32),
+            np.asarray(shapes, dtype=np.float32),
+            np.asarray(flips, dtype=np.int32),
+            np.asarray(labels, dtype=np.int64),
+        )
+
+
+class DaliLoader(ScheduledLoader):
+    """DALI loader with the reference loader's schedule and augmentation parameters.
+
+    Args:
+        source: the samples.
+        batch_size: per-rank batch B.
+        image_size: output side S.
+        seed: data seed (order and augmentation).
+        rank, world_size: shard of this process.
+        device: ``"cuda[:i]"`` decodes with ``device="mixed"`` on GPU i; ``"cpu"`` runs a
+            CPU-only pipeline (``device_id=None``).
+        dtype: dtype of the delivered images (float16 straight from DALI; others cast on device).
+        num_threads: DALI CPU threads.
+        prefetch: DALI ``prefetch_queue_depth``.
+        report_dir: folder for ``bad_files.txt`` (None: log only).
+        scale, ratio: RandomResizedCrop bounds.
+        hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100) in mixed mode.
+
+    Iterating yields ``(images [B, 3, S, S] dtype on device, labels [B] int64 on device)``.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int,
+        image_size: int = 224,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        num_threads: int = 4,
+        prefetch: int = 2,
+        report_dir: str | os.PathLike | None = None,
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
+        hw_decoder_load: float = 0.65,
+    ):
+        self._fn, self._types, self._pipeline_def = _require_dali()
+        super().__init__(EpochPlan(len(source), batch_size, seed, rank, world_size))
+        self.source = source
+        self.image_size = image_size
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.prefetch = prefetch
+        self.scale = scale
+        self.ratio = ratio
+        self.hw_decoder_load = hw_decoder_load
+        self.bad_files = BadFileReport(report_dir, rank, world_size)
+        self.bad_files.extend((p, "missing") for p in source.missing)
+        self._bad_idx: set[int] = set()  # dataset indices known unreadable
+        self._host_decode: set[int] = set()  # readable by PIL, not by DALI
+        self.rebuilds = 0  # pipelines rebuilt after a decode failure
+
+    # ---- host side -------------------------------------------------------------------------
+
+    def _mark_bad(self, j: int, reason: str) -> None:
+        self._bad_idx.add(j)
+        self.bad_files.add(self.source.samples[j][0], reason)
+
+    def _prepare(self, epoch: int, index: int):
+        """Encoded bytes, crop params and the dataset index actually used for slot ``index``."""
+        samples = self.source.samples
+        for attempt, j in candidates(self.plan.seed, epoch, index, len(samples)):
+            if j in self._bad_idx:
+                continue
+            path = samples[j][0]
+            try:
+                if j in self._host_decode:
+                    data = _png_bytes(path)
+                else:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    if _looks_truncated(data):
+                        load_rgb(path)  # PIL decides; a clean decode means trailing bytes only
+                h, w = _header_size(data)
+            except Exception as exc:
+                self._mark_bad(j, _describe(exc))
+                continue
+            gen = sample_generator(self.plan.seed, epoch, index, attempt)
+            return data, sample_params(h, w, gen, self.scale, self.ratio), j
+        raise DataError(
+            f"{MAX_ATTEMPTS} unreadable images in a row standing in for {samples[index][0]}; "
+            "the data set looks broken (see the bad-file report)"
+        )
+
+    # ---- pipeline --------------------------------------------------------------------------
+
+    def _build(self, feeder: _Feeder):
+        fn, types = self._fn, self._types
+        gpu = self.device.type == "cuda"
+        size = self.image_size
+        out_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        decoder_kw = {"hw_decoder_load": self.hw_decoder_load} if gpu else {}
+
+        @self._pipeline_def
+        def mae_pipeline():
+            encoded, anchor, shape, flip, label = fn.external_source(
+                source=feeder,
+                num_outputs=5,
+                batch=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64],
+            )
+            images = fn.decoders.image_slice(
+                encoded,
+                anchor,
+                shape,
+                device="mixed" if gpu else "cpu",
+                output_type=types.RGB,
+                normalized_anchor=False,
+                normalized_shape=False,
+                adjust_orientation=False,
+                jpeg_fancy_upsampling=True,  # PIL/libjpeg's chroma upsampling
+                **decoder_kw,
+            )
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.crop_mirror_normalize(
+                images,
+                mirror=flip,
+                mean=[255 * m for m in IMAGENET_MEAN],
+                std=[255 * s for s in IMAGENET_STD],
+                dtype=out_dtype,
+                output_layout="CHW",
+            )
+            return images, (label.gpu() if gpu else label)
+
+        pipe = mae_pipeline(
+            batch_size=self.plan.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.index if gpu else None,
+            prefetch_queue_depth=self.prefetch,
+            seed=self.plan.seed,
+        )
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, out) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+            t = out.as_tensor()
+            dst = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=self.device)
+            feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(self.device))
+            return dst
+        return torch.from_numpy(np.array(out.as_tensor()))
+
+    def _diagnose(self, feeder: _Feeder, error: Exception) -> None:
+        """After a pipeline failure: find the in-flight files that cannot be decoded."""
+        self.rebuilds += 1
+        suspects = [j for _, used in feeder.inflight for j in used if j not in self._bad_idx]
+        found = False
+        for j in dict.fromkeys(suspects):
+            try:
+                load_rgb(self.source.samples[j][0])
+            except Exception as exc:
+                self._mark_bad(j, _describe(exc))
+                found = True
+        if found:
+            return
+        for j in dict.fromkeys(suspects):  # PIL reads them all: find the ones DALI cannot
+            if j not in self._host_decode and not self._dali_decodes(self.source.samples[j][0]):
+                self._host_decode.add(j)
+                found = True
+        if not found:
+            first = str(error).strip().splitlines()
+            raise DataError(f"DALI pipeline failed and no input file is to blame: {first[0] if first else error}")
+
+    def _dali_decodes(self, path: str) -> bool:
+        fn, types = self._fn, self._types
+        with open(path, "rb") as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+
+        @self._pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def probe():
+            return fn.decoders.image(
+                fn.external_source(source=lambda: [data], batch=True), device="cpu", output_type=types.RGB
+            )
+
+        try:
+            p = probe()
+            p.build()
+            p.run()
+        except Exception:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        steps = self._steps()
+        epoch = self.epoch
+        failures = 0  # pipeline failures since the last batch delivered
+        while self.step < steps.stop:
+            feeder = _Feeder(self, epoch, range(self.step, steps.stop))
+            pipe = self._build(feeder)
+            try:
+                while True:
+                    try:
+                        images, labels = pipe.run()
+                    except StopIteration:
+                        return
+                    except RuntimeError as exc:
+                        failures += 1
+                        if failures > _MAX_REBUILDS:
+                            raise DataError(
+                                f"DALI pipeline keeps failing at epoch {epoch} step {self.step}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+                            ) from None
+                        self._diagnose(feeder, exc)
+                        break  # rebuild and resume at self.step
+                    failures = 0
+                    feeder.inflight.popleft()
+                    images = self._to_torch(images).to(self.dtype)
+                    labels = self._to_torch(labels)
+                    self.step += 1
+                    yield images, labels
+            finally:
+                del pipe
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,165 @@
+"""The batch schedule: which images a rank reads at (epoch, step), and each sample's random stream.
+
+Everything here is a pure function of ``(seed, epoch, step, rank, world_size)`` and the source
+length, which is what makes the loaders' output independent of worker count and lets a run
+restart at any (epoch, step) without decoding the skipped images:
+
+- Epoch order: ``perm = numpy.random.default_rng([seed, epoch]).permutation(n)``.
+- Global batch ``G = batch_size * world_size``; ``steps_per_epoch = n // G`` (drop-last: the
+  ``n % G`` images at the end of the permutation are not seen that epoch; a new permutation
+  next epoch drops different ones).
+- Rank ``r`` at step ``s`` reads ``perm[s*G + r*B : s*G + (r+1)*B]``: the ranks tile each global
+  batch, so across ranks every image is read at most once per epoch, and exactly once except the
+  dropped tail.
+- Sample randomness (crop, flip) comes from a ``torch.Generator`` seeded with
+  ``sample_seed(seed, epoch, index, attempt)``, never from process or worker RNG state.
+- An unreadable image at ``index`` is replaced by the candidates
+  ``substitute_index(seed, epoch, index, k, n)`` for k = 1, 2, ...: the first that reads is used,
+  with the random stream of ``(seed, epoch, index, k)``. The sequence does not depend on what a
+  worker has seen before, so substitution is deterministic too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastmae.data.sources import DataError
+
+_MASK64 = (1 << 64) - 1
+MAX_ATTEMPTS = 16  # candidates tried for one slot before giving up (all unreadable = broken data set)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int, attempt: int = 0) -> int:
+    """A 63-bit seed for one sample's augmentation, mixed from its coordinates (splitmix64 chain)."""
+    h = 0
+    for v in (seed, epoch, index, attempt):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 1
+
+
+def sample_generator(seed: int, epoch: int, index: int, attempt: int = 0) -> torch.Generator:
+    """The CPU generator that draws one sample's crop and flip."""
+    g = torch.Generator()
+    g.manual_seed(sample_seed(seed, epoch, index, attempt))
+    return g
+
+
+def substitute_index(seed: int, epoch: int, index: int, attempt: int, n: int) -> int:
+    """The ``attempt``-th stand-in for an unreadable image at ``index`` (attempt >= 1)."""
+    return sample_seed(seed ^ 0x5EED, epoch, index, attempt) % n
+
+
+def candidates(seed: int, epoch: int, index: int, n: int) -> list[tuple[int, int]]:
+    """``[(attempt, dataset_index), ...]``: the image itself, then its stand-ins, in order."""
+    return [(0, index)] + [(k, substitute_index(seed, epoch, index, k, n)) for k in range(1, MAX_ATTEMPTS)]
+
+
+class EpochPlan:
+    """Which dataset indices rank ``rank`` reads at each (epoch, step).
+
+    Args:
+        num_samples: length of the source.
+        batch_size: per-rank batch size B.
+        seed: data seed.
+        rank, world_size: this process's shard.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the source has {num_samples} images, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks = {self.global_batch})"
+            )
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The epoch's order of all ``num_samples`` indices (cached for the last epoch asked)."""
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm_epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def batch_indices(self, epoch: int, step: int) -> np.ndarray:
+        """Dataset indices ``[B]`` (int64) of this rank's batch at (epoch, step)."""
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
+        start = step * self.global_batch + self.rank * self.batch_size
+        return self.permutation(epoch)[start : start + self.batch_size]
+
+    def check_resume(self, state: dict) -> None:
+        """Refuse a loader state saved under a schedule that would give different batches."""
+        for key in ("num_samples", "batch_size", "seed", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data order exactly: saved {key}={state[key]}, now {getattr(self, key)}"
+                )
+
+
+class ScheduledLoader:
+    """Epoch/step bookkeeping shared by the backends (the resume contract lives here).
+
+    ``set_epoch(e, start_step=k)`` makes the next ``iter(loader)`` yield batches ``k .. len-1``
+    of epoch ``e``. ``state_dict()`` is ``{"epoch", "step", ...}`` where ``step`` counts batches
+    the caller has received this epoch; ``load_state_dict`` of it continues with the next batch.
+    A pass that starts with the epoch used up (``step == len``) moves on to epoch + 1, step 0, so
+    a loop that never calls ``set_epoch`` still walks through successive epochs.
+    """
+
+    plan: EpochPlan
+
+    def __init__(self, plan: EpochPlan):
+        self.plan = plan
+        self.epoch = 0
+        self.step = 0  # next batch this epoch to hand out
+
+    def __len__(self) -> int:
+        """Steps (batches per rank) per epoch."""
+        return self.plan.steps_per_epoch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise DataError(f"start step {start_step} outside [0, {len(self)}]")
+        self.epoch = epoch
+        self.step = start_step
+
+    def state_dict(self) -> dict:
+        p = self.plan
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": p.seed,
+            "num_samples": p.num_samples,
+            "batch_size": p.batch_size,
+            "world_size": p.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plan.check_resume(state)
+        self.set_epoch(int(state["epoch"]), int(state["step"]))
+
+    def _steps(self) -> range:
+        """The steps the next pass covers; the pass then advances ``self.step`` as it yields."""
+        if self.step >= len(self):
+            self.set_epoch(self.epoch + 1)
+        return range(self.step, len(self))

@@ -1,0 +1,250 @@
+"""Image sources: the list of (path, label) that every backend reads, and the bad-file report.
+
+Three kinds of source, all giving absolute paths and integer labels:
+
+- ``file_list_source(root, list_file)``: one path per line, relative to ``root``, optionally
+  followed by whitespace and an integer label (the seed's and EasyCV's format). Blank lines and
+  lines starting with ``#`` are ignored. A line with more than one field must end in an integer
+  label ``>= 0``; lines without a label get label ``-1``. Absolute paths are accepted only when
+  they lie inside ``root``; a path that escapes ``root`` (``../``) is an error. Containment is
+  checked on the normalised path, not the resolved one, so symlinks inside the root may point
+  anywhere (datasets are often assembled from links).
+- ``image_folder_source(root)``: torchvision's ImageFolder: each sorted subfolder of ``root`` is
+  a class (label = its index), images are found recursively inside it.
+- ``folder_scan_source(root)``: every image file under ``root``, recursively, label ``-1``
+  (MAE pretraining needs no labels; -1 says "unlabelled" rather than pretending class 0).
+
+Files listed but missing on disk are skipped, not fatal: on a 1M-line list one stale entry must
+not stop a run. They are kept in ``Source.missing`` and go into the run's bad-file report with
+the reason ``missing``. Errors that make the run meaningless (missing root, empty source, a path
+escaping the root, a bad label) raise :class:`DataError` with a one-line message, before training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("fastmae.data")
+
+# Formats both PIL and DALI (nvImageCodec) decode.
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+)
+
+UNLABELLED = -1
+
+
+class DataError(ValueError):
+    """A data problem that stops the run before training; ``str(err)`` is one line fit for a CLI."""
+
+
+@dataclass
+class Source:
+    """The samples of a data set.
+
+    Attributes:
+        root: the data root (absolute).
+        samples: ``[(absolute_path, label), ...]`` in a fixed order; label -1 when unlabelled.
+        kind: ``"list"``, ``"imagefolder"`` or ``"scan"``.
+        classes: class folder names for ``"imagefolder"``, else ``None``.
+        missing: listed files that do not exist (already removed from ``samples``).
+    """
+
+    root: str
+    samples: list[tuple[str, int]]
+    kind: str
+    classes: list[str] | None = None
+    missing: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.samples]
+
+
+def _check_root(root: str | os.PathLike) -> str:
+    root_s = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root_s):
+        raise DataError(f"data root {root_s} does not exist or is not a folder")
+    return root_s
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan(folder: str) -> list[str]:
+    """Image files under ``folder``, recursively, sorted by path (follows symlinked folders)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return found
+
+
+def _parse_line(line: str, where: str) -> tuple[str, int]:
+    fields = line.rsplit(maxsplit=1)
+    if len(fields) == 1:
+        return fields[0], UNLABELLED
+    rel, label_s = fields
+    try:
+        label = int(label_s)
+    except ValueError:
+        raise DataError(f"{where}: bad label {label_s!r} (expected 'path [integer label]')") from None
+    if label < 0:
+        raise DataError(f"{where}: bad label {label} (labels must be >= 0)")
+    return rel, label
+
+
+def file_list_source(root: str | os.PathLike, list_file: str | os.PathLike, check_files: bool = True) -> Source:
+    """A root folder plus a file list (``path [label]`` per line, paths relative to ``root``).
+
+    Args:
+        root: folder the listed paths are relative to.
+        list_file: the list (UTF-8 text).
+        check_files: stat every listed file and move the missing ones to ``Source.missing``.
+            With ``False`` a missing file is found when it is read and reported as a bad file.
+    """
+    root_s = _check_root(root)
+    list_s = os.path.abspath(os.fspath(list_file))
+    if not os.path.isfile(list_s):
+        raise DataError(f"file list {list_s} does not exist")
+    samples: list[tuple[str, int]] = []
+    missing: list[str] = []
+    with open(list_s, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{list_s}:{lineno}"
+            rel, label = _parse_line(line, where)
+            path = os.path.normpath(os.path.join(root_s, rel))
+            if os.path.commonpath([root_s, path]) != root_s:
+                raise DataError(f"{where}: path {rel!r} escapes the data root {root_s}")
+            if check_files and not os.path.isfile(path):
+                missing.append(path)
+                continue
+            samples.append((path, label))
+    if not samples:
+        extra = f" ({len(missing)} listed files are missing)" if missing else ""
+        raise DataError(f"file list {list_s} gives no images{extra}")
+    if missing:
+        logger.warning("%d files listed in %s are missing; skipping them", len(missing), list_s)
+    return Source(root=root_s, samples=samples, kind="list", missing=missing)
+
+
+def image_folder_source(root: str | os.PathLike) -> Source:
+    """An ImageFolder tree: ``root/<class>/**/<image>``; label = index of the class in sorted order."""
+    root_s = _check_root(root)
+    classes = sorted(e.name for e in os.scandir(root_s) if e.is_dir())
+    if not classes:
+        raise DataError(f"data root {root_s} has no class subfolders (expected root/<class>/<image>)")
+    samples = [(p, label) for label, c in enumerate(classes) for p in _scan(os.path.join(root_s, c))]
+    if not samples:
+        raise DataError(f"no images found in the class folders of {root_s} ({', '.join(IMAGE_EXTENSIONS)})")
+    return Source(root=root_s, samples=samples, kind="imagefolder", classes=classes)
+
+
+def folder_scan_source(root: str | os.PathLike) -> Source:
+    """Every image file under ``root``, recursively, sorted by path; label -1."""
+    root_s = _check_root(root)
+    samples = [(p, UNLABELLED) for p in _scan(root_s)]
+    if not samples:
+        raise DataError(f"no images found under {root_s} ({', '.join(IMAGE_EXTENSIONS)})")
+    return Source(root=root_s, samples=samples, kind="scan")
+
+
+def open_source(root: str | os.PathLike, list_file: str | os.PathLike | None = None, kind: str = "auto") -> Source:
+    """Open a source by kind: ``"list"`` (needs ``list_file``), ``"imagefolder"``, ``"scan"`` or ``"auto"``.
+
+    ``"auto"``: a file list when ``list_file`` is given; else ImageFolder when ``root`` holds
+    subfolders and no images of its own; else a recursive scan.
+    """
+    if kind == "auto":
+        if list_file is not None:
+            kind = "list"
+        else:
+            root_s = _check_root(root)
+            entries = list(os.scandir(root_s))
+            has_dirs = any(e.is_dir() for e in entries)
+            has_images = any(e.is_file() and _is_image(e.name) for e in entries)
+            kind = "imagefolder" if has_dirs and not has_images else "scan"
+    if kind == "list":
+        if list_file is None:
+            raise DataError("source kind 'list' needs a file list")
+        return file_list_source(root, list_file)
+    if kind == "imagefolder":
+        return image_folder_source(root)
+    if kind == "scan":
+        return folder_scan_source(root)
+    raise DataError(f"unknown source kind {kind!r} (expected auto, list, imagefolder or scan)")
+
+
+class BadFileReport:
+    """Files skipped because they could not be read: counted, logged once each, written to a file.
+
+    Each line of ``report_dir/bad_files.txt`` (``bad_files.rank<r>.txt`` when ``world_size > 1``)
+    is ``<path>\\t<reason>``; the file is appended to as files are found, so it survives a crash.
+    """
+
+    def __init__(self, report_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1):
+        self.report_path: Path | None = None
+        if report_dir is not None:
+            name = "bad_files.txt" if world_size == 1 else f"bad_files.rank{rank}.txt"
+            self.report_path = Path(report_dir) / name
+        self._reasons: dict[str, str] = {}
+        self._lock = threading.Lock()
+        if self.report_path is not None and self.report_path.is_file():  # a resumed run
+            for line in self.report_path.read_text(encoding="utf-8").splitlines():
+                path, _, reason = line.partition("\t")
+                self._reasons.setdefault(path, reason)
+
+    def add(self, path: str, reason: str) -> bool:
+        """Record a bad file; returns False when it was already recorded."""
+        reason = " ".join(reason.split())  # one line per file
+        with self._lock:
+            if path in self._reasons:
+                return False
+            self._reasons[path] = reason
+            logger.warning("skipping unreadable image %s: %s", path, reason)
+            if self.report_path is not None:
+                self.report_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.report_path, "a", encoding="utf-8") as f:
+                    f.write(f"{path}\t{reason}\n")
+        return True
+
+    def extend(self, items: Iterable[tuple[str, str]]) -> None:
+        for path, reason in items:
+            self.add(path, reason)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._reasons
+
+    @property
+    def count(self) -> int:
+        return len(self._reasons)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._reasons)
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        return dict(self._reasons)

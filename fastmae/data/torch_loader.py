@@ -1,0 +1,203 @@
+"""Reference backend: ``torch.utils.data.DataLoader`` + PIL (torchvision's ops when they import).
+
+The DataLoader's batch sampler yields, per step, the keys ``(epoch, dataset_index)`` of the
+batch chosen by :class:`~fastmae.data.sampling.EpochPlan`; each worker decodes and augments a
+sample from its own ``(seed, epoch, index)`` generator, so the batches are the same for any
+``num_workers`` and a resumed run needs no decoding of the skipped steps.
+
+An unreadable file (truncated, corrupt, empty, not an image, vanished) is replaced by the
+deterministic stand-ins of :func:`~fastmae.data.sampling.candidates`; the batch keeps its shape.
+The workers send the bad paths back with the batch and the main process records them in a
+:class:`~fastmae.data.sources.BadFileReport` (log + ``report_dir/bad_files.txt``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator
+from fastmae.data.sources import BadFileReport, DataError, Source
+from fastmae.data.transforms import CROP_RATIO, CROP_SCALE, augment, load_rgb, sample_params
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+# Persistent workers left to interpreter-exit garbage collection can stall the exit for ~5 s per
+# worker (seen under pytest); closing the live loaders from atexit avoids that.
+_LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def read_sample(
+    samples: list[tuple[str, int]],
+    seed: int,
+    epoch: int,
+    index: int,
+    size: int,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    known_bad: set[int] | None = None,
+) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
+    """Decode and augment the sample for slot ``index`` of ``epoch``, standing in for bad files.
+
+    Returns:
+        image ``(3, S, S)`` float32, its label, and ``[(path, reason), ...]`` of the bad files met.
+    """
+    bad: list[tuple[str, str]] = []
+    known_bad = set() if known_bad is None else known_bad
+    for attempt, j in candidates(seed, epoch, index, len(samples)):
+        if j in known_bad:
+            continue
+        path, label = samples[j]
+        try:
+            img = load_rgb(path)
+        except Exception as exc:  # any decode failure means: skip this file
+            known_bad.add(j)
+            bad.append((path, _describe(exc)))
+            continue
+        params = sample_params(img.height, img.width, sample_generator(seed, epoch, index, attempt), scale, ratio)
+        return augment(img, params, size), label, bad
+    raise DataError(
+        f"{len(bad) + 1}+ unreadable images in a row standing in for {samples[index][0]}; "
+        "the data set looks broken (see the bad-file report)"
+    )
+
+
+class _SampleDataset(Dataset):
+    def __init__(self, samples, seed, size, scale, ratio):
+        self.samples = samples
+        self.seed = seed
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+        self.known_bad: set[int] = set()  # per worker process; only saves re-reading bad files
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        return read_sample(self.samples, self.seed, epoch, index, self.size, self.scale, self.ratio, self.known_bad)
+
+
+class _PlanBatchSampler(Sampler):
+    """Yields ``[(epoch, index), ...]`` for each step of the owner's current pass."""
+
+    def __init__(self, owner: TorchLoader):
+        self.owner = owner
+
+    def __iter__(self):
+        o = self.owner
+        for step in o._pass_steps:
+            yield [(o.epoch, int(i)) for i in o.plan.batch_indices(o.epoch, step)]
+
+    def __len__(self) -> int:
+        return len(self.owner._pass_steps)
+
+
+def _collate(items):
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    bad = [b for it in items for b in it[2]]
+    return images, labels, bad
+
+
+class TorchLoader(ScheduledLoader):
+    """PIL/torchvision reference loader.
+
+    Args:
+        source: the samples.
+        batch_size: per-rank batch B.
+        image_size: output side S.
+        seed: data seed (order and augmentation).
+        rank, world_size: shard of this process.
+        device: where batches are delivered (``"cuda"`` pins host memory and copies async).
+        dtype: dtype of the delivered images (cast on the device).
+        num_workers: DataLoader workers (0 = in the main process); persistent when > 0.
+        report_dir: folder for ``bad_files.txt`` (None: log only).
+        prefetch_factor: batches each worker prepares ahead.
+        scale, ratio: RandomResizedCrop bounds.
+
+    Iterating yields ``(images [B, 3, S, S] dtype on device, labels [B] int64 on device)``.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        batch_size: int,
+        image_size: int = 224,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        num_workers: int = 4,
+        report_dir: str | os.PathLike | None = None,
+        prefetch_factor: int = 2,
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
+    ):
+        super().__init__(EpochPlan(len(source), batch_size, seed, rank, world_size))
+        self.source = source
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.bad_files = BadFileReport(report_dir, rank, world_size)
+        self.bad_files.extend((p, "missing") for p in source.missing)
+        self._pass_steps: range = range(0)
+        dataset = _SampleDataset(source.samples, seed, image_size, scale, ratio)
+        self._loader = DataLoader(
+            dataset,
+            batch_sampler=_PlanBatchSampler(self),
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+        _LIVE_LOADERS.add(self)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._pass_steps = self._steps()
+        non_blocking = self.device.type == "cuda"
+        for images, labels, bad in self._loader:
+            if bad:
+                self.bad_files.extend(bad)
+            images = images.to(self.device, non_blocking=non_blocking).to(self.dtype)
+            labels = labels.to(self.device, non_blocking=non_blocking)
+            self.step += 1
+            yield images, labels
+
+    def close(self) -> None:
+        """Stop the persistent workers (the loader can be iterated again: they restart)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> TorchLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,168 @@
+"""The MAE pretraining augmentation, shared by every backend.
+
+``RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic)`` + horizontal flip
+(p = 0.5) + ImageNet mean/std normalisation, CHW float. The crop parameters follow torchvision's
+``RandomResizedCrop.get_params`` draw for draw (10 tries, then the centre-crop fallback) and the
+flip is torchvision's ``torch.rand(1) < p``, both from an explicit generator, so with the same
+generator state this module, torchvision and the DALI backend (which gets the parameters from
+here) crop the same window.
+
+Images are read with PIL and converted to RGB: CMYK, grayscale, palette and RGBA (alpha dropped,
+as torchvision's loader does) via ``Image.convert``; 16-bit grayscale by keeping the top 8 bits
+(``Image.convert`` would clip it to white).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.2, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+FLIP_P = 0.5
+
+
+def _torchvision_functional():
+    try:  # torchvision is optional; a mismatched build raises at import (e.g. missing torchvision::nms)
+        import torchvision.transforms.functional as tf
+        from torchvision.transforms import InterpolationMode
+
+        return tf, InterpolationMode
+    except Exception:
+        return None
+
+
+_TV = _torchvision_functional()
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """One sample's augmentation: crop window ``[top:top+height, left:left+width]`` and flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def rrc_params(
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``, drawing from ``generator``.
+
+    Returns ``(top, left, crop_height, crop_width)``.
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return i, j, h, w
+    # Fallback to central crop
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_params(
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip_p: float = FLIP_P,
+) -> CropParams:
+    """Crop window then flip, drawn in torchvision's order from one generator."""
+    top, left, h, w = rrc_params(height, width, generator, scale, ratio)
+    flip = bool(torch.rand(1, generator=generator).item() < flip_p)
+    return CropParams(top, left, h, w, flip)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB (see the module docstring for the odd modes)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img)
+        if a.dtype != np.uint8:
+            a = (a.astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        img = Image.fromarray(a, mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read and fully decode an image file as RGB; raises on anything unreadable or truncated."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` from the header only (no EXIF rotation, like PIL's loader)."""
+    with Image.open(path) as img:
+        w, h = img.size
+    return h, w
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def augment(img: Image.Image, params: CropParams, size: int, use_torchvision: bool | None = None) -> torch.Tensor:
+    """Crop, resize (bicubic, PIL), flip, normalise one RGB image.
+
+    Args:
+        img: RGB PIL image.
+        params: from :func:`sample_params` on this image's size.
+        size: output side S.
+        use_torchvision: run torchvision's functional ops (default: when they import). The PIL
+            path is the same arithmetic; tests check they agree.
+
+    Returns:
+        ``(3, S, S)`` float32, ImageNet-normalised.
+    """
+    if use_torchvision is None:
+        use_torchvision = _TV is not None
+    p = params
+    if use_torchvision:
+        if _TV is None:
+            raise RuntimeError("torchvision is not importable here")
+        tf, mode = _TV
+        img = tf.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], mode.BICUBIC)
+        if p.flip:
+            img = tf.hflip(img)
+        return tf.normalize(tf.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+    img = img.crop((p.left, p.top, p.left + p.width, p.top + p.height)).resize((size, size), Image.Resampling.BICUBIC)
+    if p.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return _normalize(x)

@@ -1,0 +1,153 @@
+"""Sources (file list, ImageFolder, scan), their one-line errors, and the bad-file report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fastmae.data import (
+    BadFileReport,
+    DataError,
+    file_list_source,
+    folder_scan_source,
+    image_folder_source,
+    open_source,
+)
+
+
+def _touch_images(root: Path, rels: list[str]) -> None:
+    for rel in rels:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")  # sources never decode; content does not matter here
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_file_list_labels_comments_blank_lines(tmp_path):
+    _touch_images(tmp_path, ["a/1.jpg", "b/2.JPEG", "c d/3.png"])
+    lst = tmp_path / "train.txt"
+    lst.write_text("# header\n\na/1.jpg 3\n  b/2.JPEG  \nc d/3.png 0\n")
+    src = file_list_source(tmp_path, lst)
+    assert src.kind == "list"
+    assert src.samples == [
+        (str(tmp_path / "a/1.jpg"), 3),
+        (str(tmp_path / "b/2.JPEG"), -1),
+        (str(tmp_path / "c d/3.png"), 0),
+    ]
+    assert open_source(tmp_path, lst).samples == src.samples
+
+
+def test_file_list_absolute_path_inside_root_is_accepted(tmp_path):
+    _touch_images(tmp_path, ["a.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{tmp_path / 'a.jpg'} 1\n")
+    assert file_list_source(tmp_path, lst).samples == [(str(tmp_path / "a.jpg"), 1)]
+
+
+@pytest.mark.parametrize("line", ["../outside.jpg", "a/../../outside.jpg", "/etc/passwd"])
+def test_file_list_path_escaping_root(tmp_path, line):
+    root = tmp_path / "root"
+    _touch_images(root, ["a.jpg"])
+    _touch_images(tmp_path, ["outside.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"a.jpg\n{line}\n")
+    with pytest.raises(DataError, match="escapes the data root") as err:
+        file_list_source(root, lst)
+    assert f"{lst}:2" in _one_line(err)
+
+
+@pytest.mark.parametrize("line,match", [("a.jpg cat", "bad label 'cat'"), ("a.jpg -3", "must be >= 0")])
+def test_file_list_bad_label(tmp_path, line, match):
+    _touch_images(tmp_path, ["a.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"a.jpg 1\n{line}\n")
+    with pytest.raises(DataError, match=match) as err:
+        file_list_source(tmp_path, lst)
+    assert ":2:" in _one_line(err)
+
+
+def test_file_list_missing_file_is_skipped_and_kept(tmp_path):
+    _touch_images(tmp_path, ["a.jpg", "b.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text("a.jpg 0\ngone.jpg 1\nb.jpg 2\n")
+    src = file_list_source(tmp_path, lst)
+    assert [label for _, label in src.samples] == [0, 2]
+    assert src.missing == [str(tmp_path / "gone.jpg")]
+    # without the up-front check the file stays in the source (the loader reports it when read)
+    assert len(file_list_source(tmp_path, lst, check_files=False)) == 3
+
+
+def test_file_list_all_missing_or_empty(tmp_path):
+    lst = tmp_path / "l.txt"
+    lst.write_text("gone.jpg\n")
+    with pytest.raises(DataError, match="gives no images .1 listed files are missing") as err:
+        file_list_source(tmp_path, lst)
+    _one_line(err)
+    lst.write_text("# nothing\n\n")
+    with pytest.raises(DataError, match="gives no images"):
+        file_list_source(tmp_path, lst)
+    with pytest.raises(DataError, match="does not exist"):
+        file_list_source(tmp_path, tmp_path / "nope.txt")
+
+
+def test_image_folder_sorted_classes_recursive(tmp_path):
+    _touch_images(tmp_path, ["zebra/1.jpg", "ant/x/2.jpg", "ant/1.png", "mole/readme.txt", "top.jpg"])
+    src = image_folder_source(tmp_path)
+    assert src.classes == ["ant", "mole", "zebra"]
+    assert [(os.path.relpath(p, tmp_path), y) for p, y in src.samples] == [
+        ("ant/1.png", 0),
+        ("ant/x/2.jpg", 0),
+        ("zebra/1.jpg", 2),
+    ]
+
+
+def test_folder_scan_recursive_unlabelled(tmp_path):
+    _touch_images(tmp_path, ["b/2.jpg", "a.webp", "b/c/3.tiff", "notes.txt", "b/4.gif"])
+    src = folder_scan_source(tmp_path)
+    assert [os.path.relpath(p, tmp_path) for p in src.paths] == ["a.webp", "b/2.jpg", "b/c/3.tiff"]
+    assert {y for _, y in src.samples} == {-1}
+
+
+def test_open_source_auto(tmp_path):
+    _touch_images(tmp_path / "tree", ["c1/a.jpg", "c2/b.jpg"])
+    _touch_images(tmp_path / "flat", ["a.jpg", "sub/b.jpg"])
+    assert open_source(tmp_path / "tree").kind == "imagefolder"
+    assert open_source(tmp_path / "flat").kind == "scan"
+    with pytest.raises(DataError, match="unknown source kind"):
+        open_source(tmp_path / "flat", kind="lmdb")
+
+
+def test_missing_root_and_empty_source(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as err:
+        open_source(tmp_path / "nope")
+    _one_line(err)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        folder_scan_source(tmp_path / "empty")
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        image_folder_source(tmp_path / "empty")
+    with pytest.raises(DataError, match="no class subfolders"):
+        image_folder_source(tmp_path / "empty" / "cls")
+
+
+def test_bad_file_report_file_dedup_and_resume(tmp_path, caplog):
+    report = BadFileReport(tmp_path / "run")
+    assert report.add("/d/a.jpg", "OSError: broken\ndata")
+    assert not report.add("/d/a.jpg", "again")
+    report.add("/d/b.jpg", "missing")
+    assert report.count == 2 and report.paths == ["/d/a.jpg", "/d/b.jpg"]
+    lines = (tmp_path / "run" / "bad_files.txt").read_text().splitlines()
+    assert lines == ["/d/a.jpg\tOSError: broken data", "/d/b.jpg\tmissing"]
+    assert "skipping unreadable image /d/a.jpg" in caplog.text
+    resumed = BadFileReport(tmp_path / "run")  # a restarted run does not write duplicates
+    assert not resumed.add("/d/a.jpg", "x")
+    assert len((tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == 2
+    assert BadFileReport(tmp_path, rank=1, world_size=2).report_path.name == "bad_files.rank1.txt"

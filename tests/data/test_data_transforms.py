@@ -1,0 +1,119 @@
+"""The MAE augmentation: RandomResizedCrop parameters (torchvision's algorithm), flip, normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, rrc_params, sample_params
+from fastmae.data.transforms import CropParams, augment, to_rgb
+
+try:
+    import torchvision.transforms as T
+
+    HAVE_TV = True
+except Exception:  # missing, or a build that does not match torch
+    HAVE_TV = False
+needs_tv = pytest.mark.skipif(not HAVE_TV, reason="torchvision does not import here")
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (48, 64), (200, 37), (96, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_rrc_params_within_bounds(hw):
+    h, w = hw
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        top, left, ch, cw = rrc_params(h, w, g)
+        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
+        if (ch, cw) != (h, w):  # fallback aside, area and ratio are within the bounds (+ rounding)
+            area = ch * cw / (h * w)
+            ratio = cw / ch
+            assert 0.2 * 0.9 <= area <= 1.0 + 1e-9
+            assert 3 / 4 * 0.85 <= ratio <= 4 / 3 / 0.85
+
+
+def test_rrc_params_fallback_center_crop():
+    g = torch.Generator().manual_seed(0)
+    # 1 x 100: no window of area >= 20 with ratio <= 4/3 fits; fallback clamps the ratio
+    assert rrc_params(1, 100, g) == (0, 49, 1, 1)
+    # 100 x 10: too tall; fallback keeps the width and takes a 4:3-ratio-bound height in the middle
+    assert rrc_params(100, 10, g) == ((100 - 13) // 2, 0, 13, 10)
+    # ratio range containing the image's own ratio: the full image
+    assert rrc_params(10, 10, g, scale=(2.0, 3.0)) == (0, 0, 10, 10)
+
+
+def test_rrc_params_deterministic_and_seed_dependent():
+    a = [rrc_params(375, 500, torch.Generator().manual_seed(s)) for s in range(20)]
+    b = [rrc_params(375, 500, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert a == b and len(set(a)) == 20
+
+
+def test_flip_rate_and_scale_spread():
+    flips, areas = [], []
+    for s in range(2000):
+        p = sample_params(100, 100, torch.Generator().manual_seed(s))
+        flips.append(p.flip)
+        areas.append(p.height * p.width / 1e4)
+    assert 0.45 < np.mean(flips) < 0.55
+    assert min(areas) < 0.25 and max(areas) > 0.95  # the whole (0.2, 1.0) range is used
+
+
+@needs_tv
+def test_params_equal_torchvision():
+    for s in range(200):
+        h, w = 40 + s, 500 - s
+        torch.manual_seed(s)
+        i, j, ch, cw = T.RandomResizedCrop.get_params(torch.empty(3, h, w), (0.2, 1.0), (3 / 4, 4 / 3))
+        flip = bool(torch.rand(1) < 0.5)
+        assert sample_params(h, w, torch.Generator().manual_seed(s)) == CropParams(i, j, ch, cw, flip)
+
+
+def _image(h: int = 48, w: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@needs_tv
+def test_pil_path_equals_torchvision_path():
+    img = _image()
+    for s in range(10):
+        p = sample_params(48, 64, torch.Generator().manual_seed(s))
+        torch.testing.assert_close(
+            augment(img, p, 32, use_torchvision=False), augment(img, p, 32, use_torchvision=True)
+        )
+
+
+def test_augment_crop_flip_normalize():
+    """Identity-sized crop: output is exactly the normalised image, flipped or not."""
+    img = _image(32, 32)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    want = (x - mean) / std
+    out = augment(img, CropParams(0, 0, 32, 32, False), 32, use_torchvision=False)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(augment(img, CropParams(0, 0, 32, 32, True), 32, use_torchvision=False), want.flip(-1))
+    # a crop window: top-left 16 x 8 block upscaled keeps its mean colour
+    sub = augment(img, CropParams(4, 2, 16, 8, False), 16, use_torchvision=False)
+    torch.testing.assert_close(sub.mean((1, 2)), want[:, 4:20, 2:10].mean((1, 2)), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "LA", "RGBA", "P", "I;16", "I", "1"])
+def test_to_rgb_modes(mode):
+    rgb = _image(8, 8)
+    if mode in ("I;16", "I"):
+        a = np.asarray(rgb.convert("L"), dtype=np.uint16) * 256
+        img = Image.fromarray(a) if mode == "I;16" else Image.fromarray(a.astype(np.int32), mode="I")
+        want = np.repeat(np.asarray(rgb.convert("L"))[..., None], 3, -1)
+    else:
+        img = rgb.convert(mode)
+        want = np.asarray(img.convert("RGB"))
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 8)
+    np.testing.assert_array_equal(np.asarray(out), want)
+    if mode in ("I;16", "I"):
+        assert math.isclose(np.asarray(out).mean(), np.asarray(rgb.convert("L")).mean())
