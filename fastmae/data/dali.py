@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections import deque
 from collections.abc import Iterator
 
@@ -82,10 +83,42 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+# start-of-frame markers (baseline, progressive, lossless, ...) carry the image size
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG's frame header, or None where the marker walk fails."""
+    pos, end = 2, len(data) - 9
+    while pos < end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            h, w = struct.unpack_from(">HH", data, pos + 5)
+            return (h, w) if h and w else None
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None
+
+
 def _header_size(data: bytes) -> tuple[int, int]:
-    """``(height, width)`` from the encoded bytes' header; raises on what PIL cannot identify."""
+    """``(height, width)`` from the encoded bytes' header; raises on what PIL cannot identify.
+
+    JPEG frame headers are read directly (a third of PIL's cost, which matters at several
+    thousand images per second on one host thread); anything else goes through PIL.
+    """
     if not data:
         raise OSError("empty file")
+    if data.startswith(_JPEG_SOI):
+        size = _jpeg_size(data)
+        if size is not None:
+            return size
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:

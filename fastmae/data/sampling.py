@@ -21,6 +21,8 @@ restart at any (epoch, step) without decoding the skipped images:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -57,9 +59,11 @@ def substitute_index(seed: int, epoch: int, index: int, attempt: int, n: int) ->
     return sample_seed(seed ^ 0x5EED, epoch, index, attempt) % n
 
 
-def candidates(seed: int, epoch: int, index: int, n: int) -> list[tuple[int, int]]:
-    """``[(attempt, dataset_index), ...]``: the image itself, then its stand-ins, in order."""
-    return [(0, index)] + [(k, substitute_index(seed, epoch, index, k, n)) for k in range(1, MAX_ATTEMPTS)]
+def candidates(seed: int, epoch: int, index: int, n: int) -> Iterator[tuple[int, int]]:
+    """``(attempt, dataset_index)``: the image itself, then its stand-ins, in order (lazily)."""
+    yield 0, index
+    for k in range(1, MAX_ATTEMPTS):
+        yield k, substitute_index(seed, epoch, index, k, n)
 
 
 class EpochPlan:

@@ -46,8 +46,8 @@ def test_sample_seed_and_substitutes_are_pure():
     assert sample_seed(0, 1, 2) == sample_seed(0, 1, 2)
     assert len({sample_seed(0, e, i, a) for e in range(4) for i in range(50) for a in range(3)}) == 600
     assert 0 <= sample_seed(2**70, -1, 5) < 2**63
-    c = candidates(3, 4, 5, 100)
-    assert c[0] == (0, 5) and c == candidates(3, 4, 5, 100) and len({j for _, j in c}) > 10
+    c = list(candidates(3, 4, 5, 100))
+    assert c[0] == (0, 5) and c == list(candidates(3, 4, 5, 100)) and len(c) == 16 and len({j for _, j in c}) > 10
 
 
 def _collect(loader, n_steps=None):

@@ -117,3 +117,21 @@ def test_to_rgb_modes(mode):
     np.testing.assert_array_equal(np.asarray(out), want)
     if mode in ("I;16", "I"):
         assert math.isclose(np.asarray(out).mean(), np.asarray(rgb.convert("L")).mean())
+
+
+@pytest.mark.parametrize("mode,progressive", [("RGB", False), ("RGB", True), ("L", False), ("CMYK", False)])
+def test_jpeg_header_size_equals_pil(mode, progressive):
+    """The DALI feeder reads JPEG sizes from the frame header itself; PIL is the reference."""
+    import io
+
+    from fastmae.data.dali import _header_size
+
+    img = _image(37, 53).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", progressive=progressive, optimize=True, exif=b"Exif\x00\x00" + b"\x00" * 40)
+    assert _header_size(buf.getvalue()) == (37, 53)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    assert _header_size(buf.getvalue()) == (37, 53)
+    with pytest.raises(OSError):
+        _header_size(b"")
