@@ -1,0 +1,141 @@
+"""Resumable training checkpoints: atomic writes, retention, and RNG state as plain tensors.
+
+A checkpoint is a dict of tensors and primitive containers only (config as a dict, RNG states as
+tensors), so it loads with ``torch.load(weights_only=True)``. Files are named by the optimizer step,
+``ckpt-step000001234.pt``; the epoch-end checkpoint of every K-th epoch is named
+``ckpt-epoch0099-step000031200.pt`` and never pruned. Weight conversion (official, Hugging Face)
+lives in :mod:`fastmae.convert`; ``checkpoint["model"]`` is an official-key state dict.
+
+Atomicity: the bytes go to a temporary file in the same folder, are flushed and fsynced, then
+``os.replace``-d over the final name and the folder is fsynced. A crash at any point leaves either
+the old set of checkpoints or the old set plus the complete new one, never a partial ``.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("fastmae.checkpoint")
+
+_NAME = re.compile(r"^ckpt-(?:epoch(\d+)-)?step(\d+)\.pt$")
+TMP_PREFIX = ".tmp-ckpt-"
+
+
+def checkpoint_name(step: int, keep_epoch: int | None = None) -> str:
+    """``ckpt-step{step}.pt``, or ``ckpt-epoch{e}-step{step}.pt`` for one kept forever."""
+    return f"ckpt-step{step:09d}.pt" if keep_epoch is None else f"ckpt-epoch{keep_epoch:04d}-step{step:09d}.pt"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` so that a crash never leaves a partial file under that name."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` of the complete checkpoints in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(2)), p))
+    return sorted(found)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint dict, loaded with ``weights_only=True``."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_latest(
+    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``run_dir`` that loads, or None; an unreadable one is skipped with a warning."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except Exception as e:  # a damaged file (disk full, copied partially): fall back to the one before
+            logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(e).__name__, e)
+    return None
+
+
+def save_checkpoint(
+    state: dict[str, Any], run_dir: str | os.PathLike, step: int, keep_last: int, keep_epoch: int | None = None
+) -> Path:
+    """Write ``state`` atomically as the checkpoint of ``step``, then prune to the last ``keep_last``.
+
+    Checkpoints named with an epoch (``keep_epoch``) are never pruned. Stale temporary files of a
+    crashed earlier write are removed.
+    """
+    run_dir = Path(run_dir)
+    path = atomic_save(state, run_dir / checkpoint_name(step, keep_epoch))
+    rolling = [p for _, p in list_checkpoints(run_dir) if _NAME.match(p.name).group(1) is None and p != path]
+    for p in rolling[: max(0, len(rolling) - (keep_last - (keep_epoch is None)))]:
+        p.unlink(missing_ok=True)
+    for p in run_dir.glob(TMP_PREFIX + "*"):
+        p.unlink(missing_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy and python RNG states as tensors and primitives (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (CUDA only where it was saved and is available)."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])

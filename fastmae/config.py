@@ -1,0 +1,308 @@
+"""The trainer's configuration: one typed dataclass, presets, a JSON config file and the CLI.
+
+Resolution order, later wins: the dataclass defaults (the paper's recipe), the preset, the config
+file (``--config run.json``), then each ``--field value`` on the command line. Every field is a
+flag (``embed_dim`` -> ``--embed-dim``; booleans as ``--flag`` / ``--no-flag``). Bad values raise
+:class:`ConfigError`, whose message is one line fit for ``parser.error`` (exit code 2).
+
+Batch sizes follow timm / MAE: ``batch_size`` is per GPU (per process). The optimizer sees the
+effective batch ``batch_size x world_size x accum_iter``; by default ``accum_iter`` is derived so
+that this equals ``effective_batch`` (4096, the paper's), and ``lr`` defaults to
+``blr x effective_batch / 256``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
+DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``str(err)`` is one line for the CLI."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Defaults are the MAE paper's pre-training recipe (ViT-B/16 shapes)."""
+
+    # run
+    preset: str = _f("demo", "preset applied before the config file and the flags")
+    run_dir: str = _f("", "run directory; '' = runs/<preset> (runs/<preset>-2, ... when that one holds a run)")
+    resume: str = _f("", "'' = fresh run, 'auto' = latest checkpoint of the run directory, or a checkpoint path")
+    seed: int = _f(0, "seed of the initialisation, data order, augmentation and masking noise")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = the whole schedule); the schedule is unchanged")
+
+    # model (MaskedAutoencoderViT arguments)
+    img_size: int = _f(224, "input side in pixels")
+    patch_size: int = _f(16, "patch side in pixels")
+    embed_dim: int = _f(768, "encoder width")
+    depth: int = _f(12, "encoder blocks")
+    num_heads: int = _f(12, "encoder heads")
+    decoder_embed_dim: int = _f(512, "decoder width")
+    decoder_depth: int = _f(8, "decoder blocks")
+    decoder_num_heads: int = _f(16, "decoder heads")
+    mlp_ratio: float = _f(4.0, "MLP hidden size over the width")
+    norm_pix_loss: bool = _f(True, "normalise each target patch by its mean and std")
+    mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+
+    # speed
+    device: str = _f("auto", "'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'")
+    precision: str = _f("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+ GradScaler) or fp32")
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
+    attn_backend: str = _f("auto", "attention: auto, sdpa, xformers or math (math = plain fp32-softmax reference)")
+
+    # data
+    data_path: str = _f("", "image root (ImageFolder tree, folder of images, or the root of --data-list)")
+    data_list: str = _f("", "file list, one 'relative/path [label]' per line")
+    data_backend: str = _f("auto", "auto (dali on CUDA when installed, else torch), dali, torch or synthetic")
+    num_workers: int = _f(8, "DataLoader workers or DALI threads per process")
+    demo_images: int = _f(0, "images generated for the demo when --data-path is '' (demo preset)")
+
+    # optimization
+    epochs: int = _f(800, "training epochs")
+    warmup_epochs: float = _f(40.0, "linear warm-up epochs, then half-cycle cosine to min_lr")
+    batch_size: int = _f(64, "images per GPU (per process) per micro-step")
+    effective_batch: int = _f(4096, "images per optimizer step over all GPUs; 0 = batch_size x world (no accumulation)")
+    accum_iter: int = _f(0, "micro-steps per optimizer step; 0 = derived from effective_batch")
+    blr: float = _f(1.5e-4, "base learning rate: lr = blr x effective batch / 256")
+    lr: float | None = _f(None, "absolute learning rate (overrides blr)")
+    min_lr: float = _f(0.0, "floor of the cosine schedule")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on norms, biases)")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas", nargs=2)
+
+    # progress, checkpoints, pictures
+    log_every: int = _f(20, "optimizer steps between log lines (the only host syncs of the loop)")
+    ckpt_every_steps: int = _f(1000, "optimizer steps between checkpoints (also one at every epoch end)")
+    keep_last: int = _f(3, "rolling checkpoints kept")
+    keep_every_epochs: int = _f(100, "also keep the epoch-end checkpoint every K epochs forever (0 = none)")
+    vis_every_epochs: int = _f(20, "reconstruction grid every N epochs and at the end (0 = only at the end)")
+    vis_samples: int = _f(8, "rows of the reconstruction grid")
+    progress: bool = _f(True, "tqdm progress bar (rank 0)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+_PAPER = dict(epochs=800, warmup_epochs=40.0, batch_size=64, effective_batch=4096, blr=1.5e-4, img_size=224)
+
+
+# The paper presets are written out (not read from the factories at import time, which would build
+# three large models); a test checks they equal the factories.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": dict(
+        # a tiny MAE on 64 px images of the generated demo set: a few minutes on 2 CPU cores
+        img_size=64,
+        patch_size=8,
+        embed_dim=128,
+        depth=4,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        demo_images=1280,
+        epochs=5,
+        warmup_epochs=1.0,
+        batch_size=64,
+        effective_batch=0,
+        blr=6e-3,
+        num_workers=1,
+        vis_samples=6,
+        log_every=4,
+        ckpt_every_steps=50,
+        keep_last=2,
+        keep_every_epochs=0,
+        vis_every_epochs=1,
+    ),
+    "mae_vit_base_patch16": dict(
+        _PAPER, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8
+    ),
+    "mae_vit_large_patch16": dict(
+        _PAPER, patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8
+    ),
+    "mae_vit_huge_patch14": dict(
+        _PAPER, patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8
+    ),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool_or_none(v: Any) -> bool | None:
+    return v if v is None or isinstance(v, bool) else bool(v)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": bool,
+        "bool | None": bool,
+        "float | None": float,
+        "tuple[float, float]": float,
+    }[str(f.type)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one flag per :class:`Config` field; unset flags stay out of the namespace."""
+    presets = "\n".join(
+        f"  {name:24s} " + ", ".join(f"{k}={v}" for k, v in p.items() if k in ("img_size", "patch_size", "embed_dim"))
+        for name, p in PRESETS.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmae.train",
+        description="MAE pre-training. With no arguments: the demo preset on a generated image set.",
+        epilog=f"presets (--preset NAME; see fastmae/config.py for all their values):\n{presets}\n\n"
+        "multi-GPU: torchrun --nproc_per_node 8 -m fastmae.train --preset mae_vit_base_patch16 --data-path ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of field values")
+    for name, f in FIELDS.items():
+        default = f.default
+        help_ = f"{f.metadata['help']} (default: {'auto' if default is None and _field_type(f) is bool else default})"
+        if name == "preset":
+            parser.add_argument(_flag(name), choices=list(PRESETS), metavar="NAME", help=help_)
+        elif _field_type(f) is bool:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            choices = {"precision": PRECISIONS, "attn_backend": ATTN_BACKENDS, "data_backend": DATA_BACKENDS}.get(name)
+            nargs = f.metadata.get("nargs")
+            parser.add_argument(_flag(name), type=_field_type(f), choices=choices, nargs=nargs, help=help_)
+    return parser
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Field values from a JSON (or, with pyyaml installed, YAML) file; a saved ``config.json`` works."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{p}: YAML config files need pyyaml (pip install pyyaml); JSON works without") from None
+        values = yaml.safe_load(text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{p}: expected a mapping of field names to values")
+    values = {k.replace("-", "_"): v for k, v in values.items() if k != "resolved"}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)}")
+    return values
+
+
+def make_config(overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset <- ``overrides`` (the preset named in ``overrides`` or ``demo``); not validated."""
+    overrides = dict(overrides or {})
+    preset = overrides.get("preset", "demo")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    if "betas" in values:
+        values["betas"] = tuple(float(b) for b in values["betas"])
+    for name in ("compile", "fused"):
+        if name in values:
+            values[name] = _parse_bool_or_none(values[name])
+    return Config(**values)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """The config from the command line (``argv=None``: ``sys.argv[1:]``); exits 2 with one line on a bad value."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    try:
+        file_values = read_config_file(args.pop("config")) if "config" in args else {}
+        if "preset" in args:
+            file_values.pop("preset", None)
+        cfg = make_config({**file_values, **args})
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` on values that cannot run (data paths are checked by the trainer)."""
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
+    if cfg.img_size % cfg.patch_size:
+        raise ConfigError(f"image size {cfg.img_size} is not divisible by the patch size {cfg.patch_size}")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ConfigError(f"mask ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) < 1:
+        raise ConfigError(f"mask ratio {cfg.mask_ratio} keeps no patch of a {cfg.img_size} px image")
+    for name, dim, heads in (
+        ("", cfg.embed_dim, cfg.num_heads),
+        ("decoder_", cfg.decoder_embed_dim, cfg.decoder_num_heads),
+    ):
+        if heads < 1 or dim % heads:
+            raise ConfigError(f"{name}embed_dim {dim} is not divisible by {name}num_heads {heads}")
+    for name in ("batch_size", "epochs", "log_every", "ckpt_every_steps", "keep_last"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise ConfigError(f"warmup_epochs must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
+    accum_iter(cfg, world_size)
+    if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
+        raise ConfigError(f"resume checkpoint {cfg.resume} does not exist (use --resume auto for the latest)")
+    for name in ("data_path", "data_list"):
+        path = getattr(cfg, name)
+        if path and not os.path.exists(path):
+            raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")
+    if not cfg.data_path and cfg.data_backend != "synthetic" and cfg.preset != "demo":
+        raise ConfigError(f"preset {cfg.preset} needs --data-path (only the demo preset generates its own images)")
+
+
+def accum_iter(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step: ``cfg.accum_iter`` if set, else effective_batch / (batch_size x world)."""
+    per_step = cfg.batch_size * world_size
+    if cfg.accum_iter:
+        return cfg.accum_iter
+    if cfg.effective_batch == 0:
+        return 1
+    if cfg.effective_batch % per_step:
+        raise ConfigError(
+            f"effective batch {cfg.effective_batch} is not divisible by batch_size {cfg.batch_size} x "
+            f"{world_size} process(es) = {per_step}; change --batch-size, --effective-batch or --accum-iter"
+        )
+    return cfg.effective_batch // per_step
+
+
+def effective_batch(cfg: Config, world_size: int) -> int:
+    """Images per optimizer step over all processes."""
+    return cfg.batch_size * world_size * accum_iter(cfg, world_size)
+
+
+def learning_rate(cfg: Config, world_size: int) -> float:
+    """Peak learning rate: ``cfg.lr``, else the paper's linear scaling ``blr x effective batch / 256``."""
+    return cfg.lr if cfg.lr is not None else cfg.blr * effective_batch(cfg, world_size) / 256

@@ -1,0 +1,66 @@
+"""Run metrics: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard when it imports.
+
+Written by rank 0 only. On resume the records after the checkpoint's step are dropped first, so the
+file of an interrupted and resumed run reads like the file of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a torn last line, from a kill mid-write, is ignored)."""
+    records = []
+    p = Path(path)
+    if not p.is_file():
+        return records
+    for line in p.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsLog:
+    """Appends records to ``run_dir/metrics.jsonl`` (flushed per record) and to TensorBoard.
+
+    Args:
+        run_dir: the run directory.
+        resume_step: keep the existing records up to this step (None: start the file afresh).
+        tensorboard: also write ``run_dir/tb`` when ``torch.utils.tensorboard`` imports.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self.tb = _tensorboard_writer(Path(run_dir) / "tb") if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,479 @@
+"""MAE pre-training: ``python -m fastmae.train`` (one process) or ``torchrun ... -m fastmae.train``.
+
+With no arguments it runs the ``demo`` preset: a tiny MAE on an image set generated on first use
+(real JPEGs through the real loader), a few minutes on a laptop CPU. ``--help`` lists the presets
+and every field of :class:`fastmae.config.Config`.
+
+The loop, in order of what matters for speed: the loaders prefetch (DataLoader workers or DALI,
+pinned memory and non-blocking copies on CUDA); the model runs the fused Triton path under bf16
+autocast and ``torch.compile``; AdamW is fused; the loss is accumulated on the device and read
+back (``.item()``-like host syncs) only at log steps. A non-finite loss is caught at the next log
+step, before any checkpoint could save poisoned weights.
+
+Determinism: a step's images and masking noise depend only on (seed, step), not on the number
+of processes or accumulation steps, so ``4 GPUs x 64 x accum 2`` trains on exactly what
+``1 GPU x 512`` would, and a resumed run continues the very same sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from fastmae import checkpoint as ckpt
+from fastmae import distributed
+from fastmae.attention import AttentionBackendError, resolve_backend
+from fastmae.config import Config, ConfigError, accum_iter, learning_rate, parse_config
+from fastmae.data import DataError, build_loader, dali_available, make_demo_dataset, open_source, sample_seed
+from fastmae.log import MetricsLog
+from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay
+
+EXIT_BAD_CONFIG = 2
+EXIT_NONFINITE = 3
+PROG = "python -m fastmae.train"
+_NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the message names the step, the last good checkpoint and a hint."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run left behind."""
+
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    metrics: Path
+    pictures: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------- recipe
+
+
+def lr_at(epoch: float, peak_lr: float, cfg: Config) -> float:
+    """The reference's ``adjust_learning_rate``: linear warm-up, then half-cycle cosine to ``min_lr``.
+
+    ``epoch`` is fractional (epoch + step / steps_per_epoch), so the schedule moves every step.
+    """
+    if epoch < cfg.warmup_epochs:
+        return peak_lr * epoch / cfg.warmup_epochs
+    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-12)
+    return cfg.min_lr + (peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def masking_noise(gen: torch.Generator, seed: int, step: int, rows: int, num_patches: int) -> torch.Tensor:
+    """The masking noise ``(rows, L)`` of optimizer step ``step`` for the whole effective batch.
+
+    Drawn from a generator seeded by (seed, step) and sliced per micro-step and rank by the caller,
+    so the masks do not depend on the world size or the accumulation, and a resumed run draws the
+    same noise as one that never stopped. Seeding is host-side: no sync.
+    """
+    gen.manual_seed(sample_seed(seed ^ _NOISE_SALT, step, 0))
+    return torch.rand(rows, num_patches, generator=gen, device=gen.device)
+
+
+def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
+    """The MAE of ``cfg``, initialised from ``cfg.seed`` (the same on every rank)."""
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    if fused and device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors run interpreted
+    torch.manual_seed(cfg.seed)
+    model = MaskedAutoencoderViT(
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        decoder_embed_dim=cfg.decoder_embed_dim,
+        decoder_depth=cfg.decoder_depth,
+        decoder_num_heads=cfg.decoder_num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+        attn_backend=resolve_backend(cfg.attn_backend, device),
+        fused=fused,
+    )
+    return model.to(device)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on CUDA and fp32 (None) on CPU unless ``cfg.precision`` says otherwise."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def cache_dir() -> Path:
+    """``$FASTMAE_CACHE``, else ``$XDG_CACHE_HOME/fastmae``, else ``~/.cache/fastmae``."""
+    if os.environ.get("FASTMAE_CACHE"):
+        return Path(os.environ["FASTMAE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastmae"
+
+
+def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any, str, list[str]]:
+    """(loader, backend name, paths of the images shown in the reconstruction grids)."""
+    backend = cfg.data_backend
+    if backend == "auto":
+        backend = "dali" if env.device.type == "cuda" and dali_available() else "torch"
+    if backend == "synthetic":
+        source = None
+    elif cfg.data_path:
+        source = open_source(cfg.data_path, cfg.data_list or None)
+    else:  # the demo builds its own image set once, in the user's cache
+        root = cache_dir() / f"demo-{cfg.demo_images}"
+        if env.is_main:
+            if not (root / "fastmae_demo.json").is_file():
+                print(f"generating {cfg.demo_images} demo images in {root} (once)", flush=True)
+            make_demo_dataset(root, n_images=cfg.demo_images, size=96, seed=0)
+        distributed.barrier()
+        source = open_source(root)
+    loader = build_loader(
+        backend,
+        source,
+        batch_size=cfg.batch_size,
+        image_size=cfg.img_size,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+        dtype=torch.float32,
+        num_workers=cfg.num_workers,
+        report_dir=run_dir if env.is_main else None,
+    )
+    vis_paths = []
+    if source is not None and cfg.vis_samples:
+        n = min(cfg.vis_samples, len(source))
+        vis_paths = [source.samples[i * len(source) // n][0] for i in range(n)]
+    return loader, backend, vis_paths
+
+
+# ------------------------------------------------------------------------------------------ run dir
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """``cfg.run_dir``, else ``runs/<preset>`` (or the first free ``runs/<preset>-N``; with
+    ``--resume auto`` the newest of them that holds a checkpoint)."""
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        if not cfg.resume and ckpt.list_checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
+        return run_dir
+    base = Path("runs") / cfg.preset
+    candidates = [base] + sorted(base.parent.glob(f"{base.name}-*"), key=lambda p: p.stat().st_mtime)
+    if cfg.resume == "auto":
+        with_ckpt = [p for p in candidates if ckpt.list_checkpoints(p)]
+        if with_ckpt:
+            return max(with_ckpt, key=lambda p: ckpt.list_checkpoints(p)[-1][1].stat().st_mtime)
+    n = 1
+    while ckpt.list_checkpoints(base if n == 1 else Path(f"{base}-{n}")):
+        n += 1
+    return base if n == 1 else Path(f"{base}-{n}")
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training that ``cfg`` describes; raises ConfigError / DataError / NonFiniteLoss."""
+    env = distributed.init_distributed(cfg.device)
+    device, main = env.device, env.is_main
+    accum = accum_iter(cfg, env.world_size)
+    eff_batch = cfg.batch_size * env.world_size * accum
+    peak_lr = learning_rate(cfg, env.world_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    run_dir = Path(distributed.broadcast_object(str(resolve_run_dir(cfg)) if main else None))
+    resume_path = None
+    if cfg.resume == "auto":
+        found = ckpt.list_checkpoints(run_dir)
+        resume_path = found[-1][1] if found else None
+    elif cfg.resume:
+        resume_path = Path(cfg.resume)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    loader, backend, vis_paths = open_data(cfg, env, run_dir)
+    opt_steps_per_epoch = len(loader) // accum
+    if opt_steps_per_epoch == 0:
+        raise DataError(
+            f"one epoch has {len(loader)} batches of {cfg.batch_size} per process, fewer than the "
+            f"{accum} micro-steps of one optimizer step (effective batch {eff_batch})"
+        )
+    total_steps = cfg.epochs * opt_steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    model = build_model(cfg, device)
+    dtype = amp_dtype(cfg, device)
+    optimizer = torch.optim.AdamW(
+        param_groups_weight_decay(model, cfg.weight_decay),
+        lr=peak_lr,
+        betas=cfg.betas,
+        fused=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step = 0
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path, map_location=device) if resume_path.is_file() else None
+        if state is None:  # the newest did not load (damaged): fall back to the one before
+            loaded = ckpt.load_latest(run_dir, map_location=device)
+            if loaded is None:
+                raise ConfigError(f"no loadable checkpoint in {run_dir}")
+            resume_path, state = loaded
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])  # refuses a different data order (seed, batch, world)
+        ckpt.set_rng_state(state["rng"])
+        step = int(state["step"])
+        del state
+    elif cfg.resume == "auto" and main:
+        print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
+
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    fwd_model: torch.nn.Module = torch.compile(model) if compiled else model
+    if env.enabled:
+        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log = None
+    if main:
+        resolved = dict(
+            world_size=env.world_size,
+            device=str(device),
+            accum_iter=accum,
+            effective_batch=eff_batch,
+            lr=peak_lr,
+            precision=str(dtype or "fp32"),
+            compile=compiled,
+            fused=sorted(model.fused),
+            attn_backend=model.attn_backend,
+            data_backend=backend,
+            steps_per_epoch=opt_steps_per_epoch,
+            total_steps=total_steps,
+        )
+
+        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+        log = MetricsLog(run_dir, resume_step=step if resume_path else None)
+        what = f"resuming {resume_path} at step {step}" if resume_path else "fresh run"
+        print(
+            f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
+            f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
+            f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
+            f"{resolved['precision']}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={model.attn_backend}, "
+            f"data={backend}; {what}; run dir {run_dir}",
+            flush=True,
+        )
+
+    vis_images = None
+    if main and vis_paths:
+        from fastmae.visualize import load_images
+
+        vis_images = load_images(vis_paths, cfg.img_size).to(device)
+        vis_noise = torch.rand(len(vis_paths), model.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
+
+    def save_pictures(tag: str) -> Path | None:
+        if vis_images is None:
+            return None
+        from fastmae.visualize import save_reconstruction_grid
+
+        path = run_dir / f"recon-{tag}.png"
+        title = f"{cfg.preset}, {tag}, step {step}"
+        save_reconstruction_grid(model, vis_images, path, cfg.mask_ratio, vis_noise.to(device), title=title)
+        return path
+
+    result = TrainResult(run_dir=run_dir, step=step, checkpoint=resume_path, metrics=run_dir / "metrics.jsonl")
+    noise_gen = torch.Generator(device=device)
+    num_patches = model.num_patches
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    B, world, rank = cfg.batch_size, env.world_size, env.rank
+
+    # device-side interval stats: summed loss, count of non-finite losses, first bad step
+    loss_sum = torch.zeros((), device=device)
+    n_bad = torch.zeros((), device=device)
+    first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
+    micro_in_interval = 0
+    t_interval, step_interval = time.perf_counter(), step
+    t_start = time.time()
+
+    def flush_interval(epoch_f: float, lr: float) -> float:
+        """The one host sync of the loop: check finiteness, log the interval's mean loss."""
+        nonlocal loss_sum, n_bad, micro_in_interval, t_interval, step_interval
+        stats = distributed.all_reduce_sum(torch.stack([loss_sum, n_bad])).tolist()
+        if stats[1] > 0:
+            if env.enabled:
+                torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+            last = result.checkpoint
+            raise NonFiniteLoss(
+                f"non-finite loss at step {int(first_bad.item())} (found at the log step {step}); "
+                f"last good checkpoint: {last if last else 'none yet'}"
+                f"{' (continue with --resume auto)' if last else ''}. "
+                "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 or --attn-backend math "
+                "(fp32 attention), or --no-compile"
+            )
+        loss = stats[0] / (micro_in_interval * world)
+        now = time.perf_counter()
+        img_s = (step - step_interval) * eff_batch / max(now - t_interval, 1e-9)
+        if main:
+            record = dict(
+                step=step, epoch=round(epoch_f, 4), loss=loss, lr=lr, img_s=round(img_s, 1), time=time.time() - t_start
+            )
+            log.write(record)
+            result.losses.append(loss)
+            pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
+            if not cfg.progress:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        loss_sum.zero_(), n_bad.zero_()
+        micro_in_interval, t_interval, step_interval = 0, now, step
+        return loss
+
+    pbar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (main and cfg.progress),
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stdout,
+    )
+    model.train()
+    epoch = step // opt_steps_per_epoch
+    try:
+        while step < total_steps:
+            start_micro = (step % opt_steps_per_epoch) * accum
+            loader.set_epoch(epoch, start_step=start_micro)
+            micro = start_micro
+            for images, _ in loader:
+                j = micro % accum
+                if j == 0:
+                    epoch_f = epoch + micro / len(loader)
+                    lr = lr_at(epoch_f, peak_lr, cfg)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    noise = masking_noise(noise_gen, cfg.seed, step, eff_batch, num_patches)
+                rows = (j * world + rank) * B  # this micro-batch's rows of the effective batch
+                last_micro = j == accum - 1
+                sync = nullcontext() if last_micro or not env.enabled else fwd_model.no_sync()
+                with sync:
+                    with autocast:
+                        loss, _, _ = fwd_model(images, mask_ratio=cfg.mask_ratio, noise=noise[rows : rows + B])
+                    scaler.scale(loss / accum).backward()
+                loss = loss.detach().float()
+                finite = torch.isfinite(loss)
+                loss_sum += torch.where(finite, loss, 0.0)
+                n_bad += (~finite).float()
+                first_bad.copy_(torch.where(finite, first_bad, first_bad.clamp_max(step + 1)))
+                micro += 1
+                micro_in_interval += 1
+                if not last_micro:
+                    continue
+
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                pbar.update(1)
+                epoch_end = step % opt_steps_per_epoch == 0
+                save = step % cfg.ckpt_every_steps == 0 or epoch_end or step == total_steps
+                if save or step % cfg.log_every == 0:
+                    flush_interval(epoch + micro / len(loader), lr)
+                if save:
+                    keep = (
+                        epoch
+                        if epoch_end and cfg.keep_every_epochs and (epoch + 1) % cfg.keep_every_epochs == 0
+                        else None
+                    )
+                    if main:
+                        state = {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "step": step,
+                            "epoch": epoch,
+                            "loader": loader.state_dict(),
+                            "rng": ckpt.rng_state(),
+                            "config": cfg.to_dict(),
+                            "world_size": world,
+                        }
+                        result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
+                    else:
+                        result.checkpoint = run_dir / ckpt.checkpoint_name(step, keep)
+                if main and (
+                    step == total_steps
+                    or (epoch_end and cfg.vis_every_epochs and (epoch + 1) % cfg.vis_every_epochs == 0)
+                ):
+                    pic = save_pictures(f"epoch{epoch:04d}" if epoch_end else f"step{step:09d}")
+                    if pic:
+                        result.pictures.append(pic)
+                if epoch_end or step == total_steps:
+                    break
+            epoch += 1
+    finally:
+        pbar.close()
+        if log is not None:
+            log.close()
+        if hasattr(loader, "close"):
+            loader.close()
+    result.step = step
+    return result
+
+
+def _summary(result: TrainResult, seconds: float) -> str:
+    losses = result.losses
+    lines = [
+        f"done: step {result.step} in {seconds / 60:.1f} min"
+        + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if len(losses) > 1 else ""),
+        f"  run dir     {result.run_dir}",
+        f"  checkpoint  {result.checkpoint}",
+        f"  metrics     {result.metrics}",
+        f"  config      {result.run_dir / 'config.json'}",
+    ]
+    if result.pictures:
+        lines.append(
+            f"  pictures    {result.pictures[-1]}"
+            + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
+        )
+    lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto --epochs N")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 done, 2 bad configuration or data, 3 non-finite loss)."""
+    cfg = parse_config(argv)  # exits 2 with a one-line message on a bad flag
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    t0 = time.time()
+    try:
+        result = train(cfg)
+    except (ConfigError, DataError, AttentionBackendError) as e:
+        if is_main:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except NonFiniteLoss as e:
+        if is_main:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        distributed.cleanup()
+    if is_main:
+        print(_summary(result, time.time() - t0), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

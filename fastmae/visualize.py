@@ -1,0 +1,157 @@
+"""Reconstruction grids: what the MAE sees and what it fills in, as a PNG (PIL only).
+
+One row per image, four columns: original | masked (the visible patches) | reconstruction (the
+prediction at every patch) | reconstruction with the visible patches pasted in.
+
+With ``norm_pix_loss`` the model predicts each patch normalised by that patch's own mean and std,
+which it cannot know for a removed patch. The MAE demo un-normalises with the target patch's own
+statistics, which leaks the hidden patch's mean colour and contrast into the picture. Here each
+removed patch is un-normalised with statistics of the *visible* patches only: the mean and std of
+the visible patches around it, weighted by a Gaussian of the distance in patches
+(:func:`visible_patch_stats`). The picture then shows only what the model can infer from what it
+sees. Visible patches keep their own statistics (the model sees them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+
+COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def load_images(paths: Sequence[str | os.PathLike], size: int) -> torch.Tensor:
+    """Center-cropped, resized (bicubic), ImageNet-normalised images ``(N, 3, size, size)`` float32."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        out.append((x - mean) / std)
+    return torch.stack(out)
+
+
+def _patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    N, C, H, W = imgs.shape
+    x = imgs.reshape(N, C, H // p, p, W // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(N, (H // p) * (W // p), p * p * C)
+
+
+def _unpatchify(x: torch.Tensor, p: int, C: int = 3) -> torch.Tensor:
+    N, L, _ = x.shape
+    h = int(L**0.5)
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(N, h, h, p, p, C))
+    return x.reshape(N, C, h * p, h * p)
+
+
+def visible_patch_stats(
+    imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, sigma: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std estimated from the visible patches only.
+
+    Args:
+        imgs: ``(N, C, H, W)``.
+        mask: ``(N, L)``, 1 = removed.
+        patch_size: ``P``.
+        sigma: width of the Gaussian distance weighting, in patches.
+
+    Returns:
+        mean, std ``(N, L, 1)``: a visible patch's own statistics; for a removed patch the
+        Gaussian-weighted average of the visible patches' (the norm-pix loss's unbiased variance).
+    """
+    target = _patchify(imgs.float(), patch_size)
+    mean = target.mean(-1)
+    std = (target.var(-1) + 1e-6).sqrt()
+    h = int(mask.shape[1] ** 0.5)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(h), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], -1).float().to(imgs.device)
+    weights = torch.exp(-(torch.cdist(pos, pos) ** 2) / (2 * sigma**2))  # (L, L)
+    visible = 1.0 - mask.float()
+    norm = (visible @ weights).clamp_min(1e-12)  # weights are symmetric
+    est_mean = ((visible * mean) @ weights) / norm
+    est_std = ((visible * std) @ weights) / norm
+    keep = visible.bool()
+    return torch.where(keep, mean, est_mean).unsqueeze(-1), torch.where(keep, std, est_std).unsqueeze(-1)
+
+
+def unnormalize_pred(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Norm-pix predictions ``(N, L, P*P*C)`` back to image space with :func:`visible_patch_stats`."""
+    mean, std = visible_patch_stats(imgs, mask, patch_size)
+    return pred.float() * std + mean
+
+
+def _to_uint8(imgs: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (imgs.float().cpu() * std + mean).clamp(0, 1)
+    return (x * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def reconstruction_grid(
+    model: torch.nn.Module,
+    imgs: torch.Tensor,
+    mask_ratio: float = 0.75,
+    noise: torch.Tensor | None = None,
+    min_side: int = 160,
+    title: str = "",
+) -> Image.Image:
+    """The four-column grid for ``imgs`` ``(N, 3, S, S)`` (ImageNet-normalised) as a PIL image.
+
+    ``model`` is a :class:`~fastmae.model.MaskedAutoencoderViT` (unwrapped); it runs in fp32 on the
+    images' device. Small images are scaled up by an integer factor (nearest) to ``min_side``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    finally:
+        model.train(was_training)
+    p = model.patch_size
+    pred = unnormalize_pred(pred, imgs, mask, p) if model.norm_pix_loss else pred.float()
+    recon = _unpatchify(pred, p)
+    mask_px = _unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, p * p * 3), p)
+    grey = torch.zeros_like(imgs)  # 0 in normalised space: the data set's mean colour
+    masked = imgs * (1 - mask_px) + grey * mask_px
+    pasted = imgs * (1 - mask_px) + recon * mask_px
+    columns = [_to_uint8(x) for x in (imgs, masked, recon, pasted)]
+
+    n, s = imgs.shape[0], imgs.shape[-1]
+    scale = max(1, -(-min_side // s))
+    cell, gap, head = s * scale, 4, 22 + (18 if title else 0)
+    grid = Image.new("RGB", (4 * cell + 5 * gap, head + n * (cell + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((gap, 4), title, fill=(0, 0, 0))
+    for c, name in enumerate(COLUMNS):
+        draw.text((gap + c * (cell + gap) + 2, head - 16), name, fill=(0, 0, 0))
+    for r in range(n):
+        for c, col in enumerate(columns):
+            tile = Image.fromarray(col[r]).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (gap + c * (cell + gap), head + r * (cell + gap)))
+    return grid
+
+
+def save_reconstruction_grid(
+    model: torch.nn.Module,
+    imgs: torch.Tensor,
+    path: str | os.PathLike,
+    mask_ratio: float = 0.75,
+    noise: torch.Tensor | None = None,
+    title: str = "",
+) -> Path:
+    """Write :func:`reconstruction_grid` as a PNG (via a temporary file, so a reader never sees half)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    reconstruction_grid(model, imgs, mask_ratio, noise, title=title).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

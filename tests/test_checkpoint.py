@@ -1,0 +1,108 @@
+"""Checkpoint files: atomic writes survive a crash mid-write, retention, RNG state round trip."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastmae import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(step: int, n: int = 1000) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"model": {"w": torch.randn(n, generator=g)}, "step": step, "config": {"preset": "demo", "lr": None}}
+
+
+def test_crash_during_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(_state(1), tmp_path, step=1, keep_last=3)
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(_state(2), tmp_path, step=2, keep_last=3)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-step000000001.pt"]  # the temporary file is gone
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], _state(1)["model"]["w"])
+
+
+def test_sigkill_during_write_leaves_the_previous_checkpoint(tmp_path):
+    """A process killed while it writes a (large) checkpoint: the previous one is still the latest."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from fastmae import checkpoint as ckpt
+        ckpt.save_checkpoint({{"w": torch.ones(10), "step": 1}}, {str(tmp_path)!r}, step=1, keep_last=3)
+        real_save = torch.save
+
+        class KillMidway:  # a file that dies after 4 MB of a 40 MB checkpoint
+            def __init__(self, f): self.f, self.n = f, 0
+            def write(self, b):
+                self.n += len(b)
+                if self.n > 4_000_000:
+                    self.f.write(bytes(b)[: len(b) // 2])
+                    self.f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return self.f.write(b)
+            def __getattr__(self, name): return getattr(self.f, name)
+
+        torch.save = lambda obj, f: real_save(obj, KillMidway(f))
+        ckpt.save_checkpoint({{"w": torch.randn(10_000_000), "step": 2}}, {str(tmp_path)!r}, step=2, keep_last=3)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+    assert leftovers and leftovers[0].stat().st_size > 1_000_000  # it really died mid-write
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == "ckpt-step000000001.pt" and state["step"] == 1
+    ckpt.save_checkpoint({"step": 3}, tmp_path, step=3, keep_last=3)  # the next save sweeps the debris
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+
+
+def test_retention_keeps_the_last_n_and_every_kth_epoch(tmp_path):
+    for step in range(1, 8):
+        keep_epoch = step if step in (2, 4) else None  # epoch checkpoints are kept forever
+        ckpt.save_checkpoint({"step": step}, tmp_path, step=step, keep_last=2, keep_epoch=keep_epoch)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "ckpt-epoch0002-step000000002.pt",
+        "ckpt-epoch0004-step000000004.pt",
+        "ckpt-step000000006.pt",
+        "ckpt-step000000007.pt",
+    ]
+    assert ckpt.list_checkpoints(tmp_path)[-1][0] == 7
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path):
+    ckpt.save_checkpoint({"step": 1}, tmp_path, step=1, keep_last=3)
+    (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"not a checkpoint")
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["step"] == 1
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.random(), np.random.randn(), torch.rand(1)
+    ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.randn(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "rng.pt")["rng"])  # weights_only=True
+    assert random.random() == expected[0]
+    assert np.random.randn() == expected[1]
+    assert torch.equal(torch.rand(3), expected[2])

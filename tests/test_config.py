@@ -1,0 +1,105 @@
+"""Config: the paper's recipe as defaults, presets = the model factories, CLI/file overrides, bad values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmae.config import PRESETS, Config, accum_iter, effective_batch, learning_rate, make_config, parse_config
+from fastmae.model import MODELS
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = make_config({"preset": "mae_vit_large_patch16"})
+    assert cfg.betas == (0.9, 0.95) and cfg.weight_decay == 0.05 and cfg.blr == 1.5e-4
+    assert cfg.epochs == 800 and cfg.warmup_epochs == 40 and cfg.mask_ratio == 0.75 and cfg.norm_pix_loss
+    assert cfg.effective_batch == 4096 and cfg.batch_size == 64
+    assert accum_iter(cfg, world_size=8) == 8  # the seed's 8 GPUs x 64 x accum 8
+    assert effective_batch(cfg, 8) == 4096
+    assert learning_rate(cfg, 8) == pytest.approx(1.5e-4 * 4096 / 256)
+    assert learning_rate(make_config({"preset": "mae_vit_large_patch16", "lr": 1e-3}), 8) == 1e-3
+
+
+@pytest.mark.parametrize("name", ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"])
+def test_paper_presets_match_the_model_factories(name):
+    with torch.device("meta"):
+        m = MODELS[name]()
+    cfg = make_config({"preset": name})
+    assert cfg.patch_size == m.patch_size and cfg.img_size == m.patch_embed.img_size[0]
+    assert cfg.embed_dim == m.cls_token.shape[-1] and cfg.depth == len(m.blocks)
+    assert cfg.num_heads == m.blocks[0].attn.num_heads
+    assert cfg.decoder_embed_dim == m.mask_token.shape[-1] and cfg.decoder_depth == len(m.decoder_blocks)
+    assert cfg.decoder_num_heads == m.decoder_blocks[0].attn.num_heads
+    assert cfg.mlp_ratio == m.blocks[0].mlp.fc1.out_features / cfg.embed_dim
+
+
+def test_cli_overrides_every_kind_of_field(tmp_path):
+    cfg = parse_config(
+        [
+            "--preset",
+            "demo",
+            "--depth",
+            "2",
+            "--blr",
+            "1e-3",
+            "--no-norm-pix-loss",
+            "--compile",
+            "--betas",
+            "0.8",
+            "0.9",
+        ]
+    )
+    assert (cfg.depth, cfg.blr, cfg.norm_pix_loss, cfg.compile, cfg.betas) == (2, 1e-3, False, True, (0.8, 0.9))
+    assert cfg.embed_dim == PRESETS["demo"]["embed_dim"] and cfg.fused is None  # untouched: preset / auto
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"preset": "demo", "depth": 3, "seed": 7, "resolved": {"lr": 1.0}}))
+    cfg = parse_config(["--config", str(path), "--seed", "8"])
+    assert (cfg.depth, cfg.seed) == (3, 8)
+    saved = tmp_path / "saved.json"  # a saved config reads back to the same Config
+    saved.write_text(json.dumps(cfg.to_dict()))
+    assert parse_config(["--config", str(saved)]) == cfg
+
+
+def test_help_lists_presets_and_fields(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in out
+    for flag in ("--mask-ratio", "--effective-batch", "--no-compile", "--resume", "--config"):
+        assert flag in out
+    assert "(default: 0.75)" in out
+
+
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [
+        (["--preset", "mae_vit_gigantic"], 1, "invalid choice"),
+        (["--img-size", "60"], 1, "not divisible by the patch size 8"),
+        (["--mask-ratio", "1.0"], 1, "mask ratio must be in [0, 1)"),
+        (["--mask-ratio", "-0.1"], 1, "mask ratio must be in [0, 1)"),
+        (["--batch-size", "48", "--effective-batch", "4096"], 3, "not divisible by batch_size 48 x 3"),
+        (["--data-path", "/nonexistent/imagenet"], 1, "does not exist"),
+        (["--preset", "mae_vit_base_patch16"], 1, "needs --data-path"),
+        (["--depth", "two"], 1, "invalid int value"),
+        (["--embed-dim", "100", "--num-heads", "3"], 1, "not divisible by num_heads"),
+    ],
+)
+def test_bad_values_are_one_line_errors(argv, world, message, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_config_is_a_typed_dataclass():
+    assert Config().preset == "demo"
+    assert all(f in Config.__dataclass_fields__ for f in ("lr", "accum_iter", "attn_backend", "keep_last"))

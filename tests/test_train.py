@@ -1,0 +1,156 @@
+"""The trainer on CPU: a tiny run learns and leaves its files, exact resume after SIGKILL, failures.
+
+Tiny model (32 px, patch 8, width 32, one block each) on 64 generated JPEGs, fp32, so every run
+takes a second or two; the subprocess tests pay torch's import (~3 s) each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae.config import make_config
+from fastmae.data import make_demo_dataset
+from fastmae.log import read_metrics
+from fastmae.train import EXIT_NONFINITE, lr_at, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+    "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2",
+    "--num-workers", "0", "--no-progress", "--log-every", "1", "--warmup-epochs", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """64 small JPEGs in an ImageFolder tree."""
+    return make_demo_dataset(tmp_path_factory.mktemp("tiny_data"), n_images=64, size=40, seed=0)
+
+
+def tiny_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data-path", str(data), "--run-dir", str(run_dir), "--batch-size", "8", *extra]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastmae.train", *args],
+        cwd=kw.pop("cwd", REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_lr_schedule_is_the_references():
+    """Linear warm-up over fractional epochs, then half-cycle cosine down to min_lr."""
+    cfg = make_config({"epochs": 10, "warmup_epochs": 2.0, "min_lr": 1e-6})
+    peak = 1e-3
+    assert lr_at(0.0, peak, cfg) == 0.0
+    assert lr_at(1.0, peak, cfg) == pytest.approx(peak / 2)
+    assert lr_at(2.0, peak, cfg) == pytest.approx(peak)
+    assert lr_at(6.0, peak, cfg) == pytest.approx(1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(10.0, peak, cfg) == pytest.approx(1e-6)
+
+
+def test_tiny_run_learns_and_leaves_its_files(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_data, run, "--epochs", "6", "--lr", "3e-3", "--vis-every-epochs", "3")) == 0
+    out = capsys.readouterr().out
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 49))  # 64 images // 8 = 8 steps x 6 epochs
+    assert {"step", "epoch", "loss", "lr", "img_s", "time"} <= set(records[0])
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-8:]) / 8
+    assert last < 0.85 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+    ckpts = sorted(run.glob("ckpt-*.pt"))
+    assert ckpts and ckpts[-1].name == "ckpt-step000000048.pt"
+    assert sorted(p.name for p in run.glob("recon-*.png")) == ["recon-epoch0002.png", "recon-epoch0005.png"]
+    assert '"lr": ' in (run / "config.json").read_text()
+    for what in ("checkpoint", "metrics", "pictures", str(ckpts[-1])):
+        assert what in out
+
+
+def test_gradient_accumulation_changes_nothing(tiny_data, tmp_path):
+    """batch 8 x accum 1 and batch 4 x accum 2 see the same images and masks: the same losses."""
+    main(tiny_args(tiny_data, tmp_path / "a", "--epochs", "2"))
+    main(tiny_args(tiny_data, tmp_path / "b", "--epochs", "2", "--batch-size", "4", "--accum-iter", "2"))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (s, la), (_, lb) in zip(a, b, strict=True):
+        assert la == pytest.approx(lb, rel=1e-5), f"step {s}"
+
+
+def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path):
+    """SIGKILL at a random step, ``--resume auto``: the metrics equal an uninterrupted run's."""
+    args = ["--epochs", "4", "--ckpt-every-steps", "3"]
+    assert main(tiny_args(tiny_data, tmp_path / "ref", *args)) == 0
+    reference = losses(tmp_path / "ref")
+    assert len(reference) == 32
+
+    run = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(5, 24)
+    proc = run_cli(tiny_args(tiny_data, run, *args))
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        if len(read_metrics(run / "metrics.jsonl")) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_at}: {proc.stderr.read()}"
+    seen = len(read_metrics(run / "metrics.jsonl"))
+    assert seen < 32 and any(run.glob("ckpt-*.pt")), f"killed at {seen} steps"
+
+    assert main(tiny_args(tiny_data, run, *args, "--resume", "auto")) == 0
+    resumed = losses(run)
+    assert [s for s, _ in resumed] == [s for s, _ in reference]
+    for (s, la), (_, lb) in zip(resumed, reference, strict=True):
+        assert la == pytest.approx(lb, rel=1e-6, abs=0), f"step {s} (killed after {seen} steps)"
+
+
+def test_resume_of_a_finished_run_and_a_longer_schedule(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(tiny_args(tiny_data, run, "--epochs", "1"))
+    assert main(tiny_args(tiny_data, run, "--epochs", "1")) == 2  # holds a run: refuses to overwrite it
+    assert "--resume auto" in capsys.readouterr().err
+    assert main(tiny_args(tiny_data, run, "--epochs", "2", "--resume", "auto")) == 0
+    assert [s for s, _ in losses(run)] == list(range(1, 17))
+
+
+def test_nonfinite_loss_stops_the_run_with_a_hint(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(tiny_args(tiny_data, run, "--epochs", "2", "--lr", "1e30", "--warmup-epochs", "0", "--log-every", "4"))
+    err = capsys.readouterr().err
+    assert code == EXIT_NONFINITE
+    assert "non-finite loss at step" in err and "--attn-backend math" in err and "lower --blr" in err
+    assert len(err.strip().splitlines()) == 1
+    step = int(err.split("non-finite loss at step ")[1].split()[0])
+    assert 1 <= step <= 4  # found within the first log interval
+    assert not any(run.glob("ckpt-*.pt"))  # nothing poisoned was saved
+
+
+def test_bad_data_is_one_line_without_traceback(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli(tiny_args(empty, tmp_path / "run"))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m fastmae.train: error:")

@@ -1,0 +1,79 @@
+"""Reconstruction grids: layout, and norm-pix un-normalisation from the visible patches only."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from fastmae.model import MaskedAutoencoderViT
+from fastmae.visualize import (
+    _patchify,
+    load_images,
+    reconstruction_grid,
+    save_reconstruction_grid,
+    unnormalize_pred,
+    visible_patch_stats,
+)
+
+
+def _tiny(norm_pix: bool = True) -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+        decoder_num_heads=2, norm_pix_loss=norm_pix,
+    )  # fmt: skip
+
+
+def test_visible_patches_keep_their_own_statistics_and_removed_ones_borrow_their_neighbours():
+    imgs = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16)
+    mask[:, 5] = 1  # one removed patch at (1, 1)
+    mean, std = visible_patch_stats(imgs, mask, 8)
+    target = _patchify(imgs, 8)
+    torch.testing.assert_close(mean[:, 4, 0], target[:, 4].mean(-1))
+    torch.testing.assert_close(std[:, 4, 0], (target[:, 4].var(-1) + 1e-6).sqrt())
+    neighbours = [0, 1, 2, 4, 6, 8, 9, 10]  # within distance sqrt(2): the largest weights
+    lo = target[:, neighbours].mean(-1).min(1).values
+    hi = target[:, neighbours].mean(-1).max(1).values
+    assert ((mean[:, 5, 0] > lo - 1) & (mean[:, 5, 0] < hi + 1)).all()
+
+
+def test_unnormalisation_never_reads_the_removed_pixels():
+    """Changing what is under the mask changes nothing in the un-normalised prediction."""
+    imgs = torch.randn(1, 3, 32, 32)
+    mask = (torch.rand(1, 16, generator=torch.Generator().manual_seed(0)) < 0.75).float()
+    pred = torch.randn(1, 16, 192)
+    a = unnormalize_pred(pred, imgs, mask, 8)
+    hidden = _patchify(torch.ones_like(imgs), 8) * mask.unsqueeze(-1)
+    other = imgs + 100 * hidden.reshape(1, 4, 4, 8, 8, 3).permute(0, 5, 1, 3, 2, 4).reshape(1, 3, 32, 32)
+    torch.testing.assert_close(unnormalize_pred(pred, other, mask, 8), a)
+    # and the removed patches take the visible ones' scale, not the (huge) removed ones'
+    assert a[mask.bool()].abs().max() < 20
+
+
+def test_grid_has_four_columns_and_a_row_per_image(tmp_path):
+    model = _tiny()
+    imgs = torch.randn(3, 3, 32, 32)
+    grid = reconstruction_grid(model, imgs, 0.75, min_side=64)
+    cell, gap = 64, 4
+    assert grid.size == (4 * cell + 5 * gap, 22 + 3 * (cell + gap) + gap)
+    path = save_reconstruction_grid(model, imgs, tmp_path / "g.png", title="step 1")
+    assert Image.open(path).format == "PNG" and not list(tmp_path.glob("*.tmp"))
+    # the visible patches of column 4 are the original's pixels
+    arr = torch.from_numpy(__import__("numpy").asarray(grid)).float()
+    orig, pasted = (
+        arr[22 : 22 + cell, gap : gap + cell],
+        arr[22 : 22 + cell, gap + 3 * (cell + gap) : gap + 3 * (cell + gap) + cell],
+    )
+    assert (orig == pasted).float().mean() > 0.2  # 25% of the patches are visible
+
+
+def test_grid_restores_the_model_mode_and_loads_images(tmp_path):
+    model = _tiny(norm_pix=False)
+    model.train()
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(tmp_path / "a.jpg")
+    imgs = load_images([tmp_path / "a.jpg"], 32)
+    assert imgs.shape == (1, 3, 32, 32)
+    assert imgs[0, 0].mean() > 1.0 and imgs[0, 2].mean() < -1.0  # red, ImageNet-normalised
+    reconstruction_grid(model, imgs)
+    assert model.training
