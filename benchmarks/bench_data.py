@@ -120,7 +120,8 @@ def measure(batches, batch_size: int, device: torch.device, warmup: int, steps: 
 def tv_cuda_batches(source, batch_size: int, image_size: int, dtype: torch.dtype, seed: int = 0):
     """torchvision's nvJPEG path: host file reads, batched ``decode_jpeg(device="cuda")``, GPU crop/resize."""
     import torchvision.transforms.v2.functional as F
-    from torchvision.io import decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
 
     from fastmae.data.sampling import EpochPlan, sample_generator
 
@@ -133,7 +134,7 @@ def tv_cuda_batches(source, batch_size: int, image_size: int, dtype: torch.dtype
             data = [
                 torch.frombuffer(bytearray(Path(source.samples[i][0]).read_bytes()), dtype=torch.uint8) for i in idx
             ]
-            images = decode_jpeg(data, device="cuda")
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
             out = []
             for i, img in zip(idx, images, strict=True):
                 p = sample_params(img.shape[1], img.shape[2], sample_generator(seed, epoch, int(i)))
@@ -145,7 +146,7 @@ def tv_cuda_batches(source, batch_size: int, image_size: int, dtype: torch.dtype
                     p.width,
                     [image_size, image_size],
                     antialias=True,
-                    interpolation=F.InterpolationMode.BICUBIC,
+                    interpolation=InterpolationMode.BICUBIC,
                 )
                 out.append(crop.flip(-1) if p.flip else crop)
             x = (torch.stack(out).float().div_(255) - mean).div_(std)

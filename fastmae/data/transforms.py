@@ -68,7 +68,9 @@ def rrc_params(
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        # exp in float32 as torchvision does: a float64 exp can round a boundary case differently
+        log_ar = torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)
+        aspect_ratio = torch.exp(log_ar).item()
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:
