@@ -321,20 +321,34 @@ class DaliLoader(ScheduledLoader):
         return torch.from_numpy(np.array(out.as_tensor()))
 
     def _diagnose(self, feeder: _Feeder, error: Exception) -> None:
-        """After a pipeline failure: find the in-flight files that cannot be decoded."""
+        """After a pipeline failure: find the in-flight files DALI cannot decode.
+
+        DALI decides, so a file is skipped on this backend exactly when DALI cannot decode it
+        (whatever else shares its batch): files PIL refuses are probed one by one with DALI's
+        decoder and skipped if it fails too; only when none is to blame are the files PIL reads
+        probed, and those DALI fails on are decoded on the host from then on.
+        """
         self.rebuilds += 1
-        suspects = [j for _, used in feeder.inflight for j in used if j not in self._bad_idx]
+        suspects = [
+            j
+            for j in dict.fromkeys(j for _, used in feeder.inflight for j in used)
+            if j not in self._bad_idx and j not in self._host_decode
+        ]
+        pil_ok = []
         found = False
-        for j in dict.fromkeys(suspects):
+        for j in suspects:
             try:
                 load_rgb(self.source.samples[j][0])
             except Exception as exc:
-                self._mark_bad(j, _describe(exc))
-                found = True
+                if not self._dali_decodes(self.source.samples[j][0]):
+                    self._mark_bad(j, _describe(exc))
+                    found = True
+            else:
+                pil_ok.append(j)
         if found:
             return
-        for j in dict.fromkeys(suspects):  # PIL reads them all: find the ones DALI cannot
-            if j not in self._host_decode and not self._dali_decodes(self.source.samples[j][0]):
+        for j in pil_ok:
+            if not self._dali_decodes(self.source.samples[j][0]):
                 self._host_decode.add(j)
                 found = True
         if not found:
@@ -342,15 +356,16 @@ class DaliLoader(ScheduledLoader):
             raise DataError(f"DALI pipeline failed and no input file is to blame: {first[0] if first else error}")
 
     def _dali_decodes(self, path: str) -> bool:
+        """Whether this loader's DALI decoder (CPU, or mixed on the GPU) decodes the file alone."""
         fn, types = self._fn, self._types
+        gpu = self.device.type == "cuda"
         with open(path, "rb") as f:
             data = np.frombuffer(f.read(), dtype=np.uint8)
 
-        @self._pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        @self._pipeline_def(batch_size=1, num_threads=1, device_id=self.device.index if gpu else None)
         def probe():
-            return fn.decoders.image(
-                fn.external_source(source=lambda: [data], batch=True), device="cpu", output_type=types.RGB
-            )
+            encoded = fn.external_source(source=lambda: [data], batch=True)
+            return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
         try:
             p = probe()

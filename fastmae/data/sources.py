@@ -171,11 +171,17 @@ def folder_scan_source(root: str | os.PathLike) -> Source:
     return Source(root=root_s, samples=samples, kind="scan")
 
 
-def open_source(root: str | os.PathLike, list_file: str | os.PathLike | None = None, kind: str = "auto") -> Source:
+def open_source(
+    root: str | os.PathLike,
+    list_file: str | os.PathLike | None = None,
+    kind: str = "auto",
+    check_files: bool = True,
+) -> Source:
     """Open a source by kind: ``"list"`` (needs ``list_file``), ``"imagefolder"``, ``"scan"`` or ``"auto"``.
 
     ``"auto"``: a file list when ``list_file`` is given; else ImageFolder when ``root`` holds
-    subfolders and no images of its own; else a recursive scan.
+    subfolders and no images of its own; else a recursive scan. ``check_files``: see
+    :func:`file_list_source`.
     """
     if kind == "auto":
         if list_file is not None:
@@ -189,7 +195,7 @@ def open_source(root: str | os.PathLike, list_file: str | os.PathLike | None = N
     if kind == "list":
         if list_file is None:
             raise DataError("source kind 'list' needs a file list")
-        return file_list_source(root, list_file)
+        return file_list_source(root, list_file, check_files)
     if kind == "imagefolder":
         return image_folder_source(root)
     if kind == "scan":

@@ -169,3 +169,20 @@ def test_dali_backend_without_dali_is_a_one_line_error(monkeypatch, demo_root):
     with pytest.raises(DataError, match="needs NVIDIA DALI.*pip install nvidia-dali") as err:
         DaliLoader(open_source(demo_root), batch_size=2)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("batch_size", [13, 1])  # 13 files: all in one batch, or one per step
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_matrix_in_one_epoch(tmp_path, odd_files, backend, batch_size):
+    """Every odd file in one source, with workers/threads: one report, constant batch shape."""
+    source = open_source(odd_files["reference"].parent)  # the folder scan: all 13 files
+    assert len(source) == 13
+    loader = build_loader(backend, source, batch_size=batch_size, image_size=SIZE, num_workers=2, report_dir=tmp_path)
+    loader.set_epoch(0)
+    shapes = {tuple(x.shape) for x, _ in loader}
+    loader.close()
+    assert shapes == {(batch_size, 3, SIZE, SIZE)}
+    unreadable = {"truncated", "corrupt", "empty", "text"} | ({"garbled"} if backend == "torch" else set())
+    want = sorted(str(odd_files[c]) for c in unreadable)
+    assert sorted(loader.bad_files.paths) == want
+    assert sorted(line.split("\t")[0] for line in (tmp_path / "bad_files.txt").read_text().splitlines()) == want
