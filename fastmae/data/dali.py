@@ -16,14 +16,17 @@ crop window; RGB; no EXIF rotation, like PIL) -> ``resize`` to S x S (cubic, ant
 the training device (``feed_ndarray`` on the current stream: no host round trip on CUDA), cast
 to the training dtype there. ``prefetch_queue_depth`` batches are prepared ahead.
 
-Bad files: before feeding, the host reads the bytes and parses the header; an empty file, a
-non-image or a JPEG without its end-of-image marker (truncated) is checked with a full PIL decode
-and, if that fails, skipped like in the reference loader (same stand-in rule, so both backends
-give the same batch). A file that passes these checks but still makes DALI fail (e.g. corrupt
-entropy data) stops the pipeline: the loader then decodes the in-flight files with PIL, marks
-the unreadable ones bad, rebuilds the pipeline and resumes at the same step. A file PIL reads
-but DALI cannot is decoded on the host and fed re-encoded as PNG. Every bad file is reported in
-the log and in ``report_dir/bad_files.txt``.
+Bad files: before feeding, the host reads the bytes and parses the header. An empty file or a
+non-image is skipped at once; a JPEG without its end-of-image marker (truncated) is skipped if
+a full PIL decode fails too. Skipping uses the reference loader's stand-in rule, so both
+backends give the same batch. A file that passes these checks but still makes DALI fail (e.g.
+corrupt Huffman tables) stops the whole pipeline (DALI has no per-sample error): the loader then
+finds the in-flight files DALI cannot decode (see ``_diagnose``), marks them bad, rebuilds the
+pipeline and resumes at the same step. A file PIL reads but DALI cannot (a GIF named .png) is
+decoded on the host from then on and fed re-encoded as PNG. One difference remains: a JPEG with
+garbled entropy data is decoded by libjpeg-turbo / nvJPEG with a warning (garbage in part of
+the image) where PIL refuses it, so the reference loader skips it and this one uses it. Every
+bad file is reported in the log and in ``report_dir/bad_files.txt``.
 
 DALI is optional: importing this module works without it; constructing :class:`DaliLoader`
 without it raises a one-line :class:`~fastmae.data.sources.DataError`.
