@@ -1,0 +1,1074 @@
+"""Training-step throughput of MAE pretraining: Hugging Face against fastmae, same process, interleaved.
+
+A training step is forward + backward + one fused AdamW step (the same optimizer settings for every
+variant: the reference's weight-decay groups, lr 1.5e-4, betas (0.9, 0.95), wd 0.05), under bf16
+autocast on CUDA, on synthetic images already on the device (fp32 N(0, 1), the loader's dtype),
+mask ratio 0.75, norm-pix loss. Explicit noise is passed to every variant, so all mask alike.
+
+Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``all``):
+
+    hf_eager           HF ViTMAEForPreTraining, eager, sdpa attention: the reference
+    hf_compile         the same under torch.compile (default mode)
+    fm_ref             fastmae reference path (fused=False), eager, sdpa
+    fm_fast            fastmae fast path: Triton kernels (fused=True) + torch.compile (default mode)
+                       + the model's best attention backend (``auto``: xformers when it works, else sdpa)
+    fm_fused_eager     ablation: compile off (kernels on, eager)
+    fm_ref_compile     ablation: every kernel off (fused=False) under the same compile
+    fm_fast_cg         ablation: CUDA graphs on (compile mode "reduce-overhead"); fm_fast has them off
+    fm_fast_sdpa/_math/_xformers  ablation: attention backend (xformers only where it imports)
+    fm_fast_flash/_cudnn/_efficient  ablation: one SDPA kernel forced (torch.nn.attention.sdpa_kernel)
+    fm_fast_no_<op>    ablation: one kernel off; needs a per-op switch in the model (see PER_OP_SWITCH)
+    fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
+    fm_ref_math        fastmae reference path with the plain math attention, eager
+
+Measured per variant: img/s (batch / median step time, and total images / total time), step time
+median and p10/p25/p75/p90, peak memory, compile time (first call, outside the timed region), MFU
+against a bf16 GEMM measured in the same run and against the datasheet peak.
+
+Interleaving: after every variant is built, checked and warmed up, the timing runs in rounds; each
+round runs ``--steps`` steps of every variant, the order rotated each round, so drift (clocks,
+temperature) falls on all variants alike. Only CUDA events are recorded in the timed steps; the host
+synchronises once per round.
+
+FLOPs (see :func:`train_flops_per_image`): every variant is credited with the same *useful* work:
+the patch embedding of the kept patches only (HF and the reference path embed all patches, 4x that
+GEMM; the fused path embeds only the kept ones), the encoder on 1 + K tokens, the decoder (and
+decoder_pred) on 1 + L tokens; matmuls and attention QK^T / AV; x3 for forward + backward.
+img/s and MFU are therefore comparable across variants.
+
+Peak memory (see :func:`measure_step_memory`): what the variant would need alone: its parameters and
+optimizer state, the input pool, plus the largest rise in allocated memory within one of its
+warm-up steps (activations, grads, workspaces; a CUDA-graph variant's recording step included).
+Other variants' state, resident in the same process, is not counted.
+
+Correctness guard: before timing, each variant's first step (its compile) runs on a fixed batch and
+noise with the weights identical across variants; its loss, prediction and gradients are compared
+with HF eager's in the same precision (tolerances in :data:`CHECK_RTOL`). A fast-but-wrong variant is
+flagged ``check.ok = false`` in the JSON and the table.
+
+    python -m benchmarks.bench_step --models vit_base_patch16 --batch 256 --out step_b.json
+    python benchmarks/bench_step.py --tiny --out /tmp/step_tiny.json      # CPU harness smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import inspect
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from benchmarks import common
+except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import common
+
+MASK_RATIO = 0.75
+OPS = ("patch_gather", "encoder_input", "unshuffle", "masked_mse")
+
+# What a per-kernel ablation needs from the model (it has one ``fused`` switch today): a constructor
+# argument naming the ops that run as kernels, e.g. ``MaskedAutoencoderViT(fused=True,
+# fused_ops={"unshuffle", "masked_mse"})``, each op falling back to its reference code when left out.
+PER_OP_SWITCH = "fused_ops"
+
+# Loose bf16 tolerances against HF eager in the same precision: norm-wise relative errors.
+CHECK_RTOL = {"loss": 1e-2, "pred": 3e-2, "grad": 5e-2}
+CHECK_GRADS = ("patch_embed.proj.weight", "cls_token", "mask_token", "decoder_pred.weight")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+DECODER = dict(img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+    mlp_ratio=4.0,
+)
+
+
+# ---------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of running the training step.
+
+    Attributes:
+        impl: ``hf`` (transformers' ViTMAEForPreTraining) or ``fastmae``.
+        fused: fastmae's kernel switch; a frozenset names the ops that run as kernels (per-op ablation).
+        compile: None for eager, else a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...).
+        attn: fastmae's attention backend (``sdpa`` | ``math`` | ``xformers`` | ``auto``); HF uses sdpa.
+        sdpa_kernel: force one SDPA kernel (``flash`` | ``cudnn`` | ``efficient`` | ``math``).
+    """
+
+    name: str
+    impl: str
+    about: str
+    fused: bool | frozenset[str] = False
+    compile: str | None = None
+    attn: str = "sdpa"
+    sdpa_kernel: str | None = None
+
+    @property
+    def cudagraphs(self) -> bool:
+        return self.compile in ("reduce-overhead", "max-autotune")
+
+    def record(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fused"] = sorted(self.fused) if isinstance(self.fused, frozenset) else self.fused
+        d["cudagraphs"] = self.cudagraphs
+        return d
+
+
+def _variants() -> dict[str, Variant]:
+    fast = dict(impl="fastmae", fused=True, compile="default", attn="auto")
+    vs = [
+        Variant("hf_eager", "hf", "HF ViTMAEForPreTraining, eager, sdpa (the reference)"),
+        Variant("fm_fast", about="fastmae fast path: kernels + compile + best attention", **fast),
+        Variant("hf_compile", "hf", "HF under torch.compile", compile="default"),
+        Variant("fm_ref", "fastmae", "fastmae reference path, eager, sdpa"),
+        Variant("fm_fused_eager", "fastmae", "fast path, compile off", fused=True, attn="auto"),
+        Variant("fm_fast_cg", about="fast path + CUDA graphs", **{**fast, "compile": "reduce-overhead"}),
+        Variant("fm_ref_compile", "fastmae", "fast path, all kernels off", compile="default", attn="auto"),
+        Variant("fm_fast_sdpa", about="fast path, sdpa attention", **{**fast, "attn": "sdpa"}),
+        Variant("fm_fast_math", about="fast path, math attention", **{**fast, "attn": "math"}),
+        Variant("fm_fast_xformers", about="fast path, xformers attention", **{**fast, "attn": "xformers"}),
+    ]
+    for kernel in ("flash", "cudnn", "efficient"):
+        vs.append(
+            Variant(f"fm_fast_{kernel}", about=f"fast path, SDPA {kernel} kernel forced", sdpa_kernel=kernel, **fast)
+        )
+    for op in OPS:
+        ops = frozenset(OPS) - {op}
+        vs.append(Variant(f"fm_fast_no_{op}", about=f"fast path, {op} kernel off", **{**fast, "fused": ops}))
+    vs.append(
+        Variant(
+            "fm_fast_autotune",
+            about="fast path, max-autotune-no-cudagraphs",
+            **{**fast, "compile": "max-autotune-no-cudagraphs"},
+        )
+    )
+    vs.append(Variant("fm_ref_math", "fastmae", "reference path, math attention, eager", attn="math"))
+    return {v.name: v for v in vs}
+
+
+VARIANTS = _variants()
+GROUPS: dict[str, list[str]] = {
+    "main": ["hf_eager", "fm_fast", "hf_compile", "fm_ref", "fm_fused_eager"],
+    "ablations": [
+        "hf_eager",
+        "fm_fast",
+        "fm_fast_cg",
+        "fm_ref_compile",
+        "fm_fast_math",
+        "fm_fast_xformers",
+        "fm_fast_flash",
+        "fm_fast_cudnn",
+        "fm_fast_efficient",
+        *(f"fm_fast_no_{op}" for op in OPS),
+    ],
+}
+GROUPS["all"] = list(VARIANTS)
+
+
+def resolve_variants(names: Sequence[str]) -> list[Variant]:
+    """Variant names and group names, in the order given (the setup priority), without repeats."""
+    out: list[str] = []
+    for name in names:
+        for part in name.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            expanded = GROUPS.get(part, [part])
+            for n in expanded:
+                if n not in VARIANTS:
+                    raise SystemExit(
+                        f"unknown variant {n!r}; known: {', '.join(VARIANTS)}; groups: {', '.join(GROUPS)}"
+                    )
+                if n not in out:
+                    out.append(n)
+    return [VARIANTS[n] for n in out]
+
+
+# ---------------------------------------------------------------------- FLOPs
+
+
+def train_flops_per_image(cfg: dict[str, Any], mask_ratio: float = MASK_RATIO) -> dict[str, Any]:
+    """Training FLOPs per image counted from the model's shapes (a multiply-add is 2 FLOPs).
+
+    Forward: patch embedding of the K kept patches; per encoder block on T = 1 + K tokens the qkv,
+    proj, fc1, fc2 matmuls and attention's QK^T and AV; decoder_embed on 1 + K tokens; per decoder
+    block the same on 1 + L tokens; decoder_pred on 1 + L tokens (the reference predicts every
+    token, cls included, then drops cls). Training = 3 x forward (backward = 2 x forward: grads of
+    inputs and of weights; the patch embedding needs no input grad, counted anyway by convention).
+    LayerNorm, GELU, softmax, the loss and the optimizer are not counted.
+
+    ``patch_embed_masked_extra`` is the forward patch-embedding work on the removed patches that HF
+    and fastmae's reference path do as well (a conv over the whole image); it is not useful work and
+    is left out of ``train`` for every variant.
+    """
+    C, P, img = cfg.get("in_chans", 3), cfg["patch_size"], cfg["img_size"]
+    D, De = cfg["embed_dim"], cfg["decoder_embed_dim"]
+    hid, hid_d = int(D * cfg["mlp_ratio"]), int(De * cfg["mlp_ratio"])
+    L = (img // P) ** 2
+    K = int(L * (1 - mask_ratio))
+    Te, Td, patch = 1 + K, 1 + L, C * P * P
+
+    def block(T: int, d: int, h: int) -> dict[str, int]:
+        return {
+            "qkv": 2 * T * d * 3 * d,
+            "attn_qk": 2 * T * T * d,
+            "attn_av": 2 * T * T * d,
+            "proj": 2 * T * d * d,
+            "mlp": 2 * T * d * h * 2,
+        }
+
+    enc = {k: v * cfg["depth"] for k, v in block(Te, D, hid).items()}
+    dec = {k: v * cfg["decoder_depth"] for k, v in block(Td, De, hid_d).items()}
+    parts = {
+        "patch_embed_kept": 2 * K * patch * D,
+        "encoder": sum(enc.values()),
+        "decoder_embed": 2 * Te * D * De,
+        "decoder": sum(dec.values()),
+        "decoder_pred": 2 * Td * De * patch,
+    }
+    forward = sum(parts.values())
+    return {
+        "L": L,
+        "K": K,
+        "forward": forward,
+        "train": 3 * forward,
+        "parts_forward": parts,
+        "encoder_blocks_forward": enc,
+        "decoder_blocks_forward": dec,
+        "patch_embed_masked_extra": 2 * (L - K) * patch * D,
+        "definition": "useful work: patch-embed on kept patches, encoder on 1+K, decoder on 1+L tokens; x3",
+    }
+
+
+# ---------------------------------------------------------------------- models
+
+
+def model_kwargs(model: str) -> dict[str, Any]:
+    """Constructor arguments of a benchmark model (``tiny`` or a ``SHAPES`` name)."""
+    if model == "tiny":
+        return dict(TINY)
+    return {**DECODER, **SHAPES[model]}
+
+
+def build_base(model: str, device: torch.device, seed: int) -> torch.nn.Module:
+    """The fastmae model all fastmae variants share parameters with (reference path, sdpa)."""
+    from fastmae.model import MaskedAutoencoderViT
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return MaskedAutoencoderViT(**model_kwargs(model), norm_pix_loss=True, attn_backend="sdpa").train()
+
+
+def fastmae_sharing(base: torch.nn.Module, fused: bool | frozenset[str], attn: str) -> torch.nn.Module:
+    """A fastmae model with its own switches whose parameters *are* ``base``'s (one copy, one optimizer)."""
+    from fastmae.model import MaskedAutoencoderViT
+
+    kwargs: dict[str, Any] = {"fused": bool(fused)}
+    if isinstance(fused, frozenset):
+        if PER_OP_SWITCH not in inspect.signature(MaskedAutoencoderViT.__init__).parameters:
+            raise NotImplementedError(
+                f"per-kernel ablation needs MaskedAutoencoderViT({PER_OP_SWITCH}=...), which the model lacks"
+            )
+        kwargs[PER_OP_SWITCH] = set(fused)
+    device = next(base.parameters()).device
+    with torch.device(device):
+        m = MaskedAutoencoderViT(
+            **_config_of(base), norm_pix_loss=base.norm_pix_loss, attn_backend=attn, **kwargs
+        ).train()
+    m.load_state_dict(base.state_dict(keep_vars=True), assign=True)
+    return m
+
+
+def _config_of(model: torch.nn.Module) -> dict[str, Any]:
+    from fastmae.convert import model_config
+
+    cfg = model_config(model)
+    cfg.pop("norm_pix_loss")
+    return cfg
+
+
+def make_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """Fused AdamW over the reference's weight-decay groups (no decay for biases and 1-D params)."""
+    from fastmae.model import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay=0.05)
+    try:
+        return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=True), "AdamW(fused=True)"
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), foreach=True), "AdamW(foreach=True)"
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of the parameters and the optimizer state (the memory a variant holds between steps)."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+    return n
+
+
+# ---------------------------------------------------------------------- running a variant
+
+
+class Runner:
+    """A built variant: its (maybe compiled) module, optimizer and the one training step."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        module: torch.nn.Module,
+        eager: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        device: torch.device,
+        amp: bool,
+    ):
+        self.variant, self.module, self.eager, self.opt = variant, module, eager, opt
+        self.device, self.amp = device, amp
+        # cudagraph trees need to know where a step begins (outputs of the last replay may be reused)
+        self.mark_step = variant.cudagraphs and device.type == "cuda"
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp))
+            if self.variant.sdpa_kernel:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                backend = {
+                    "flash": SDPBackend.FLASH_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "math": SDPBackend.MATH,
+                }[self.variant.sdpa_kernel]
+                stack.enter_context(sdpa_kernel([backend]))
+            yield
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and prediction ``(N, L, P*P*C)`` under the variant's context (autocast, SDPA kernel)."""
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.context():
+            if self.variant.impl == "hf":
+                out = self.module(pixel_values=imgs, noise=noise)
+                return out.loss, out.logits
+            loss, pred, _ = self.module(imgs, MASK_RATIO, noise)
+            return loss, pred
+
+    def step(self, imgs: torch.Tensor, noise: torch.Tensor) -> None:
+        """One training step: forward, backward, optimizer step, grads set to None. No host sync."""
+        loss, _ = self.forward(imgs, noise)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def named_grad(self, name: str) -> torch.Tensor | None:
+        """The gradient of a fastmae-named parameter (HF names mapped)."""
+        if self.variant.impl == "hf":
+            from fastmae.convert import hf_style_of, to_hf_state_dict
+
+            params = dict(self.eager.named_parameters())
+            (hf_name,) = to_hf_state_dict({name: torch.empty(0)}, hf_style_of(params)).keys()
+            return params[hf_name].grad
+        return dict(self.eager.named_parameters())[name].grad
+
+    def grad_norm(self) -> float:
+        """L2 norm of all gradients (the same for HF's split q/k/v as for the fused qkv)."""
+        grads = [p.grad.float() for p in self.eager.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def compile_module(module: torch.nn.Module, mode: str, fullgraph: bool, backend: str) -> torch.nn.Module:
+    """``torch.compile`` with static shapes; ``mode`` applies to inductor only."""
+    kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False}
+    if backend == "inductor":
+        kwargs["mode"] = None if mode == "default" else mode
+    else:
+        kwargs["backend"] = backend
+    return torch.compile(module, **kwargs)
+
+
+def configure_dynamo() -> None:
+    """Many module instances of one class compile here: raise the recompile limit, fail if it is hit.
+
+    Silently falling back to eager past the limit would time the wrong thing.
+    """
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def why_skip(v: Variant, device: torch.device, args: argparse.Namespace) -> str | None:
+    """Why a variant cannot run here, or None."""
+    from fastmae.attention import xformers_available
+
+    if device.type != "cuda":
+        if v.compile and v.fused:
+            return "fused + torch.compile needs CUDA (the Triton interpreter cannot trace fake tensors)"
+        if v.compile and not args.cpu_compile:
+            return "compile is off on CPU (pass --cpu-compile)"
+        if v.sdpa_kernel or v.attn == "xformers":
+            return "needs CUDA"
+        if v.compile and args.compile_backend == "inductor" and v.compile != "default":
+            return f"compile mode {v.compile!r} is for CUDA"
+    if v.attn == "xformers" and not xformers_available():
+        return "xformers does not import"
+    return None
+
+
+@dataclasses.dataclass
+class Family:
+    """The models of one implementation: the eager module every variant of it shares, its optimizer."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    opt_name: str
+
+
+def build_runner(
+    v: Variant, families: dict[str, Family], base: torch.nn.Module, device: torch.device, args: argparse.Namespace
+) -> Runner:
+    fam = families[v.impl]
+    if v.impl == "hf":
+        eager = fam.model
+    else:
+        eager = fastmae_sharing(base, v.fused, v.attn)
+    module = eager
+    if v.compile:
+        module = compile_module(eager, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)
+    return Runner(v, module, eager, fam.opt, device, amp=device.type == "cuda" and not args.no_amp)
+
+
+def make_inputs(
+    batch: int, img: int, L: int, pool: int, device: torch.device, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``pool`` batches of (images ``(B, 3, S, S)`` fp32 N(0, 1), noise ``(B, L)`` uniform), on the device."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [
+        (
+            torch.randn(batch, 3, img, img, device=device, generator=g),
+            torch.rand(batch, L, device=device, generator=g),
+        )
+        for _ in range(pool)
+    ]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error ``||a - b|| / ||b||`` in fp32 (inf when either is not finite)."""
+    a, b = a.detach().float(), b.detach().float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
+
+
+def check_step(r: Runner, imgs: torch.Tensor, noise: torch.Tensor) -> dict[str, Any]:
+    """The variant's first call (compiles it): forward + backward on the check batch, no optimizer step."""
+    loss, pred = r.forward(imgs, noise)
+    loss.backward()
+    out = {
+        "loss": loss.detach().float().clone(),
+        "pred": pred.detach().float().clone(),
+        "grads": {n: r.named_grad(n).detach().float().clone() for n in CHECK_GRADS},
+        "grad_norm": r.grad_norm(),
+    }
+    r.opt.zero_grad(set_to_none=True)
+    return out
+
+
+def compare(out: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    loss_rel = abs(out["loss"].item() - ref["loss"].item()) / max(abs(ref["loss"].item()), 1e-30)
+    pred_rel = rel_err(out["pred"], ref["pred"])
+    grads = {n: rel_err(out["grads"][n], ref["grads"][n]) for n in CHECK_GRADS}
+    gn_rel = abs(out["grad_norm"] - ref["grad_norm"]) / max(ref["grad_norm"], 1e-30)
+    grads["global_norm"] = gn_rel
+    ok = loss_rel <= CHECK_RTOL["loss"] and pred_rel <= CHECK_RTOL["pred"]
+    ok = ok and all(e <= CHECK_RTOL["grad"] for e in grads.values())
+    return {
+        "ok": bool(ok),
+        "loss": out["loss"].item(),
+        "loss_hf_eager": ref["loss"].item(),
+        "loss_rel_diff": loss_rel,
+        "pred_rel_err": pred_rel,
+        "grad_rel_err": grads,
+        "tolerances": CHECK_RTOL,
+        "against": "hf_eager in the same precision, same weights, batch and noise",
+    }
+
+
+def measure_step_memory(r: Runner, inputs: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> int:
+    """Largest rise of allocated memory within one of ``steps`` training steps (bytes); CUDA only."""
+    rise = 0
+    for i in range(steps):
+        imgs, noise = inputs[i % len(inputs)]
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        r.step(imgs, noise)
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+            rise = max(rise, torch.cuda.max_memory_allocated() - start)
+    return rise
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def find_max_batch(
+    fits: Callable[[int], bool],
+    start: int,
+    cap: int,
+    granularity: int,
+    deadline: float,
+    predicted: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int | None, list[tuple[int, bool]]]:
+    """Largest batch (a multiple of ``granularity``) for which ``fits(batch)`` holds, within ``deadline``.
+
+    From ``start``, doubling while it fits (up to ``cap``) and halving while it does not; or from
+    ``predicted`` (a linear memory model's estimate) in steps of +12.5% / -10%. Then bisection between
+    the largest batch that fit and the smallest that did not. Returns the batch (None when nothing
+    fit) and the tries.
+    """
+    tries: list[tuple[int, bool]] = []
+
+    def attempt(b: int) -> bool:
+        ok = fits(b)
+        tries.append((b, ok))
+        return ok
+
+    def snap(b: float) -> int:
+        return max(granularity, int(b) // granularity * granularity)
+
+    # a good prediction needs small steps; a blind start, doubling and halving
+    grow, shrink = (1.125, 0.9) if predicted else (2.0, 0.5)
+    b = snap(min(predicted or start, cap))
+    lo: int | None = None
+    hi: int | None = None
+    while clock() < deadline:
+        if attempt(b):
+            lo = b
+            nxt = snap(min(max(b * grow, b + granularity), cap))
+            if hi is not None or nxt <= b:
+                break
+        else:
+            hi = b
+            nxt = snap(min(b * shrink, b - granularity))
+            if lo is not None or b <= granularity:
+                break
+        b = nxt
+    while lo is not None and hi is not None and hi - lo > granularity and clock() < deadline:
+        mid = snap((lo + hi) // 2)
+        if mid <= lo:
+            break
+        if attempt(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, tries
+
+
+# ---------------------------------------------------------------------- one setting
+
+
+class Setting:
+    """One model at one batch setting: builds the variants, checks, warms up, times interleaved."""
+
+    def __init__(
+        self,
+        model: str,
+        batch: int | str,
+        variants: list[Variant],
+        args: argparse.Namespace,
+        device: torch.device,
+        report: dict[str, Any],
+        save: Callable[[], None],
+        deadline: float,
+        mem_per_image: dict[str, float] | None = None,
+    ):
+        self.model, self.batch, self.variants, self.args = model, batch, variants, args
+        self.device, self.save, self.deadline = device, save, deadline
+        self.mem_per_image = mem_per_image or {}
+        kw = model_kwargs(model)
+        self.flops = train_flops_per_image(kw)
+        self.rec: dict[str, Any] = {
+            "model": model,
+            "batch": batch,
+            "model_kwargs": kw,
+            "flops_per_image": self.flops,
+            "variants": {},
+            "status": "running",
+        }
+        report["settings"].append(self.rec)
+        self.runners: dict[str, Runner] = {}
+        self.inputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.shared_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.families: dict[str, Family] = {}
+
+    # -- build + check
+
+    def _vrec(self, v: Variant) -> dict[str, Any]:
+        return self.rec["variants"].setdefault(v.name, {"spec": v.record(), "status": "pending"})
+
+    def setup(self) -> None:
+        args, device = self.args, self.device
+        base = build_base(self.model, device, args.seed)
+        from fastmae.convert import to_hf
+
+        hf = to_hf(base, mask_ratio=MASK_RATIO, attn_implementation="sdpa").train()
+        self.families = {}
+        for impl, m in (("hf", hf), ("fastmae", base)):
+            opt, name = make_optimizer(m, device)
+            self.families[impl] = Family(m, opt, name)
+        self.base = base
+        self.rec["optimizer"] = self.families["fastmae"].opt_name
+        self.rec["params"] = sum(p.numel() for p in base.parameters() if p.requires_grad)
+        numeric_batch = self.batch if isinstance(self.batch, int) else None
+
+        # The check reference: HF eager on the check batch, before any optimizer step.
+        ref = None
+        if numeric_batch is not None:
+            self.shared_inputs = make_inputs(numeric_batch, self._img, self.flops["L"], args.pool, device, args.seed)
+            hf_ref = Runner(VARIANTS["hf_eager"], hf, hf, self.families["hf"].opt, device, amp=self._amp)
+            ref = check_step(hf_ref, *self.shared_inputs[0])
+            self.rec["check_reference"] = {"loss": ref["loss"].item(), "grad_norm": ref["grad_norm"]}
+
+        compile_estimates: list[float] = []
+        for v in self.variants:
+            vr = self._vrec(v)
+            reason = why_skip(v, device, args)
+            if reason:
+                vr.update(status="skipped", reason=reason)
+                continue
+            if v.compile:
+                est = max(compile_estimates, default=args.compile_estimate)
+                if time.monotonic() + est > self.deadline - self._timing_reserve:
+                    vr.update(status="skipped", reason=f"time budget (compile estimated {est:.0f} s)")
+                    continue
+            try:
+                self._setup_variant(v, vr, ref)
+            except torch.OutOfMemoryError as e:
+                vr.update(status="oom", reason=str(e).splitlines()[0])
+                self._drop(v)
+            except Exception as e:  # a variant that breaks is recorded, the others still run
+                vr.update(status="failed", reason=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc())
+                self._drop(v)
+            else:
+                if v.compile and "compile_s" in vr:
+                    compile_estimates.append(vr["compile_s"])
+            self.save()
+        del ref
+        free_memory()
+
+    @property
+    def _img(self) -> int:
+        return model_kwargs(self.model)["img_size"]
+
+    @property
+    def _amp(self) -> bool:
+        return self.device.type == "cuda" and not self.args.no_amp
+
+    @property
+    def _timing_reserve(self) -> float:
+        if not self.args.time_budget:
+            return 0.0
+        if self.args.timing_reserve is not None:
+            return self.args.timing_reserve
+        return 0.2 * self.args.time_budget
+
+    def _drop(self, v: Variant) -> None:
+        self.runners.pop(v.name, None)
+        self.inputs.pop(v.name, None)
+        for fam in getattr(self, "families", {}).values():
+            fam.opt.zero_grad(set_to_none=True)
+        free_memory()
+
+    def _setup_variant(self, v: Variant, vr: dict[str, Any], ref: dict[str, Any] | None) -> None:
+        args, device = self.args, self.device
+        gb0 = graph_breaks()
+        r = build_runner(v, self.families, self.base, device, args)
+        vr["attn_backend"] = getattr(r.eager, "attn_backend", "sdpa (HF)")
+        if v.compile:
+            vr["compile_backend"] = args.compile_backend
+        vr["optimizer"] = self.families[v.impl].opt_name
+        if isinstance(self.batch, int):
+            batch, inputs = self.batch, self.shared_inputs
+        else:
+            batch, inputs = self._search_batch(v, r, vr)
+            if batch is None:
+                vr.update(status="oom", reason="no batch size fit")
+                return
+        vr["batch"] = batch
+
+        common.synchronize(device)
+        t0 = time.perf_counter()
+        out = check_step(r, *inputs[0])
+        common.synchronize(device)
+        vr["first_step_s"] = time.perf_counter() - t0
+        if ref is not None:
+            vr["check"] = compare(out, ref)
+        del out
+        if v.compile:
+            vr["graph_breaks"] = graph_breaks() - gb0
+
+        self.runners[v.name] = r
+        self.inputs[v.name] = inputs
+        vr["status"] = "checked"
+        vr["compile_s"] = vr["first_step_s"] if v.compile else 0.0  # refined once a steady step is timed
+
+    def warm_up(self) -> None:
+        """Warm-up steps of every built variant (a CUDA-graph variant records here); memory measured on them.
+
+        Runs after every variant's check, since the optimizer steps here change the shared weights.
+        """
+        for name in list(self.runners):
+            r, v = self.runners[name], self.runners[name].variant
+            vr = self.rec["variants"][name]
+            try:
+                rise = measure_step_memory(r, self.inputs[name], max(self.args.warmup, 3 if v.cudagraphs else 1))
+            except Exception as e:
+                status = "oom" if isinstance(e, torch.OutOfMemoryError) else "failed"
+                vr.update(status=status, reason=f"in warm-up: {type(e).__name__}: {e}"[:2000])
+                self._drop(v)
+                continue
+            fam = self.families[v.impl]
+            input_bytes = sum(t.numel() * t.element_size() for pair in self.inputs[name] for t in pair)
+            if self.device.type == "cuda":
+                state = state_bytes(fam.model, fam.opt)
+                peak = state + input_bytes + rise
+                vr["memory"] = {
+                    "peak_bytes": peak,
+                    "peak_gib": peak / 2**30,
+                    "step_rise_bytes": rise,
+                    "state_bytes": state,
+                    "input_bytes": input_bytes,
+                    "definition": "params + optimizer state + input pool + largest in-step rise of allocated memory",
+                }
+            vr["status"] = "ready"
+            self.save()
+
+    def _search_batch(self, v: Variant, r: Runner, vr: dict[str, Any]) -> tuple[int | None, list]:
+        """The largest batch that fits this variant (``--batch max``); its inputs at that batch."""
+        args, device = self.args, self.device
+        L = self.flops["L"]
+
+        def fits(b: int) -> bool:
+            inputs = None
+            try:
+                inputs = make_inputs(b, self._img, L, args.pool, device, args.seed)
+                for i in range(2):
+                    r.step(*inputs[i % len(inputs)])
+                common.synchronize(device)
+                return True
+            except torch.OutOfMemoryError:
+                return False
+            finally:
+                del inputs
+                r.opt.zero_grad(set_to_none=True)
+                free_memory()
+
+        predicted = None
+        per_image = self.mem_per_image.get(v.name)
+        if per_image and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            free = total * args.max_batch_memory_fraction - torch.cuda.memory_allocated()
+            predicted = int(free / per_image)
+            vr["max_batch_predicted"] = predicted
+        deadline = min(self.deadline - self._timing_reserve, time.monotonic() + args.max_batch_seconds)
+        batch, tries = find_max_batch(
+            fits, args.max_batch_start, args.max_batch_cap, args.max_batch_granularity, deadline, predicted
+        )
+        vr["max_batch_tries"] = tries
+        if batch is None:
+            return None, []
+        return batch, make_inputs(batch, self._img, L, args.pool, device, args.seed)
+
+    # -- timing
+
+    def time_rounds(self) -> None:
+        names = [n for n in self.runners]
+        if not names:
+            self.rec["status"] = "no variant ran"
+            return
+        times: dict[str, list[float]] = {n: [] for n in names}
+        timer = common.StepTimer(self.device)
+        rounds_done = 0
+        for rnd in range(self.args.rounds):
+            t_round = time.monotonic()
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
+            failed: list[str] = []
+            for n in order:
+                r, inputs = self.runners[n], self.inputs[n]
+                try:
+                    for s in range(self.args.steps):
+                        imgs, noise = inputs[s % len(inputs)]
+                        t = timer.start()
+                        r.step(imgs, noise)
+                        timer.stop(t)
+                    times[n].extend(timer.elapsed_ms())
+                except torch.OutOfMemoryError as e:
+                    timer.elapsed_ms()
+                    self.rec["variants"][n].update(status="oom", reason=f"in timing: {str(e).splitlines()[0]}")
+                    failed.append(n)
+                except Exception as e:
+                    timer.elapsed_ms()
+                    self.rec["variants"][n].update(
+                        status="failed",
+                        reason=f"in timing: {type(e).__name__}: {e}"[:2000],
+                        traceback=traceback.format_exc(),
+                    )
+                    failed.append(n)
+            for n in failed:
+                names.remove(n)
+                self.runners.pop(n)
+                free_memory()
+            rounds_done += 1
+            self._fill(times, rounds_done)
+            self.save()
+            elapsed = time.monotonic() - t_round
+            if time.monotonic() + elapsed > self.deadline:
+                self.rec["timing_note"] = f"stopped after {rounds_done} rounds: time budget"
+                break
+        self.rec["status"] = "done"
+        self.save()
+
+    def _fill(self, times: dict[str, list[float]], rounds_done: int) -> None:
+        gemm = self.rec.get("_gemm_tflops")
+        for n, ts in times.items():
+            if not ts:
+                continue
+            vr = self.rec["variants"][n]
+            batch = vr["batch"]
+            s = common.summarize_ms(ts)
+            img_s = batch / (s["median"] / 1e3)
+            tflops = img_s * self.flops["train"] / 1e12
+            vr.update(
+                status="ok",
+                rounds=rounds_done,
+                step_ms=s,
+                img_s=img_s,
+                img_s_mean=batch * len(ts) / (sum(ts) / 1e3),
+                achieved_tflops=tflops,
+                mfu_vs_measured_gemm=tflops / gemm if gemm else None,
+                mfu_vs_datasheet=tflops / self.rec["_datasheet"] if self.rec.get("_datasheet") else None,
+                mfu_vs_h100_sxm_datasheet=tflops / common.H100_SXM_BF16_TFLOPS,
+            )
+            if vr.get("first_step_s") is not None and vr["spec"]["compile"]:
+                vr["compile_s"] = max(vr["first_step_s"] - s["median"] / 1e3, 0.0)
+        self._ratios()
+
+    def _ratios(self) -> None:
+        vs = self.rec["variants"]
+        for ref_name in ("hf_eager", "hf_compile"):
+            ref = vs.get(ref_name, {})
+            for vr in vs.values():
+                if ref.get("img_s") and vr.get("img_s"):
+                    vr[f"speedup_vs_{ref_name}"] = vr["img_s"] / ref["img_s"]
+                ref_mem = ref.get("memory", {}).get("peak_bytes")
+                if ref_mem and vr.get("memory") and vr.get("batch") == ref.get("batch"):
+                    vr[f"memory_vs_{ref_name}"] = vr["memory"]["peak_bytes"] / ref_mem
+
+    def close(self) -> None:
+        self.runners.clear()
+        self.inputs.clear()
+        self.families.clear()
+        self.base = None
+        self.shared_inputs = []
+        torch._dynamo.reset()
+        free_memory()
+
+    def mem_per_image_estimates(self) -> dict[str, float]:
+        """Bytes per image of each variant (step rise + inputs over its batch, +5%): the linear model for ``--batch max``."""
+        out = {}
+        for n, vr in self.rec["variants"].items():
+            mem = vr.get("memory")
+            if mem and vr.get("batch"):
+                out[n] = (mem["step_rise_bytes"] + mem["input_bytes"]) / vr["batch"] * 1.05
+        return out
+
+
+# ---------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["vit_base_patch16", "vit_large_patch16"], choices=[*SHAPES, "tiny"])
+    p.add_argument("--batch", nargs="+", default=["256"], help="batch sizes; 'max' searches each variant's largest")
+    p.add_argument("--variants", nargs="+", default=["main"], help="names or groups (main, ablations, all)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant after its first (compile) step")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--pool", type=int, default=2, help="distinct input batches cycled")
+    p.add_argument("--out", type=Path, help="results JSON (written after every variant and round)")
+    p.add_argument("--table", type=Path, help="also write the markdown table here")
+    p.add_argument("--plot", type=Path, help="also write the PNG bar chart here")
+    p.add_argument("--tiny", action="store_true", help="tiny model, few steps: a harness smoke test (CPU ok)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast (always off on CPU)")
+    p.add_argument("--cpu-compile", action="store_true", help="run the compiled variants on CPU too")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager for a smoke)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; later variants and rounds are dropped")
+    p.add_argument("--compile-estimate", type=float, default=60.0, help="seconds a compile is assumed to take")
+    p.add_argument(
+        "--timing-reserve", type=float, default=None, help="seconds of the budget kept for timing (default 20%%)"
+    )
+    p.add_argument("--no-ceilings", action="store_true", help="skip the GEMM / copy ceilings")
+    p.add_argument("--max-batch-start", type=int, default=256)
+    p.add_argument("--max-batch-cap", type=int, default=4096)
+    p.add_argument("--max-batch-granularity", type=int, default=32)
+    p.add_argument("--max-batch-seconds", type=float, default=120.0, help="search time per variant")
+    p.add_argument("--max-batch-memory-fraction", type=float, default=0.92)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models = ["tiny"]
+        if args.batch == ["256"]:
+            args.batch = ["4"]
+        args.steps = min(args.steps, 2)
+        args.warmup = min(args.warmup, 1)
+        args.rounds = min(args.rounds, 2)
+        args.max_batch_start, args.max_batch_cap, args.max_batch_granularity = 2, 8, 2
+    return args
+
+
+def ceilings(device: torch.device, tiny: bool) -> dict[str, Any]:
+    if device.type == "cuda" and not tiny:
+        gemm, copy = common.gemm_peak(device), common.copy_bandwidth(device)
+    else:  # harness check only: sizes a CPU finishes at once
+        gemm = common.gemm_peak(device, n=256, dtype=torch.float32, reps=3)
+        copy = common.copy_bandwidth(device, nbytes=1 << 22, reps=3)
+    return {"gemm": gemm, "copy": copy}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        # before the first @triton.jit: fastmae.kernels imports lazily, at the first fused forward
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    configure_dynamo()
+    t_start = time.monotonic()
+    deadline = t_start + args.time_budget if args.time_budget else math.inf
+    variants = resolve_variants(args.variants)
+
+    report: dict[str, Any] = {
+        "benchmark": "bench_step",
+        "schema": 1,
+        "tiny": args.tiny,
+        "timings_meaningful": device.type == "cuda" and not args.tiny,
+        "env": common.environment(argv, script=__file__),
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("table", "plot")
+        },
+        "step": "forward + backward + fused AdamW step; bf16 autocast on CUDA; synthetic fp32 images on device",
+        "mask_ratio": MASK_RATIO,
+        "norm_pix_loss": True,
+        "settings": [],
+    }
+
+    def save() -> None:
+        if args.out:
+            common.write_json(args.out, _public(report))
+
+    if not args.no_ceilings:
+        report["ceilings"] = ceilings(device, args.tiny)
+        report["ceilings"]["datasheet_bf16_tflops"] = report["env"]["device"].get("datasheet_bf16_tflops")
+        report["ceilings"]["h100_sxm_bf16_tflops"] = common.H100_SXM_BF16_TFLOPS
+        g = report["ceilings"]["gemm"]
+        print(
+            f"ceilings: {g['dtype']} GEMM {g['n']}^3 {g['tflops']:.1f} TFLOP/s, copy {report['ceilings']['copy']['gbps']:.0f} GB/s"
+        )
+    save()
+
+    for model in args.models:
+        mem_model: dict[str, float] = {}
+        for b in args.batch:
+            batch: int | str = b if b == "max" else int(b)
+            setting = Setting(model, batch, variants, args, device, report, save, deadline, mem_model)
+            ceil = report.get("ceilings", {})
+            setting.rec["_gemm_tflops"] = ceil.get("gemm", {}).get("tflops")
+            setting.rec["_datasheet"] = ceil.get("datasheet_bf16_tflops")
+            try:
+                setting.setup()
+                setting.warm_up()
+                setting.time_rounds()
+                mem_model = setting.mem_per_image_estimates()
+            finally:
+                setting.close()
+            save()
+            print(_summary_lines(setting.rec))
+
+    report["wall_s"] = time.monotonic() - t_start
+    save()
+    if args.table or args.plot:
+        from benchmarks import report as report_mod
+
+        if args.table:
+            args.table.write_text(report_mod.markdown([_public(report)]) + "\n")
+        if args.plot:
+            report_mod.bar_chart([_public(report)], args.plot)
+    return _public(report)
+
+
+def _public(report: Any) -> Any:
+    """The report without internal keys (``_``-prefixed)."""
+    if isinstance(report, dict):
+        return {k: _public(v) for k, v in report.items() if not k.startswith("_")}
+    if isinstance(report, list):
+        return [_public(v) for v in report]
+    return report
+
+
+def _summary_lines(rec: dict[str, Any]) -> str:
+    lines = [f"== {rec['model']} batch {rec['batch']}"]
+    for n, vr in rec["variants"].items():
+        if vr.get("img_s"):
+            chk = vr.get("check", {}).get("ok")
+            lines.append(
+                f"{n:>20}: {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
+                f"  x{vr.get('speedup_vs_hf_eager', float('nan')):.2f} hf_eager"
+                f"  compile {vr.get('compile_s', 0):.1f} s  check {'ok' if chk else chk}"
+            )
+        else:
+            lines.append(f"{n:>20}: {vr['status']} {vr.get('reason', '')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

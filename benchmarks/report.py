@@ -1,0 +1,255 @@
+"""Tables and a bar chart from the benchmarks' JSON: a markdown table per setting, a PNG for the README.
+
+Reads ``bench_step`` results (the step benchmark) in full; ``bench_kernels`` results get a short
+table; anything else is listed by name. The chart draws img/s per variant with the ratio to HF eager,
+one panel per model and batch, with Pillow alone (no plotting library).
+
+    python -m benchmarks.report step_b.json step_l.json --md table.md --png step.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The JSON reports at ``paths``; a missing or unreadable file is reported as such, not raised."""
+    out = []
+    for p in paths:
+        try:
+            rep = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            rep = {"benchmark": "unreadable", "error": f"{type(e).__name__}: {e}"}
+        rep["_path"] = str(p)
+        out.append(rep)
+    return out
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _provenance(rep: dict[str, Any]) -> str:
+    """GPU, versions, commit and date of a report (bench_step's ``env`` schema, or bench_kernels' flat one)."""
+    env = rep.get("env", {})
+    dev = env.get("device", {})
+    if not isinstance(dev, dict):  # bench_kernels: flat keys
+        dev = {"name": dev, "cuda_runtime": env.get("cuda")}
+    git = env.get("git") or {"commit": env.get("git_commit"), "dirty": env.get("git_dirty")}
+    dirty = {True: " (dirty)", False: ""}.get(git.get("dirty"), " (dirty: unknown)")
+    versions = env.get("versions") or {"torch_runtime": env.get("torch"), "triton": env.get("triton")}
+    return (
+        f"{dev.get('name', '?')}, driver {dev.get('driver', '?')}, CUDA {dev.get('cuda_runtime', '?')}, "
+        f"torch {versions.get('torch_runtime', '?')}, triton {versions.get('triton', '?')}, "
+        f"transformers {versions.get('transformers', '?')}; commit {str(git.get('commit', '?'))[:12]}{dirty}; "
+        f"{env.get('date_utc', '?')}"
+    )
+
+
+def step_markdown(rep: dict[str, Any]) -> str:
+    """One table per (model, batch) of a ``bench_step`` report."""
+    lines = []
+    ceil = rep.get("ceilings", {})
+    gemm, copy = ceil.get("gemm", {}), ceil.get("copy", {})
+    sheet = ceil.get("datasheet_bf16_tflops")
+    lines.append(f"**Training step** ({rep.get('step', '')}); {_provenance(rep)}")
+    if not rep.get("timings_meaningful", False):
+        lines.append("")
+        lines.append("_Harness smoke run (tiny model or CPU): the numbers below are not measurements._")
+    lines.append("")
+    lines.append(
+        f"Same-run ceilings: {gemm.get('dtype', '?')} GEMM {gemm.get('n', '?')}³ "
+        f"{_f(gemm.get('tflops'), '.1f')} TFLOP/s; device copy {_f(copy.get('gbps'), '.0f')} GB/s; "
+        f"datasheet dense bf16 {_f(sheet, '.0f')} TFLOP/s (H100 SXM: {ceil.get('h100_sxm_bf16_tflops', 989.4)})."
+    )
+    for s in rep.get("settings", []):
+        flops = s.get("flops_per_image", {})
+        lines.append("")
+        lines.append(
+            f"`{s['model']}`, batch {s['batch']}, {_f(flops.get('train', 0) / 1e9, '.4g')} GFLOP/image "
+            f"(useful work, fwd+bwd), status {s.get('status')}"
+        )
+        lines.append("")
+        lines.append(
+            "| variant | batch | img/s | × HF eager | × HF compile | step ms median [p10–p90] | peak GiB "
+            "| mem × HF eager | MFU (GEMM) | MFU (datasheet) | compile s | check |"
+        )
+        lines.append("|" + "---|" * 12)
+        skipped: dict[str, list[str]] = {}
+        for name, v in s.get("variants", {}).items():
+            if not v.get("img_s"):
+                why = f"{v.get('status')}: {v.get('reason', '')[:160]}"
+                skipped.setdefault(why, []).append(f"`{name}`")
+                continue
+            st = v["step_ms"]
+            chk = v.get("check")
+            chk_s = "–" if chk is None else ("ok" if chk["ok"] else f"**FAIL** (pred {chk['pred_rel_err']:.1e})")
+            mem = v.get("memory", {})
+            lines.append(
+                f"| `{name}` | {v.get('batch')} | {v['img_s']:.0f} | {_f(v.get('speedup_vs_hf_eager'), '.2f')} "
+                f"| {_f(v.get('speedup_vs_hf_compile'), '.2f')} "
+                f"| {st['median']:.1f} [{st['p10']:.1f}–{st['p90']:.1f}] | {_f(mem.get('peak_gib'), '.1f')} "
+                f"| {_f(v.get('memory_vs_hf_eager'), '.2f')} | {_pct(v.get('mfu_vs_measured_gemm'))} "
+                f"| {_pct(v.get('mfu_vs_datasheet'))} | {_f(v.get('compile_s'), '.0f')} | {chk_s} |"
+            )
+        if skipped:
+            lines.append("")
+            lines.append("Not timed: " + "; ".join(f"{', '.join(names)} ({why})" for why, names in skipped.items()))
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def kernels_markdown(rep: dict[str, Any]) -> str:
+    """A short table of a ``bench_kernels`` report (fwd+bwd rows)."""
+    lines = [f"**Kernels** ({_provenance(rep)}); copy {_f(rep.get('copy', {}).get('gbps'), '.0f')} GB/s", ""]
+    lines.append("| model | op | phase | triton ms | GB/s | % copy | × compiled | × eager |")
+    lines.append("|" + "---|" * 8)
+    for r in rep.get("results", []):
+        t = r.get("triton") or {}
+        lines.append(
+            f"| {r.get('model')} | {r.get('op')} | {r.get('phase')} | {_f(t.get('ms'), '.4f')} "
+            f"| {_f(t.get('gbps'), '.0f')} | {_f(t.get('pct_of_copy'), '.0f')} "
+            f"| {_f(r.get('speedup_vs_compiled'), '.2f')} | {_f(r.get('speedup_vs_eager'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def data_markdown(rep: dict[str, Any]) -> str:
+    """A short table of a ``bench_data`` report: img/s per loader backend."""
+    lines = [
+        f"**Data** ({_provenance(rep)})",
+        "",
+        "| backend | workers | device | img/s | note |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rep.get("results", []):
+        lines.append(
+            f"| {r.get('backend')} | {r.get('workers', '–')} | {r.get('device', '–')} "
+            f"| {_f(r.get('img_per_s'), '.0f')} | {r.get('skipped', '')} |"
+        )
+    if rep.get("dali_over_best_torch") is not None:
+        lines += ["", f"DALI / best torch loader: {rep['dali_over_best_torch']:.2f}x"]
+    return "\n".join(lines)
+
+
+def markdown(reports: Sequence[dict[str, Any]]) -> str:
+    """Markdown for each report: the step benchmark's tables in full, short ones for the others."""
+    parts = []
+    for rep in reports:
+        kind = rep.get("benchmark")
+        try:
+            if kind == "bench_step":
+                parts.append(step_markdown(rep))
+            elif kind == "bench_kernels":
+                parts.append(kernels_markdown(rep))
+            elif kind == "bench_data":
+                parts.append(data_markdown(rep))
+            else:
+                what = rep.get("error") or ", ".join(sorted(k for k in rep if not k.startswith("_")))[:300]
+                parts.append(f"**{kind or 'unknown'}** `{rep.get('_path', '')}`: {what}")
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # a schema changed: say so, go on
+            parts.append(f"**{kind}** `{rep.get('_path', '')}`: cannot summarise ({type(e).__name__}: {e})")
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------- chart
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def bar_chart(reports: Sequence[dict[str, Any]], path: str | Path, width: int = 1100) -> Path | None:
+    """Horizontal bars of img/s per variant, one panel per (model, batch); ratio to HF eager on each bar.
+
+    Returns the path, or None when no report has timed variants.
+    """
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for rep in reports:
+        if rep.get("benchmark") != "bench_step":
+            continue
+        dev = rep.get("env", {}).get("device", {}).get("name", "?")
+        for s in rep.get("settings", []):
+            rows = [(n, v) for n, v in s.get("variants", {}).items() if v.get("img_s")]
+            if rows:
+                panels.append((f"{s['model']}, batch {s['batch']}, {dev}", rows, rep))
+    if not panels:
+        return None
+
+    row_h, head_h, pad, label_w = 26, 34, 16, 190
+    height = pad + 30 + sum(head_h + row_h * len(rows) + pad for _, rows, _ in panels)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    title_font, font = _font(18), _font(14)
+    first = panels[0][2]
+    git = first.get("env", {}).get("git", {})
+    title = f"MAE training step, img/s (higher is better); commit {str(git.get('commit', '?'))[:10]}"
+    if not first.get("timings_meaningful", False):
+        title += "  [SMOKE RUN: not a measurement]"
+    draw.text((pad, pad), title, fill="black", font=title_font)
+    y = pad + 30
+    bar_x0, bar_x1 = pad + label_w, width - pad - 170
+    for heading, rows, _ in panels:
+        draw.text((pad, y + 8), heading, fill="black", font=font)
+        y += head_h
+        top = max(v["img_s"] for _, v in rows)
+        for name, v in rows:
+            frac = v["img_s"] / top
+            failed = v.get("check", {}).get("ok") is False
+            if failed:
+                color = (214, 39, 40)
+            elif name.startswith("hf_"):
+                color = (150, 150, 150)
+            else:
+                color = (255, 127, 14) if name == "fm_fast" else (31, 119, 180)
+            draw.text((pad, y + 5), name, fill="black", font=font)
+            x1 = bar_x0 + max(2, int((bar_x1 - bar_x0) * frac))
+            draw.rectangle([bar_x0, y + 3, x1, y + row_h - 5], fill=color)
+            ratio = v.get("speedup_vs_hf_eager")
+            label = f"{v['img_s']:.0f}" + (f"  x{ratio:.2f}" if ratio else "")
+            if failed:
+                label += "  CHECK FAILED"
+            draw.text((x1 + 6, y + 5), label, fill="black", font=font)
+            y += row_h
+        y += pad
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="+", help="results files (missing ones are reported, not fatal)")
+    p.add_argument("--md", type=Path, help="write the markdown here (it is printed either way)")
+    p.add_argument("--png", type=Path, help="write the bar chart here")
+    args = p.parse_args(argv)
+    reports = load(args.json)
+    text = markdown(reports)
+    print(text)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text + "\n")
+    if args.png:
+        done = bar_chart(reports, args.png)
+        print(f"chart: {done}" if done else "chart: no timed variants, none drawn", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The step benchmark's harness, end to end on a tiny model (CPU: a smoke test, timings meaningless).
+
+Also: its FLOP count against PyTorch's own FLOP counter on the model's real operations, and the
+largest-batch search against a fake memory limit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import bench_step, report
+from fastmae.model import MaskedAutoencoderViT
+
+
+def _run(tmp_path: Path, *argv: str) -> tuple[dict, Path, Path]:
+    out, table, plot = tmp_path / "step.json", tmp_path / "step.md", tmp_path / "step.png"
+    bench_step.main(["--tiny", *argv, "--out", str(out), "--table", str(table), "--plot", str(plot)])
+    return json.loads(out.read_text()), table, plot
+
+
+def test_smoke_tiny_end_to_end(tmp_path: Path):
+    rep, table, plot = _run(tmp_path, "--variants", "hf_eager", "fm_ref", "fm_fused_eager", "fm_fast")
+
+    env = rep["env"]
+    assert env["git"]["commit"] and env["command"].count("--tiny") == 1
+    for pkg in ("torch", "triton", "transformers"):
+        assert env["versions"][pkg]
+    assert rep["ceilings"]["gemm"]["tflops"] > 0 and rep["ceilings"]["copy"]["gbps"] > 0
+    assert rep["tiny"] is True and rep["timings_meaningful"] is False
+
+    (setting,) = rep["settings"]
+    assert setting["status"] == "done" and setting["model"] == "tiny" and setting["batch"] == 4
+    assert setting["flops_per_image"]["train"] == 3 * setting["flops_per_image"]["forward"] > 0
+    variants = setting["variants"]
+    for name in ("hf_eager", "fm_ref", "fm_fused_eager"):
+        v = variants[name]
+        assert v["status"] == "ok", (name, v.get("reason"), v.get("traceback"))
+        assert v["img_s"] > 0 and v["step_ms"]["n"] == rep["config"]["rounds"] * rep["config"]["steps"]
+        assert v["step_ms"]["p10"] <= v["step_ms"]["median"] <= v["step_ms"]["p90"]
+        assert v["check"]["ok"], (name, v["check"])
+        assert v["mfu_vs_measured_gemm"] > 0 and v["speedup_vs_hf_eager"] > 0
+    # fp32 on CPU: the same function to rounding, far inside the bf16 tolerances
+    assert variants["fm_fused_eager"]["check"]["pred_rel_err"] < 1e-4
+    assert variants["hf_eager"]["speedup_vs_hf_eager"] == 1.0
+    if not torch.cuda.is_available():
+        assert variants["fm_fast"]["status"] == "skipped" and "CUDA" in variants["fm_fast"]["reason"]
+
+    md = table.read_text()
+    assert "| `fm_fused_eager` |" in md and "not measurements" in md
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(plot) as im:
+        assert im.width > 500 and im.height > 100
+
+
+def test_flop_count_matches_the_model_ops():
+    """The shape-derived count = PyTorch's FLOP counter on the reference path's forward (math attention).
+
+    The reference path embeds every patch (a conv over the whole image), so the counter sees the
+    useful forward work plus ``patch_embed_masked_extra``.
+    """
+    kw = bench_step.model_kwargs("tiny")
+    model = MaskedAutoencoderViT(**kw, norm_pix_loss=True, attn_backend="math")
+    flops = bench_step.train_flops_per_image(kw)
+    n = 3
+    imgs, noise = torch.randn(n, 3, kw["img_size"], kw["img_size"]), torch.rand(n, flops["L"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(imgs, 0.75, noise)
+    assert counter.get_total_flops() == n * (flops["forward"] + flops["patch_embed_masked_extra"])
+
+
+def test_flop_count_vit_b_by_hand():
+    f = bench_step.train_flops_per_image(bench_step.model_kwargs("vit_base_patch16"))
+    assert (f["L"], f["K"]) == (196, 49)
+    enc = 12 * (24 * 50 * 768**2 + 4 * 50**2 * 768)
+    dec = 8 * (24 * 197 * 512**2 + 4 * 197**2 * 512)
+    rest = 2 * 49 * 768 * 768 + 2 * 50 * 768 * 512 + 2 * 197 * 512 * 768
+    assert f["forward"] == enc + dec + rest
+    assert 55e9 < f["train"] < 60e9
+
+
+@pytest.mark.parametrize("predicted", [None, 200, 400])
+def test_find_max_batch(predicted):
+    limit = 300
+    batch, tries = bench_step.find_max_batch(lambda b: b <= limit, 64, 4096, 32, float("inf"), predicted)
+    assert batch == 288 and all(ok == (b <= limit) for b, ok in tries)
+    assert len(tries) <= 8
+
+
+def test_find_max_batch_nothing_fits_and_deadline():
+    assert bench_step.find_max_batch(lambda b: False, 64, 4096, 32, float("inf"))[0] is None
+    clock = iter(range(100))
+    batch, tries = bench_step.find_max_batch(lambda b: True, 64, 4096, 32, 2.5, clock=lambda: next(clock))
+    assert batch == 256 and len(tries) == 3  # 64, 128, 256, then the deadline
+
+
+def test_variant_groups():
+    names = [v.name for v in bench_step.resolve_variants(["main", "fm_fast_cg,hf_eager"])]
+    assert names[0] == "hf_eager" and names.count("hf_eager") == 1 and names[-1] == "fm_fast_cg"
+    assert set(bench_step.GROUPS["main"]) <= set(names)
+    with pytest.raises(SystemExit):
+        bench_step.resolve_variants(["no_such_variant"])
+
+
+def test_report_survives_missing_and_foreign_files(tmp_path: Path):
+    foreign = tmp_path / "data.json"
+    foreign.write_text(json.dumps({"benchmark": "bench_other", "images_per_s": 1.0}))
+    reps = report.load([foreign, tmp_path / "missing.json"])
+    text = report.markdown(reps)
+    assert "bench_other" in text and "unreadable" in text
+    assert report.bar_chart(reps, tmp_path / "none.png") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_smoke_tiny_cuda_compiled(tmp_path: Path):
+    """On a GPU: the compiled, fused and CUDA-graph variants run, check and report memory."""
+    rep, _, _ = _run(tmp_path, "--variants", "hf_eager", "fm_fast", "fm_fast_cg", "--no-ceilings")
+    variants = rep["settings"][0]["variants"]
+    for name in ("hf_eager", "fm_fast", "fm_fast_cg"):
+        v = variants[name]
+        assert v["status"] == "ok", (name, v.get("reason"), v.get("traceback"))
+        assert v["check"]["ok"], (name, v["check"])
+        assert v["memory"]["peak_bytes"] > v["memory"]["state_bytes"] > 0
+    assert variants["fm_fast"]["graph_breaks"] == 0
+
+
+def test_fastmae_variants_share_the_base_parameters():
+    """One parameter set and one optimizer serve every fastmae variant (memory, and equal weights)."""
+    base = bench_step.build_base("tiny", torch.device("cpu"), seed=0)
+    other = bench_step.fastmae_sharing(base, True, "math")
+    assert other.fused and other.attn_backend == "math"
+    pairs = list(zip(base.named_parameters(), other.named_parameters(), strict=True))
+    assert all(n1 == n2 and p1 is p2 for (n1, p1), (n2, p2) in pairs)
+    assert not other.pos_embed.requires_grad
