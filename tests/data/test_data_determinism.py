@@ -152,3 +152,21 @@ def test_synthetic_loader_interface():
     _assert_same(_collect(ld), batches[1:])
     with pytest.raises(DataError, match="unknown data backend"):
         build_loader("ffcv", None, batch_size=2)
+
+
+@pytest.mark.gpu
+def test_torch_loader_and_synthetic_on_cuda(demo_root):
+    """Pinned host batches copied to the GPU and cast there: same values as the CPU loader."""
+    src = open_source(demo_root)
+    cpu = _loader("torch", src)
+    gpu = _loader("torch", src, workers=2, device="cuda", dtype=torch.bfloat16)
+    cpu.set_epoch(0)
+    gpu.set_epoch(0)
+    for (xc, yc), (xg, yg) in zip(_collect(cpu, 3), _collect(gpu, 3), strict=True):
+        assert xg.is_cuda and yg.is_cuda and xg.dtype == torch.bfloat16
+        torch.testing.assert_close(xg.cpu(), xc.to(torch.bfloat16), rtol=0, atol=0)
+        torch.testing.assert_close(yg.cpu(), yc, rtol=0, atol=0)
+    gpu.close()
+    syn = build_loader("synthetic", None, batch_size=2, image_size=16, steps_per_epoch=2, device="cuda")
+    x, y = next(iter(syn))
+    assert x.is_cuda and y.is_cuda
