@@ -75,6 +75,8 @@ def test_torch_loader_independent_of_workers_and_seeded(demo_root):
     a = _loader("torch", src, workers=0)
     b = _loader("torch", src, workers=2)
     a.set_epoch(1)
+    b.set_epoch(0)
+    _collect(b, 2)  # a pass abandoned mid-epoch: its prefetched batches must not leak into the next
     b.set_epoch(1)
     ra, rb = _collect(a), _collect(b)
     b.close()  # stops the persistent workers now rather than in interpreter-exit GC
