@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t = time.perf_counter()
     root = make_demo_dataset(
-        args.root, args.n_images, (args.width, args.height), seed=0, quality=args.quality, noise=22
+        args.root, args.n_images, (args.width, args.height), seed=0, quality=args.quality, noise=22, processes=cpus
     )
     gen_s = time.perf_counter() - t
     source = open_source(root)

@@ -11,6 +11,7 @@ folder returns at once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -67,6 +68,16 @@ def render_image(rng: np.random.Generator, width: int, height: int, cls: int, no
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
+def _write_demo_image(job: tuple) -> None:
+    root, i, width, height, seed, quality, noise = job
+    rng = np.random.default_rng([seed, i])
+    cls = i % len(DEMO_CLASSES)
+    path = Path(root) / DEMO_CLASSES[cls] / f"{i:06d}.jpg"
+    tmp = path.with_suffix(".tmp")
+    render_image(rng, width, height, cls, noise).save(tmp, format="JPEG", quality=quality)
+    os.replace(tmp, path)
+
+
 def make_demo_dataset(
     root: str | os.PathLike,
     n_images: int = 512,
@@ -74,6 +85,7 @@ def make_demo_dataset(
     seed: int = 0,
     quality: int = 90,
     noise: float = 4.0,
+    processes: int | None = None,
 ) -> Path:
     """Write ``n_images`` JPEGs as ``root/<class>/<nnnnnn>.jpg`` (idempotent); returns ``root``.
 
@@ -85,6 +97,7 @@ def make_demo_dataset(
         quality: JPEG quality.
         noise: grain std in grey levels; more grain, larger and slower-to-decode JPEGs
             (``noise=22`` at 500 x 375, quality 90 gives ~105 kB per file, about ImageNet's size).
+        processes: write with this many processes (the result does not depend on it).
     """
     root = Path(root)
     width, height = (size, size) if isinstance(size, int) else size
@@ -101,13 +114,13 @@ def make_demo_dataset(
         manifest.unlink()
     for c in DEMO_CLASSES:
         (root / c).mkdir(parents=True, exist_ok=True)
-    for i in range(n_images):
-        rng = np.random.default_rng([seed, i])
-        cls = i % len(DEMO_CLASSES)
-        path = root / DEMO_CLASSES[cls] / f"{i:06d}.jpg"
-        tmp = path.with_suffix(".tmp")
-        render_image(rng, width, height, cls, noise).save(tmp, format="JPEG", quality=quality)
-        os.replace(tmp, path)
+    jobs = [(str(root), i, width, height, seed, quality, noise) for i in range(n_images)]
+    if processes is not None and processes > 1 and n_images >= 64:
+        with concurrent.futures.ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_write_demo_image, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _write_demo_image(job)
     manifest.write_text(json.dumps(params))
     return root
 
