@@ -53,7 +53,6 @@ flagged ``check.ok = false`` in the JSON and the table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import inspect
@@ -62,7 +61,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +322,19 @@ def make_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch.
         return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), foreach=True), "AdamW(foreach=True)"
 
 
+def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (Adam's moments) with one step on zero grads; grads left as None.
+
+    AdamW on a zero grad changes a weight only by its decay (lr * wd, ~1e-5 relative): harmless for
+    timing, and the correctness checks have already run.
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     """Bytes of the parameters and the optimizer state (the memory a variant holds between steps)."""
     n = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -351,27 +363,11 @@ class Runner:
         # cudagraph trees need to know where a step begins (outputs of the last replay may be reused)
         self.mark_step = variant.cudagraphs and device.type == "cuda"
 
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp))
-            if self.variant.sdpa_kernel:
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                backend = {
-                    "flash": SDPBackend.FLASH_ATTENTION,
-                    "cudnn": SDPBackend.CUDNN_ATTENTION,
-                    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                    "math": SDPBackend.MATH,
-                }[self.variant.sdpa_kernel]
-                stack.enter_context(sdpa_kernel([backend]))
-            yield
-
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and prediction ``(N, L, P*P*C)`` under the variant's context (autocast, SDPA kernel)."""
+        """Loss and prediction ``(N, L, P*P*C)`` under bf16 autocast (when on)."""
         if self.mark_step:
             torch.compiler.cudagraph_mark_step_begin()
-        with self.context():
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             if self.variant.impl == "hf":
                 out = self.module(pixel_values=imgs, noise=noise)
                 return out.loss, out.logits
@@ -399,6 +395,35 @@ class Runner:
         """L2 norm of all gradients (the same for HF's split q/k/v as for the fused qkv)."""
         grads = [p.grad.float() for p in self.eager.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+class ForcedSdpaKernel(torch.nn.Module):
+    """Runs ``inner`` with one SDPA kernel allowed (``torch.nn.attention.sdpa_kernel``).
+
+    The context is entered *inside* the module, so a compiled variant traces it and its graph is
+    keyed on it: with the context outside, dynamo could reuse another instance's graph (parameters
+    are graph inputs, so same-shaped fastmae instances share compiled code) that chose another kernel.
+    """
+
+    KERNELS = ("flash", "cudnn", "efficient", "math")
+
+    def __init__(self, inner: torch.nn.Module, kernel: str):
+        super().__init__()
+        from torch.nn.attention import SDPBackend
+
+        self.inner = inner
+        self.backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[kernel]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([self.backend]):
+            return self.inner(*args, **kwargs)
 
 
 def compile_module(module: torch.nn.Module, mode: str, fullgraph: bool, backend: str) -> torch.nn.Module:
@@ -429,6 +454,13 @@ def graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
+
+
+def unique_graphs() -> int:
+    """Graphs dynamo has compiled so far; a variant adding none reused another instance's graph."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def why_skip(v: Variant, device: torch.device, args: argparse.Namespace) -> str | None:
@@ -466,9 +498,9 @@ def build_runner(
         eager = fam.model
     else:
         eager = fastmae_sharing(base, v.fused, v.attn)
-    module = eager
+    module = ForcedSdpaKernel(eager, v.sdpa_kernel) if v.sdpa_kernel else eager
     if v.compile:
-        module = compile_module(eager, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)
+        module = compile_module(module, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)
     return Runner(v, module, eager, fam.opt, device, amp=device.type == "cuda" and not args.no_amp)
 
 
@@ -690,7 +722,7 @@ class Setting:
                 vr.update(status="failed", reason=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc())
                 self._drop(v)
             else:
-                if v.compile and "compile_s" in vr:
+                if v.compile and vr.get("compile_s"):
                     compile_estimates.append(vr["compile_s"])
             self.save()
         del ref
@@ -721,7 +753,7 @@ class Setting:
 
     def _setup_variant(self, v: Variant, vr: dict[str, Any], ref: dict[str, Any] | None) -> None:
         args, device = self.args, self.device
-        gb0 = graph_breaks()
+        gb0, ug0 = graph_breaks(), unique_graphs()
         r = build_runner(v, self.families, self.base, device, args)
         vr["attn_backend"] = getattr(r.eager, "attn_backend", "sdpa (HF)")
         if v.compile:
@@ -746,17 +778,26 @@ class Setting:
         del out
         if v.compile:
             vr["graph_breaks"] = graph_breaks() - gb0
+            # 0: same-shaped, same-switch instance's graph reused (parameters are graph inputs)
+            vr["new_graphs"] = unique_graphs() - ug0
 
         self.runners[v.name] = r
         self.inputs[v.name] = inputs
         vr["status"] = "checked"
-        vr["compile_s"] = vr["first_step_s"] if v.compile else 0.0  # refined once a steady step is timed
+        if isinstance(self.batch, int):
+            vr["compile_s"] = vr["first_step_s"] if v.compile else 0.0  # refined once a steady step is timed
+        else:
+            vr["compile_s"] = None  # the search compiled it at every batch it tried
 
     def warm_up(self) -> None:
         """Warm-up steps of every built variant (a CUDA-graph variant records here); memory measured on them.
 
         Runs after every variant's check, since the optimizer steps here change the shared weights.
+        The optimizer state is created first, outside the measured steps, so that the first variant
+        of each family is not charged for it twice (as state and as a rise within its step).
         """
+        for fam in self.families.values():
+            init_optimizer_state(fam.opt)
         for name in list(self.runners):
             r, v = self.runners[name], self.runners[name].variant
             vr = self.rec["variants"][name]
@@ -889,7 +930,7 @@ class Setting:
                 mfu_vs_datasheet=tflops / self.rec["_datasheet"] if self.rec.get("_datasheet") else None,
                 mfu_vs_h100_sxm_datasheet=tflops / common.H100_SXM_BF16_TFLOPS,
             )
-            if vr.get("first_step_s") is not None and vr["spec"]["compile"]:
+            if vr.get("first_step_s") is not None and vr["spec"]["compile"] and isinstance(self.batch, int):
                 vr["compile_s"] = max(vr["first_step_s"] - s["median"] / 1e3, 0.0)
         self._ratios()
 
