@@ -165,24 +165,52 @@ def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any
 # ------------------------------------------------------------------------------------------ run dir
 
 
-def resolve_run_dir(cfg: Config) -> Path:
-    """``cfg.run_dir``, else ``runs/<preset>`` (or the first free ``runs/<preset>-N``; with
-    ``--resume auto`` the newest of them that holds a checkpoint)."""
+def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume from or None).
+
+    The run directory is ``cfg.run_dir``; else the folder of a ``--resume PATH`` checkpoint; else
+    ``runs/<preset>``, or the first ``runs/<preset>-N`` that holds no run yet (with ``--resume
+    auto``: the one whose newest checkpoint is the most recent).
+    """
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
         if not cfg.resume and ckpt.list_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
-        return run_dir
-    base = Path("runs") / cfg.preset
-    candidates = [base] + sorted(base.parent.glob(f"{base.name}-*"), key=lambda p: p.stat().st_mtime)
+    elif cfg.resume not in ("", "auto"):
+        run_dir = Path(cfg.resume).parent
+    else:
+        base = Path("runs") / cfg.preset
+        runs = [p for p in [base, *base.parent.glob(f"{base.name}-*")] if ckpt.list_checkpoints(p)]
+        if cfg.resume == "auto" and runs:
+            run_dir = max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1][1].stat().st_mtime)
+        else:
+            n = 1
+            while ckpt.list_checkpoints(base if n == 1 else Path(f"{base}-{n}")):
+                n += 1
+            run_dir = base if n == 1 else Path(f"{base}-{n}")
     if cfg.resume == "auto":
-        with_ckpt = [p for p in candidates if ckpt.list_checkpoints(p)]
-        if with_ckpt:
-            return max(with_ckpt, key=lambda p: ckpt.list_checkpoints(p)[-1][1].stat().st_mtime)
-    n = 1
-    while ckpt.list_checkpoints(base if n == 1 else Path(f"{base}-{n}")):
-        n += 1
-    return base if n == 1 else Path(f"{base}-{n}")
+        found = ckpt.list_checkpoints(run_dir)
+        return run_dir, (found[-1][1] if found else None)
+    return run_dir, Path(cfg.resume) if cfg.resume else None
+
+
+def check_resumable(state: dict[str, Any], cfg: Config, eff_batch: int, loader: Any) -> None:
+    """Refuse a checkpoint whose data order or step size differs from this run's.
+
+    The world size and the accumulation may change (a step's images and noise depend only on the
+    seed, the step and the effective batch), so 8 GPUs can resume on 4 with ``accum_iter`` doubled.
+    """
+    saved = state["loader"]
+    if saved["seed"] != cfg.seed or saved["num_samples"] != loader.plan.num_samples:
+        raise DataError(
+            f"the checkpoint was trained on {saved['num_samples']} images with seed {saved['seed']}; "
+            f"this run has {loader.plan.num_samples} with seed {cfg.seed}: the data order would differ"
+        )
+    if state["effective_batch"] != eff_batch:
+        raise ConfigError(
+            f"the checkpoint was trained with effective batch {state['effective_batch']}, this run's is "
+            f"{eff_batch}: set --effective-batch {state['effective_batch']} (or --batch-size / --accum-iter)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -199,13 +227,15 @@ def train(cfg: Config) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    run_dir = Path(distributed.broadcast_object(str(resolve_run_dir(cfg)) if main else None))
-    resume_path = None
-    if cfg.resume == "auto":
-        found = ckpt.list_checkpoints(run_dir)
-        resume_path = found[-1][1] if found else None
-    elif cfg.resume:
-        resume_path = Path(cfg.resume)
+    # rank 0 decides (one view of the file system), every rank gets its answer or its error
+    try:
+        decided = resolve_run_dir(cfg) if main else None
+    except ConfigError as e:
+        decided = e
+    decided = distributed.broadcast_object(decided)
+    if isinstance(decided, ConfigError):
+        raise decided
+    run_dir, resume_path = decided
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -232,16 +262,17 @@ def train(cfg: Config) -> TrainResult:
 
     step = 0
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, map_location=device) if resume_path.is_file() else None
-        if state is None:  # the newest did not load (damaged): fall back to the one before
+        if cfg.resume == "auto":  # the newest that loads (a damaged one is skipped with a warning)
             loaded = ckpt.load_latest(run_dir, map_location=device)
             if loaded is None:
                 raise ConfigError(f"no loadable checkpoint in {run_dir}")
             resume_path, state = loaded
+        else:
+            state = ckpt.load_checkpoint(resume_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])  # refuses a different data order (seed, batch, world)
+        check_resumable(state, cfg, eff_batch, loader)
         ckpt.set_rng_state(state["rng"])
         step = int(state["step"])
         del state
@@ -410,6 +441,7 @@ def train(cfg: Config) -> TrainResult:
                             "rng": ckpt.rng_state(),
                             "config": cfg.to_dict(),
                             "world_size": world,
+                            "effective_batch": eff_batch,
                         }
                         result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
                     else:

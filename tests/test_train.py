@@ -125,13 +125,21 @@ def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path):
         assert la == pytest.approx(lb, rel=1e-6, abs=0), f"step {s} (killed after {seen} steps)"
 
 
-def test_resume_of_a_finished_run_and_a_longer_schedule(tiny_data, tmp_path, capsys):
+def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsys):
+    """A run stopped after 8 steps continues as batch 4 x accum 2: the losses of batch 8 throughout."""
+    main(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "2"))
     run = tmp_path / "run"
-    main(tiny_args(tiny_data, run, "--epochs", "1"))
-    assert main(tiny_args(tiny_data, run, "--epochs", "1")) == 2  # holds a run: refuses to overwrite it
+    assert main(tiny_args(tiny_data, run, "--epochs", "2", "--max-steps", "8")) == 0
+    assert main(tiny_args(tiny_data, run, "--epochs", "2")) == 2  # holds a run: refuses to overwrite it
     assert "--resume auto" in capsys.readouterr().err
-    assert main(tiny_args(tiny_data, run, "--epochs", "2", "--resume", "auto")) == 0
-    assert [s for s, _ in losses(run)] == list(range(1, 17))
+    bad = tiny_args(tiny_data, run, "--epochs", "2", "--batch-size", "4", "--resume", "auto")
+    assert main(bad) == 2  # another effective batch would be another run
+    assert "--effective-batch 8" in capsys.readouterr().err
+    assert main([*bad, "--accum-iter", "2"]) == 0
+    resumed, reference = losses(run), losses(tmp_path / "ref")
+    assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, 17))
+    for (s, a), (_, b) in zip(resumed, reference, strict=True):
+        assert a == pytest.approx(b, rel=1e-5), f"step {s}"
 
 
 def test_nonfinite_loss_stops_the_run_with_a_hint(tiny_data, tmp_path, capsys):
