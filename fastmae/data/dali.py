@@ -34,6 +34,7 @@ without it raises a one-line :class:`~fastmae.data.sources.DataError`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import struct
@@ -141,22 +142,50 @@ def _png_bytes(path: str) -> bytes:
     return buf.getvalue()
 
 
+def _read_bytes(path: str) -> bytes | Exception:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except Exception as exc:  # reported by the caller, like any unreadable file
+        return exc
+
+
 class _Feeder:
-    """The ``external_source`` callable: one call = one step's host batch, in plan order."""
+    """The ``external_source`` callable: one call = one step's host batch, in plan order.
+
+    The files of the next step are read ahead on the loader's I/O threads (reads release the
+    GIL; on network file systems per-file latency, not bandwidth, is what limits a serial read).
+    """
 
     def __init__(self, loader: DaliLoader, epoch: int, steps: range):
         self.loader = loader
         self.epoch = epoch
-        self.steps = iter(steps)
+        self.steps = steps
+        self.pos = 0
         self.inflight: deque[tuple[int, list[int]]] = deque()  # (step, dataset indices fed)
+        self.ahead: dict[int, list] = {}
+
+    def _read_ahead(self, step: int) -> list:
+        ld = self.loader
+        paths = [ld.source.samples[int(i)][0] for i in ld.plan.batch_indices(self.epoch, step)]
+        return [ld._io_pool().submit(_read_bytes, p) for p in paths]
 
     def __call__(self):
-        step = next(self.steps)  # StopIteration ends DALI's epoch
+        if self.pos >= len(self.steps):
+            raise StopIteration  # ends DALI's epoch
+        step = self.steps[self.pos]
+        self.pos += 1
         ld = self.loader
         idx = ld.plan.batch_indices(self.epoch, step)
+        if ld.io_threads > 0:
+            reads = [r.result() for r in self.ahead.pop(step, None) or self._read_ahead(step)]
+            if self.pos < len(self.steps):
+                self.ahead[self.steps[self.pos]] = self._read_ahead(self.steps[self.pos])
+        else:
+            reads = [None] * len(idx)
         enc, anchors, shapes, flips, labels, used = [], [], [], [], [], []
-        for index in idx:
-            data, params, j = ld._prepare(self.epoch, int(index))
+        for index, read in zip(idx, reads, strict=True):
+            data, params, j = ld._prepare(self.epoch, int(index), read)
             enc.append(np.frombuffer(data, dtype=np.uint8))
             anchors.append((params.left, params.top))
             shapes.append((params.width, params.height))
@@ -190,6 +219,7 @@ class DaliLoader(ScheduledLoader):
         report_dir: folder for ``bad_files.txt`` (None: log only).
         scale, ratio: RandomResizedCrop bounds.
         hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100) in mixed mode.
+        io_threads: threads reading the next batch's files ahead (0: read in the feeding thread).
 
     Iterating yields ``(images [B, 3, S, S] dtype on device, labels [B] int64 on device)``.
     """
@@ -211,6 +241,7 @@ class DaliLoader(ScheduledLoader):
         scale: tuple[float, float] = CROP_SCALE,
         ratio: tuple[float, float] = CROP_RATIO,
         hw_decoder_load: float = 0.65,
+        io_threads: int = 4,
     ):
         self._fn, self._types, self._pipeline_def = _require_dali()
         super().__init__(EpochPlan(len(source), batch_size, seed, rank, world_size))
@@ -229,16 +260,26 @@ class DaliLoader(ScheduledLoader):
         self.bad_files.extend((p, "missing") for p in source.missing)
         self._bad_idx: set[int] = set()  # dataset indices known unreadable
         self._host_decode: set[int] = set()  # readable by PIL, not by DALI
+        self.io_threads = io_threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.rebuilds = 0  # pipelines rebuilt after a decode failure
 
     # ---- host side -------------------------------------------------------------------------
+
+    def _io_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.io_threads, thread_name_prefix="fastmae-io")
+        return self._pool
 
     def _mark_bad(self, j: int, reason: str) -> None:
         self._bad_idx.add(j)
         self.bad_files.add(self.source.samples[j][0], reason)
 
-    def _prepare(self, epoch: int, index: int):
-        """Encoded bytes, crop params and the dataset index actually used for slot ``index``."""
+    def _prepare(self, epoch: int, index: int, first: bytes | Exception | None = None):
+        """Encoded bytes, crop params and the dataset index actually used for slot ``index``.
+
+        ``first``: the bytes of ``index``'s own file when already read (or the read's error).
+        """
         samples = self.source.samples
         for attempt, j in candidates(self.plan.seed, epoch, index, len(samples)):
             if j in self._bad_idx:
@@ -248,8 +289,9 @@ class DaliLoader(ScheduledLoader):
                 if j in self._host_decode:
                     data = _png_bytes(path)
                 else:
-                    with open(path, "rb") as f:
-                        data = f.read()
+                    data = first if attempt == 0 and first is not None else _read_bytes(path)
+                    if isinstance(data, Exception):
+                        raise data
                     if _looks_truncated(data):
                         load_rgb(path)  # PIL decides; a clean decode means trailing bytes only
                 h, w = _header_size(data)
@@ -410,4 +452,13 @@ class DaliLoader(ScheduledLoader):
                 del pipe
 
     def close(self) -> None:
-        pass
+        """Stop the read-ahead threads (they restart if the loader is iterated again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> DaliLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -14,6 +14,7 @@ as torchvision's loader does) via ``Image.convert``; 16-bit grayscale by keeping
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ class CropParams:
     flip: bool
 
 
+@functools.lru_cache(maxsize=8)
+def _log_ratio(ratio: tuple[float, float]) -> torch.Tensor:
+    return torch.log(torch.tensor(ratio))
+
+
 def rrc_params(
     height: int,
     width: int,
@@ -65,7 +71,7 @@ def rrc_params(
     Returns ``(top, left, crop_height, crop_width)``.
     """
     area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
+    log_ratio = _log_ratio(tuple(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
         # exp in float32 as torchvision does: a float64 exp can round a boundary case differently
