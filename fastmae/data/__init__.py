@@ -11,6 +11,7 @@ Public API::
         for images, labels in loader:           # [B, 3, S, S] dtype on device, [B] int64
             ...
         saved = loader.state_dict()             # {"epoch", "step", ...}: exact resume point
+    loader.close()                              # stops workers / I/O threads (or `with loader:`)
 
 Determinism: the batch a rank gets at (epoch, step) is a pure function of (seed, epoch, step,
 rank, world_size) and the source: see :mod:`fastmae.data.sampling` for the order, sharding
