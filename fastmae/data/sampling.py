@@ -111,13 +111,27 @@ class EpochPlan:
         start = step * self.global_batch + self.rank * self.batch_size
         return self.permutation(epoch)[start : start + self.batch_size]
 
-    def check_resume(self, state: dict) -> None:
-        """Refuse a loader state saved under a schedule that would give different batches."""
-        for key in ("num_samples", "batch_size", "seed", "world_size"):
+    def resume_step(self, state: dict) -> int:
+        """The step of this plan that continues a saved loader state exactly.
+
+        The image sequence and each image's crop depend only on (seed, epoch, position in the
+        epoch's permutation), so a state saved under another world size or per-rank batch
+        resumes exactly when the global batches line up: the saved position
+        (``step * global_batch``) must be a multiple of this plan's global batch.
+        """
+        for key in ("num_samples", "seed"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(
                     f"cannot resume the data order exactly: saved {key}={state[key]}, now {getattr(self, key)}"
                 )
+        saved_global = int(state.get("global_batch", state.get("batch_size", 0) * state.get("world_size", 1)))
+        position = int(state["step"]) * (saved_global or self.global_batch)
+        if position % self.global_batch:
+            raise DataError(
+                f"cannot resume the data order exactly: {position} images into the epoch is not a whole "
+                f"number of global batches of {self.global_batch}"
+            )
+        return position // self.global_batch
 
 
 class ScheduledLoader:
@@ -156,11 +170,12 @@ class ScheduledLoader:
             "num_samples": p.num_samples,
             "batch_size": p.batch_size,
             "world_size": p.world_size,
+            "global_batch": p.global_batch,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.plan.check_resume(state)
-        self.set_epoch(int(state["epoch"]), int(state["step"]))
+        """Continue a saved state, also across world sizes / batch sizes (see ``EpochPlan.resume_step``)."""
+        self.set_epoch(int(state["epoch"]), self.plan.resume_step(state))
 
     def _steps(self) -> range:
         """The steps the next pass covers; the pass then advances ``self.step`` as it yields."""

@@ -113,14 +113,31 @@ def test_resume_mid_epoch_equals_uninterrupted(demo_root, backend):
     _assert_same(_collect(direct), whole[17:])
 
 
-def test_resume_refuses_a_different_schedule(demo_root):
+def test_resume_across_batch_and_world_size(demo_root):
+    """Same global position, other world size / per-rank batch: the same images with the same crops."""
     src = open_source(demo_root)
-    state = _loader("torch", src).state_dict()
-    other = build_loader("torch", src, batch_size=2, image_size=32, num_workers=0)
-    with pytest.raises(DataError, match="batch_size=4, now 2"):
-        other.load_state_dict(state)
-    with pytest.raises(DataError, match="start step 21 outside"):
-        other.set_epoch(0, start_step=len(other) + 1)
+    one = build_loader("torch", src, batch_size=8, image_size=32, num_workers=0)
+    one.set_epoch(3)
+    ref = _collect(one)  # 5 global batches of 8
+    small = build_loader("torch", src, batch_size=4, image_size=32, num_workers=0)
+    small.set_epoch(3)
+    _collect(small, 4)  # 16 images in
+    ranks = [TorchLoader(src, 2, 32, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(small.state_dict())
+        assert (r.epoch, r.step) == (3, 4)
+    (a0, a1), (b0, b1) = [[x for x, _ in _collect(r, 2)] for r in ranks]  # 2 steps of 2 x 2 images
+    torch.testing.assert_close(torch.cat([a0, b0, a1, b1]), ref[2][0], rtol=0, atol=0)
+    big = build_loader("torch", src, batch_size=8, image_size=32, num_workers=0)
+    big.load_state_dict(small.state_dict())  # 16 images = 2 global batches of 8
+    _assert_same(_collect(big), ref[2:])
+    small.set_epoch(3, start_step=3)  # 12 images: not a whole number of batches of 8
+    with pytest.raises(DataError, match="not a whole number of global batches of 8"):
+        big.load_state_dict(small.state_dict())
+    with pytest.raises(DataError, match="saved seed=0, now 1"):
+        build_loader("torch", src, batch_size=8, seed=1, num_workers=0).load_state_dict(one.state_dict())
+    with pytest.raises(DataError, match="start step 6 outside"):
+        big.set_epoch(0, start_step=len(big) + 1)
 
 
 def test_two_ranks_partition_each_global_batch(demo_root):
