@@ -709,7 +709,10 @@ class Setting:
                 vr.update(status="skipped", reason=reason)
                 continue
             if v.compile:
-                est = max(compile_estimates, default=args.compile_estimate)
+                # The first compile is tried whenever time is left before the timing reserve (the
+                # stage's own timeout guards it); later ones only when the longest compile measured
+                # so far in this setting would still fit.
+                est = max(compile_estimates, default=0.0)
                 if time.monotonic() + est > self.deadline - self._timing_reserve:
                     vr.update(status="skipped", reason=f"time budget (compile estimated {est:.0f} s)")
                     continue
@@ -985,7 +988,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-compile", action="store_true", help="run the compiled variants on CPU too")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (e.g. aot_eager for a smoke)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later variants and rounds are dropped")
-    p.add_argument("--compile-estimate", type=float, default=60.0, help="seconds a compile is assumed to take")
     p.add_argument(
         "--timing-reserve", type=float, default=None, help="seconds of the budget kept for timing (default 20%%)"
     )

@@ -11,16 +11,19 @@
 #     run.log env.json kernels.json step_vit_base.json step_vit_large.json data.json report.md step.png
 #
 # Budget, profile "main" (seconds; each stage has its own `timeout`; sum 480 = 8 min):
-#     env 10 | install 25 | gpu tests 70 (marked gpu 25 + kernels and fast path on CUDA 45)
-#     | kernels 50 | step ViT-B 155 | step ViT-L 140 | data 20 | report 10
-# The step stages end themselves 15 s before their timeout (--time-budget): a variant whose compile
-# is estimated not to fit before the timing reserve is skipped (recorded in the JSON, in priority
-# order: hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager), and rounds stop when the next one
-# would not fit. torch.compile of a ViT training step takes on the order of a minute (ViT-L more);
-# the main variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds.
+#     env 10 | install 25 | gpu tests 90 (gpu-marked 50 + device-fixture tests on CUDA 40)
+#     | kernels 50 | step ViT-B 145 | step ViT-L 130 | data 20 | report 10
+# The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
+# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager); the first compile is
+# always tried, a later one is skipped (and recorded so in the JSON) when the longest compile
+# measured so far would run into the 20 s kept for timing; rounds stop when the next would not fit.
+# torch.compile of a ViT training step takes on the order of a minute (ViT-L more); the main
+# variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds. A step at
+# batch 256 is ~0.05-0.1 s (ViT-B, 58 GFLOP/img) and ~0.1-0.2 s (ViT-L, 123 GFLOP/img) at 30-50% MFU,
+# so 5 variants x (3 + 50) steps fit in the reserve.
 #
-# Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 470):
-#     env 10 | install 30 | step ViT-B ablations 280 | step ViT-B largest batch 140 | report 10
+# Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 475):
+#     env 10 | install 25 | step ViT-B ablations 290 | step ViT-B largest batch 140 | report 10
 #     (files: run.log env.json step_ablations.json step_max_batch.json report.md step.png)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead.
 #
@@ -59,6 +62,75 @@ skip() {
   SUMMARY+=("$(printf '%-22s skipped: %s' "$1" "$2")")
 }
 
+step() {  # step NAME BUDGET_S OUT_JSON BENCH_STEP_ARGS...
+  local name=$1 budget=$2 out=$3
+  shift 3
+  stage "$name" "$budget" "$PY" -m benchmarks.bench_step "$@" --time-budget $((budget - 15)) --out "$out"
+}
+
+main_profile() {
+  # (3) GPU tests: the gpu-marked tests (slow ones left out), then the tests that take the `device`
+  # fixture, which run on CUDA there (kernels, fast path vs reference path, attention backends).
+  local device_tests=(tests/kernels tests/test_fast_path.py tests/test_attention.py)
+  if [ "$DRY" = 1 ]; then
+    stage tests-gpu 50 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/
+    stage tests-device 40 "$PY" -m pytest -q -p no:cacheprovider --co "${device_tests[@]}"
+  else
+    stage tests-gpu 50 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/ --durations=5
+    stage tests-device 40 "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
+      --durations=5
+  fi
+
+  # (4) kernel benchmark (the kernels engineer's; its own flags)
+  if [ -f benchmarks/bench_kernels.py ]; then
+    local kargs=(--out "$OUT/kernels.json")
+    [ "$DRY" = 1 ] && kargs+=(--smoke --no-compile)
+    stage kernels 50 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
+  else
+    skip kernels "benchmarks/bench_kernels.py not in this tree"
+  fi
+
+  # (5) step benchmark, ViT-B first
+  if [ "$DRY" = 1 ]; then
+    step step-vit-base 145 "$OUT/step_vit_base.json" --tiny --variants main
+    step step-vit-large 130 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
+  else
+    step step-vit-base 145 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
+      --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 20
+    step step-vit-large 130 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
+      --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 20
+  fi
+
+  # (6) data benchmark (the data engineer's; --out if it takes one, extra flags from FASTMAE_DATA_ARGS)
+  if [ -f benchmarks/bench_data.py ]; then
+    local help dargs=()
+    help="$("$PY" benchmarks/bench_data.py --help 2>&1 || true)"
+    grep -q -- "--out" <<<"$help" && dargs+=(--out "$OUT/data.json")
+    [ "$DRY" = 1 ] && grep -q -- "--smoke" <<<"$help" && dargs+=(--smoke)
+    # shellcheck disable=SC2206  # word splitting wanted: extra flags
+    dargs+=(${FASTMAE_DATA_ARGS:-})
+    stage data 20 "$PY" benchmarks/bench_data.py "${dargs[@]}"
+  else
+    skip data "benchmarks/bench_data.py not in this tree"
+  fi
+  REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/step_vit_large.json")
+}
+
+ablations_profile() {
+  if [ "$DRY" = 1 ]; then
+    step step-ablations 290 "$OUT/step_ablations.json" --tiny --variants ablations
+    step step-max-batch 140 "$OUT/step_max_batch.json" --tiny --batch 4 max --variants hf_eager fm_ref
+  else
+    # shellcheck disable=SC2086  # word splitting wanted: a list of variant names
+    step step-ablations 290 "$OUT/step_ablations.json" --models vit_base_patch16 --batch 256 \
+      --variants ${FASTMAE_STEP_VARIANTS:-ablations} --warmup 3 --steps 8 --rounds 4 --timing-reserve 25
+    # the largest batch: 256 first (its memory per image predicts where the search starts), then max
+    step step-max-batch 140 "$OUT/step_max_batch.json" --models vit_base_patch16 --batch 256 max \
+      --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
+  fi
+  REPORTS=("$OUT/step_ablations.json" "$OUT/step_max_batch.json")
+}
+
 main() {
   echo "fastmae device run: profile $PROFILE, dry run $DRY, OUT=$OUT, $(date -u +%FT%TZ)"
 
@@ -72,81 +144,16 @@ main() {
     stage install 25 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
   fi
 
-  if [ "$PROFILE" = main ]; then
-    # (3) GPU tests: the gpu-marked tests (slow ones left out), then the tests taking the `device`
-    # fixture, which run on CUDA there (kernels, fast path vs reference path).
-    if [ "$DRY" = 1 ]; then
-      stage tests-gpu 25 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/
-      stage tests-kernels 45 "$PY" -m pytest -q -p no:cacheprovider --co tests/kernels tests/test_fast_path.py
-    else
-      stage tests-gpu 25 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests/ --durations=5
-      stage tests-kernels 45 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/kernels tests/test_fast_path.py --durations=5
-    fi
-
-    # (4) kernel benchmark (the kernels engineer's; its own flags)
-    if [ -f benchmarks/bench_kernels.py ]; then
-      kargs=(--out "$OUT/kernels.json")
-      [ "$DRY" = 1 ] && kargs+=(--smoke --no-compile)
-      stage kernels 50 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
-    else
-      skip kernels "benchmarks/bench_kernels.py not in this tree"
-    fi
-
-    # (5) step benchmark, ViT-B first
-    if [ "$DRY" = 1 ]; then
-      stage step-vit-base 155 "$PY" -m benchmarks.bench_step --tiny --variants main --time-budget 60 \
-        --out "$OUT/step_vit_base.json"
-      stage step-vit-large 140 "$PY" -m benchmarks.bench_step --tiny --variants hf_eager fm_ref --time-budget 60 \
-        --out "$OUT/step_vit_large.json"
-    else
-      stage step-vit-base 155 "$PY" -m benchmarks.bench_step --models vit_base_patch16 --batch 256 \
-        --variants main --warmup 2 --steps 8 --rounds 5 --time-budget 140 --timing-reserve 25 \
-        --compile-estimate 60 \
-        --out "$OUT/step_vit_base.json"
-      stage step-vit-large 140 "$PY" -m benchmarks.bench_step --models vit_large_patch16 --batch 256 \
-        --variants main --warmup 2 --steps 6 --rounds 4 --time-budget 125 --timing-reserve 30 \
-        --compile-estimate 80 --out "$OUT/step_vit_large.json"
-    fi
-
-    # (6) data benchmark (the data engineer's; --out if it takes one, extra flags from FASTMAE_DATA_ARGS)
-    if [ -f benchmarks/bench_data.py ]; then
-      help="$("$PY" benchmarks/bench_data.py --help 2>&1 || true)"
-      dargs=()
-      grep -q -- "--out" <<<"$help" && dargs+=(--out "$OUT/data.json")
-      [ "$DRY" = 1 ] && grep -q -- "--smoke" <<<"$help" && dargs+=(--smoke)
-      # shellcheck disable=SC2206
-      dargs+=(${FASTMAE_DATA_ARGS:-})
-      stage data 20 "$PY" benchmarks/bench_data.py "${dargs[@]}"
-    else
-      skip data "benchmarks/bench_data.py not in this tree"
-    fi
-    reports=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/step_vit_large.json")
-
-  elif [ "$PROFILE" = ablations ]; then
-    if [ "$DRY" = 1 ]; then
-      stage step-ablations 280 "$PY" -m benchmarks.bench_step --tiny --variants ablations --time-budget 60 \
-        --out "$OUT/step_ablations.json"
-      stage step-max-batch 140 "$PY" -m benchmarks.bench_step --tiny --batch 4 max --variants hf_eager fm_ref \
-        --time-budget 60 --out "$OUT/step_max_batch.json"
-    else
-      # shellcheck disable=SC2086
-      stage step-ablations 280 "$PY" -m benchmarks.bench_step --models vit_base_patch16 --batch 256 \
-        --variants ${FASTMAE_STEP_VARIANTS:-ablations} --warmup 3 --steps 8 --rounds 3 --time-budget 265 --compile-estimate 60 \
-        --out "$OUT/step_ablations.json"
-      # the largest batch: 256 first (its memory per image predicts the search's start), then max
-      stage step-max-batch 140 "$PY" -m benchmarks.bench_step --models vit_base_patch16 --batch 256 max \
-        --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --time-budget 125 --max-batch-seconds 50 \
-        --out "$OUT/step_max_batch.json"
-    fi
-    reports=("$OUT/step_ablations.json" "$OUT/step_max_batch.json")
-  else
-    echo "unknown FASTMAE_DEVICE_PROFILE=$PROFILE (main | ablations)"
-    reports=()
-  fi
+  REPORTS=()
+  case "$PROFILE" in
+    main) main_profile ;;
+    ablations) ablations_profile ;;
+    *) echo "unknown FASTMAE_DEVICE_PROFILE=$PROFILE (main | ablations)" ;;
+  esac
 
   # (7) the short table, last (the run tool returns the end of the output)
-  existing=()
-  for f in "${reports[@]}"; do [ -f "$f" ] && existing+=("$f"); done
+  local existing=() f
+  for f in "${REPORTS[@]}"; do [ -f "$f" ] && existing+=("$f"); done
   if [ "${#existing[@]}" -gt 0 ]; then
     stage report 10 "$PY" benchmarks/report.py "${existing[@]}" --md "$OUT/report.md" --png "$OUT/step.png"
   else
@@ -154,6 +161,7 @@ main() {
   fi
 
   rm -f "$OUT"/*.tmp
+  local n_files
   n_files=$(find "$OUT" -type f | wc -l)
   echo
   echo "=== stages (total $((SECONDS - T0)) s; $n_files files in \$OUT, at most 8 come back)"

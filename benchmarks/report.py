@@ -82,18 +82,19 @@ def step_markdown(rep: dict[str, Any]) -> str:
         lines.append("|" + "---|" * 12)
         skipped: dict[str, list[str]] = {}
         for name, v in s.get("variants", {}).items():
-            if not v.get("img_s"):
+            if not v.get("img_s") and "check" not in v:  # neither timed nor checked
                 why = f"{v.get('status')}: {v.get('reason', '')[:160]}"
                 skipped.setdefault(why, []).append(f"`{name}`")
                 continue
-            st = v["step_ms"]
+            st = v.get("step_ms")
+            step = f"{st['median']:.1f} [{st['p10']:.1f}–{st['p90']:.1f}]" if st else f"not timed ({v.get('status')})"
             chk = v.get("check")
             chk_s = "–" if chk is None else ("ok" if chk["ok"] else f"**FAIL** (pred {chk['pred_rel_err']:.1e})")
             mem = v.get("memory", {})
             lines.append(
-                f"| `{name}` | {v.get('batch')} | {v['img_s']:.0f} | {_f(v.get('speedup_vs_hf_eager'), '.2f')} "
-                f"| {_f(v.get('speedup_vs_hf_compile'), '.2f')} "
-                f"| {st['median']:.1f} [{st['p10']:.1f}–{st['p90']:.1f}] | {_f(mem.get('peak_gib'), '.1f')} "
+                f"| `{name}` | {v.get('batch')} | {_f(v.get('img_s'), '.0f')} "
+                f"| {_f(v.get('speedup_vs_hf_eager'), '.2f')} | {_f(v.get('speedup_vs_hf_compile'), '.2f')} "
+                f"| {step} | {_f(mem.get('peak_gib'), '.1f')} "
                 f"| {_f(v.get('memory_vs_hf_eager'), '.2f')} | {_pct(v.get('mfu_vs_measured_gemm'))} "
                 f"| {_pct(v.get('mfu_vs_datasheet'))} | {_f(v.get('compile_s'), '.0f')} | {chk_s} |"
             )
