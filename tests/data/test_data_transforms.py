@@ -18,7 +18,11 @@ try:
     HAVE_TV = True
 except Exception:  # missing, or a build that does not match torch
     HAVE_TV = False
-needs_tv = pytest.mark.skipif(not HAVE_TV, reason="torchvision does not import here")
+
+
+def needs_tv(test):
+    """Runs where torchvision imports: .ci/run's interop environment (``-m interop``) and GPU hosts."""
+    return pytest.mark.interop(pytest.mark.skipif(not HAVE_TV, reason="torchvision does not import here")(test))
 
 
 @pytest.mark.parametrize("hw", [(375, 500), (48, 64), (200, 37), (96, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
