@@ -445,18 +445,22 @@ def compile_module(module: torch.nn.Module, mode: str, fullgraph: bool, backend:
     return torch.compile(module, **kwargs)
 
 
-def configure_dynamo() -> None:
-    """Many module instances of one class compile here: raise the recompile limit, fail if it is hit.
+def dynamo_settings() -> Any:
+    """A context with a higher recompile limit that fails when hit (names differ across torch versions).
 
-    Silently falling back to eager past the limit would time the wrong thing.
+    Many module instances of one class compile here (and each batch size in a ``max`` search);
+    silently falling back to eager past the limit would time the wrong thing. A context, so an
+    in-process caller (the smoke test) gets its settings back.
     """
     cfg = torch._dynamo.config
+    patch: dict[str, Any] = {}
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 64))
+            patch[name] = max(getattr(cfg, name), 64)
     for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
         if hasattr(cfg, name):
-            setattr(cfg, name, True)
+            patch[name] = True
+    return cfg.patch(**patch)
 
 
 def graph_breaks() -> int:
@@ -1034,7 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if device.type == "cpu":
         # before the first @triton.jit: fastmae.kernels imports lazily, at the first fused forward
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    configure_dynamo()
+    with dynamo_settings():
+        return _main(args, argv, device)
+
+
+def _main(args: argparse.Namespace, argv: list[str], device: torch.device) -> dict[str, Any]:
     t_start = time.monotonic()
     deadline = t_start + args.time_budget if args.time_budget else math.inf
     variants = resolve_variants(args.variants)
