@@ -414,8 +414,6 @@ class ForcedSdpaKernel(torch.nn.Module):
     are graph inputs, so same-shaped fastmae instances share compiled code) that chose another kernel.
     """
 
-    KERNELS = ("flash", "cudnn", "efficient", "math")
-
     def __init__(self, inner: torch.nn.Module, kernel: str):
         super().__init__()
         from torch.nn.attention import SDPBackend
@@ -593,60 +591,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def find_max_batch(
-    fits: Callable[[int], bool],
-    start: int,
-    cap: int,
-    granularity: int,
-    deadline: float,
-    predicted: int | None = None,
-    clock: Callable[[], float] = time.monotonic,
-) -> tuple[int | None, list[tuple[int, bool]]]:
-    """Largest batch (a multiple of ``granularity``) for which ``fits(batch)`` holds, within ``deadline``.
-
-    From ``start``, doubling while it fits (up to ``cap``) and halving while it does not; or from
-    ``predicted`` (a linear memory model's estimate) in steps of +12.5% / -10%. Then bisection between
-    the largest batch that fit and the smallest that did not. Returns the batch (None when nothing
-    fit) and the tries.
-    """
-    tries: list[tuple[int, bool]] = []
-
-    def attempt(b: int) -> bool:
-        ok = fits(b)
-        tries.append((b, ok))
-        return ok
-
-    def snap(b: float) -> int:
-        return max(granularity, int(b) // granularity * granularity)
-
-    # a good prediction needs small steps; a blind start, doubling and halving
-    grow, shrink = (1.125, 0.9) if predicted else (2.0, 0.5)
-    b = snap(min(predicted or start, cap))
-    lo: int | None = None
-    hi: int | None = None
-    while clock() < deadline:
-        if attempt(b):
-            lo = b
-            nxt = snap(min(max(b * grow, b + granularity), cap))
-            if hi is not None or nxt <= b:
-                break
-        else:
-            hi = b
-            nxt = snap(min(b * shrink, b - granularity))
-            if lo is not None or b <= granularity:
-                break
-        b = nxt
-    while lo is not None and hi is not None and hi - lo > granularity and clock() < deadline:
-        mid = snap((lo + hi) // 2)
-        if mid <= lo:
-            break
-        if attempt(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, tries
 
 
 # ---------------------------------------------------------------------- one setting
@@ -868,7 +812,7 @@ class Setting:
             predicted = int(free / per_image)
             vr["max_batch_predicted"] = predicted
         deadline = min(self.deadline - self._timing_reserve, time.monotonic() + args.max_batch_seconds)
-        batch, tries = find_max_batch(
+        batch, tries = common.find_max_batch(
             fits, args.max_batch_start, args.max_batch_cap, args.max_batch_granularity, deadline, predicted
         )
         vr["max_batch_tries"] = tries

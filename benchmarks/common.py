@@ -272,6 +272,63 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, reps: int 
     return {"bytes_moved": moved, "ms": ms, "gbps": moved / ms / 1e6, "reps": reps}
 
 
+# ---------------------------------------------------------------------- memory
+
+
+def find_max_batch(
+    fits: Callable[[int], bool],
+    start: int,
+    cap: int,
+    granularity: int,
+    deadline: float,
+    predicted: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int | None, list[tuple[int, bool]]]:
+    """Largest batch (a multiple of ``granularity``) for which ``fits(batch)`` holds, within ``deadline``.
+
+    From ``start``, doubling while it fits (up to ``cap``) and halving while it does not; or from
+    ``predicted`` (a linear memory model's estimate) in steps of +12.5% / -10%. Then bisection between
+    the largest batch that fit and the smallest that did not. Returns the batch (None when nothing
+    fit) and the tries.
+    """
+    tries: list[tuple[int, bool]] = []
+
+    def attempt(b: int) -> bool:
+        ok = fits(b)
+        tries.append((b, ok))
+        return ok
+
+    def snap(b: float) -> int:
+        return max(granularity, int(b) // granularity * granularity)
+
+    # a good prediction needs small steps; a blind start, doubling and halving
+    grow, shrink = (1.125, 0.9) if predicted else (2.0, 0.5)
+    b = snap(min(predicted or start, cap))
+    lo: int | None = None
+    hi: int | None = None
+    while clock() < deadline:
+        if attempt(b):
+            lo = b
+            nxt = snap(min(max(b * grow, b + granularity), cap))
+            if hi is not None or nxt <= b:
+                break
+        else:
+            hi = b
+            nxt = snap(min(b * shrink, b - granularity))
+            if lo is not None or b <= granularity:
+                break
+        b = nxt
+    while lo is not None and hi is not None and hi - lo > granularity and clock() < deadline:
+        mid = snap((lo + hi) // 2)
+        if mid <= lo:
+            break
+        if attempt(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, tries
+
+
 # ---------------------------------------------------------------------- output
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_step, report
+from benchmarks import bench_step, common, report
 from fastmae.model import MaskedAutoencoderViT
 
 
@@ -88,15 +88,15 @@ def test_flop_count_vit_b_by_hand():
 @pytest.mark.parametrize("predicted", [None, 200, 400])
 def test_find_max_batch(predicted):
     limit = 300
-    batch, tries = bench_step.find_max_batch(lambda b: b <= limit, 64, 4096, 32, float("inf"), predicted)
+    batch, tries = common.find_max_batch(lambda b: b <= limit, 64, 4096, 32, float("inf"), predicted)
     assert batch == 288 and all(ok == (b <= limit) for b, ok in tries)
     assert len(tries) <= 8
 
 
 def test_find_max_batch_nothing_fits_and_deadline():
-    assert bench_step.find_max_batch(lambda b: False, 64, 4096, 32, float("inf"))[0] is None
+    assert common.find_max_batch(lambda b: False, 64, 4096, 32, float("inf"))[0] is None
     clock = iter(range(100))
-    batch, tries = bench_step.find_max_batch(lambda b: True, 64, 4096, 32, 2.5, clock=lambda: next(clock))
+    batch, tries = common.find_max_batch(lambda b: True, 64, 4096, 32, 2.5, clock=lambda: next(clock))
     assert batch == 256 and len(tries) == 3  # 64, 128, 256, then the deadline
 
 
