@@ -1063,11 +1063,12 @@ def _summary_lines(rec: dict[str, Any]) -> str:
     lines = [f"== {rec['model']} batch {rec['batch']}"]
     for n, vr in rec["variants"].items():
         if vr.get("img_s"):
-            chk = vr.get("check", {}).get("ok")
+            chk = {True: "ok", False: "FAILED", None: "-"}[vr.get("check", {}).get("ok")]
+            speedup, compile_s = vr.get("speedup_vs_hf_eager"), vr.get("compile_s")
             lines.append(
-                f"{n:>20}: {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
-                f"  x{vr.get('speedup_vs_hf_eager', float('nan')):.2f} hf_eager"
-                f"  compile {vr.get('compile_s', 0):.1f} s  check {'ok' if chk else chk}"
+                f"{n:>20}: batch {vr['batch']:5d} {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
+                f"  x{speedup if speedup is not None else float('nan'):.2f} hf_eager"
+                f"  compile {'-' if compile_s is None else f'{compile_s:.1f} s'}  check {chk}"
             )
         else:
             lines.append(f"{n:>20}: {vr['status']} {vr.get('reason', '')}")

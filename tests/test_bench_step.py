@@ -59,6 +59,19 @@ def test_smoke_tiny_end_to_end(tmp_path: Path):
         assert im.width > 500 and im.height > 100
 
 
+def test_smoke_tiny_largest_batch(tmp_path: Path):
+    """``--batch 2 max``: the search runs (to the tiny cap on CPU, where nothing runs out of memory)."""
+    rep, table, _ = _run(
+        tmp_path, "--variants", "fm_ref", "--batch", "2", "max", "--no-ceilings", "--rounds", "1", "--steps", "1"
+    )
+    fixed, largest = rep["settings"]
+    assert fixed["batch"] == 2 and largest["batch"] == "max"
+    for v in largest["variants"].values():
+        assert v["status"] == "ok" and v["batch"] == 8 and v["max_batch_tries"][-1] == [8, True]
+        assert v["compile_s"] is None and "check" not in v
+    assert "batch max" in table.read_text()
+
+
 def test_flop_count_matches_the_model_ops():
     """The shape-derived count = PyTorch's FLOP counter on the reference path's forward (math attention).
 
