@@ -640,7 +640,8 @@ class Setting:
         base = build_base(self.model, device, args.seed)
         from fastmae.convert import to_hf
 
-        hf = to_hf(base, mask_ratio=MASK_RATIO, attn_implementation="sdpa").train()
+        with torch.device(device):  # built where it runs (a ViT-L initialised on the host costs seconds)
+            hf = to_hf(base, mask_ratio=MASK_RATIO, attn_implementation="sdpa").train()
         self.families = {}
         for impl, m in (("hf", hf), ("fastmae", base)):
             opt, name = make_optimizer(m, device)

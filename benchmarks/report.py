@@ -199,7 +199,8 @@ def bar_chart(reports: Sequence[dict[str, Any]], path: str | Path, width: int = 
     title_font, font = _font(18), _font(14)
     first = panels[0][2]
     git = first.get("env", {}).get("git", {})
-    title = f"MAE training step, img/s (higher is better); commit {str(git.get('commit', '?'))[:10]}"
+    date = str(first.get("env", {}).get("date_utc", "?"))[:10]
+    title = f"MAE training step, img/s (higher is better); {date}, commit {str(git.get('commit', '?'))[:10]}"
     if not first.get("timings_meaningful", False):
         title += "  [SMOKE RUN: not a measurement]"
     draw.text((pad, pad), title, fill="black", font=title_font)
