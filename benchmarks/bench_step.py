@@ -28,7 +28,8 @@ against a bf16 GEMM measured in the same run and against the datasheet peak.
 Interleaving: after every variant is built, checked and warmed up, the timing runs in rounds; each
 round runs ``--steps`` steps of every variant, the order rotated each round, so drift (clocks,
 temperature) falls on all variants alike. Only CUDA events are recorded in the timed steps; the host
-synchronises once per round.
+synchronises once per variant per round. The fastmae variants share one parameter set and one
+optimizer (and same-switch instances share compiled graphs: ``new_graphs`` 0 in the JSON).
 
 FLOPs (see :func:`train_flops_per_image`): every variant is credited with the same *useful* work:
 the patch embedding of the kept patches only (HF and the reference path embed all patches, 4x that
