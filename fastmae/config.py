@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,19 +116,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_embed_dim=64,
         decoder_depth=2,
         decoder_num_heads=4,
-        demo_images=1280,
-        epochs=5,
+        demo_images=2048,
+        epochs=8,
         warmup_epochs=1.0,
         batch_size=64,
         effective_batch=0,
-        blr=6e-3,
+        blr=1.2e-2,
         num_workers=1,
         vis_samples=6,
-        log_every=4,
-        ckpt_every_steps=50,
+        log_every=8,
+        ckpt_every_steps=64,
         keep_last=2,
         keep_every_epochs=0,
-        vis_every_epochs=1,
+        vis_every_epochs=2,
     ),
     "mae_vit_base_patch16": dict(
         _PAPER, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8
@@ -166,13 +167,20 @@ def _field_type(f: dataclasses.Field) -> type:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one flag per :class:`Config` field; unset flags stay out of the namespace."""
     presets = "\n".join(
-        f"  {name:24s} " + ", ".join(f"{k}={v}" for k, v in p.items() if k in ("img_size", "patch_size", "embed_dim"))
+        textwrap.fill(
+            " ".join(f"{k}={v}" for k, v in p.items()),
+            width=100,
+            initial_indent=f"  {name}: ",
+            subsequent_indent="      ",
+        )
         for name, p in PRESETS.items()
     )
     parser = argparse.ArgumentParser(
         prog="python -m fastmae.train",
-        description="MAE pre-training. With no arguments: the demo preset on a generated image set.",
-        epilog=f"presets (--preset NAME; see fastmae/config.py for all their values):\n{presets}\n\n"
+        description="MAE pre-training. With no arguments: the demo preset on a generated image set.\n"
+        "The defaults shown are the paper's recipe (ViT-B/16 shapes); a preset overrides some of them,\n"
+        "a --config file overrides the preset, and flags override both.",
+        epilog=f"presets (--preset NAME, default demo) and what they set:\n{presets}\n\n"
         "multi-GPU: torchrun --nproc_per_node 8 -m fastmae.train --preset mae_vit_base_patch16 --data-path ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -188,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             choices = {"precision": PRECISIONS, "attn_backend": ATTN_BACKENDS, "data_backend": DATA_BACKENDS}.get(name)
             nargs = f.metadata.get("nargs")
-            parser.add_argument(_flag(name), type=_field_type(f), choices=choices, nargs=nargs, help=help_)
+            metavar = None if choices else {int: "N", float: "X", str: "STR"}[_field_type(f)]
+            parser.add_argument(
+                _flag(name), type=_field_type(f), choices=choices, nargs=nargs, metavar=metavar, help=help_
+            )
     return parser
 
 

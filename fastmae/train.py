@@ -109,10 +109,10 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
     return model.to(device)
 
 
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 on CUDA and fp32 (None) on CPU unless ``cfg.precision`` says otherwise."""
+def resolve_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(name, autocast dtype): bf16 on CUDA, fp32 (no autocast) on CPU, unless ``cfg.precision`` says otherwise."""
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return precision, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -251,7 +251,7 @@ def train(cfg: Config) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
 
     model = build_model(cfg, device)
-    dtype = amp_dtype(cfg, device)
+    precision, dtype = resolve_precision(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, cfg.weight_decay),
         lr=peak_lr,
@@ -292,7 +292,7 @@ def train(cfg: Config) -> TrainResult:
             accum_iter=accum,
             effective_batch=eff_batch,
             lr=peak_lr,
-            precision=str(dtype or "fp32"),
+            precision=precision,
             compile=compiled,
             fused=sorted(model.fused),
             attn_backend=model.attn_backend,
@@ -308,7 +308,7 @@ def train(cfg: Config) -> TrainResult:
             f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
             f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
-            f"{resolved['precision']}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={model.attn_backend}, "
+            f"{precision}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={model.attn_backend}, "
             f"data={backend}; {what}; run dir {run_dir}",
             flush=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -60,7 +61,7 @@ def test_grid_has_four_columns_and_a_row_per_image(tmp_path):
     path = save_reconstruction_grid(model, imgs, tmp_path / "g.png", title="step 1")
     assert Image.open(path).format == "PNG" and not list(tmp_path.glob("*.tmp"))
     # the visible patches of column 4 are the original's pixels
-    arr = torch.from_numpy(__import__("numpy").asarray(grid)).float()
+    arr = torch.tensor(np.array(grid), dtype=torch.float32)
     orig, pasted = (
         arr[22 : 22 + cell, gap : gap + cell],
         arr[22 : 22 + cell, gap + 3 * (cell + gap) : gap + 3 * (cell + gap) + cell],
