@@ -17,7 +17,7 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     fm_fast_cg         ablation: CUDA graphs on (compile mode "reduce-overhead"); fm_fast has them off
     fm_fast_sdpa/_math/_xformers  ablation: attention backend (xformers only where it imports)
     fm_fast_flash/_cudnn/_efficient  ablation: one SDPA kernel forced (torch.nn.attention.sdpa_kernel)
-    fm_fast_no_<op>    ablation: one kernel off; needs a per-op switch in the model (see PER_OP_SWITCH)
+    fm_fast_no_<op>    ablation: one kernel off (gather, unshuffle or loss; the model's per-op switch)
     fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
     fm_ref_math        fastmae reference path with the plain math attention, eager
 
@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import math
 import os
 import sys
@@ -68,6 +67,8 @@ from typing import Any
 
 import torch
 
+from fastmae.model import FUSED_OPS
+
 try:
     from benchmarks import common
 except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
@@ -75,18 +76,10 @@ except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
     from benchmarks import common
 
 MASK_RATIO = 0.75
-OPS = ("patch_gather", "encoder_input", "unshuffle", "masked_mse")
-
-# What a per-kernel ablation needs from the model (it has one ``fused`` switch today): a constructor
-# argument naming the ops that run as kernels, e.g. ``MaskedAutoencoderViT(fused=True,
-# fused_ops={"unshuffle", "masked_mse"})``, each op left out falling back to its reference code:
-#   patch_gather off: conv patch-embed of every patch + pos add + gather of the kept tokens, then
-#                     the encoder_input kernel only adds cls (or, simpler: the pair is one switch);
-#   encoder_input off: patch_gather + linear, then the reference's pos gather-add and cls cat;
-#   unshuffle off: the reference's cat + gather + decoder_pos_embed add;
-#   masked_mse off: patchify + the reference's norm-pix masked mean.
-# The fm_fast_no_<op> variants pass ``fused_ops`` when the constructor has it, else are skipped.
-PER_OP_SWITCH = "fused_ops"
+# The model's per-op switch (``MaskedAutoencoderViT(fused=<subset of FUSED_OPS>)``); each op left
+# out runs its reference code. "gather" is patch_gather + encoder_input together: without the
+# kept-patch gather the conv embeds every patch and there is nothing left for encoder_input to fuse.
+OPS = FUSED_OPS
 
 # Loose bf16 tolerances against HF eager in the same precision, as norm-wise relative errors.
 # Measured on CPU (bf16 autocast, batch 4, random init): bf16 against fp32 is ~0.6% in pred and
@@ -297,13 +290,7 @@ def fastmae_sharing(base: torch.nn.Module, fused: bool | frozenset[str], attn: s
     """A fastmae model with its own switches whose parameters *are* ``base``'s (one copy, one optimizer)."""
     from fastmae.model import MaskedAutoencoderViT
 
-    kwargs: dict[str, Any] = {"fused": bool(fused)}
-    if isinstance(fused, frozenset):
-        if PER_OP_SWITCH not in inspect.signature(MaskedAutoencoderViT.__init__).parameters:
-            raise NotImplementedError(
-                f"per-kernel ablation needs MaskedAutoencoderViT({PER_OP_SWITCH}=...), which the model lacks"
-            )
-        kwargs[PER_OP_SWITCH] = set(fused)
+    kwargs: dict[str, Any] = {"fused": fused}
     device = next(base.parameters()).device
     with torch.device(device):
         m = MaskedAutoencoderViT(
