@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ def checkpoint_name(step: int, keep_epoch: int | None = None) -> str:
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` so that a crash never leaves a partial file under that name."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pt", dir=path.parent)
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.pt"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
