@@ -263,12 +263,12 @@ def train(cfg: Config) -> TrainResult:
     step = 0
     if resume_path is not None:
         if cfg.resume == "auto":  # the newest that loads (a damaged one is skipped with a warning)
-            loaded = ckpt.load_latest(run_dir, map_location=device)
+            loaded = ckpt.load_latest(run_dir)  # on the CPU: load_state_dict copies to the device
             if loaded is None:
                 raise ConfigError(f"no loadable checkpoint in {run_dir}")
             resume_path, state = loaded
         else:
-            state = ckpt.load_checkpoint(resume_path, map_location=device)
+            state = ckpt.load_checkpoint(resume_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -336,9 +336,8 @@ def train(cfg: Config) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     B, world, rank = cfg.batch_size, env.world_size, env.rank
 
-    # device-side interval stats: summed loss, count of non-finite losses, first bad step
+    # device-side interval stats: summed loss (NaN/inf propagate into it) and the first bad step
     loss_sum = torch.zeros((), device=device)
-    n_bad = torch.zeros((), device=device)
     first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
     micro_in_interval = 0
     t_interval, step_interval = time.perf_counter(), step
@@ -346,9 +345,9 @@ def train(cfg: Config) -> TrainResult:
 
     def flush_interval(epoch_f: float, lr: float) -> float:
         """The one host sync of the loop: check finiteness, log the interval's mean loss."""
-        nonlocal loss_sum, n_bad, micro_in_interval, t_interval, step_interval
-        stats = distributed.all_reduce_sum(torch.stack([loss_sum, n_bad])).tolist()
-        if stats[1] > 0:
+        nonlocal micro_in_interval, t_interval, step_interval
+        loss = distributed.all_reduce_sum(loss_sum).item() / (micro_in_interval * world)
+        if not math.isfinite(loss):
             if env.enabled:
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
             last = result.checkpoint
@@ -359,7 +358,6 @@ def train(cfg: Config) -> TrainResult:
                 "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 or --attn-backend math "
                 "(fp32 attention), or --no-compile"
             )
-        loss = stats[0] / (micro_in_interval * world)
         now = time.perf_counter()
         img_s = (step - step_interval) * eff_batch / max(now - t_interval, 1e-9)
         if main:
@@ -371,7 +369,7 @@ def train(cfg: Config) -> TrainResult:
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
             if not cfg.progress:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        loss_sum.zero_(), n_bad.zero_()
+        loss_sum.zero_()
         micro_in_interval, t_interval, step_interval = 0, now, step
         return loss
 
@@ -406,10 +404,8 @@ def train(cfg: Config) -> TrainResult:
                         loss, _, _ = fwd_model(images, mask_ratio=cfg.mask_ratio, noise=noise[rows : rows + B])
                     scaler.scale(loss / accum).backward()
                 loss = loss.detach().float()
-                finite = torch.isfinite(loss)
-                loss_sum += torch.where(finite, loss, 0.0)
-                n_bad += (~finite).float()
-                first_bad.copy_(torch.where(finite, first_bad, first_bad.clamp_max(step + 1)))
+                loss_sum += loss
+                first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp_max(step + 1)))
                 micro += 1
                 micro_in_interval += 1
                 if not last_micro:
@@ -431,18 +427,18 @@ def train(cfg: Config) -> TrainResult:
                         else None
                     )
                     if main:
-                        state = {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(),
-                            "step": step,
-                            "epoch": epoch,
-                            "loader": loader.state_dict(),
-                            "rng": ckpt.rng_state(),
-                            "config": cfg.to_dict(),
-                            "world_size": world,
-                            "effective_batch": eff_batch,
-                        }
+                        state = dict(
+                            model=model.state_dict(),
+                            optimizer=optimizer.state_dict(),
+                            scaler=scaler.state_dict(),
+                            step=step,
+                            epoch=epoch,
+                            loader=loader.state_dict(),
+                            rng=ckpt.rng_state(),
+                            config=cfg.to_dict(),
+                            world_size=world,
+                            effective_batch=eff_batch,
+                        )
                         result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
                     else:
                         result.checkpoint = run_dir / ckpt.checkpoint_name(step, keep)
