@@ -482,7 +482,7 @@ def _summary(result: TrainResult, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 done, 2 bad configuration or data, 3 non-finite loss)."""
+    """CLI entry point; returns the exit code (0 done, 2 bad configuration or data, 3 non-finite loss, 130 Ctrl-C)."""
     cfg = parse_config(argv)  # exits 2 with a one-line message on a bad flag
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.time()
@@ -496,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"{PROG}: interrupted; continue from the last checkpoint with --resume auto", file=sys.stderr)
+        return 130
     finally:
         distributed.cleanup()
     if is_main:
