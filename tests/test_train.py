@@ -22,7 +22,7 @@ import torch
 from fastmae.config import make_config
 from fastmae.data import make_demo_dataset
 from fastmae.log import read_metrics
-from fastmae.train import EXIT_NONFINITE, lr_at, main
+from fastmae.train import EXIT_NONFINITE, lr_at, main, resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,3 +168,14 @@ def test_bad_data_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("python -m fastmae.train: error:")
+
+
+def test_default_run_dirs_never_overwrite_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir(make_config()) == (Path("runs/demo"), None)
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    (tmp_path / "runs/demo/ckpt-step000000010.pt").write_bytes(b"")
+    assert resolve_run_dir(make_config()) == (Path("runs/demo-2"), None)  # a second `python -m fastmae.train`
+    run_dir, path = resolve_run_dir(make_config({"resume": "auto"}))
+    assert run_dir == Path("runs/demo") and path.name == "ckpt-step000000010.pt"
+    assert resolve_run_dir(make_config({"resume": str(path)})) == (Path("runs/demo"), path)
