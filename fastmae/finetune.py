@@ -1,0 +1,423 @@
+"""Using the pretrained encoder: ``python -m fastmae.finetune --mode full|partial|linear|knn``.
+
+The three evaluations of the MAE paper, plus kNN on frozen features:
+
+    full     fine-tune everything: AdamW, layer-wise lr decay (0.65 for ViT-B, 0.75 for L/H),
+             drop path, label smoothing 0.1, global-average-pool + fc_norm head (``models_vit``).
+    partial  the same recipe with only the last ``--trainable-blocks`` blocks, the norm and the head
+             trained.
+    linear   linear probing: cls token, ``BatchNorm1d(affine=False, eps=1e-6)`` + Linear head, LARS,
+             no weight decay, the encoder frozen (``main_linprobe``).
+    knn      no training: cosine kNN (k = 20, T = 0.07, as DINO) on frozen features.
+
+``--pretrained`` takes a fastmae run checkpoint (its architecture comes with it), an official MAE
+checkpoint, an EasyCV one (``encoder.``-prefixed keys) or a ``.safetensors`` file; empty means a
+random init (the baseline). Data: labelled ImageFolder trees or file lists with labels;
+``--val-fraction`` splits one source per class when there is no ``--val-path``.
+
+It runs on the trainer's machinery: the torchrun process group, bf16 autocast and
+``torch.compile`` on CUDA, DDP, the loaders, the lr schedule, atomic checkpoints and the metrics
+log. Training augmentation is the pretraining loader's (random-resized crop + flip); RandAugment,
+mixup and cutmix of the full ImageNet recipe are not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from fastmae import checkpoint as ckpt
+from fastmae import distributed
+from fastmae.attention import AttentionBackendError
+from fastmae.cli import dataclass_parser, to_dict
+from fastmae.config import ConfigError
+from fastmae.convert import read_state_dict
+from fastmae.data import DataError, build_loader, open_source
+from fastmae.data.eval import EvalLoader, split_source
+from fastmae.knn import extract_features, knn_accuracy
+from fastmae.lars import LARS
+from fastmae.log import MetricsLog
+from fastmae.train import lr_at, resolve_precision
+from fastmae.vit import VisionTransformer, load_pretrained_encoder, param_groups_lrd
+
+PROG = "python -m fastmae.finetune"
+MODES = ("full", "partial", "linear", "knn")
+# name: (patch_size, embed_dim, depth, num_heads)
+ARCHS = {
+    "vit_base_patch16": (16, 768, 12, 12),
+    "vit_large_patch16": (16, 1024, 24, 16),
+    "vit_huge_patch14": (14, 1280, 32, 16),
+}
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning / probing run. ``None`` means: the recipe's value for the mode and model size."""
+
+    mode: str = _f("full", "full | partial | linear | knn", choices=MODES)
+    pretrained: str = _f(
+        "", "checkpoint to start from (fastmae run, official MAE, EasyCV, .safetensors); '' = random init"
+    )
+    model: str = _f("auto", "auto (from a fastmae checkpoint) or " + " | ".join(ARCHS))
+    img_size: int | None = _f(None, "input side (auto: the checkpoint's, else 224)")
+    num_heads: int | None = _f(None, "encoder heads, for checkpoints that do not say (auto: by width)")
+    train_path: str = _f("", "labelled training images: ImageFolder root, or the root of --train-list")
+    train_list: str = _f("", "file list with labels, 'relative/path label' per line")
+    val_path: str = _f("", "validation images (default: a --val-fraction split of the training source)")
+    val_list: str = _f("", "validation file list")
+    val_fraction: float = _f(0.2, "per-class share held out for validation when --val-path is not given")
+    num_classes: int = _f(0, "classes (0 = from the labels)")
+    run_dir: str = _f("", "run directory (default runs/finetune-<mode>)")
+    resume: str = _f("", "'auto' = continue the run directory's latest checkpoint")
+    seed: int = _f(0, "seed of the head init, data order and augmentation")
+
+    epochs: int | None = _f(None, "epochs (recipe: full 100, partial 100, linear 90)")
+    warmup_epochs: float | None = _f(None, "linear warm-up epochs, then half-cycle cosine (recipe: 5, linear 10)")
+    batch_size: int = _f(32, "images per GPU (per process)")
+    blr: float | None = _f(None, "base lr: lr = blr x batch x world / 256 (recipe: 5e-4 (1e-3 for L/H), linear 0.1)")
+    lr: float | None = _f(None, "absolute learning rate (overrides blr)")
+    min_lr: float = _f(1e-6, "floor of the cosine schedule")
+    layer_decay: float | None = _f(None, "layer-wise lr decay (recipe: 0.65 for ViT-B, 0.75 for L/H)")
+    weight_decay: float | None = _f(None, "weight decay (recipe: 0.05, linear 0)")
+    drop_path: float | None = _f(None, "stochastic depth (recipe: 0.1 B, 0.2 L, 0.3 H; linear 0)")
+    smoothing: float | None = _f(None, "label smoothing (recipe: 0.1, linear 0)")
+    global_pool: bool | None = _f(None, "average-pool + fc_norm (recipe: on, linear off = cls token)")
+    optimizer: str = _f("auto", "auto (recipe: LARS for linear, AdamW otherwise), lars, adamw or sgd",
+                        choices=("auto", "lars", "adamw", "sgd"))  # fmt: skip
+    trainable_blocks: int = _f(4, "partial mode: the last K blocks train")
+    knn_k: int = _f(20, "kNN neighbours")
+    knn_t: float = _f(0.07, "kNN temperature")
+
+    device: str = _f("auto", "auto, cpu or cuda")
+    precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    compile: bool | None = _f(None, "torch.compile (default: on for CUDA)")
+    attn_backend: str = _f("auto", "auto, sdpa, xformers or math")
+    data_backend: str = _f("torch", "training loader: torch or dali", choices=("torch", "dali"))
+    num_workers: int = _f(4, "loader workers per process")
+    log_every: int = _f(20, "steps between log lines")
+    max_steps: int = _f(0, "stop after this many steps (0 = all epochs)")
+    progress: bool = _f(True, "tqdm progress bar")
+
+
+def recipe(cfg: FinetuneConfig, depth: int) -> FinetuneConfig:
+    """``cfg`` with every ``None`` replaced by the MAE recipe's value for its mode and model depth."""
+    linear = cfg.mode == "linear"
+    large = depth > 12
+    defaults = dict(
+        epochs=90 if linear else 100,
+        warmup_epochs=10.0 if linear else 5.0,
+        blr=0.1 if linear else (1e-3 if large else 5e-4),
+        layer_decay=1.0 if linear else (0.75 if large else 0.65),
+        weight_decay=0.0 if linear else 0.05,
+        drop_path=0.0 if linear else {12: 0.1, 24: 0.2, 32: 0.3}.get(depth, 0.1),
+        smoothing=0.0 if linear else 0.1,
+        global_pool=not linear,
+    )
+    values = to_dict(cfg)
+    for k, v in defaults.items():
+        if values[k] is None:
+            values[k] = v
+    return FinetuneConfig(**values)
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    parser = dataclass_parser(
+        FinetuneConfig,
+        PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python -m fastmae.finetune --mode linear --pretrained runs/demo/ckpt-step000000256.pt "
+        "--train-path ~/.cache/fastmae/demo-2048",
+    )
+    values = vars(parser.parse_args(argv))
+    cfg = FinetuneConfig(**values)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    if not cfg.train_path:
+        raise ConfigError("--train-path is required (a labelled ImageFolder tree, or the root of --train-list)")
+    for name in ("train_path", "train_list", "val_path", "val_list", "pretrained"):
+        path = getattr(cfg, name)
+        if path and not Path(path).exists():
+            raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")
+    if cfg.model not in ("auto", *ARCHS):
+        raise ConfigError(f"unknown model {cfg.model!r} (auto, {', '.join(ARCHS)})")
+    if cfg.model == "auto" and not cfg.pretrained:
+        raise ConfigError("--model auto needs a --pretrained fastmae checkpoint; name a model for a random init")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+    """The encoder's constructor arguments: a fastmae checkpoint's config, else ``--model`` / the weights."""
+    if cfg.model != "auto":
+        patch, dim, depth, heads = ARCHS[cfg.model]
+        arch = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, img_size=224)
+    elif checkpoint is not None and isinstance(checkpoint.get("config"), dict):
+        c = checkpoint["config"]
+        arch = {k: c[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
+    elif checkpoint is not None:  # weights only: read the shapes
+        sd = read_state_dict(checkpoint)
+        dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+        heads = {768: 12, 1024: 16, 1280: 16}.get(dim, max(1, dim // 64))
+        arch = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, img_size=grid * patch)
+    else:
+        raise ConfigError("no architecture: pass --model or a --pretrained checkpoint")
+    if cfg.img_size:
+        arch["img_size"] = cfg.img_size
+    if cfg.num_heads:
+        arch["num_heads"] = cfg.num_heads
+    return arch
+
+
+def build_classifier(cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, weights: Any) -> VisionTransformer:
+    torch.manual_seed(cfg.seed)
+    vit = VisionTransformer(
+        **arch,
+        num_classes=num_classes,
+        global_pool=cfg.global_pool,
+        drop_path_rate=cfg.drop_path,
+        linear_probe=cfg.mode == "linear",
+        attn_backend=cfg.attn_backend,
+    )
+    if weights is not None:
+        sd = read_state_dict(weights)
+        if arch["img_size"] // arch["patch_size"] != round((sd["pos_embed"].shape[1] - 1) ** 0.5):
+            raise ConfigError("the checkpoint's patch grid differs from --img-size / patch size (no interpolation)")
+        load_pretrained_encoder(vit, sd)
+    vit.freeze_for("linear" if cfg.mode in ("linear", "knn") else cfg.mode, cfg.trainable_blocks)
+    return vit
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def open_splits(cfg: FinetuneConfig):
+    train = open_source(cfg.train_path, cfg.train_list or None)
+    if cfg.val_path:
+        val = open_source(cfg.val_path, cfg.val_list or None)
+    else:
+        train, val = split_source(train, cfg.val_fraction, cfg.seed)
+    for name, src in (("training", train), ("validation", val)):
+        if min(y for _, y in src.samples) < 0:
+            raise DataError(f"the {name} source has unlabelled images: use an ImageFolder tree or a list with labels")
+    num_classes = cfg.num_classes or 1 + max(y for _, y in train.samples + val.samples)
+    return train, val, num_classes
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: EvalLoader, autocast: Any, num_classes: int) -> dict[str, float]:
+    """Top-1 / top-5 (%) over the whole validation split, summed across ranks."""
+    model.eval()
+    device = loader.device
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        with autocast:
+            logits = model(images)
+        top = logits.float().topk(min(5, num_classes), dim=1).indices
+        counts[0] += (top[:, 0] == labels).sum()
+        counts[1] += (top == labels[:, None]).any(dim=1).sum()
+        counts[2] += len(labels)
+    distributed.all_reduce_sum(counts)
+    model.train()
+    hits1, hits5, n = counts.tolist()
+    return {"top1": 100.0 * hits1 / max(n, 1), "top5": 100.0 * hits5 / max(n, 1), "n": int(n)}
+
+
+def build_optimizer(
+    cfg: FinetuneConfig, model: VisionTransformer, lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer: LARS for the linear probe, AdamW with layer-decay groups otherwise.
+
+    Every group carries an ``lr_scale`` (1 without layer decay) that the schedule multiplies in.
+    """
+    name = cfg.optimizer if cfg.optimizer != "auto" else ("lars" if cfg.mode == "linear" else "adamw")
+    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
+    for g in groups:
+        g.pop("names")
+    if name == "lars":
+        return LARS(groups, lr=lr, weight_decay=cfg.weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
+    env = distributed.init_distributed(cfg.device)
+    device, main = env.device, env.is_main
+    checkpoint = None
+    if cfg.pretrained.endswith(".safetensors"):
+        checkpoint = read_state_dict(cfg.pretrained)
+    elif cfg.pretrained:
+        checkpoint = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+    arch = architecture(cfg, checkpoint)
+    cfg = recipe(cfg, arch["depth"])
+    run_dir = Path(cfg.run_dir or f"runs/finetune-{cfg.mode}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    train_src, val_src, num_classes = open_splits(cfg)
+    model = build_classifier(cfg, arch, num_classes, checkpoint).to(device)
+    precision, dtype = resolve_precision(cfg, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    report_dir = run_dir if main else None
+    val_loader = EvalLoader(
+        val_src, cfg.batch_size, arch["img_size"], rank=env.rank, world_size=env.world_size, device=device,
+        num_workers=cfg.num_workers, report_dir=report_dir,
+    )  # fmt: skip
+    if main:
+        (run_dir / "config.json").write_text(json.dumps({**to_dict(cfg), "architecture": arch}, indent=2) + "\n")
+        print(
+            f"{cfg.mode}: {'pretrained ' + cfg.pretrained if cfg.pretrained else 'random init'}, "
+            f"{arch['embed_dim']}-d x {arch['depth']} blocks, {num_classes} classes, "
+            f"{len(train_src)} train / {len(val_src)} val images, {env.world_size} process(es) on {device}, "
+            f"{precision}; run dir {run_dir}",
+            flush=True,
+        )
+
+    if cfg.mode == "knn":
+        train_eval = EvalLoader(
+            train_src, cfg.batch_size, arch["img_size"], rank=env.rank, world_size=env.world_size, device=device,
+            num_workers=cfg.num_workers, report_dir=report_dir,
+        )  # fmt: skip
+        model.eval()
+        encode = lambda x: model.forward_features(x)  # noqa: E731
+        with torch.no_grad(), autocast:
+            train_f, train_y = extract_features(encode, train_eval)
+            val_f, val_y = extract_features(encode, val_loader)
+        result = {"mode": "knn", "k": cfg.knn_k, **knn_accuracy(train_f, train_y, val_f, val_y, num_classes,
+                                                                 cfg.knn_k, cfg.knn_t)}  # fmt: skip
+        if env.world_size > 1:
+            result["note"] = "rank 0's shard of the data only"
+        if main:
+            (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(f"kNN (k={cfg.knn_k}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)
+        distributed.cleanup()
+        return result
+
+    loader = build_loader(
+        cfg.data_backend, train_src, batch_size=cfg.batch_size, image_size=arch["img_size"], seed=cfg.seed,
+        rank=env.rank, world_size=env.world_size, device=device, dtype=torch.float32,
+        num_workers=cfg.num_workers, report_dir=report_dir,
+    )  # fmt: skip
+    eff_batch = cfg.batch_size * env.world_size
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    optimizer = build_optimizer(cfg, model, peak_lr, device)
+
+    steps_per_epoch = len(loader)
+    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    step, best = 0, 0.0
+    if cfg.resume == "auto":
+        loaded = ckpt.load_latest(run_dir, map_location=device)
+        if loaded is not None:
+            _, state = loaded
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            ckpt.set_rng_state(state["rng"])
+            step, best = int(state["step"]), float(state["best_top1"])
+
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    fwd: torch.nn.Module = torch.compile(model) if compiled else model
+    if env.enabled:
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    log = MetricsLog(run_dir, resume_step=step or None) if main else None
+    pbar = tqdm(total=total, initial=step, disable=not (main and cfg.progress), unit="step", file=sys.stdout)
+    loss_sum, n_loss = torch.zeros((), device=device), 0
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model.train()
+    try:
+        while step < total:
+            epoch = step // steps_per_epoch
+            loader.set_epoch(epoch, start_step=step % steps_per_epoch)
+            for images, labels in loader:
+                lr = lr_at(step / steps_per_epoch, peak_lr, cfg)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                with autocast:
+                    logits = fwd(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                n_loss += 1
+                step += 1
+                pbar.update(1)
+                if step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total:
+                    train_loss = distributed.all_reduce_sum(loss_sum.clone()).item() / (n_loss * env.world_size)
+                    if not torch.isfinite(torch.tensor(train_loss)):
+                        raise FloatingPointError(f"non-finite training loss at step {step}: lower --blr / --lr")
+                    loss_sum.zero_()
+                    n_loss = 0
+                    record: dict[str, Any] = dict(
+                        step=step, epoch=round(step / steps_per_epoch, 4), loss=train_loss, lr=lr
+                    )
+                    if step % steps_per_epoch == 0 or step == total:
+                        metrics = evaluate(model, val_loader, autocast, num_classes)
+                        best = max(best, metrics["top1"])
+                        record.update(val_top1=metrics["top1"], val_top5=metrics["top5"])
+                    if main:
+                        log.write(record)
+                        pbar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{metrics.get('top1', 0):.1f}", refresh=False)
+                if main and (step % steps_per_epoch == 0 or step == total):
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                             "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg)}  # fmt: skip
+                    ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
+                if step == total:
+                    break
+    finally:
+        pbar.close()
+        if log is not None:
+            log.close()
+        loader.close()
+    if not metrics:
+        metrics = evaluate(model, val_loader, autocast, num_classes)
+    result = {"mode": cfg.mode, "step": step, "top1": metrics["top1"], "top5": metrics["top5"], "best_top1": max(best, metrics["top1"]),
+              "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
+    if main:
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{cfg.mode}: val top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  (best top-1 "
+              f"{result['best_top1']:.2f}%); run dir {run_dir}", flush=True)  # fmt: skip
+    distributed.cleanup()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        finetune(cfg)
+    except (ConfigError, DataError, AttentionBackendError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

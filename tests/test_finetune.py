@@ -1,0 +1,151 @@
+"""``python -m fastmae.finetune``: each mode trains on a tiny labelled set and the loss falls."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmae import finetune as ft
+from fastmae.data import make_demo_dataset
+from fastmae.data.eval import center_crop_params, split_source
+from fastmae.data.sources import open_source
+from fastmae.log import read_metrics
+from fastmae.model import MaskedAutoencoderViT
+
+ARCH = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
+
+
+def _color_classes(root, per_class: int = 24, size: int = 40):
+    """An ImageFolder of 4 classes told apart by colour (noisy), learnable in a few dozen steps."""
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+    for k, c in enumerate(colours):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(c) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{k}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    data = _color_classes(root / "data")
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(**{k: v for k, v in ARCH.items() if k != "mlp_ratio"}, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=4)  # fmt: skip
+    pre = root / "ckpt.pt"
+    torch.save({"model": mae.state_dict(), "config": ARCH, "step": 1}, pre)  # a fastmae run checkpoint's layout
+    return data, pre
+
+
+def _run(tmp_path, data, pre, mode, *extra):
+    run_dir = tmp_path / f"run-{mode}"
+    argv = ["--mode", mode, "--pretrained", str(pre), "--train-path", str(data), "--run-dir", str(run_dir),
+            "--batch-size", "16", "--num-workers", "0", "--no-progress", "--log-every", "2", *extra]  # fmt: skip
+    result = ft.finetune(ft.parse_args(argv))
+    assert json.loads((run_dir / "results.json").read_text()) == pytest.approx(result)
+    return result, run_dir
+
+
+@pytest.mark.parametrize(
+    "mode,extra",
+    [
+        ("full", ["--blr", "2e-2", "--epochs", "4", "--warmup-epochs", "1", "--drop-path", "0"]),
+        ("partial", ["--blr", "4e-2", "--epochs", "4", "--warmup-epochs", "1", "--trainable-blocks", "1"]),
+        ("linear", ["--optimizer", "adamw", "--lr", "3e-2", "--epochs", "4", "--warmup-epochs", "1"]),
+    ],
+)
+def test_each_mode_trains_and_the_loss_falls(tmp_path, labelled, mode, extra):
+    data, pre = labelled
+    result, run_dir = _run(tmp_path, data, pre, mode, *extra)
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert len(losses) >= 6
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    assert 0.0 <= result["top1"] <= 100.0 and result["top5"] == 100.0  # 4 classes: top-5 is everything
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["architecture"]["embed_dim"] == 48
+
+
+def test_knn_mode_evaluates_without_training(tmp_path, labelled):
+    data, pre = labelled
+    result, run_dir = _run(tmp_path, data, pre, "knn")
+    assert result["mode"] == "knn" and result["k"] == 20 and 0.0 <= result["top1"] <= 100.0
+    assert not list(run_dir.glob("ckpt-*"))
+
+
+def test_lars_step_by_hand():
+    """One LARS step: matrices get the trust ratio eta * ||p|| / ||g + wd p||, vectors plain momentum SGD."""
+    from fastmae.lars import LARS
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=2.0, weight_decay=0.5, momentum=0.9, trust_coefficient=0.1)
+    w.grad, b.grad = torch.tensor([[1.0, -2.0]]), torch.tensor([0.25])
+    opt.step()
+    dp = torch.tensor([[1.0, -2.0]]) + 0.5 * torch.tensor([[3.0, 4.0]])  # (2.5, 0): norm 2.5
+    torch.testing.assert_close(w.detach(), torch.tensor([[3.0, 4.0]]) - 2.0 * (0.1 * 5 / 2.5) * dp)
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 2.0 * 0.25]))
+    w.grad, b.grad = torch.zeros(1, 2), torch.tensor([0.0])
+    before = b.detach().clone()
+    opt.step()  # momentum carries the last update
+    torch.testing.assert_close(b.detach(), before - 2.0 * 0.9 * 0.25)
+
+
+def test_recipe_defaults_by_mode_and_size():
+    base = ft.recipe(ft.FinetuneConfig(mode="full", train_path="x"), depth=12)
+    assert (base.layer_decay, base.drop_path, base.smoothing, base.blr, base.global_pool) == (
+        0.65,
+        0.1,
+        0.1,
+        5e-4,
+        True,
+    )
+    large = ft.recipe(ft.FinetuneConfig(mode="full", train_path="x"), depth=24)
+    assert (large.layer_decay, large.drop_path, large.blr) == (0.75, 0.2, 1e-3)
+    probe = ft.recipe(ft.FinetuneConfig(mode="linear", train_path="x"), depth=12)
+    assert (probe.weight_decay, probe.blr, probe.global_pool, probe.epochs) == (0.0, 0.1, False, 90)
+    mine = ft.recipe(ft.FinetuneConfig(mode="full", train_path="x", layer_decay=0.5), depth=12)
+    assert mine.layer_decay == 0.5
+
+
+def test_architecture_from_weights_alone():
+    mae = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=1)
+    arch = ft.architecture(ft.FinetuneConfig(train_path="x"), {"model": mae.state_dict()})
+    assert arch == dict(patch_size=16, embed_dim=64, depth=3, num_heads=1, img_size=64)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.parse_args(["--mode", "linear"])
+    assert e.value.code == 2 and "--train-path is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ft.parse_args(["--train-path", str(tmp_path), "--pretrained", str(tmp_path / "nope.pt")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unlabelled_source_is_refused(tmp_path):
+    for i in range(6):
+        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / f"{i}.jpg")
+    cfg = ft.FinetuneConfig(train_path=str(tmp_path), model="vit_base_patch16")
+    with pytest.raises(ft.DataError, match="unlabelled"):
+        ft.open_splits(cfg)
+
+
+def test_split_is_stratified_and_deterministic(tmp_path):
+    src = open_source(make_demo_dataset(tmp_path / "demo", n_images=64, size=32, seed=1))
+    train, val = split_source(src, 0.25, seed=3)
+    assert len(train) + len(val) == len(src) and not set(train.paths) & set(val.paths)
+    for label in range(4):
+        n = sum(1 for _, y in src.samples if y == label)
+        assert sum(1 for _, y in val.samples if y == label) == round(0.25 * n)
+    assert split_source(src, 0.25, seed=3)[1].paths == val.paths
+
+
+def test_center_crop_window():
+    p = center_crop_params(375, 500)
+    assert (p.height, p.width) == (328, 328) and (p.top, p.left) == (23, 86) and not p.flip
