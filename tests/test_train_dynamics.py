@@ -18,7 +18,7 @@ from fastmae.convert import to_hf
 from fastmae.data import build_loader, open_source
 from fastmae.model import param_groups_weight_decay
 from fastmae.train import build_model, lr_at, main, masking_noise
-from tests.test_train import losses, tiny_args, tiny_data  # noqa: F401 (fixture)
+from tests.test_train import losses, one_thread, tiny_args, tiny_data  # noqa: F401 (fixtures)
 
 STEPS = 50
 
