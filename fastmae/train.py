@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 PROG = "python -m fastmae.train"
 _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
 
@@ -59,6 +62,7 @@ class TrainResult:
     metrics: Path
     pictures: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    stopped: bool = False  # by SIGTERM / SIGUSR1, after a checkpoint
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -343,10 +347,15 @@ def train(cfg: Config) -> TrainResult:
     t_interval, step_interval = time.perf_counter(), step
     t_start = time.time()
 
-    def flush_interval(epoch_f: float, lr: float) -> float:
-        """The one host sync of the loop: check finiteness, log the interval's mean loss."""
+    def flush_interval(epoch_f: float, lr: float) -> bool:
+        """The one host sync of the loop: check finiteness, log the interval's mean loss.
+
+        Returns whether any rank was asked to stop (SIGTERM / SIGUSR1): the ranks agree here.
+        """
         nonlocal micro_in_interval, t_interval, step_interval
-        loss = distributed.all_reduce_sum(loss_sum).item() / (micro_in_interval * world)
+        stop_flag = torch.tensor(float(bool(stop_signals)), device=device)
+        stats = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag])).tolist()
+        loss = stats[0] / (micro_in_interval * world)
         if not math.isfinite(loss):
             if env.enabled:
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
@@ -371,7 +380,7 @@ def train(cfg: Config) -> TrainResult:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         loss_sum.zero_()
         micro_in_interval, t_interval, step_interval = 0, now, step
-        return loss
+        return stats[1] > 0
 
     pbar = tqdm(
         total=total_steps,
@@ -381,10 +390,19 @@ def train(cfg: Config) -> TrainResult:
         dynamic_ncols=True,
         file=sys.stdout,
     )
+    # A scheduler's SIGTERM (or SLURM's --signal=USR1@90) stops the run at the next log step, after a
+    # checkpoint; the ranks agree on it through the log step's all-reduce.
+    stop_signals: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+
     model.train()
     epoch = step // opt_steps_per_epoch
+    stop = False
     try:
-        while step < total_steps:
+        while step < total_steps and not stop:
             start_micro = (step % opt_steps_per_epoch) * accum
             loader.set_epoch(epoch, start_step=start_micro)
             micro = start_micro
@@ -419,7 +437,8 @@ def train(cfg: Config) -> TrainResult:
                 epoch_end = step % opt_steps_per_epoch == 0
                 save = step % cfg.ckpt_every_steps == 0 or epoch_end or step == total_steps
                 if save or step % cfg.log_every == 0:
-                    flush_interval(epoch + micro / len(loader), lr)
+                    stop = flush_interval(epoch + micro / len(loader), lr)
+                    save = save or stop
                 if save:
                     keep = (
                         epoch
@@ -449,16 +468,19 @@ def train(cfg: Config) -> TrainResult:
                     pic = save_pictures(f"epoch{epoch:04d}" if epoch_end else f"step{step:09d}")
                     if pic:
                         result.pictures.append(pic)
-                if epoch_end or step == total_steps:
+                if epoch_end or step == total_steps or stop:
                     break
-            epoch += 1
+            epoch += not stop
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         pbar.close()
         if log is not None:
             log.close()
         if hasattr(loader, "close"):
             loader.close()
     result.step = step
+    result.stopped = stop
     return result
 
 
@@ -482,7 +504,11 @@ def _summary(result: TrainResult, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 done, 2 bad configuration or data, 3 non-finite loss, 130 Ctrl-C)."""
+    """CLI entry point; returns the exit code.
+
+    0 done, 2 bad configuration or data, 3 non-finite loss, 130 Ctrl-C, 143 stopped by SIGTERM /
+    SIGUSR1 after writing a checkpoint.
+    """
     cfg = parse_config(argv)  # exits 2 with a one-line message on a bad flag
     is_main = int(os.environ.get("RANK", "0")) == 0
     t0 = time.time()
@@ -502,6 +528,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.cleanup()
+    if result.stopped:
+        if is_main:
+            print(
+                f"{PROG}: stopped by a signal at step {result.step}; checkpoint {result.checkpoint}; "
+                f"continue with --run-dir {result.run_dir} --resume auto",
+                file=sys.stderr,
+            )
+        return EXIT_STOPPED
     if is_main:
         print(_summary(result, time.time() - t0), flush=True)
     return 0

@@ -22,7 +22,7 @@ import torch
 from fastmae.config import make_config
 from fastmae.data import make_demo_dataset
 from fastmae.log import read_metrics
-from fastmae.train import EXIT_NONFINITE, lr_at, main, resolve_run_dir
+from fastmae.train import EXIT_NONFINITE, EXIT_STOPPED, lr_at, main, resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,25 +107,60 @@ def test_gradient_accumulation_changes_nothing(tiny_data, tmp_path):
         assert la == pytest.approx(lb, rel=1e-5), f"step {s}"
 
 
-def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path):
+RESUME_ARGS = ["--epochs", "4", "--ckpt-every-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory) -> list[tuple[int, float]]:
+    """Per-step losses of the run the interrupted ones must reproduce."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests that compare with it (one_thread)
+    run = tmp_path_factory.mktemp("uninterrupted")
+    try:
+        assert main(tiny_args(tiny_data, run, *RESUME_ARGS)) == 0
+    finally:
+        torch.set_num_threads(n)
+    return losses(run)
+
+
+def _run_until(args: list[str], run: Path, steps: int, sig: signal.Signals) -> subprocess.Popen:
+    """Start the CLI, send ``sig`` once ``steps`` metrics records are written, wait for the end."""
+    proc = run_cli(args)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        if len(read_metrics(run / "metrics.jsonl")) >= steps:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    return proc
+
+
+def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, uninterrupted):
+    """A scheduler's SIGTERM: the run saves at the next log step, exits 143, and resumes exactly."""
+    run = tmp_path / "run"
+    proc = _run_until(tiny_args(tiny_data, run, *RESUME_ARGS, "--ckpt-every-steps", "1000"), run, 5, signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.returncode == EXIT_STOPPED, err
+    stopped_at = len(read_metrics(run / "metrics.jsonl"))
+    assert f"stopped by a signal at step {stopped_at}" in err and "--resume auto" in err
+    assert (run / f"ckpt-step{stopped_at:09d}.pt").is_file()  # saved where it stopped, not at an epoch end
+    assert main(tiny_args(tiny_data, run, *RESUME_ARGS, "--resume", "auto")) == 0
+    for (s, a), (_, b) in zip(losses(run), uninterrupted, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=0), f"step {s} (stopped after {stopped_at})"
+
+
+def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path, uninterrupted):
     """SIGKILL at a random step, ``--resume auto``: the metrics equal an uninterrupted run's."""
-    args = ["--epochs", "4", "--ckpt-every-steps", "3"]
-    assert main(tiny_args(tiny_data, tmp_path / "ref", *args)) == 0
-    reference = losses(tmp_path / "ref")
+    args = RESUME_ARGS
+    reference = uninterrupted
     assert len(reference) == 32
 
     run = tmp_path / "killed"
     kill_at = random.Random(os.getpid()).randint(5, 24)
     for _ in range(3):  # a machine too busy to poll in time can let the run finish first: kill earlier
         shutil.rmtree(run, ignore_errors=True)
-        proc = run_cli(tiny_args(tiny_data, run, *args))
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
-            if len(read_metrics(run / "metrics.jsonl")) >= kill_at:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        proc.wait()
+        proc = _run_until(tiny_args(tiny_data, run, *args), run, kill_at, signal.SIGKILL)
         if proc.returncode == -signal.SIGKILL:
             break
         kill_at = max(4, kill_at // 2)
