@@ -72,6 +72,8 @@ class FinetuneConfig:
     pretrained: str = _f(
         "", "checkpoint to start from (fastmae run, official MAE, EasyCV, .safetensors); '' = random init"
     )
+    init: str = _f("pretrained", "pretrained, or random: --pretrained's architecture at random init (the baseline)",
+                   choices=("pretrained", "random"))  # fmt: skip
     model: str = _f("auto", "auto (from a fastmae checkpoint) or " + " | ".join(ARCHS))
     img_size: int | None = _f(None, "input side (auto: the checkpoint's, else 224)")
     num_heads: int | None = _f(None, "encoder heads, for checkpoints that do not say (auto: by width)")
@@ -283,7 +285,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     train_src, val_src, num_classes = open_splits(cfg)
-    model = build_classifier(cfg, arch, num_classes, checkpoint).to(device)
+    weights = checkpoint if cfg.init == "pretrained" else None
+    model = build_classifier(cfg, arch, num_classes, weights).to(device)
     precision, dtype = resolve_precision(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     report_dir = run_dir if main else None
@@ -294,7 +297,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if main:
         (run_dir / "config.json").write_text(json.dumps({**to_dict(cfg), "architecture": arch}, indent=2) + "\n")
         print(
-            f"{cfg.mode}: {'pretrained ' + cfg.pretrained if cfg.pretrained else 'random init'}, "
+            f"{cfg.mode}: {'pretrained ' + cfg.pretrained if weights is not None else 'random init'}, "
             f"{arch['embed_dim']}-d x {arch['depth']} blocks, {num_classes} classes, "
             f"{len(train_src)} train / {len(val_src)} val images, {env.world_size} process(es) on {device}, "
             f"{precision}; run dir {run_dir}",

@@ -149,3 +149,15 @@ def test_split_is_stratified_and_deterministic(tmp_path):
 def test_center_crop_window():
     p = center_crop_params(375, 500)
     assert (p.height, p.width) == (328, 328) and (p.top, p.left) == (23, 86) and not p.flip
+
+
+def test_random_init_baseline_keeps_the_architecture(labelled):
+    _, pre = labelled
+    checkpoint = torch.load(pre, weights_only=True)
+    w = checkpoint["model"]["blocks.1.attn.qkv.weight"]
+    for init in ("pretrained", "random"):
+        cfg = ft.recipe(ft.FinetuneConfig(mode="knn", init=init, pretrained=str(pre), train_path="x"), depth=2)
+        arch = ft.architecture(cfg, checkpoint)
+        vit = ft.build_classifier(cfg, arch, 4, checkpoint if init == "pretrained" else None)
+        assert arch["depth"] == 2 and vit.blocks[1].attn.qkv.weight.shape == w.shape
+        assert torch.equal(vit.blocks[1].attn.qkv.weight, w) == (init == "pretrained")
