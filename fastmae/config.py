@@ -94,6 +94,12 @@ class Config:
     vis_samples: int = _f(8, "rows of the reconstruction grid")
     progress: bool = _f(True, "tqdm progress bar (rank 0)")
 
+    # kNN monitor: a cheap signal of representation quality during pretraining
+    knn_every: int = _f(0, "kNN accuracy of the frozen encoder every N epochs and at the end (0 = off)")
+    knn_data_path: str = _f("", "labelled images for the kNN monitor ('' = --data-path, which must have labels)")
+    knn_data_list: str = _f("", "file list with labels for the kNN monitor")
+    knn_max_images: int = _f(10000, "images used by the kNN monitor (train + val split, 20% val)")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
@@ -278,7 +284,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("batch_size", "epochs", "log_every", "ckpt_every_steps", "keep_last"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples"):
+    for name in (
+        "effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples", "knn_every",
+        "knn_max_images",
+    ):  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
@@ -286,7 +295,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     accum_iter(cfg, world_size)
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
         raise ConfigError(f"resume checkpoint {cfg.resume} does not exist (use --resume auto for the latest)")
-    for name in ("data_path", "data_list"):
+    for name in ("data_path", "data_list", "knn_data_path", "knn_data_list"):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
             raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")

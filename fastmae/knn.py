@@ -85,3 +85,69 @@ def knn_accuracy(
     """Top-1 / top-5 accuracy (%) of :func:`knn_classify`."""
     scores = knn_classify(train_features, train_labels, test_features, num_classes, k, temperature)
     return topk_accuracy(scores, test_labels)
+
+
+class KnnMonitor:
+    """kNN accuracy of a pretraining model's frozen features: a cheap signal every few epochs.
+
+    Features are the mean of the encoder's patch tokens through its final norm (the global-pool
+    features that fine-tuning starts from), on center crops of a labelled source split into a
+    train and a val part. ``max_images`` caps the cost.
+
+    Args:
+        source: a labelled :class:`fastmae.data.Source`.
+        image_size: the model's input side.
+    """
+
+    def __init__(
+        self,
+        source,
+        image_size: int,
+        device: torch.device,
+        *,
+        val_fraction: float = 0.2,
+        k: int = 20,
+        temperature: float = 0.07,
+        max_images: int = 10_000,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        seed: int = 0,
+    ):
+        from fastmae.data import DataError
+        from fastmae.data.eval import EvalLoader, split_source
+
+        if min(y for _, y in source.samples) < 0:
+            raise DataError("--knn-every needs labelled images (an ImageFolder tree or a file list with labels)")
+        if len(source) > max_images:
+            step = len(source) / max_images
+            source = type(source)(
+                root=source.root,
+                samples=[source.samples[int(i * step)] for i in range(max_images)],
+                kind=source.kind,
+                classes=source.classes,
+            )
+        train, val = split_source(source, val_fraction, seed)
+        self.num_classes = 1 + max(y for _, y in source.samples)
+        self.k, self.temperature = k, temperature
+        kw = dict(device=device, num_workers=num_workers)
+        self.train = EvalLoader(train, batch_size, image_size, **kw)
+        self.val = EvalLoader(val, batch_size, image_size, **kw)
+
+    @staticmethod
+    def features(model, images: torch.Tensor) -> torch.Tensor:
+        """``(N, D)``: the final norm of the mean patch token (the cls token left out)."""
+        tokens = model.forward_features(images, norm=False)
+        return model.norm(tokens[:, 1:].mean(dim=1))
+
+    @torch.no_grad()
+    def evaluate(self, model, autocast=None) -> dict[str, float]:
+        """Top-1 / top-5 (%) of the weighted kNN; the model is put back in its previous mode."""
+        from contextlib import nullcontext
+
+        was_training = model.training
+        model.eval()
+        with autocast if autocast is not None else nullcontext():
+            train_f, train_y = extract_features(lambda x: self.features(model, x), self.train)
+            val_f, val_y = extract_features(lambda x: self.features(model, x), self.val)
+        model.train(was_training)
+        return knn_accuracy(train_f, train_y, val_f, val_y, self.num_classes, self.k, self.temperature)

@@ -113,6 +113,14 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
     return model.to(device)
 
 
+def loader_source(loader: Any) -> Any:
+    """The labelled source behind a real loader, or None (synthetic data, unlabelled images)."""
+    source = getattr(loader, "source", None)
+    if source is None or not source.samples or min(y for _, y in source.samples) < 0:
+        return None
+    return source
+
+
 def resolve_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtype | None]:
     """(name, autocast dtype): bf16 on CUDA, fp32 (no autocast) on CPU, unless ``cfg.precision`` says otherwise."""
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -317,6 +325,18 @@ def train(cfg: Config) -> TrainResult:
             flush=True,
         )
 
+    knn = None
+    if main and cfg.knn_every:
+        from fastmae.knn import KnnMonitor
+
+        if cfg.knn_data_path:
+            knn_source = open_source(cfg.knn_data_path, cfg.knn_data_list or None)
+        elif loader_source(loader) is not None:
+            knn_source = loader_source(loader)
+        else:
+            raise ConfigError("--knn-every needs labelled images: --knn-data-path, or a labelled --data-path")
+        knn = KnnMonitor(knn_source, cfg.img_size, device, max_images=cfg.knn_max_images, seed=cfg.seed)
+
     vis_images = None
     if main and vis_paths:
         from fastmae.visualize import load_images
@@ -461,6 +481,12 @@ def train(cfg: Config) -> TrainResult:
                         result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
                     else:
                         result.checkpoint = run_dir / ckpt.checkpoint_name(step, keep)
+                if knn is not None and (
+                    step == total_steps or (epoch_end and (epoch + 1) % cfg.knn_every == 0)
+                ):  # rank 0 only; the others wait at the next collective
+                    acc = knn.evaluate(model, autocast)
+                    log.write(dict(step=step, epoch=epoch + 1, knn_top1=acc["top1"], knn_top5=acc["top5"]))
+                    pbar.write(f"step {step}: kNN top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
                 if main and (
                     step == total_steps
                     or (epoch_end and cfg.vis_every_epochs and (epoch + 1) % cfg.vis_every_epochs == 0)

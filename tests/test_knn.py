@@ -40,3 +40,33 @@ def test_topk_and_label_checks():
     assert acc == {"top1": 50.0, "top2": 100.0}
     with pytest.raises(ValueError, match="labels"):
         knn_classify(torch.randn(3, 4), torch.tensor([0, -1, 1]), torch.randn(1, 4), num_classes=2)
+
+
+def test_knn_monitor_during_pretraining(tmp_path):
+    """``--knn-every 1``: a kNN record per epoch in metrics.jsonl, from the labelled training set."""
+    from fastmae.data import make_demo_dataset
+    from fastmae.log import read_metrics
+    from fastmae.train import main
+
+    data = make_demo_dataset(tmp_path / "data", n_images=48, size=40, seed=0)
+    args = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+            "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0",
+            "--no-progress", "--log-every", "1", "--warmup-epochs", "1", "--epochs", "2", "--batch-size", "8",
+            "--data-path", str(data), "--run-dir", str(tmp_path / "run"), "--knn-every", "1"]  # fmt: skip
+    assert main(args) == 0
+    knn = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [1, 2]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 and r["knn_top5"] == 100.0 for r in knn)  # 4 classes
+
+
+def test_knn_monitor_needs_labels(tmp_path):
+    from PIL import Image
+
+    from fastmae.data import DataError
+    from fastmae.data.sources import open_source
+    from fastmae.knn import KnnMonitor
+
+    for i in range(10):
+        Image.new("RGB", (40, 40), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataError, match="labelled"):
+        KnnMonitor(open_source(tmp_path), 32, torch.device("cpu"))
