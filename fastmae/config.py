@@ -98,7 +98,7 @@ class Config:
     knn_every: int = _f(0, "kNN accuracy of the frozen encoder every N epochs and at the end (0 = off)")
     knn_data_path: str = _f("", "labelled images for the kNN monitor ('' = --data-path, which must have labels)")
     knn_data_list: str = _f("", "file list with labels for the kNN monitor")
-    knn_max_images: int = _f(10000, "images used by the kNN monitor (train + val split, 20% val)")
+    knn_max_images: int = _f(10000, "images used by the kNN monitor (a fifth of them held out as its val split)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
