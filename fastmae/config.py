@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastmae.cli import field_type, flag
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
@@ -150,24 +152,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _parse_bool_or_none(v: Any) -> bool | None:
     return v if v is None or isinstance(v, bool) else bool(v)
-
-
-def _field_type(f: dataclasses.Field) -> type:
-    return {
-        "int": int,
-        "float": float,
-        "str": str,
-        "bool": bool,
-        "bool | None": bool,
-        "float | None": float,
-        "tuple[float, float]": float,
-    }[str(f.type)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,17 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of field values")
     for name, f in FIELDS.items():
         default = f.default
-        help_ = f"{f.metadata['help']} (default: {'auto' if default is None and _field_type(f) is bool else default})"
+        help_ = f"{f.metadata['help']} (default: {'auto' if default is None and field_type(f) is bool else default})"
         if name == "preset":
-            parser.add_argument(_flag(name), choices=list(PRESETS), metavar="NAME", help=help_)
-        elif _field_type(f) is bool:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, help=help_)
+            parser.add_argument(flag(name), choices=list(PRESETS), metavar="NAME", help=help_)
+        elif field_type(f) is bool:
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_)
         else:
             choices = {"precision": PRECISIONS, "attn_backend": ATTN_BACKENDS, "data_backend": DATA_BACKENDS}.get(name)
             nargs = f.metadata.get("nargs")
-            metavar = None if choices else {int: "N", float: "X", str: "STR"}[_field_type(f)]
+            metavar = None if choices else {int: "N", float: "X", str: "STR"}[field_type(f)]
             parser.add_argument(
-                _flag(name), type=_field_type(f), choices=choices, nargs=nargs, metavar=metavar, help=help_
+                flag(name), type=field_type(f), choices=choices, nargs=nargs, metavar=metavar, help=help_
             )
     return parser
 

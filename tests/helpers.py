@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+# A tiny MAE for fast CPU tests: 32 px, patch 8 (L = 16), two blocks each side.
+TINY_MAE = dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=48,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=2,
+    decoder_num_heads=4,
+)
+
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (the tensor-wise relative error), in float64."""

@@ -10,16 +10,9 @@ from fastmae.model import MaskedAutoencoderViT
 
 pytest.importorskip("transformers")
 
-TINY = dict(
-    img_size=32,
-    patch_size=8,
-    embed_dim=48,
-    depth=2,
-    num_heads=4,
-    decoder_embed_dim=32,
-    decoder_depth=2,
-    decoder_num_heads=4,
-)
+from tests.helpers import TINY_MAE
+
+TINY = TINY_MAE
 
 
 def _equal_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -17,17 +17,9 @@ from fastmae.model import (
     random_masking_ids,
 )
 from fastmae.pos_embed import get_2d_sincos_pos_embed
+from tests.helpers import TINY_MAE
 
-TINY = dict(
-    img_size=32,
-    patch_size=8,
-    embed_dim=48,
-    depth=2,
-    num_heads=4,
-    decoder_embed_dim=32,
-    decoder_depth=2,
-    decoder_num_heads=4,
-)
+TINY = TINY_MAE
 
 
 def tiny(**kw) -> MaskedAutoencoderViT:

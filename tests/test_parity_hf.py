@@ -13,7 +13,7 @@ import torch
 
 from fastmae.convert import from_hf_state_dict, hf_style_of, to_hf_state_dict
 from fastmae.model import MaskedAutoencoderViT, mae_vit_base_patch16
-from tests.helpers import assert_close_rel
+from tests.helpers import TINY_MAE, assert_close_rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,16 +75,7 @@ def check_parity(m, hf, outputs, rtol):
         assert_close_rel(g, hf_grads[name], rtol, name)
 
 
-TINY = dict(
-    img_size=32,
-    patch_size=8,
-    embed_dim=48,
-    depth=2,
-    num_heads=4,
-    decoder_embed_dim=32,
-    decoder_depth=2,
-    decoder_num_heads=4,
-)
+TINY = TINY_MAE
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False], ids=["normpix", "rawpix"])
