@@ -161,3 +161,19 @@ def test_random_init_baseline_keeps_the_architecture(labelled):
         vit = ft.build_classifier(cfg, arch, 4, checkpoint if init == "pretrained" else None)
         assert arch["depth"] == 2 and vit.blocks[1].attn.qkv.weight.shape == w.shape
         assert torch.equal(vit.blocks[1].attn.qkv.weight, w) == (init == "pretrained")
+
+
+def test_resume_auto_continues_from_the_last_epoch(tmp_path, labelled):
+    data, pre = labelled
+    common = ["--lr", "1e-3", "--warmup-epochs", "1", "--drop-path", "0"]
+    _, run_dir = _run(tmp_path, data, pre, "full", *common, "--epochs", "1")
+    first = read_metrics(run_dir / "metrics.jsonl")
+    # tag the first run's records: a resumed run keeps them, a run that started over would rewrite them
+    first = [{**r, "first_run": True} for r in first]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
+    _run(tmp_path, data, pre, "full", *common, "--epochs", "2", "--resume", "auto")
+    both = read_metrics(run_dir / "metrics.jsonl")
+    assert both[: len(first)] == first  # the first epoch's records are kept, not redone
+    assert not any("first_run" in r for r in both[len(first) :])
+    assert both[-1]["step"] == 2 * first[-1]["step"] and both[-1]["epoch"] == 2.0
+    assert len(list(run_dir.glob("ckpt-*.pt"))) == 1
