@@ -272,7 +272,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     copy = copy_bandwidth(device, args.smoke)
     print(f"device-to-device copy: {copy['gbps']:.0f} GB/s")
-    results = []
+    results: list[dict[str, object]] = []
+    report = {
+        "benchmark": "bench_kernels",
+        "smoke": args.smoke,
+        "config": {
+            "batch": batch,
+            "mask_ratio": args.mask_ratio,
+            "dtype": args.dtype,
+            "imgs_dtype": str(imgs_dtype or dtype).removeprefix("torch."),
+            "models": models,
+        },
+        "env": environment(device, argv),
+        "copy": copy,
+        "results": results,
+        "goal": "fwd+bwd >= 80% of copy bandwidth and >= 1.5x the compiled reference",
+        "complete": False,  # True once every row ran; a timed-out run leaves False and the rows so far
+    }
     for model, dims in models.items():
         torch.compiler.reset()
         for b in build_benches(model, dims, batch, args.mask_ratio, dtype, device, compile_ref, imgs_dtype):
@@ -296,27 +312,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 row["speedup_vs_eager"] = e["ms"] / t["ms"] if t and e else None
                 results.append(row)
                 print(_format_row(row))
+                if args.out:  # after every row: a run stopped by a timeout keeps what it measured
+                    _write_json(args.out, report)
 
-    report = {
-        "benchmark": "bench_kernels",
-        "smoke": args.smoke,
-        "config": {
-            "batch": batch,
-            "mask_ratio": args.mask_ratio,
-            "dtype": args.dtype,
-            "imgs_dtype": str(imgs_dtype or dtype).removeprefix("torch."),
-            "models": models,
-        },
-        "env": environment(device, argv),
-        "copy": copy,
-        "results": results,
-        "goal": "fwd+bwd >= 80% of copy bandwidth and >= 1.5x the compiled reference",
-    }
+    report["complete"] = True
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
+
+
+def _write_json(path: Path, obj: dict[str, object]) -> None:
+    """Atomically: a kill mid-write leaves the previous version whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _format_row(row: dict[str, object]) -> str:
