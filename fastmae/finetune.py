@@ -402,7 +402,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         loader.close()
     if not metrics:
         metrics = evaluate(model, val_loader, autocast, num_classes)
-    result = {"mode": cfg.mode, "step": step, "top1": metrics["top1"], "top5": metrics["top5"], "best_top1": max(best, metrics["top1"]),
+    result = {"mode": cfg.mode, "step": step, "top1": metrics["top1"], "top5": metrics["top5"], "n_val": metrics["n"], "best_top1": max(best, metrics["top1"]),
               "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
     if main:
         (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from fastmae.data.sources import open_source
 from fastmae.log import read_metrics
 from fastmae.model import MaskedAutoencoderViT
 
+REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
 
 
@@ -177,3 +182,25 @@ def test_resume_auto_continues_from_the_last_epoch(tmp_path, labelled):
     assert not any("first_run" in r for r in both[len(first) :])
     assert both[-1]["step"] == 2 * first[-1]["step"] and both[-1]["epoch"] == 2.0
     assert len(list(run_dir.glob("ckpt-*.pt"))) == 1
+
+
+def test_two_processes_match_one(tmp_path, labelled):
+    """torchrun, 2 gloo processes x 8 vs 1 process x 16: the same training losses and the same
+    validation accuracy (each val image is scored once, on one rank, and the counts are summed)."""
+    data, pre = labelled
+    common = ["--mode", "full", "--pretrained", str(pre), "--train-path", str(data), "--num-workers", "0",
+              "--no-progress", "--log-every", "1", "--lr", "1e-3", "--epochs", "1", "--warmup-epochs", "0",
+              "--drop-path", "0", "--smoothing", "0"]  # fmt: skip
+    one = ft.finetune(ft.parse_args([*common, "--run-dir", str(tmp_path / "one"), "--batch-size", "16"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["fastmae.finetune", *common, "--run-dir", str(tmp_path / "two"), "--batch-size", "8"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["n_val"] == one["n_val"] == 20  # every val image scored once (4 classes x 5)
+    assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
+    a = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-5)
