@@ -7,6 +7,9 @@ largest-batch search against a fake memory limit.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +19,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import bench_step, common, report
 from fastmae.model import MaskedAutoencoderViT
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def _run(tmp_path: Path, *argv: str) -> tuple[dict, Path, Path]:
+    """The harness as users run it, in a process of its own.
+
+    In-process, after the kernel tests had run in the same pytest process, the fused-eager variant
+    crashed in about half of the runs inside torch's dispatcher for a fastmae:: op (a segfault, or
+    "ValueError: vector::reserve"); never alone, never in 40+ standalone runs. Unexplained so far:
+    see the issue notes. A separate process keeps this test about the harness.
+    """
     out, table, plot = tmp_path / "step.json", tmp_path / "step.md", tmp_path / "step.png"
-    bench_step.main(["--tiny", *argv, "--out", str(out), "--table", str(table), "--plot", str(plot)])
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--tiny", *argv]
+    cmd += ["--out", str(out), "--table", str(table), "--plot", str(plot)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), table, plot
 
 
