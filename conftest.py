@@ -1,8 +1,7 @@
-"""pytest for ``benchmarks/`` (run only when named: ``pytest benchmarks/ --benchmark-json=out.json``).
+"""Test bed for tests/ and benchmarks/ (pytest-benchmark entries): CPU-first. Without CUDA, Triton kernels run under the interpreter on CPU tensors.
 
-The repository's ``testpaths`` is ``tests``, so ``python -m pytest`` never collects these. As in
-``tests/conftest.py``: without CUDA the Triton kernels run under the interpreter (set before any
-``@triton.jit`` is created) and ``gpu``-marked benchmarks are skipped.
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, so it is set here,
+before anything imports ``fastmae.kernels``.
 """
 
 import os
