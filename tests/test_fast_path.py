@@ -1,6 +1,6 @@
 """The model's fused fast path (Triton kernels) against its reference path.
 
-On CPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET);
+On CPU the kernels run under the Triton interpreter (the root conftest.py sets TRITON_INTERPRET);
 on CUDA the same tests run the compiled kernels.
 """
 
