@@ -51,8 +51,7 @@ def _load_patch_rows(
 ):
     """Rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, CP_PAD*P_PAD] in the image's (c, p, q) order.
 
-    Returns (diff = pred - target, mask, row indices, each column's offset within a (p, q, c) row);
-    padding and kept rows hold 0 in diff.
+    Returns (diff = pred - target, mask); padding and kept rows hold 0 in diff.
     """
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -89,7 +88,7 @@ def _load_patch_rows(
         t = tl.where(ok, t - mean[:, None], 0.0)
         var = tl.sum(t * t, axis=1) / (D - 1)  # unbiased, as torch.var's default
         t = t / tl.sqrt(var + EPS)[:, None]
-    return x - t, m, rows, in_row
+    return x - t, m
 
 
 @triton.jit
@@ -116,7 +115,7 @@ def _masked_mse_fwd_kernel(
     EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    diff, m, rows, in_row = _load_patch_rows(
+    diff, m = _load_patch_rows(
         pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
         C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
     )  # fmt: skip
@@ -150,16 +149,22 @@ def _masked_mse_bwd_kernel(
     EMULATE_RTNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    diff, m, rows, in_row = _load_patch_rows(
+    diff, m = _load_patch_rows(
         pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
         C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
     )  # fmt: skip
     scale = tl.load(scale_ptr) * (2.0 / (C * P * P))
     g = diff * (m * scale)[:, None]
     # Every element of every row is stored, kept rows included (their diff is 0: an exact zero grad).
+    # The store's offsets are computed here, not taken from _load_patch_rows: torch.compile's
+    # mutation analysis follows a stored pointer's data flow, and through that call it would reach
+    # pred, imgs and mask and count them as written (functionalization then clones them, and the
+    # partitioner fails on pred, a view of the model's output).
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.arange(0, CP_PAD * P_PAD)
     cp = j // P_PAD
     q = j % P_PAD
+    in_row = (cp % P) * (P * C) + q * C + cp // P
     col_ok = (cp < C * P) & (q < P)
     store_ok = (rows < n_rows)[:, None] & col_ok[None, :]
     grad_off = rows[:, None] * (C * P * P) + in_row[None, :]  # grad_pred is contiguous

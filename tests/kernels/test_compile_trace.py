@@ -1,0 +1,141 @@
+"""torch.compile's view of the kernels, checked on CPU: what each kernel writes, and the partition.
+
+When ``torch.compile`` traces a ``triton_op``, it asks Triton for the kernel's TTIR and follows
+every stored pointer back to the kernel's arguments; whatever it reaches counts as written, and
+functionalization clones it before the launch. A kernel that seems to write its inputs therefore
+costs a copy of each, and on the full model it broke compile outright (H100, torch 2.11: "Node
+slice_5 was invalid, but is output" in the min-cut partitioner, from masked_mse's backward seeming
+to write ``pred``, a view of the model's output).
+
+Neither step needs a GPU: the TTIR is generated for an sm_90 target (a stand-in driver answers
+Triton's "which target?"), and the joint graph is traced with fake tensors and split by the
+partitioner inductor uses, stopping before code generation. In a subprocess, because the test bed's
+TRITON_INTERPRET=1 makes ``@triton.jit`` build interpreter functions, which compile cannot trace.
+The run on a GPU, code generation and numerics included, is ``tests/test_compile.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json, sys
+
+import torch
+import torch._higher_order_ops.triton_kernel_wrap as tkw
+import triton
+from functorch.compile import min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+from triton.backends.compiler import GPUTarget
+
+
+class Sm90Target:
+    # All the TTIR generation asks of a driver; nothing is launched.
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(Sm90Target())
+
+from fastmae.model import MaskedAutoencoderViT  # noqa: E402  (after the driver)
+
+written = {}
+real_get_mutated = tkw.get_mutated_tensors
+
+
+def get_mutated(kernel_idx, constant_args_idx, kwargs, tma):
+    names = real_get_mutated(kernel_idx, constant_args_idx, kwargs, tma)
+    kernel = tkw.kernel_side_table.get_kernel(kernel_idx)
+    written.setdefault(kernel.fn.__name__, set()).update(names)
+    return names
+
+
+tkw.get_mutated_tensors = get_mutated
+
+
+class Partitioned(Exception):
+    pass
+
+
+graphs = {}
+
+
+def partition(joint, joint_inputs, **kwargs):
+    fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    graphs["fw"], graphs["bw"] = fw, bw
+    raise Partitioned  # stop before code generation: there is no GPU to run it on
+
+
+def never(gm, example_inputs):
+    raise AssertionError("unreachable: the partition stops the compile")
+
+
+report = {}
+for norm_pix in (True, False):
+    torch._dynamo.reset()
+    graphs.clear()
+    model = MaskedAutoencoderViT(
+        img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, decoder_embed_dim=32,
+        decoder_depth=1, decoder_num_heads=2, norm_pix_loss=norm_pix, fused=True,
+    )
+    backend = aot_autograd(fw_compiler=never, bw_compiler=never, partition_fn=partition)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    try:
+        compiled(torch.randn(2, 3, 32, 32), 0.75)
+        error = "the compile did not reach the partitioner"
+    except Exception as e:  # the partitioner's own failure arrives wrapped in BackendCompilerFailed
+        error = None if isinstance(getattr(e, "inner_exception", e), Partitioned) else repr(e)
+    kernels = {
+        name: sorted(n.kwargs["tensors_to_clone"])
+        for name in ("fw", "bw") if name in graphs
+        for n in graphs[name].graph.nodes
+        if n.target is tkw.triton_kernel_wrapper_functional
+    }
+    report[f"norm_pix={norm_pix}"] = {
+        "error": error,
+        "graphs": sorted(graphs),
+        "kernel_nodes": {
+            name: len([n for n in graphs[name].graph.nodes if n.target is tkw.triton_kernel_wrapper_functional])
+            for name in graphs
+        },
+    }
+report["written"] = {k: sorted(v) for k, v in written.items()}
+json.dump(report, sys.stdout)
+"""
+
+# Each kernel's outputs: exactly what it may write.
+OUTPUTS = {
+    "_patch_gather_kernel": ["out_ptr"],
+    "_encoder_input_kernel": ["out_ptr"],
+    "_unshuffle_fwd_kernel": ["out_ptr"],
+    "_unshuffle_bwd_kernel": ["grad_x_ptr", "partial_ptr"],
+    "_masked_mse_fwd_kernel": ["partial_ptr"],
+    "_masked_mse_bwd_kernel": ["grad_pred_ptr"],
+}
+
+
+@pytest.fixture(scope="module")
+def trace_report() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_each_kernel_writes_only_its_outputs(trace_report):
+    assert trace_report["written"] == OUTPUTS
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_fused_model_partitions_into_forward_and_backward(trace_report, norm_pix):
+    run = trace_report[f"norm_pix={norm_pix}"]
+    assert run["error"] is None, run["error"]
+    assert run["graphs"] == ["bw", "fw"]
+    # forward: gather, encoder_input, unshuffle, loss; backward: unshuffle's and the loss's (the
+    # gather and encoder_input backwards are plain PyTorch: a GEMM's input needs no grad, a view).
+    assert run["kernel_nodes"] == {"fw": 4, "bw": 2}
