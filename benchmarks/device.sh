@@ -8,12 +8,15 @@
 # The device copy of the tree may have no .git: the commit and dirty flag then come from those two
 # variables (every JSON records which). Everything is written under $OUT as each stage finishes,
 # so a timeout still returns what finished. At most 8 files come back from $OUT; this writes exactly:
-#     run.log env.json kernels.json step_vit_base.json train_metrics.jsonl step_vit_large.json data.json
+#     run.log env.json kernels.json step_vit_base.json train_metrics.jsonl data.json
 # (the markdown table is printed last; report.py makes it and the chart from the JSON afterwards).
 #
 # Budget, profile "main" (seconds; each stage has its own `timeout`; sum 560; run timeout_s 590):
-#     env 10 | install 20 | device-fixture tests on CUDA 45 | gpu-marked tests 40 | kernels 60
-#     | step ViT-B 150 | trainer ViT-B 80 | step ViT-L 115 | data 30 | report 10
+#     env 10 | install 20 | device-fixture tests on CUDA 70 | gpu-marked tests 50 | kernels 70
+#     | step ViT-B 200 | trainer ViT-B 100 | data 30 | report 10
+# On the first H100 run (2026-11-26) the tests ran out of their 45 + 40 s (Triton compiling every
+# specialisation on a fresh machine), ViT-L's two compiles did not fit beside ViT-B's, and the
+# fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
 # priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager); the first compile is
 # always tried, a later one is skipped (and recorded so in the JSON) when the longest compile
@@ -22,6 +25,10 @@
 # variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds. A step at
 # batch 256 is ~0.05-0.1 s (ViT-B, 58 GFLOP/img) and ~0.1-0.2 s (ViT-L, 123 GFLOP/img) at 30-50% MFU,
 # so 5 variants x (3 + 50) steps fit in the reserve.
+#
+# Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 470): env 10 | install 20 | step ViT-L 300
+#     | step ViT-L largest batch 130 | report 10  (files: run.log env.json step_vit_large.json
+#     step_vit_large_max.json)
 #
 # Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 475):
 #     env 10 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | report 10
@@ -75,45 +82,42 @@ main_profile() {
   # compile tests (the trainer's CUDA tests are left to the train stage below: each compiles twice).
   local device_tests=(tests/kernels tests/test_fast_path.py tests/test_attention.py)
   if [ "$DRY" = 1 ]; then
-    stage tests-device 45 "$PY" -m pytest -q -p no:cacheprovider --co "${device_tests[@]}"
-    stage tests-gpu 40 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" -k "not test_cuda_compiled" tests/
+    stage tests-device 70 "$PY" -m pytest -q -p no:cacheprovider --co "${device_tests[@]}"
+    stage tests-gpu 50 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" -k "not test_cuda_compiled" tests/
   else
-    # 4 workers where pytest-xdist is there: most of this stage is Triton compiling each specialisation
-    local par=()
-    "$PY" -c "import xdist" 2>/dev/null && par=(-n 4)
-    stage tests-device 45 "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
-      "${par[@]}" --maxfail=5 --tb=short --durations=5
-    stage tests-gpu 40 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
-      -k "not test_cuda_compiled_bf16_run_and_resume" tests/ --maxfail=5 --tb=short --durations=5
+    # Workers where pytest-xdist is there (it is on the image): most of this stage is Triton
+    # compiling each specialisation, one process each. A per-test limit where pytest-timeout is
+    # there, so one hang costs one test, not the stage.
+    local par=() par_gpu=() limit=()
+    "$PY" -c "import xdist" 2>/dev/null && par=(-n 12) && par_gpu=(-n 4)
+    "$PY" -c "import pytest_timeout" 2>/dev/null && limit=(--timeout 40)
+    stage tests-device 70 "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
+      "${par[@]}" "${limit[@]}" --maxfail=5 --tb=short --durations=15
+    stage tests-gpu 50 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
+      -k "not test_cuda_compiled_bf16_run_and_resume" tests/ "${par_gpu[@]}" --maxfail=5 --tb=short --durations=10
   fi
 
   # (4) kernel benchmark
   local kargs=(--out "$OUT/kernels.json")
   [ "$DRY" = 1 ] && kargs+=(--smoke --no-compile)
-  stage kernels 60 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
+  stage kernels 70 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
 
   local train_dir="${TMPDIR:-/tmp}/fastmae_device_train_$$"
-  # (5) step benchmark, ViT-B first; then the trainer itself on the same shapes (its img/s against
-  # the harness's fm_fast: the loop's overhead); then ViT-L
+  # (5) step benchmark, ViT-B; then the trainer itself on the same shapes (its img/s against the
+  # harness's fm_fast: the loop's overhead)
   if [ "$DRY" = 1 ]; then
-    step step-vit-base 150 "$OUT/step_vit_base.json" --tiny --variants main
-    stage train-vit-base 80 "$PY" -m fastmae.train --preset demo --data-backend synthetic --max-steps 12 \
+    step step-vit-base 200 "$OUT/step_vit_base.json" --tiny --variants main
+    stage train-vit-base 100 "$PY" -m fastmae.train --preset demo --data-backend synthetic --max-steps 12 \
       --log-every 4 --no-progress --run-dir "$train_dir" --vis-every-epochs 0
   else
-    step step-vit-base 150 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
+    step step-vit-base 200 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
       --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 20
-    stage train-vit-base 80 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
+    stage train-vit-base 100 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
       --batch-size 256 --effective-batch 256 --max-steps 70 --log-every 10 --no-progress \
       --run-dir "$train_dir" --vis-every-epochs 0
   fi
   [ -f "$train_dir/metrics.jsonl" ] && cp "$train_dir/metrics.jsonl" "$OUT/train_metrics.jsonl"
   rm -rf "$train_dir"
-  if [ "$DRY" = 1 ]; then
-    step step-vit-large 115 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
-  else
-    step step-vit-large 115 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
-      --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 20
-  fi
 
   # (6) data benchmark: the reference loader and torchvision's CUDA decoder (DALI is not on the image)
   local dargs=(--out "$OUT/data.json")
@@ -125,7 +129,20 @@ main_profile() {
   # shellcheck disable=SC2206  # word splitting wanted: extra flags
   dargs+=(${FASTMAE_DATA_ARGS:-})
   stage data 30 "$PY" benchmarks/bench_data.py "${dargs[@]}"
-  REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/step_vit_large.json")
+  REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json")
+}
+
+large_profile() {
+  if [ "$DRY" = 1 ]; then
+    step step-vit-large 300 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
+    step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --tiny --batch 4 max --variants hf_eager fm_ref
+  else
+    step step-vit-large 300 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
+      --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 25
+    step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --models vit_large_patch16 --batch 256 max \
+      --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
+  fi
+  REPORTS=("$OUT/step_vit_large.json" "$OUT/step_vit_large_max.json")
 }
 
 ablations_profile() {
@@ -159,8 +176,9 @@ main() {
   REPORTS=()
   case "$PROFILE" in
     main) main_profile ;;
+    large) large_profile ;;
     ablations) ablations_profile ;;
-    *) echo "unknown FASTMAE_DEVICE_PROFILE=$PROFILE (main | ablations)" ;;
+    *) echo "unknown FASTMAE_DEVICE_PROFILE=$PROFILE (main | large | ablations)" ;;
   esac
 
   # (7) the short table, last (the run tool returns the end of the output)

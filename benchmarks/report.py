@@ -111,14 +111,15 @@ def _pct(x: float | None) -> str:
 def kernels_markdown(rep: dict[str, Any]) -> str:
     """A short table of a ``bench_kernels`` report (fwd+bwd rows)."""
     lines = [f"**Kernels** ({_provenance(rep)}); copy {_f(rep.get('copy', {}).get('gbps'), '.0f')} GB/s", ""]
-    lines.append("| model | op | phase | triton ms | GB/s | % copy | × compiled | × eager |")
-    lines.append("|" + "---|" * 8)
+    lines.append("| model | op | phase | triton ms | GB/s | % copy | × compiled | × eager | call ms (host) | timer |")
+    lines.append("|" + "---|" * 10)
     for r in rep.get("results", []):
         t = r.get("triton") or {}
         lines.append(
             f"| {r.get('model')} | {r.get('op')} | {r.get('phase')} | {_f(t.get('ms'), '.4f')} "
             f"| {_f(t.get('gbps'), '.0f')} | {_f(t.get('pct_of_copy'), '.0f')} "
-            f"| {_f(r.get('speedup_vs_compiled'), '.2f')} | {_f(r.get('speedup_vs_eager'), '.2f')} |"
+            f"| {_f(r.get('speedup_vs_compiled'), '.2f')} | {_f(r.get('speedup_vs_eager'), '.2f')} "
+            f"| {_f(t.get('call_ms'), '.4f')} | {t.get('timer', '–')} |"
         )
     return "\n".join(lines)
 

@@ -33,3 +33,5 @@ def test_bench_kernels_smoke(tmp_path: Path):
         assert (op, "bwd") in rows
     for r in report["results"]:
         assert r["triton"]["ms"] > 0 and r["eager"]["ms"] > 0 and r["min_bytes"] > 0
+        for impl in ("triton", "eager"):
+            assert r[impl]["call_ms"] > 0 and r[impl]["timer"] == "perf_counter"  # CPU: the host's time
