@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_step
+from benchmarks import bench_step, step_variants
 from fastmae.model import MaskedAutoencoderViT, random_masking_ids
 
 VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, num_heads=12)
@@ -44,18 +44,18 @@ def test_random_masking_cpu(benchmark):
 def test_tiny_train_step_cpu(benchmark, variant):
     """One training step (forward, backward, fused AdamW) of the tiny model, eager, on CPU."""
     device = torch.device("cpu")
-    base = bench_step.build_base("tiny", device, seed=0)
+    base = step_variants.build_base("tiny", device, seed=0)
     if variant == "hf_eager":
         from fastmae.convert import to_hf
 
         model = to_hf(base).train()
     else:
         model = base
-    opt, name = bench_step.make_optimizer(model, device)
-    families = {"hf": bench_step.Family(model, opt, name), "fastmae": bench_step.Family(model, opt, name)}
+    opt, name = step_variants.make_optimizer(model, device)
+    families = {"hf": step_variants.Family(model, opt, name), "fastmae": step_variants.Family(model, opt, name)}
     args = bench_step.parse_args(["--tiny"])
-    runner = bench_step.build_runner(bench_step.VARIANTS[variant], families, base, device, args)
-    (imgs, noise), *_ = bench_step.make_inputs(4, 32, 16, 1, device, seed=0)
+    runner = step_variants.build_runner(step_variants.VARIANTS[variant], families, base, device, args)
+    (imgs, noise), *_ = step_variants.make_inputs(4, 32, 16, 1, device, seed=0)
     benchmark(runner.step, imgs, noise)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_step, common, report
+from benchmarks import common, report, step_variants
 from fastmae.model import MaskedAutoencoderViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,9 +94,9 @@ def test_flop_count_matches_the_model_ops():
     The reference path embeds every patch (a conv over the whole image), so the counter sees the
     useful forward work plus ``patch_embed_masked_extra``.
     """
-    kw = bench_step.model_kwargs("tiny")
+    kw = step_variants.model_kwargs("tiny")
     model = MaskedAutoencoderViT(**kw, norm_pix_loss=True, attn_backend="math")
-    flops = bench_step.train_flops_per_image(kw)
+    flops = step_variants.train_flops_per_image(kw)
     n = 3
     imgs, noise = torch.randn(n, 3, kw["img_size"], kw["img_size"]), torch.rand(n, flops["L"])
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -105,7 +105,7 @@ def test_flop_count_matches_the_model_ops():
 
 
 def test_flop_count_vit_b_by_hand():
-    f = bench_step.train_flops_per_image(bench_step.model_kwargs("vit_base_patch16"))
+    f = step_variants.train_flops_per_image(step_variants.model_kwargs("vit_base_patch16"))
     assert (f["L"], f["K"]) == (196, 49)
     enc = 12 * (24 * 50 * 768**2 + 4 * 50**2 * 768)
     dec = 8 * (24 * 197 * 512**2 + 4 * 197**2 * 512)
@@ -130,11 +130,11 @@ def test_find_max_batch_nothing_fits_and_deadline():
 
 
 def test_variant_groups():
-    names = [v.name for v in bench_step.resolve_variants(["main", "fm_fast_cg,hf_eager"])]
+    names = [v.name for v in step_variants.resolve_variants(["main", "fm_fast_cg,hf_eager"])]
     assert names[0] == "hf_eager" and names.count("hf_eager") == 1 and names[-1] == "fm_fast_cg"
-    assert set(bench_step.GROUPS["main"]) <= set(names)
+    assert set(step_variants.GROUPS["main"]) <= set(names)
     with pytest.raises(SystemExit):
-        bench_step.resolve_variants(["no_such_variant"])
+        step_variants.resolve_variants(["no_such_variant"])
 
 
 def test_report_survives_missing_and_foreign_files(tmp_path: Path):
@@ -162,8 +162,8 @@ def test_smoke_tiny_cuda_compiled(tmp_path: Path):
 
 def test_fastmae_variants_share_the_base_parameters():
     """One parameter set and one optimizer serve every fastmae variant (memory, and equal weights)."""
-    base = bench_step.build_base("tiny", torch.device("cpu"), seed=0)
-    other = bench_step.fastmae_sharing(base, True, "math")
+    base = step_variants.build_base("tiny", torch.device("cpu"), seed=0)
+    other = step_variants.fastmae_sharing(base, True, "math")
     assert other.fused and other.attn_backend == "math"
     pairs = list(zip(base.named_parameters(), other.named_parameters(), strict=True))
     assert all(n1 == n2 and p1 is p2 for (n1, p1), (n2, p2) in pairs)

@@ -1,0 +1,523 @@
+"""The step benchmark's parts: its variants, FLOP count, models, optimizer and the one training step.
+
+``bench_step.py`` builds a setting from these, checks each variant against HF eager, times them
+interleaved and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastmae.model import FUSED_OPS
+
+MASK_RATIO = 0.75
+# The model's per-op switch (``MaskedAutoencoderViT(fused=<subset of FUSED_OPS>)``); each op left
+# out runs its reference code. "gather" is patch_gather + encoder_input together: without the
+# kept-patch gather the conv embeds every patch and there is nothing left for encoder_input to fuse.
+OPS = FUSED_OPS
+
+# Loose bf16 tolerances against HF eager in the same precision, as norm-wise relative errors.
+# Measured on CPU (bf16 autocast, batch 4, random init): bf16 against fp32 is ~0.6% in pred and
+# <= 1% in these grads for ViT-B and ViT-L, so two correct bf16 paths differ by ~1-2%; a wrong
+# gather or unshuffle pairs tokens with the wrong targets, an O(1) error.
+CHECK_RTOL = {"loss": 1e-2, "pred": 3e-2, "grad": 5e-2}
+CHECK_GRADS = ("patch_embed.proj.weight", "cls_token", "mask_token", "decoder_pred.weight")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+DECODER = dict(img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
+TINY = dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=64,
+    depth=2,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=4,
+    mlp_ratio=4.0,
+)
+
+
+# ---------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of running the training step.
+
+    Attributes:
+        impl: ``hf`` (transformers' ViTMAEForPreTraining) or ``fastmae``.
+        fused: fastmae's kernel switch; a frozenset names the ops that run as kernels (per-op ablation).
+        compile: None for eager, else a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...).
+        attn: fastmae's attention backend (``sdpa`` | ``math`` | ``xformers`` | ``auto``); HF uses sdpa.
+        sdpa_kernel: force one SDPA kernel (``flash`` | ``cudnn`` | ``efficient`` | ``math``).
+    """
+
+    name: str
+    impl: str
+    about: str
+    fused: bool | frozenset[str] = False
+    compile: str | None = None
+    attn: str = "sdpa"
+    sdpa_kernel: str | None = None
+
+    @property
+    def cudagraphs(self) -> bool:
+        return self.compile in ("reduce-overhead", "max-autotune")
+
+    def record(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fused"] = sorted(self.fused) if isinstance(self.fused, frozenset) else self.fused
+        d["cudagraphs"] = self.cudagraphs
+        return d
+
+
+def _variants() -> dict[str, Variant]:
+    fast = dict(impl="fastmae", fused=True, compile="default", attn="auto")
+    vs = [
+        Variant("hf_eager", "hf", "HF ViTMAEForPreTraining, eager, sdpa (the reference)"),
+        Variant("fm_fast", about="fastmae fast path: kernels + compile + best attention", **fast),
+        Variant("hf_compile", "hf", "HF under torch.compile", compile="default"),
+        Variant("fm_ref", "fastmae", "fastmae reference path, eager, sdpa"),
+        Variant("fm_fused_eager", "fastmae", "fast path, compile off", fused=True, attn="auto"),
+        Variant("fm_fast_cg", about="fast path + CUDA graphs", **{**fast, "compile": "reduce-overhead"}),
+        Variant("fm_ref_compile", "fastmae", "fast path, all kernels off", compile="default", attn="auto"),
+        Variant("fm_fast_sdpa", about="fast path, sdpa attention", **{**fast, "attn": "sdpa"}),
+        Variant("fm_fast_math", about="fast path, math attention", **{**fast, "attn": "math"}),
+        Variant("fm_fast_xformers", about="fast path, xformers attention", **{**fast, "attn": "xformers"}),
+    ]
+    for kernel in ("flash", "cudnn", "efficient"):
+        vs.append(
+            Variant(f"fm_fast_{kernel}", about=f"fast path, SDPA {kernel} kernel forced", sdpa_kernel=kernel, **fast)
+        )
+    for op in OPS:
+        ops = frozenset(OPS) - {op}
+        vs.append(Variant(f"fm_fast_no_{op}", about=f"fast path, {op} kernel off", **{**fast, "fused": ops}))
+    vs.append(
+        Variant(
+            "fm_fast_autotune",
+            about="fast path, max-autotune-no-cudagraphs",
+            **{**fast, "compile": "max-autotune-no-cudagraphs"},
+        )
+    )
+    vs.append(Variant("fm_ref_math", "fastmae", "reference path, math attention, eager", attn="math"))
+    return {v.name: v for v in vs}
+
+
+VARIANTS = _variants()
+GROUPS: dict[str, list[str]] = {
+    "main": ["hf_eager", "fm_fast", "hf_compile", "fm_ref", "fm_fused_eager"],
+    "ablations": [
+        "hf_eager",
+        "fm_fast",
+        "fm_fast_cg",
+        "fm_ref_compile",
+        "fm_fast_math",
+        "fm_fast_xformers",
+        "fm_fast_flash",
+        "fm_fast_cudnn",
+        "fm_fast_efficient",
+        *(f"fm_fast_no_{op}" for op in OPS),
+    ],
+}
+GROUPS["all"] = list(VARIANTS)
+
+
+def resolve_variants(names: Sequence[str]) -> list[Variant]:
+    """Variant names and group names, in the order given (the setup priority), without repeats."""
+    out: list[str] = []
+    for name in names:
+        for part in name.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            expanded = GROUPS.get(part, [part])
+            for n in expanded:
+                if n not in VARIANTS:
+                    raise SystemExit(
+                        f"unknown variant {n!r}; known: {', '.join(VARIANTS)}; groups: {', '.join(GROUPS)}"
+                    )
+                if n not in out:
+                    out.append(n)
+    return [VARIANTS[n] for n in out]
+
+
+# ---------------------------------------------------------------------- FLOPs
+
+
+def train_flops_per_image(cfg: dict[str, Any], mask_ratio: float = MASK_RATIO) -> dict[str, Any]:
+    """Training FLOPs per image counted from the model's shapes (a multiply-add is 2 FLOPs).
+
+    Forward: patch embedding of the K kept patches; per encoder block on T = 1 + K tokens the qkv,
+    proj, fc1, fc2 matmuls and attention's QK^T and AV; decoder_embed on 1 + K tokens; per decoder
+    block the same on 1 + L tokens; decoder_pred on 1 + L tokens (the reference predicts every
+    token, cls included, then drops cls). Training = 3 x forward (backward = 2 x forward: grads of
+    inputs and of weights; the patch embedding needs no input grad, counted anyway by convention).
+    LayerNorm, GELU, softmax, the loss and the optimizer are not counted.
+
+    ``patch_embed_masked_extra`` is the forward patch-embedding work on the removed patches that HF
+    and fastmae's reference path do as well (a conv over the whole image); it is not useful work and
+    is left out of ``train`` for every variant.
+    """
+    C, P, img = cfg.get("in_chans", 3), cfg["patch_size"], cfg["img_size"]
+    D, De = cfg["embed_dim"], cfg["decoder_embed_dim"]
+    hid, hid_d = int(D * cfg["mlp_ratio"]), int(De * cfg["mlp_ratio"])
+    L = (img // P) ** 2
+    K = int(L * (1 - mask_ratio))
+    Te, Td, patch = 1 + K, 1 + L, C * P * P
+
+    def block(T: int, d: int, h: int) -> dict[str, int]:
+        return {
+            "qkv": 2 * T * d * 3 * d,
+            "attn_qk": 2 * T * T * d,
+            "attn_av": 2 * T * T * d,
+            "proj": 2 * T * d * d,
+            "mlp": 2 * T * d * h * 2,
+        }
+
+    enc = {k: v * cfg["depth"] for k, v in block(Te, D, hid).items()}
+    dec = {k: v * cfg["decoder_depth"] for k, v in block(Td, De, hid_d).items()}
+    parts = {
+        "patch_embed_kept": 2 * K * patch * D,
+        "encoder": sum(enc.values()),
+        "decoder_embed": 2 * Te * D * De,
+        "decoder": sum(dec.values()),
+        "decoder_pred": 2 * Td * De * patch,
+    }
+    forward = sum(parts.values())
+    return {
+        "L": L,
+        "K": K,
+        "forward": forward,
+        "train": 3 * forward,
+        "parts_forward": parts,
+        "encoder_blocks_forward": enc,
+        "decoder_blocks_forward": dec,
+        "patch_embed_masked_extra": 2 * (L - K) * patch * D,
+        "definition": "useful work: patch-embed on kept patches, encoder on 1+K, decoder on 1+L tokens; x3",
+    }
+
+
+# ---------------------------------------------------------------------- models
+
+
+def model_kwargs(model: str) -> dict[str, Any]:
+    """Constructor arguments of a benchmark model (``tiny`` or a ``SHAPES`` name)."""
+    if model == "tiny":
+        return dict(TINY)
+    return {**DECODER, **SHAPES[model]}
+
+
+def build_base(model: str, device: torch.device, seed: int) -> torch.nn.Module:
+    """The fastmae model all fastmae variants share parameters with (reference path, sdpa)."""
+    from fastmae.model import MaskedAutoencoderViT
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return MaskedAutoencoderViT(**model_kwargs(model), norm_pix_loss=True, attn_backend="sdpa").train()
+
+
+def fastmae_sharing(base: torch.nn.Module, fused: bool | frozenset[str], attn: str) -> torch.nn.Module:
+    """A fastmae model with its own switches whose parameters *are* ``base``'s (one copy, one optimizer)."""
+    from fastmae.model import MaskedAutoencoderViT
+
+    kwargs: dict[str, Any] = {"fused": fused}
+    device = next(base.parameters()).device
+    with torch.device(device):
+        m = MaskedAutoencoderViT(
+            **_config_of(base), norm_pix_loss=base.norm_pix_loss, attn_backend=attn, **kwargs
+        ).train()
+    m.load_state_dict(base.state_dict(keep_vars=True), assign=True)
+    return m
+
+
+def _config_of(model: torch.nn.Module) -> dict[str, Any]:
+    from fastmae.convert import model_config
+
+    cfg = model_config(model)
+    cfg.pop("norm_pix_loss")
+    return cfg
+
+
+def make_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """Fused AdamW over the reference's weight-decay groups (no decay for biases and 1-D params)."""
+    from fastmae.model import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay=0.05)
+    try:
+        return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), fused=True), "AdamW(fused=True)"
+    except RuntimeError:  # a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), foreach=True), "AdamW(foreach=True)"
+
+
+def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (Adam's moments) with one step on zero grads; grads left as None.
+
+    AdamW on a zero grad changes a weight only by its decay (lr * wd, ~1e-5 relative): harmless for
+    timing, and the correctness checks have already run.
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of the parameters and the optimizer state (the memory a variant holds between steps)."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for st in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+    return n
+
+
+# ---------------------------------------------------------------------- running a variant
+
+
+class Runner:
+    """A built variant: its (maybe compiled) module, optimizer and the one training step."""
+
+    def __init__(
+        self,
+        variant: Variant,
+        module: torch.nn.Module,
+        eager: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        device: torch.device,
+        amp: bool,
+    ):
+        self.variant, self.module, self.eager, self.opt = variant, module, eager, opt
+        self.device, self.amp = device, amp
+        # cudagraph trees need to know where a step begins (outputs of the last replay may be reused)
+        self.mark_step = variant.cudagraphs and device.type == "cuda"
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and prediction ``(N, L, P*P*C)`` under bf16 autocast (when on)."""
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.variant.impl == "hf":
+                out = self.module(pixel_values=imgs, noise=noise)
+                return out.loss, out.logits
+            loss, pred, _ = self.module(imgs, MASK_RATIO, noise)
+            return loss, pred
+
+    def step(self, imgs: torch.Tensor, noise: torch.Tensor) -> None:
+        """One training step: forward, backward, optimizer step, grads set to None. No host sync."""
+        loss, _ = self.forward(imgs, noise)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def named_grad(self, name: str) -> torch.Tensor | None:
+        """The gradient of a fastmae-named parameter (HF names mapped)."""
+        if self.variant.impl == "hf":
+            from fastmae.convert import hf_style_of, to_hf_state_dict
+
+            params = dict(self.eager.named_parameters())
+            (hf_name,) = to_hf_state_dict({name: torch.empty(0)}, hf_style_of(params)).keys()
+            return params[hf_name].grad
+        return dict(self.eager.named_parameters())[name].grad
+
+    def grad_norm(self) -> float:
+        """L2 norm of all gradients (the same for HF's split q/k/v as for the fused qkv)."""
+        grads = [p.grad.float() for p in self.eager.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+class ForcedSdpaKernel(torch.nn.Module):
+    """Runs ``inner`` with one SDPA kernel allowed (``torch.nn.attention.sdpa_kernel``).
+
+    The context is entered *inside* the module, so a compiled variant traces it and its graph is
+    keyed on it: with the context outside, dynamo could reuse another instance's graph (parameters
+    are graph inputs, so same-shaped fastmae instances share compiled code) that chose another kernel.
+    """
+
+    def __init__(self, inner: torch.nn.Module, kernel: str):
+        super().__init__()
+        from torch.nn.attention import SDPBackend
+
+        self.inner = inner
+        self.backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[kernel]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([self.backend]):
+            return self.inner(*args, **kwargs)
+
+
+def compile_module(module: torch.nn.Module, mode: str, fullgraph: bool, backend: str) -> torch.nn.Module:
+    """``torch.compile`` with static shapes; ``mode`` applies to inductor only."""
+    kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False}
+    if backend == "inductor":
+        kwargs["mode"] = None if mode == "default" else mode
+    else:
+        kwargs["backend"] = backend
+    return torch.compile(module, **kwargs)
+
+
+def dynamo_settings() -> Any:
+    """A context with a higher recompile limit that fails when hit (names differ across torch versions).
+
+    Many module instances of one class compile here (and each batch size in a ``max`` search);
+    silently falling back to eager past the limit would time the wrong thing. A context, so an
+    in-process caller (the smoke test) gets its settings back.
+    """
+    cfg = torch._dynamo.config
+    patch: dict[str, Any] = {}
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            patch[name] = max(getattr(cfg, name), 64)
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            patch[name] = True
+    return cfg.patch(**patch)
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def unique_graphs() -> int:
+    """Graphs dynamo has compiled so far; a variant adding none reused another instance's graph."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def why_skip(v: Variant, device: torch.device, args: argparse.Namespace) -> str | None:
+    """Why a variant cannot run here, or None."""
+    from fastmae.attention import xformers_available
+
+    if device.type != "cuda":
+        if v.compile and v.fused:
+            return "fused + torch.compile needs CUDA (the Triton interpreter cannot trace fake tensors)"
+        if v.compile and not args.cpu_compile:
+            return "compile is off on CPU (pass --cpu-compile)"
+        if v.sdpa_kernel or v.attn == "xformers":
+            return "needs CUDA"
+        if v.compile and args.compile_backend == "inductor" and v.compile != "default":
+            return f"compile mode {v.compile!r} is for CUDA"
+    if v.attn == "xformers" and not xformers_available():
+        return "xformers does not import"
+    return None
+
+
+@dataclasses.dataclass
+class Family:
+    """The models of one implementation: the eager module every variant of it shares, its optimizer."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    opt_name: str
+
+
+def build_runner(
+    v: Variant, families: dict[str, Family], base: torch.nn.Module, device: torch.device, args: argparse.Namespace
+) -> Runner:
+    fam = families[v.impl]
+    if v.impl == "hf":
+        eager = fam.model
+    else:
+        eager = fastmae_sharing(base, v.fused, v.attn)
+    module = ForcedSdpaKernel(eager, v.sdpa_kernel) if v.sdpa_kernel else eager
+    if v.compile:
+        module = compile_module(module, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)
+    return Runner(v, module, eager, fam.opt, device, amp=device.type == "cuda" and not args.no_amp)
+
+
+def make_inputs(
+    batch: int, img: int, L: int, pool: int, device: torch.device, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``pool`` batches of (images ``(B, 3, S, S)`` fp32 N(0, 1), noise ``(B, L)`` uniform), on the device."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [
+        (
+            torch.randn(batch, 3, img, img, device=device, generator=g),
+            torch.rand(batch, L, device=device, generator=g),
+        )
+        for _ in range(pool)
+    ]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error ``||a - b|| / ||b||`` in fp32 (inf when either is not finite)."""
+    a, b = a.detach().float(), b.detach().float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return math.inf
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30)).item()
+
+
+def check_step(r: Runner, imgs: torch.Tensor, noise: torch.Tensor) -> dict[str, Any]:
+    """The variant's first call (compiles it): forward + backward on the check batch, no optimizer step."""
+    loss, pred = r.forward(imgs, noise)
+    loss.backward()
+    out = {
+        "loss": loss.detach().float().clone(),
+        "pred": pred.detach().float().clone(),
+        "grads": {n: r.named_grad(n).detach().float().clone() for n in CHECK_GRADS},
+        "grad_norm": r.grad_norm(),
+    }
+    r.opt.zero_grad(set_to_none=True)
+    return out
+
+
+def compare(out: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    loss_rel = abs(out["loss"].item() - ref["loss"].item()) / max(abs(ref["loss"].item()), 1e-30)
+    pred_rel = rel_err(out["pred"], ref["pred"])
+    grads = {n: rel_err(out["grads"][n], ref["grads"][n]) for n in CHECK_GRADS}
+    gn_rel = abs(out["grad_norm"] - ref["grad_norm"]) / max(ref["grad_norm"], 1e-30)
+    grads["global_norm"] = gn_rel
+    ok = loss_rel <= CHECK_RTOL["loss"] and pred_rel <= CHECK_RTOL["pred"]
+    ok = ok and all(e <= CHECK_RTOL["grad"] for e in grads.values())
+    return {
+        "ok": bool(ok),
+        "loss": out["loss"].item(),
+        "loss_hf_eager": ref["loss"].item(),
+        "loss_rel_diff": loss_rel,
+        "pred_rel_err": pred_rel,
+        "grad_rel_err": grads,
+        "tolerances": CHECK_RTOL,
+        "against": "hf_eager in the same precision, same weights, batch and noise",
+    }
+
+
+def measure_step_memory(r: Runner, inputs: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> int:
+    """Largest rise of allocated memory within one of ``steps`` training steps (bytes); CUDA only."""
+    rise = 0
+    for i in range(steps):
+        imgs, noise = inputs[i % len(inputs)]
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        r.step(imgs, noise)
+        if r.device.type == "cuda":
+            torch.cuda.synchronize()
+            rise = max(rise, torch.cuda.max_memory_allocated() - start)
+    return rise
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
