@@ -1,7 +1,9 @@
 """torch.compile(fullgraph=True) of the model.
 
 The reference path compiles on CPU (inductor's C++ backend). The fused path's Triton ops cannot
-compile on CPU (fake tensors carry no data for the interpreter), so its trace is a GPU test.
+run compiled on CPU (the interpreter needs data, compile traces fake tensors), so its compile and
+numerics are a GPU test here; its trace and forward/backward partition are checked on CPU by
+``tests/kernels/test_compile_trace.py``.
 """
 
 from __future__ import annotations
