@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# On the lent GPU: DALI brought over in parts, installed, checked against its CPU pipeline, measured.
+#
+# A lease of its own (the main device.sh profile fills one): about 5 calls of ~30 s to carry the
+# parts, then one of ~4 minutes. The machine goes back after ~30 s idle, so the calls follow each
+# other at once; a gap means starting over (a fresh machine has an empty /tmp).
+#
+#   here, once:   bash benchmarks/dali_parts.sh           # .dali/part-00 .. part-04 + MANIFEST
+#   call k (k = 00 .. last-1), carry [".dali/part-k"]:
+#                 bash benchmarks/device_dali.sh stash
+#   last call, carry [".dali/part-LAST", ".dali/MANIFEST"], timeout_s ~300:
+#                 FASTMAE_COMMIT=<sha> bash benchmarks/device_dali.sh run
+#
+# `run` joins the parts (checked against MANIFEST's sha256), installs the wheels with
+# --no-index --no-deps, installs the checkout, then: DALI's tests on CUDA (the mixed-decode pipeline
+# against the CPU one: same crops, nvJPEG vs libjpeg-turbo tolerance), and bench_data with DALI
+# mixed, the reference loader and torchvision's CUDA decoder. Files under $OUT:
+#     run.log env.json data_dali.json
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+STASH="${FASTMAE_DALI_STASH:-/tmp/fastmae_dali}"
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$STASH" "$OUT"
+
+stash() {
+  local found=0 f
+  for f in .dali/part-*; do
+    [ -f "$f" ] || continue
+    cp "$f" "$STASH/" && found=$((found + 1))
+  done
+  [ -f .dali/MANIFEST ] && cp .dali/MANIFEST "$STASH/"
+  echo "stashed $found part(s); $STASH now holds:"
+  ls -l "$STASH"
+  [ "$found" -gt 0 ]
+}
+
+run() {
+  stash || echo "(no part in this call's tree)"
+  local t0=$SECONDS
+  if [ ! -f "$STASH/MANIFEST" ]; then
+    echo "no MANIFEST in $STASH: carry .dali/MANIFEST in the last call" >&2
+    return 2
+  fi
+  local want have
+  want=$(awk '/^parts /{print $2}' "$STASH/MANIFEST")
+  have=$(find "$STASH" -maxdepth 1 -name 'part-*' | wc -l)
+  if [ "$want" != "$have" ]; then
+    echo "have $have of $want parts (the machine was given back between calls?): $(ls "$STASH")" >&2
+    return 2
+  fi
+  cat "$STASH"/part-* >"$STASH/wheels.tar"
+  (cd "$STASH" && grep ' wheels.tar$' MANIFEST | sha256sum -c -) || return 2
+  tar -C "$STASH" -xf "$STASH/wheels.tar"
+  echo "=== install DALI ($((SECONDS - t0)) s)"
+  "$PY" -m pip install -q --no-index --no-deps --no-cache-dir "$STASH"/wheels/*.whl || return 2
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || return 2
+  "$PY" -c "import nvidia.dali as d; print('DALI', d.__version__)" || return 2
+
+  echo "=== env ($((SECONDS - t0)) s)"
+  timeout 20 "$PY" -m benchmarks.common --env-out "$OUT/env.json" "profile=dali"
+  echo "=== DALI tests on CUDA ($((SECONDS - t0)) s)"
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/data --tb=short --durations=5
+  echo "=== data benchmark ($((SECONDS - t0)) s)"
+  timeout 150 "$PY" benchmarks/bench_data.py --backends dali,torch,tv_cuda,synthetic --n-images 1536 \
+    --steps 10 --repeats 2 --warmup 3 --workers 16 --out "$OUT/data_dali.json"
+  timeout 10 "$PY" benchmarks/report.py "$OUT/data_dali.json"
+  echo "=== done in $((SECONDS - t0)) s"
+}
+
+case "${1:-}" in
+  stash) stash ;;
+  run) run 2>&1 | tee "$OUT/run.log" ;;
+  *)
+    echo "usage: $0 stash | run" >&2
+    exit 2
+    ;;
+esac
