@@ -409,6 +409,31 @@ class Setting:
                 if ref_mem and vr.get("memory") and vr.get("batch") == ref.get("batch"):
                     vr[f"memory_vs_{ref_name}"] = vr["memory"]["peak_bytes"] / ref_mem
 
+    def profile(self) -> None:
+        """``--profile``: a few profiled steps of the named variants that ran, after the timing."""
+        from benchmarks import profile_step
+
+        for name in self.args.profile or []:
+            r, vr = self.runners.get(name), self.rec["variants"].get(name, {})
+            if r is None or self.args.profile_steps <= 0:
+                continue
+            if time.monotonic() + 10 > self.deadline:
+                vr["profile"] = {"skipped": "time budget"}
+                break
+            inputs = self.inputs[name]
+            it = iter(range(1 << 30))
+
+            def one_step(r: Runner = r, inputs: list = inputs, it=it) -> None:
+                r.step(*inputs[next(it) % len(inputs)])
+
+            try:
+                median = (vr.get("step_ms") or {}).get("median")
+                vr["profile"] = profile_step.profile_steps(one_step, self.args.profile_steps, self.device, median)
+                print("  " + profile_step.markdown(name, vr["profile"]), flush=True)
+            except Exception as e:  # a profiler failure must not lose the timings
+                vr["profile"] = {"failed": f"{type(e).__name__}: {e}"[:500]}
+            self.save()
+
     def close(self) -> None:
         self.runners.clear()
         self.inputs.clear()
@@ -453,6 +478,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--timing-reserve", type=float, default=None, help="seconds of the budget kept for timing (default 20%%)"
     )
     p.add_argument("--no-ceilings", action="store_true", help="skip the GEMM / copy ceilings")
+    p.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        metavar="VARIANT",
+        help="after the timing, profile these variants' steps: device time by kernel category, top kernels",
+    )
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant")
     p.add_argument("--max-batch-start", type=int, default=256)
     p.add_argument("--max-batch-cap", type=int, default=4096)
     p.add_argument("--max-batch-granularity", type=int, default=32)
@@ -536,6 +569,7 @@ def _main(args: argparse.Namespace, argv: list[str], device: torch.device) -> di
                 setting.setup()
                 setting.warm_up()
                 setting.time_rounds()
+                setting.profile()
                 mem_model = setting.mem_per_image_estimates()
             finally:
                 setting.close()

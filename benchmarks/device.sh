@@ -24,7 +24,8 @@
 # torch.compile of a ViT training step takes on the order of a minute (ViT-L more); the main
 # variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds. A step at
 # batch 256 is ~0.05-0.1 s (ViT-B, 58 GFLOP/img) and ~0.1-0.2 s (ViT-L, 123 GFLOP/img) at 30-50% MFU,
-# so 5 variants x (3 + 50) steps fit in the reserve.
+# so 5 variants x (3 + 50) steps fit in the reserve. After the timing, fm_fast's and hf_compile's
+# steps are profiled (--profile: device time by kernel category, how busy the GPU was).
 #
 # Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 470): env 10 | install 20 | step ViT-L 300
 #     | step ViT-L largest batch 130 | report 10  (files: run.log env.json step_vit_large.json
@@ -106,12 +107,12 @@ main_profile() {
   # (5) step benchmark, ViT-B; then the trainer itself on the same shapes (its img/s against the
   # harness's fm_fast: the loop's overhead)
   if [ "$DRY" = 1 ]; then
-    step step-vit-base 200 "$OUT/step_vit_base.json" --tiny --variants main
+    step step-vit-base 200 "$OUT/step_vit_base.json" --tiny --variants main --profile fm_ref
     stage train-vit-base 100 "$PY" -m fastmae.train --preset demo --data-backend synthetic --max-steps 12 \
       --log-every 4 --no-progress --run-dir "$train_dir" --vis-every-epochs 0
   else
     step step-vit-base 200 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
-      --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 20
+      --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 25 --profile fm_fast hf_compile
     stage train-vit-base 100 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
       --batch-size 256 --effective-batch 256 --max-steps 70 --log-every 10 --no-progress \
       --run-dir "$train_dir" --vis-every-epochs 0
@@ -138,7 +139,7 @@ large_profile() {
     step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --tiny --batch 4 max --variants hf_eager fm_ref
   else
     step step-vit-large 300 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
-      --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 25
+      --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 30 --profile fm_fast hf_compile
     step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --models vit_large_patch16 --batch 256 max \
       --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
   fi

@@ -101,6 +101,19 @@ def step_markdown(rep: dict[str, Any]) -> str:
         if skipped:
             lines.append("")
             lines.append("Not timed: " + "; ".join(f"{', '.join(names)} ({why})" for why, names in skipped.items()))
+        profiled = {
+            n: v["profile"] for n, v in s.get("variants", {}).items() if "kernel_ms_per_step" in v.get("profile", {})
+        }
+        if profiled:
+            try:
+                from benchmarks.profile_step import markdown as profile_line
+            except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
+                sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+                from benchmarks.profile_step import markdown as profile_line
+
+            lines.append("")
+            lines.append("Where the step goes (`--profile`):")
+            lines.extend(f"- {profile_line(n, p)}" for n, p in profiled.items())
     return "\n".join(lines)
 
 

@@ -40,7 +40,9 @@ def _run(tmp_path: Path, *argv: str) -> tuple[dict, Path, Path]:
 
 
 def test_smoke_tiny_end_to_end(tmp_path: Path):
-    rep, table, plot = _run(tmp_path, "--variants", "hf_eager", "fm_ref", "fm_fused_eager", "fm_fast")
+    rep, table, plot = _run(
+        tmp_path, "--variants", "hf_eager", "fm_ref", "fm_fused_eager", "fm_fast", "--profile", "fm_ref", "fm_fast"
+    )
 
     env = rep["env"]
     assert env["git"]["commit"] and env["command"].count("--tiny") == 1
@@ -66,8 +68,15 @@ def test_smoke_tiny_end_to_end(tmp_path: Path):
     if not torch.cuda.is_available():
         assert variants["fm_fast"]["status"] == "skipped" and "CUDA" in variants["fm_fast"]["reason"]
 
+    # --profile: the variant that ran is profiled (CPU: aten ops), the one that did not is left alone
+    prof = variants["fm_ref"]["profile"]
+    assert prof["steps"] == 3 and prof["kernel_ms_per_step"] > 0 and prof["by_category_ms"]["gemm"] > 0
+    assert 0 < prof["busy_fraction"] and prof["top"][0]["ms_per_step"] >= prof["top"][-1]["ms_per_step"]
+    assert "profile" not in variants["fm_fast"] and "profile" not in variants["hf_eager"]
+
     md = table.read_text()
     assert "| `fm_fused_eager` |" in md and "not measurements" in md
+    assert "- **fm_ref**: " in md and "aten ops (CPU) per step" in md
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
 
