@@ -130,7 +130,7 @@ main_profile() {
   # shellcheck disable=SC2206  # word splitting wanted: extra flags
   dargs+=(${FASTMAE_DATA_ARGS:-})
   stage data 30 "$PY" benchmarks/bench_data.py "${dargs[@]}"
-  REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json")
+  REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/train_metrics.jsonl")
 }
 
 large_profile() {

@@ -22,7 +22,11 @@ def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         try:
-            rep = json.loads(Path(p).read_text())
+            if str(p).endswith(".jsonl"):  # the trainer's metrics.jsonl
+                lines = Path(p).read_text().splitlines()
+                rep = {"benchmark": "train_metrics", "rows": [json.loads(line) for line in lines if line.strip()]}
+            else:
+                rep = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError) as e:
             rep = {"benchmark": "unreadable", "error": f"{type(e).__name__}: {e}"}
         rep["_path"] = str(p)
@@ -155,6 +159,32 @@ def data_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> str:
+    """The trainer's img/s (``metrics.jsonl``) against the step harness's ``fm_fast`` in the same run.
+
+    The first log interval holds the compile and is left out; the rest are the loop's steady speed.
+    """
+    rows = [r for r in rep.get("rows", []) if r.get("img_s")]
+    steady = [r["img_s"] for r in rows[1:]]
+    head = f"**Trainer** (`python -m fastmae.train`, `{rep.get('_path', '')}`)"
+    if not steady:
+        return f"{head}: fewer than two log intervals with img/s ({len(rows)}), nothing to compare"
+    steady.sort()
+    median = steady[len(steady) // 2]
+    text = f"{head}: median {median:.0f} img/s over {len(steady)} log intervals (the first, with the compile, left out)"
+    harness = [
+        (s.get("model"), v)
+        for r in reports
+        if r.get("benchmark") == "bench_step"
+        for s in r.get("settings", [])
+        for name, v in s.get("variants", {}).items()
+        if name == "fm_fast" and v.get("img_s")
+    ]
+    for model, v in harness:
+        text += f"; {median / v['img_s']:.3f}x the harness's `fm_fast` ({model}, batch {v.get('batch')}: {v['img_s']:.0f} img/s)"
+    return text
+
+
 def markdown(reports: Sequence[dict[str, Any]]) -> str:
     """Markdown for each report: the step benchmark's tables in full, short ones for the others."""
     parts = []
@@ -167,6 +197,8 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
                 parts.append(kernels_markdown(rep))
             elif kind == "bench_data":
                 parts.append(data_markdown(rep))
+            elif kind == "train_metrics":
+                parts.append(train_markdown(rep, reports))
             else:
                 what = rep.get("error") or ", ".join(sorted(k for k in rep if not k.startswith("_")))[:300]
                 parts.append(f"**{kind or 'unknown'}** `{rep.get('_path', '')}`: {what}")
