@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease, one command: environment, install, GPU tests, kernel / step / data benchmarks, a table last.
 #
-# Run from the repository root on the lent GPU machine (device tool `run`, timeout_s ~590):
+# Run from the repository root on the lent GPU machine (device tool `run`, timeout_s 600):
 #
 #     FASTMAE_COMMIT=<sha of `git rev-parse HEAD` here> FASTMAE_DIRTY=<0|1> bash benchmarks/device.sh
 #
@@ -11,9 +11,12 @@
 #     run.log env.json kernels.json step_vit_base.json train_metrics.jsonl data.json
 # (the markdown table is printed last; report.py makes it and the chart from the JSON afterwards).
 #
-# Budget, profile "main" (seconds; each stage has its own `timeout`; sum 560; run timeout_s 590):
-#     env 10 | install 20 | device-fixture tests on CUDA 70 | gpu-marked tests 50 | kernels 70
-#     | step ViT-B 200 | trainer ViT-B 100 | data 30 | report 10
+# Budget, profile "main" (seconds; each stage has its own `timeout`; sum 570; run timeout_s 600):
+#     env 10 | install 20 | device-fixture tests on CUDA 60 | gpu-marked tests 45 | kernels 60
+#     | step ViT-B 240 | trainer ViT-B 100 | data 25 | report 10
+# The step stage holds two compiles of ~80 s each (fm_fast, hf_compile), three eager variants,
+# 5 timed rounds and the profile; the trainer compiles once more (its metrics come back even if
+# its stage times out after the compile).
 # On the first H100 run (2026-11-26) the tests ran out of their 45 + 40 s (Triton compiling every
 # specialisation on a fresh machine), ViT-L's two compiles did not fit beside ViT-B's, and the
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
@@ -27,7 +30,7 @@
 # so 5 variants x (3 + 50) steps fit in the reserve. After the timing, fm_fast's and hf_compile's
 # steps are profiled (--profile: device time by kernel category, how busy the GPU was).
 #
-# Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 470): env 10 | install 20 | step ViT-L 300
+# Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 550): env 10 | install 20 | step ViT-L 380
 #     | step ViT-L largest batch 130 | report 10  (files: run.log env.json step_vit_large.json
 #     step_vit_large_max.json)
 #
@@ -83,8 +86,8 @@ main_profile() {
   # compile tests (the trainer's CUDA tests are left to the train stage below: each compiles twice).
   local device_tests=(tests/kernels tests/test_fast_path.py tests/test_attention.py)
   if [ "$DRY" = 1 ]; then
-    stage tests-device 70 "$PY" -m pytest -q -p no:cacheprovider --co "${device_tests[@]}"
-    stage tests-gpu 50 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" -k "not test_cuda_compiled" tests/
+    stage tests-device 60 "$PY" -m pytest -q -p no:cacheprovider --co "${device_tests[@]}"
+    stage tests-gpu 45 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" -k "not test_cuda_compiled" tests/
   else
     # Workers where pytest-xdist is there (it is on the image): most of this stage is Triton
     # compiling each specialisation, one process each. A per-test limit where pytest-timeout is
@@ -92,29 +95,29 @@ main_profile() {
     local par=() par_gpu=() limit=()
     "$PY" -c "import xdist" 2>/dev/null && par=(-n 12) && par_gpu=(-n 4)
     "$PY" -c "import pytest_timeout" 2>/dev/null && limit=(--timeout 40)
-    stage tests-device 70 "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
+    stage tests-device 60 "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
       "${par[@]}" "${limit[@]}" --maxfail=5 --tb=short --durations=15
-    stage tests-gpu 50 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
+    stage tests-gpu 45 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
       -k "not test_cuda_compiled_bf16_run_and_resume" tests/ "${par_gpu[@]}" --maxfail=5 --tb=short --durations=10
   fi
 
   # (4) kernel benchmark
   local kargs=(--out "$OUT/kernels.json")
   [ "$DRY" = 1 ] && kargs+=(--smoke --no-compile)
-  stage kernels 70 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
+  stage kernels 60 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
 
   local train_dir="${TMPDIR:-/tmp}/fastmae_device_train_$$"
   # (5) step benchmark, ViT-B; then the trainer itself on the same shapes (its img/s against the
   # harness's fm_fast: the loop's overhead)
   if [ "$DRY" = 1 ]; then
-    step step-vit-base 200 "$OUT/step_vit_base.json" --tiny --variants main --profile fm_ref
+    step step-vit-base 240 "$OUT/step_vit_base.json" --tiny --variants main --profile fm_ref
     stage train-vit-base 100 "$PY" -m fastmae.train --preset demo --data-backend synthetic --max-steps 12 \
       --log-every 4 --no-progress --run-dir "$train_dir" --vis-every-epochs 0
   else
-    step step-vit-base 200 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
+    step step-vit-base 240 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
       --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 25 --profile fm_fast hf_compile
     stage train-vit-base 100 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
-      --batch-size 256 --effective-batch 256 --max-steps 70 --log-every 10 --no-progress \
+      --batch-size 256 --effective-batch 256 --max-steps 60 --log-every 10 --no-progress \
       --run-dir "$train_dir" --vis-every-epochs 0
   fi
   [ -f "$train_dir/metrics.jsonl" ] && cp "$train_dir/metrics.jsonl" "$OUT/train_metrics.jsonl"
@@ -129,16 +132,16 @@ main_profile() {
   fi
   # shellcheck disable=SC2206  # word splitting wanted: extra flags
   dargs+=(${FASTMAE_DATA_ARGS:-})
-  stage data 30 "$PY" benchmarks/bench_data.py "${dargs[@]}"
+  stage data 25 "$PY" benchmarks/bench_data.py "${dargs[@]}"
   REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/train_metrics.jsonl")
 }
 
 large_profile() {
   if [ "$DRY" = 1 ]; then
-    step step-vit-large 300 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
+    step step-vit-large 380 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
     step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --tiny --batch 4 max --variants hf_eager fm_ref
   else
-    step step-vit-large 300 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
+    step step-vit-large 380 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
       --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 30 --profile fm_fast hf_compile
     step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --models vit_large_patch16 --batch 256 max \
       --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
