@@ -40,7 +40,8 @@ class Sm90Target:
         return GPUTarget("cuda", 90, 32)
 
 
-triton.runtime.driver.set_active(Sm90Target())
+if not torch.cuda.is_available():  # on a GPU machine, its own driver answers
+    triton.runtime.driver.set_active(Sm90Target())
 
 from fastmae.model import MaskedAutoencoderViT  # noqa: E402  (after the driver)
 
