@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(tmp_path: Path, *argv: str) -> tuple[dict, Path, Path]:
     """The harness as users run it, in a process of its own.
 
-    In-process, after the kernel tests had run in the same pytest process, the fused-eager variant
-    crashed in about half of the runs inside torch's dispatcher for a fastmae:: op (a segfault, or
-    "ValueError: vector::reserve"); never alone, never in 40+ standalone runs. Unexplained so far:
-    see the issue notes. A separate process keeps this test about the harness.
+    (In-process, it once crashed inside torch's dispatcher on a fastmae:: op in about half of the
+    runs: transformers' probe for the kernel hub imported ``kernels/`` a second time as a top-level
+    package and re-registered the ops, freeing the first registration. Fixed in
+    ``kernels/__init__.py``; ``tests/kernels/test_one_registration.py`` holds it.)
     """
     out, table, plot = tmp_path / "step.json", tmp_path / "step.md", tmp_path / "step.png"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--tiny", *argv]
