@@ -8,6 +8,7 @@ multi-node alike.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,20 @@ def init_distributed(device: str = "auto") -> DistEnv:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def end_together() -> None:
+    """A run's normal end under torchrun: release DDP, then meet the other ranks.
+
+    DDP's reducer holds the process group; left in a reference cycle, it was collected only at
+    interpreter exit, after ``cleanup()``, and a gloo rank then aborted ("terminate called without an
+    active exception"): about 1 run in 10 of the 2-process tests, in fine-tuning and in training
+    alike. Collecting it first and leaving at the same time ends every rank cleanly. Only on the
+    normal path: after an error the other ranks may never reach the barrier.
+    """
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
 
 
 def cleanup() -> None:

@@ -23,7 +23,6 @@ mixup and cutmix of the full ImageNet recipe are not applied.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import time
@@ -415,11 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         finetune(cfg)
-        # DDP must be gone before its process group: collect any cycle still holding it, then tear
-        # down together (a gloo rank aborted at exit, "terminate called without an active exception",
-        # in about 1 run in 10 without this)
-        gc.collect()
-        distributed.barrier()
+        distributed.end_together()
     except (ConfigError, DataError, AttentionBackendError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

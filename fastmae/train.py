@@ -540,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         result = train(cfg)
+        distributed.end_together()
     except (ConfigError, DataError, AttentionBackendError) as e:
         if is_main:
             print(f"{PROG}: error: {e}", file=sys.stderr)
