@@ -70,6 +70,7 @@ try:
 except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import common
+from benchmarks import report as report_mod  # noqa: E402  (after the sys.path fallback above)
 from benchmarks.step_variants import (  # noqa: E402  (after the sys.path fallback above)
     MASK_RATIO,
     SHAPES,
@@ -545,7 +546,7 @@ def _main(args: argparse.Namespace, argv: list[str], device: torch.device) -> di
 
     def save() -> None:
         if args.out:
-            common.write_json(args.out, _public(report))
+            common.write_json(args.out, report_mod.public(report))
 
     if not args.no_ceilings:
         report["ceilings"] = ceilings(device, args.tiny)
@@ -574,43 +575,16 @@ def _main(args: argparse.Namespace, argv: list[str], device: torch.device) -> di
             finally:
                 setting.close()
             save()
-            print(_summary_lines(setting.rec))
+            print(report_mod.console_summary(setting.rec))
 
     report["wall_s"] = time.monotonic() - t_start
     save()
     if args.table or args.plot:
-        from benchmarks import report as report_mod
-
         if args.table:
-            args.table.write_text(report_mod.markdown([_public(report)]) + "\n")
+            args.table.write_text(report_mod.markdown([report_mod.public(report)]) + "\n")
         if args.plot:
-            report_mod.bar_chart([_public(report)], args.plot)
-    return _public(report)
-
-
-def _public(report: Any) -> Any:
-    """The report without internal keys (``_``-prefixed)."""
-    if isinstance(report, dict):
-        return {k: _public(v) for k, v in report.items() if not k.startswith("_")}
-    if isinstance(report, list):
-        return [_public(v) for v in report]
-    return report
-
-
-def _summary_lines(rec: dict[str, Any]) -> str:
-    lines = [f"== {rec['model']} batch {rec['batch']}"]
-    for n, vr in rec["variants"].items():
-        if vr.get("img_s"):
-            chk = {True: "ok", False: "FAILED", None: "-"}[vr.get("check", {}).get("ok")]
-            speedup, compile_s = vr.get("speedup_vs_hf_eager"), vr.get("compile_s")
-            lines.append(
-                f"{n:>20}: batch {vr['batch']:5d} {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
-                f"  x{speedup if speedup is not None else float('nan'):.2f} hf_eager"
-                f"  compile {'-' if compile_s is None else f'{compile_s:.1f} s'}  check {chk}"
-            )
-        else:
-            lines.append(f"{n:>20}: {vr['status']} {vr.get('reason', '')}")
-    return "\n".join(lines)
+            report_mod.bar_chart([report_mod.public(report)], args.plot)
+    return report_mod.public(report)
 
 
 if __name__ == "__main__":

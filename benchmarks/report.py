@@ -185,6 +185,32 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
     return text
 
 
+def public(report: Any) -> Any:
+    """A bench_step report without its internal keys (``_``-prefixed)."""
+    if isinstance(report, dict):
+        return {k: public(v) for k, v in report.items() if not k.startswith("_")}
+    if isinstance(report, list):
+        return [public(v) for v in report]
+    return report
+
+
+def console_summary(rec: dict[str, Any]) -> str:
+    """A bench_step setting's result, a line per variant, as the run prints it."""
+    lines = [f"== {rec['model']} batch {rec['batch']}"]
+    for n, vr in rec["variants"].items():
+        if vr.get("img_s"):
+            chk = {True: "ok", False: "FAILED", None: "-"}[vr.get("check", {}).get("ok")]
+            speedup, compile_s = vr.get("speedup_vs_hf_eager"), vr.get("compile_s")
+            lines.append(
+                f"{n:>20}: batch {vr['batch']:5d} {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
+                f"  x{speedup if speedup is not None else float('nan'):.2f} hf_eager"
+                f"  compile {'-' if compile_s is None else f'{compile_s:.1f} s'}  check {chk}"
+            )
+        else:
+            lines.append(f"{n:>20}: {vr['status']} {vr.get('reason', '')}")
+    return "\n".join(lines)
+
+
 def markdown(reports: Sequence[dict[str, Any]]) -> str:
     """Markdown for each report: the step benchmark's tables in full, short ones for the others."""
     parts = []

@@ -21,7 +21,9 @@ _CANONICAL = "fastmae.kernels"
 if __name__ != _CANONICAL:
     try:
         _package = importlib.import_module(_CANONICAL)
-    except ImportError:  # not installed: this copy is the only one, nothing to hand over to
+    except ModuleNotFoundError as e:  # not installed: this copy is the only one, nothing to hand over to
+        if e.name not in ("fastmae", _CANONICAL):
+            raise
         _package = None
     if _package is not None:
         sys.modules[__name__] = _package
