@@ -27,6 +27,13 @@ from fastmae.cli import field_type, flag
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # fastmae.model's, without importing torch here
+CHOICES = {
+    "precision": PRECISIONS,
+    "attn_backend": ATTN_BACKENDS,
+    "data_backend": DATA_BACKENDS,
+    "activation_checkpointing": ACTIVATION_CHECKPOINTING,
+}
 
 
 class ConfigError(ValueError):
@@ -67,6 +74,11 @@ class Config:
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
     attn_backend: str = _f("auto", "attention: auto, sdpa, xformers or math (math = plain fp32-softmax reference)")
+    activation_checkpointing: str = _f(
+        "none",
+        "what the blocks keep for backward: none, selective (recompute norms, GELU, casts, adds: less "
+        "memory, no extra FLOPs) or full (recompute each block: least memory, ~1/3 more FLOPs); results do not change",
+    )
 
     # data
     data_path: str = _f("", "image root (ImageFolder tree, folder of images, or the root of --data-list)")
@@ -186,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif field_type(f) is bool:
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_)
         else:
-            choices = {"precision": PRECISIONS, "attn_backend": ATTN_BACKENDS, "data_backend": DATA_BACKENDS}.get(name)
+            choices = CHOICES.get(name)
             nargs = f.metadata.get("nargs")
             metavar = None if choices else {int: "N", float: "X", str: "STR"}[field_type(f)]
             parser.add_argument(
@@ -255,6 +267,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` on values that cannot run (data paths are checked by the trainer)."""
     if cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.preset!r} (choose from {', '.join(PRESETS)})")
+    for name, choices in CHOICES.items():  # the CLI checks these itself; a config file does not
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"image size {cfg.img_size} is not divisible by the patch size {cfg.patch_size}")
     if not 0.0 <= cfg.mask_ratio < 1.0:

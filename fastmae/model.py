@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fastmae.attention import attention, resolve_backend
 from fastmae.pos_embed import sincos_pos_embed_tensor
@@ -29,6 +30,49 @@ LN_EPS = 1e-6
 
 # The fast path's steps: the kept-patch gather (+ pos-embed add), the decoder unshuffle, the loss.
 FUSED_OPS = ("gather", "unshuffle", "loss")
+
+# What the transformer blocks keep for the backward pass (``activation_checkpointing``):
+#   none       everything autograd saves (the reference's behaviour);
+#   selective  the outputs of the matrix multiplies and attention, and each block's input; the
+#              norms, GELU, casts, residual adds and copies are recomputed in the backward (memory
+#              passes, no FLOPs);
+#   full       only each block's input: the whole block runs again in the backward (~1/3 more FLOPs).
+# Recomputation repeats the same operations on the same inputs, so results do not change.
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+_aten = torch.ops.aten
+_RECOMPUTED_NON_POINTWISE = {
+    _aten.native_layer_norm.default,
+    _aten.gelu.default,
+    _aten._to_copy.default,
+    _aten.clone.default,
+    _aten.copy_.default,
+    _aten._unsafe_view.default,
+}
+
+
+def _recompute_memory_bound_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's policy: recompute element-wise, normalisation and view/copy ops."""
+    cheap = op in _RECOMPUTED_NON_POINTWISE or torch.Tag.pointwise in op.tags or op.is_view
+    return CheckpointPolicy.PREFER_RECOMPUTE if cheap else CheckpointPolicy.MUST_SAVE
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpointing: str = "none") -> torch.Tensor:
+    """``x = blk(x)`` for each block, checkpointed as :data:`ACTIVATION_CHECKPOINTING` says."""
+    if activation_checkpointing == "none" or not torch.is_grad_enabled():
+        for blk in blocks:
+            x = blk(x)
+        return x
+    context_fn = (
+        partial(create_selective_checkpoint_contexts, _recompute_memory_bound_ops)
+        if activation_checkpointing == "selective"
+        else None
+    )
+    for blk in blocks:
+        if context_fn is None:
+            x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = checkpoint(blk, x, use_reentrant=False, context_fn=context_fn)
+    return x
 
 
 class PatchEmbed(nn.Module):
@@ -160,6 +204,9 @@ class MaskedAutoencoderViT(nn.Module):
         attn_backend: ``sdpa`` | ``xformers`` | ``math`` | ``auto`` (see :mod:`fastmae.attention`).
         fused: use the Triton kernels of :mod:`fastmae.kernels` for the memory-bound steps: True for
             all, False for none, or a subset of :data:`FUSED_OPS` (for ablations).
+        activation_checkpointing: what the blocks keep for backward during training, one of
+            :data:`ACTIVATION_CHECKPOINTING`; trades recomputation for activation memory, never
+            changes results.
     """
 
     def __init__(
@@ -178,11 +225,18 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = False,
         attn_backend: str = "sdpa",
         fused: bool | Iterable[str] = False,
+        activation_checkpointing: str = "none",
     ):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
         self.attn_backend = resolve_backend(attn_backend)
         self.fused = fused  # type: ignore[assignment]  # the setter normalises it
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"unknown activation_checkpointing {activation_checkpointing!r}; "
+                f"choose from {', '.join(ACTIVATION_CHECKPOINTING)}"
+            )
+        self.activation_checkpointing = activation_checkpointing
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
 
@@ -316,8 +370,7 @@ class MaskedAutoencoderViT(nn.Module):
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
             cls_token = self.cls_token + self.pos_embed[:, :1, :]
             x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.activation_checkpointing)
         return self.norm(x), mask, ids_restore
 
     def _embed_kept_fused(
@@ -365,8 +418,7 @@ class MaskedAutoencoderViT(nn.Module):
             x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, D))  # unshuffle
             x = torch.cat([x[:, :1, :], x_], dim=1)  # cls token back in front
             x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = run_blocks(self.decoder_blocks, x, self.activation_checkpointing)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]  # drop the cls token

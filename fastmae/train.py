@@ -109,6 +109,7 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
         norm_pix_loss=cfg.norm_pix_loss,
         attn_backend=resolve_backend(cfg.attn_backend, device),
         fused=fused,
+        activation_checkpointing=cfg.activation_checkpointing,
     )
     return model.to(device)
 
@@ -308,6 +309,7 @@ def train(cfg: Config) -> TrainResult:
             compile=compiled,
             fused=sorted(model.fused),
             attn_backend=model.attn_backend,
+            activation_checkpointing=model.activation_checkpointing,
             data_backend=backend,
             steps_per_epoch=opt_steps_per_epoch,
             total_steps=total_steps,
@@ -321,7 +323,7 @@ def train(cfg: Config) -> TrainResult:
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
             f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
             f"{precision}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={model.attn_backend}, "
-            f"data={backend}; {what}; run dir {run_dir}",
+            f"activation checkpointing={model.activation_checkpointing}, data={backend}; {what}; run dir {run_dir}",
             flush=True,
         )
 

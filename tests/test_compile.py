@@ -27,10 +27,10 @@ TINY = dict(
 )
 
 
-def _compiled_vs_eager(fused: bool, device: str, rtol: float) -> None:
+def _compiled_vs_eager(fused: bool, device: str, rtol: float, activation_checkpointing: str = "none") -> None:
     torch.manual_seed(0)
     eager = MaskedAutoencoderViT(**TINY, fused=fused).to(device)
-    model = MaskedAutoencoderViT(**TINY, fused=fused).to(device)
+    model = MaskedAutoencoderViT(**TINY, fused=fused, activation_checkpointing=activation_checkpointing).to(device)
     model.load_state_dict(eager.state_dict())
     compiled = torch.compile(model, fullgraph=True)
     imgs, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
@@ -46,12 +46,16 @@ def _compiled_vs_eager(fused: bool, device: str, rtol: float) -> None:
             assert_close_rel(pc.grad, pe.grad, rtol, name)
 
 
-def test_reference_path_compiles_fullgraph_cpu():
+# Checkpointed blocks compile to one graph too (the policy becomes the partitioner's recompute tags),
+# with the eager, un-checkpointed model's results.
+@pytest.mark.parametrize("activation_checkpointing", ["none", "selective", "full"])
+def test_reference_path_compiles_fullgraph_cpu(activation_checkpointing):
     torch._dynamo.reset()
-    _compiled_vs_eager(fused=False, device="cpu", rtol=1e-5)
+    _compiled_vs_eager(fused=False, device="cpu", rtol=1e-5, activation_checkpointing=activation_checkpointing)
 
 
 @pytest.mark.gpu
-def test_fused_path_compiles_fullgraph_cuda():
+@pytest.mark.parametrize("activation_checkpointing", ["none", "selective"])
+def test_fused_path_compiles_fullgraph_cuda(activation_checkpointing):
     torch._dynamo.reset()
-    _compiled_vs_eager(fused=True, device="cuda", rtol=1e-5)
+    _compiled_vs_eager(fused=True, device="cuda", rtol=1e-5, activation_checkpointing=activation_checkpointing)

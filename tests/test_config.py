@@ -65,6 +65,24 @@ def test_config_file_then_flags(tmp_path):
     assert parse_config(["--config", str(saved)]) == cfg
 
 
+@pytest.mark.parametrize("field, value", [("activation_checkpointing", "some"), ("precision", "fp8")])
+def test_config_file_choices_are_checked(tmp_path, field, value, capsys):
+    # argparse checks a flag's choices; a value from a config file meets the same check.
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({field: value}))
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--config", str(path)])
+    assert e.value.code == 2
+    assert f"{field} must be one of" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_activation_checkpointing_reaches_the_model():
+    from fastmae.train import build_model
+
+    cfg = parse_config(["--activation-checkpointing", "selective"])
+    assert build_model(cfg, torch.device("cpu")).activation_checkpointing == "selective"
+
+
 def test_help_lists_presets_and_fields(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(["--help"])
@@ -89,6 +107,7 @@ def test_help_lists_presets_and_fields(capsys):
         (["--preset", "mae_vit_base_patch16"], 1, "needs --data-path"),
         (["--depth", "two"], 1, "invalid int value"),
         (["--embed-dim", "100", "--num-heads", "3"], 1, "not divisible by num_heads"),
+        (["--activation-checkpointing", "some"], 1, "invalid choice"),
     ],
 )
 def test_bad_values_are_one_line_errors(argv, world, message, capsys, monkeypatch):
