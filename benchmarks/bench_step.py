@@ -20,6 +20,10 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     fm_fast_no_<op>    ablation: one kernel off (gather, unshuffle or loss; the model's per-op switch)
     fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
     fm_ref_math        fastmae reference path with the plain math attention, eager
+    fm_fast_selective  fast path + selective activation checkpointing (norms, GELU, casts, adds
+                       recomputed in the backward; GEMM and attention outputs kept): less memory
+    fm_fast_full_ac    fast path + full activation checkpointing (each block recomputed); its extra
+                       ~1/3 FLOPs are not credited (MFU counts useful work only)
 
 Measured per variant: img/s (batch / median step time, and total images / total time), step time
 median and p10/p25/p75/p90, peak memory, compile time (first call, outside the timed region), MFU

@@ -62,6 +62,8 @@ class Variant:
         compile: None for eager, else a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...).
         attn: fastmae's attention backend (``sdpa`` | ``math`` | ``xformers`` | ``auto``); HF uses sdpa.
         sdpa_kernel: force one SDPA kernel (``flash`` | ``cudnn`` | ``efficient`` | ``math``).
+        activation_checkpointing: fastmae's ``none`` | ``selective`` | ``full`` (what the blocks keep
+            for backward).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Variant:
     compile: str | None = None
     attn: str = "sdpa"
     sdpa_kernel: str | None = None
+    activation_checkpointing: str = "none"
 
     @property
     def cudagraphs(self) -> bool:
@@ -112,12 +115,29 @@ def _variants() -> dict[str, Variant]:
         )
     )
     vs.append(Variant("fm_ref_math", "fastmae", "reference path, math attention, eager", attn="math"))
+    vs.append(
+        Variant(
+            "fm_fast_selective",
+            about="fast path + selective activation checkpointing (norms, GELU, casts recomputed)",
+            activation_checkpointing="selective",
+            **fast,
+        )
+    )
+    vs.append(
+        Variant(
+            "fm_fast_full_ac",
+            about="fast path + full activation checkpointing (each block recomputed)",
+            activation_checkpointing="full",
+            **fast,
+        )
+    )
     return {v.name: v for v in vs}
 
 
 VARIANTS = _variants()
 GROUPS: dict[str, list[str]] = {
-    "main": ["hf_eager", "fm_fast", "hf_compile", "fm_ref", "fm_fused_eager"],
+    # fm_fast_selective last: its compile runs only when the time budget still holds it
+    "main": ["hf_eager", "fm_fast", "hf_compile", "fm_ref", "fm_fused_eager", "fm_fast_selective"],
     "ablations": [
         "hf_eager",
         "fm_fast",
@@ -129,6 +149,8 @@ GROUPS: dict[str, list[str]] = {
         "fm_fast_cudnn",
         "fm_fast_efficient",
         *(f"fm_fast_no_{op}" for op in OPS),
+        "fm_fast_selective",
+        "fm_fast_full_ac",
     ],
 }
 GROUPS["all"] = list(VARIANTS)
@@ -228,11 +250,13 @@ def build_base(model: str, device: torch.device, seed: int) -> torch.nn.Module:
         return MaskedAutoencoderViT(**model_kwargs(model), norm_pix_loss=True, attn_backend="sdpa").train()
 
 
-def fastmae_sharing(base: torch.nn.Module, fused: bool | frozenset[str], attn: str) -> torch.nn.Module:
+def fastmae_sharing(
+    base: torch.nn.Module, fused: bool | frozenset[str], attn: str, activation_checkpointing: str = "none"
+) -> torch.nn.Module:
     """A fastmae model with its own switches whose parameters *are* ``base``'s (one copy, one optimizer)."""
     from fastmae.model import MaskedAutoencoderViT
 
-    kwargs: dict[str, Any] = {"fused": fused}
+    kwargs: dict[str, Any] = {"fused": fused, "activation_checkpointing": activation_checkpointing}
     device = next(base.parameters()).device
     with torch.device(device):
         m = MaskedAutoencoderViT(
@@ -438,7 +462,7 @@ def build_runner(
     if v.impl == "hf":
         eager = fam.model
     else:
-        eager = fastmae_sharing(base, v.fused, v.attn)
+        eager = fastmae_sharing(base, v.fused, v.attn, v.activation_checkpointing)
     module = ForcedSdpaKernel(eager, v.sdpa_kernel) if v.sdpa_kernel else eager
     if v.compile:
         module = compile_module(module, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)
