@@ -22,6 +22,7 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     fm_ref_math        fastmae reference path with the plain math attention, eager
     fm_fast_selective  fast path + selective activation checkpointing (norms, GELU, casts, adds
                        recomputed in the backward; GEMM and attention outputs kept): less memory
+    fm_fused_eager_selective  the same, compile off
     fm_fast_full_ac    fast path + full activation checkpointing (each block recomputed); its extra
                        ~1/3 FLOPs are not credited (MFU counts useful work only)
 

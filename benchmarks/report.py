@@ -202,12 +202,12 @@ def console_summary(rec: dict[str, Any]) -> str:
             chk = {True: "ok", False: "FAILED", None: "-"}[vr.get("check", {}).get("ok")]
             speedup, compile_s = vr.get("speedup_vs_hf_eager"), vr.get("compile_s")
             lines.append(
-                f"{n:>20}: batch {vr['batch']:5d} {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
+                f"{n:>24}: batch {vr['batch']:5d} {vr['img_s']:9.1f} img/s  step {vr['step_ms']['median']:8.2f} ms"
                 f"  x{speedup if speedup is not None else float('nan'):.2f} hf_eager"
                 f"  compile {'-' if compile_s is None else f'{compile_s:.1f} s'}  check {chk}"
             )
         else:
-            lines.append(f"{n:>20}: {vr['status']} {vr.get('reason', '')}")
+            lines.append(f"{n:>24}: {vr['status']} {vr.get('reason', '')}")
     return "\n".join(lines)
 
 
