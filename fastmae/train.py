@@ -43,6 +43,7 @@ from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
+EXIT_OOM = 4
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 PROG = "python -m fastmae.train"
 _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
@@ -531,11 +532,30 @@ def _summary(result: TrainResult, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _out_of_memory_hint(cfg: Config) -> str:
+    """One line: what ran out, and the ways to fit that keep the run's results."""
+    ways = []
+    if cfg.batch_size > 1:
+        keep = (
+            f"the effective batch {cfg.effective_batch} and so the recipe stay the same"
+            if cfg.effective_batch and not cfg.accum_iter
+            else "double --accum-iter to keep the effective batch"
+        )
+        ways.append(f"--batch-size {cfg.batch_size // 2} ({keep})")
+    if cfg.activation_checkpointing != "full":
+        more = "selective (recomputes norms and GELU) or full" if cfg.activation_checkpointing == "none" else "full"
+        ways.append(f"--activation-checkpointing {more} (results unchanged)")
+    where = f"out of memory at --batch-size {cfg.batch_size} per process (rank {os.environ.get('RANK', '0')})"
+    if not ways:
+        return f"{where} with full activation checkpointing: this model needs a GPU with more memory"
+    return f"{where}; try " + ", or ".join(ways) + "; --resume auto continues a run"
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code.
 
-    0 done, 2 bad configuration or data, 3 non-finite loss, 130 Ctrl-C, 143 stopped by SIGTERM /
-    SIGUSR1 after writing a checkpoint.
+    0 done, 2 bad configuration or data, 3 non-finite loss, 4 out of memory, 130 Ctrl-C, 143 stopped
+    by SIGTERM / SIGUSR1 after writing a checkpoint.
     """
     cfg = parse_config(argv)  # exits 2 with a one-line message on a bad flag
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -551,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except torch.OutOfMemoryError:
+        print(f"{PROG}: error: {_out_of_memory_hint(cfg)}", file=sys.stderr)  # every rank: which one ran out
+        return EXIT_OOM
     except KeyboardInterrupt:
         if is_main:
             print(f"{PROG}: interrupted; continue from the last checkpoint with --resume auto", file=sys.stderr)

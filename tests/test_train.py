@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastmae import train as train_mod
 from fastmae.config import make_config
 from fastmae.data import make_demo_dataset
 from fastmae.log import read_metrics
-from fastmae.train import EXIT_NONFINITE, EXIT_STOPPED, lr_at, main, resolve_run_dir
+from fastmae.train import EXIT_NONFINITE, EXIT_OOM, EXIT_STOPPED, lr_at, main, resolve_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,6 +191,27 @@ def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsy
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, 17))
     for (s, a), (_, b) in zip(resumed, reference, strict=True):
         assert a == pytest.approx(b, rel=1e-5), f"step {s}"
+
+
+@pytest.mark.parametrize(
+    "flags, hint",
+    [
+        ([], "--batch-size 8 (the effective batch 64 and so the recipe stay the same), or "
+         "--activation-checkpointing selective (recomputes norms and GELU) or full (results unchanged)"),
+        (["--activation-checkpointing", "selective", "--accum-iter", "2"],
+         "--batch-size 8 (double --accum-iter to keep the effective batch), or --activation-checkpointing full"),
+        (["--activation-checkpointing", "full", "--batch-size", "1"], "full activation checkpointing: this model"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_is_one_line_with_the_ways_to_fit(monkeypatch, capsys, flags, hint):
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod, "train", oom)
+    code = main(["--batch-size", "16", "--effective-batch", "64", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_OOM and len(err) == 1
+    assert hint in err[0], err[0]
 
 
 def test_nonfinite_loss_stops_the_run_with_a_hint(tiny_data, tmp_path, capsys):
