@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -202,13 +203,40 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
     return out
 
 
+def markdown(record: dict[str, Any]) -> str:
+    """The README's table: per variant and model, MiB per image and the predicted peak against HF eager."""
+    models = list(record["models"])
+    names = list(dict.fromkeys(n for m in models for n in record["models"][m]["variants"]))
+    head = "| variant | " + " | ".join(f"{m}: MiB/img | peak GiB at {record['batch']} | × HF eager" for m in models)
+    lines = [head + " |", "|---|" + "---:|" * (3 * len(models))]
+    for n in names:
+        cells = []
+        for m in models:
+            v = record["models"][m]["variants"].get(n)
+            if v is None:
+                cells += ["–"] * 3
+                continue
+            ratio = v.get("peak_vs_hf_eager")
+            cells += [
+                f"{v['per_image_bytes'] / 2**20:.1f}",
+                f"{v['predicted_peak_bytes'] / 2**30:.1f}",
+                f"{ratio:.2f}" if ratio is not None else "–",
+            ]
+        lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["vit_base_patch16", "vit_large_patch16"], help="tiny or SHAPES names")
     p.add_argument("--batch", type=int, default=256, help="the batch the peak is predicted for")
     p.add_argument("--variants", nargs="+", default=None, help="a subset (default: all)")
     p.add_argument("--out", type=Path, default=None, help="JSON file")
+    p.add_argument("--md", type=Path, default=None, metavar="JSON", help="print the markdown table of a result file")
     args = p.parse_args(argv)
+    if args.md:
+        print(markdown(json.loads(args.md.read_text())))
+        return 0
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused variants' kernels on CPU tensors
     torch.set_num_threads(max(1, os.cpu_count() or 1))
