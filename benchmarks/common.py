@@ -82,7 +82,17 @@ def git_info() -> dict[str, Any]:
     }
 
 
-def package_versions(names: Sequence[str] = ("torch", "triton", "transformers", "timm", "torchvision")) -> dict:
+def package_versions(
+    names: Sequence[str] = (
+        "torch",
+        "triton",
+        "transformers",
+        "timm",
+        "torchvision",
+        "xformers",
+        "nvidia-dali-cuda130",
+    ),
+) -> dict:
     """Installed distribution versions (None when not installed)."""
     out: dict[str, str | None] = {}
     for name in names:

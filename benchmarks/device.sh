@@ -39,6 +39,12 @@
 #     (files: run.log env.json step_ablations.json step_max_batch.json)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead.
 #
+# Carried wheels: a call that carries .wheels/ (made here by benchmarks/device_wheels.sh: xformers
+# 0.0.35 and nvidia-cuda-runtime-cu12, ~7 MiB) installs them first (+15 s, + a 30 s check that
+# xformers runs); `auto` attention then uses xformers where it runs. Carry it with the ablations
+# profile (fm_fast_xformers against fm_fast_sdpa), not with main (no spare time, and fm_fast's
+# backend would change under the main comparison).
+#
 # FASTMAE_DEVICE_DRYRUN=1 runs the same plumbing on a CPU machine: --tiny / --smoke everywhere, no
 # install, the GPU tests only collected. OUT defaults to a fresh temporary directory.
 set -uo pipefail
@@ -175,6 +181,17 @@ main() {
     skip install "dry run (the local venv has it)"
   else
     stage install 20 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  fi
+
+  # (2b) wheels carried in .wheels/ (benchmarks/device_wheels.sh: xformers and the CUDA 12 runtime
+  # its extension links), then whether xformers runs: `auto` attention takes it only if it does.
+  if [ "$DRY" != 1 ] && compgen -G ".wheels/*.whl" >/dev/null; then
+    stage wheels 15 "$PY" -m pip install -q --no-index --no-deps .wheels/*.whl
+    local cudart12
+    cudart12=$("$PY" -c "import glob, site; print(':'.join(d for p in site.getsitepackages() for d in glob.glob(p + '/nvidia/cuda_runtime/lib')))")
+    [ -n "$cudart12" ] && export LD_LIBRARY_PATH="$cudart12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    stage xformers-check 30 "$PY" -c "import xformers; from fastmae.attention import xformers_runs; \
+print('xformers', xformers.__version__, xformers_runs('cuda') or 'runs on cuda')"
   fi
 
   REPORTS=()

@@ -164,6 +164,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_ref_compile",
         "fm_fast_math",
         "fm_fast_xformers",
+        "fm_fast_sdpa",
         "fm_fast_flash",
         "fm_fast_cudnn",
         "fm_fast_efficient",

@@ -16,6 +16,7 @@ produces) and return ``(B, N, H * Dh)``, so each backend picks its own best memo
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,27 @@ def xformers_available() -> bool:
     return True
 
 
+@functools.cache
+def xformers_runs(device: str) -> str | None:
+    """None when xformers' attention runs on ``device`` (a tiny forward and backward), else why not.
+
+    An import is not enough: a wheel built for another CUDA or torch imports and then fails at its
+    first kernel (e.g. a missing ``libcudart.so.12``, an undefined torch symbol on first use).
+    """
+    if not xformers_available():
+        return "xformers is not installed or does not import"
+    try:
+        from xformers.ops import memory_efficient_attention
+
+        q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        memory_efficient_attention(q, q, q).sum().backward()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # any failure of a foreign extension means: not usable here
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return None
+
+
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
     """The concrete backend ``backend`` means on ``device``; raises if it cannot run there.
 
@@ -49,7 +71,13 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        if device.type != "cuda" or not xformers_available():
+            return "sdpa"
+        why = xformers_runs(str(device))
+        if why is not None:
+            warnings.warn(f"xformers imports but does not run here ({why}); attention falls back to sdpa", stacklevel=2)
+            return "sdpa"
+        return "xformers"
     if backend == "xformers":
         if not xformers_available():
             raise AttentionBackendError(
@@ -58,6 +86,9 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
             )
         if device.type != "cuda":
             raise AttentionBackendError(f"attention backend 'xformers' needs CUDA tensors, got {device.type}")
+        why = xformers_runs(str(device))
+        if why is not None:
+            raise AttentionBackendError(f"attention backend 'xformers' imports but does not run on {device}: {why}")
     return backend
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
+from fastmae import attention as attention_mod
 from fastmae.attention import (
     AttentionBackendError,
     attention,
     attention_math,
     resolve_backend,
     xformers_available,
+    xformers_runs,
 )
 from fastmae.model import MaskedAutoencoderViT
 from tests.helpers import assert_close_rel, rel_err
@@ -58,6 +63,48 @@ def test_backend_resolution_and_errors():
         resolve_backend("xformers", "cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):
         MaskedAutoencoderViT(img_size=32, patch_size=8, attn_backend="nope")
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """An importable ``xformers.ops`` whose attention the test sets (the caches are cleared around it)."""
+    ops = types.ModuleType("xformers.ops")
+    pkg = types.ModuleType("xformers")
+    pkg.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    xformers_available.cache_clear()
+    xformers_runs.cache_clear()
+    yield ops
+    xformers_available.cache_clear()
+    xformers_runs.cache_clear()
+
+
+def test_xformers_probe_runs_a_kernel(fake_xformers):
+    # A wheel for another CUDA imports, then fails at its first kernel: the probe reports why.
+    def broken(q, k, v):
+        raise RuntimeError("libcudart.so.12: cannot open shared object file: No such file or directory")
+
+    fake_xformers.memory_efficient_attention = broken
+    assert xformers_available()
+    assert (
+        xformers_runs("cpu")
+        == "RuntimeError: libcudart.so.12: cannot open shared object file: No such file or directory"
+    )
+    xformers_runs.cache_clear()
+    fake_xformers.memory_efficient_attention = lambda q, k, v: q * 1.0
+    assert xformers_runs("cpu") is None
+
+
+def test_xformers_that_does_not_run_falls_back_or_errors(fake_xformers, monkeypatch):
+    fake_xformers.memory_efficient_attention = lambda q, k, v: q  # imports; whether it runs is patched below
+    monkeypatch.setattr(attention_mod, "xformers_runs", lambda device: "RuntimeError: no kernel image")
+    with pytest.warns(UserWarning, match="xformers imports but does not run here .RuntimeError: no kernel image."):
+        assert resolve_backend("auto", "cuda") == "sdpa"
+    with pytest.raises(AttentionBackendError, match="imports but does not run on cuda: RuntimeError: no kernel image"):
+        resolve_backend("xformers", "cuda")
+    monkeypatch.setattr(attention_mod, "xformers_runs", lambda device: None)
+    assert resolve_backend("auto", "cuda") == resolve_backend("xformers", "cuda") == "xformers"
 
 
 @pytest.mark.gpu
