@@ -10,6 +10,8 @@
 # so a timeout still returns what finished. At most 8 files come back from $OUT; this writes exactly:
 #     run.log env.json kernels.json step_vit_base.json train_metrics.jsonl data.json
 # (the markdown table is printed last; report.py makes it and the chart from the JSON afterwards).
+# As soon as the call returns: `python benchmarks/ingest.py <files_at>` copies them into
+# benchmarks/results/<date>_<gpu>_<name> with the report beside them; commit before anything else.
 #
 # Budget, profile "main" (seconds; each stage has its own `timeout`; sum 570; run timeout_s 600):
 #     env 10 | install 20 | device-fixture tests on CUDA 60 | gpu-marked tests 45 | kernels 60

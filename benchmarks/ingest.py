@@ -1,0 +1,95 @@
+"""Right after a device run: its files into ``benchmarks/results/`` under dated names, plus the report.
+
+The first H100 run's files were lost because copying them waited for other work. This makes the
+copy one command, to run as soon as the device tool returns::
+
+    python benchmarks/ingest.py <files_at>            # then: git add benchmarks/results && git commit
+
+Each file keeps its name behind a ``<date>_<gpu>_`` prefix (``2026-11-28_h100_step_vit_base.json``);
+the date and GPU come from the run's ``env.json`` (else today and ``gpu``). The report
+(``report.py``'s markdown and bar chart) is written beside them as ``<prefix>report.md`` / ``.png``.
+Files already there are not overwritten (``--force`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+try:
+    from benchmarks import report
+except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# What the result files are called on the device (device.sh, device_dali.sh); anything else is copied too.
+REPORTED = (".json", ".jsonl")
+
+
+def gpu_tag(name: str | None) -> str:
+    """A short file-name tag for a device name: ``NVIDIA H100 80GB HBM3`` -> ``h100``."""
+    if not name:
+        return "gpu"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))[:24].lower()
+
+
+def prefix_of(src: Path) -> str:
+    """``<date>_<gpu>_`` from ``src/env.json`` (a device run's environment report)."""
+    date, gpu = datetime.date.today().isoformat(), "gpu"
+    try:
+        env = json.loads((src / "env.json").read_text())
+        date = str(env.get("date_utc", date))[:10]
+        dev = env.get("device") or {}
+        gpu = gpu_tag(dev.get("name") if dev.get("type") == "cuda" else "cpu")
+    except (OSError, json.JSONDecodeError):
+        pass
+    return f"{date}_{gpu}_"
+
+
+def ingest(src: Path, dest: Path = RESULTS, force: bool = False) -> list[Path]:
+    """Copy every file of ``src`` to ``dest`` with the run's prefix; write the report; return the new paths."""
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+    if not files:
+        raise SystemExit(f"ingest: no files under {src}")
+    prefix = prefix_of(src)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in files:
+        target = dest / (prefix + "_".join(f.relative_to(src).parts))
+        if target.exists() and not force:
+            raise SystemExit(f"ingest: {target} exists (pass --force to overwrite)")
+        shutil.copyfile(f, target)
+        out.append(target)
+    reported = [p for p in out if p.suffix in REPORTED and not p.name.endswith("env.json")]
+    if reported:
+        reports = report.load(reported)
+        md = report.markdown(reports)
+        (dest / f"{prefix}report.md").write_text(md + "\n")
+        out.append(dest / f"{prefix}report.md")
+        png = report.bar_chart(reports, dest / f"{prefix}report.png")
+        if png:
+            out.append(Path(png))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path, help="the device tool's files_at folder (or any folder of result files)")
+    p.add_argument("--dest", type=Path, default=RESULTS)
+    p.add_argument("--force", action="store_true", help="overwrite files already in --dest")
+    args = p.parse_args(argv)
+    for path in ingest(args.src, args.dest, args.force):
+        print(path)
+    print(f"next: git add {args.dest} && git commit -m 'Results: <what ran, on which GPU>'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

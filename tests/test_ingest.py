@@ -1,0 +1,39 @@
+"""benchmarks/ingest.py: a device run's files into results/ under dated names, with the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.ingest import gpu_tag, ingest
+
+
+def test_ingest_names_copies_and_reports(tmp_path):
+    src, dest = tmp_path / "files_at", tmp_path / "results"
+    src.mkdir()
+    env = {"date_utc": "2026-11-28T01:02:03+00:00", "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}}
+    (src / "env.json").write_text(json.dumps(env))
+    (src / "data.json").write_text(json.dumps({"benchmark": "data", "results": []}))
+    (src / "run.log").write_text("=== stages\n")
+    (src / "partial.json.tmp").write_text("{")  # a stage killed mid-write leaves these: skipped
+    out = ingest(src, dest)
+    names = sorted(p.name for p in out)
+    assert names == [
+        "2026-11-28_h100_data.json",
+        "2026-11-28_h100_env.json",
+        "2026-11-28_h100_report.md",
+        "2026-11-28_h100_run.log",
+    ]
+    assert (dest / "2026-11-28_h100_run.log").read_text() == "=== stages\n"
+    assert "data.json" in (dest / "2026-11-28_h100_report.md").read_text()
+    with pytest.raises(SystemExit, match="exists"):
+        ingest(src, dest)  # never overwrites a committed result unless told to
+    ingest(src, dest, force=True)
+
+
+def test_gpu_tags():
+    assert gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_tag("NVIDIA H200") == "h200"
+    assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpu_tag(None) == "gpu"
