@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
 
 from benchmarks.memory_probe import held_bytes
+from fastmae import model as model_mod
 from fastmae.model import ACTIVATION_CHECKPOINTING, MaskedAutoencoderViT
 from tests.helpers import TINY_MAE
 
@@ -88,3 +90,35 @@ def test_no_checkpointing_without_grad():
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown activation_checkpointing 'some'"):
         MaskedAutoencoderViT(**TINY_MAE, activation_checkpointing="some")
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        "mm.default",
+        "addmm.default",
+        "bmm.default",
+        "convolution.default",
+        "_softmax.default",
+        "_scaled_dot_product_flash_attention.default",
+        "_scaled_dot_product_efficient_attention.default",
+        "_scaled_dot_product_cudnn_attention.default",
+        "_scaled_dot_product_flash_attention_for_cpu.default",
+    ],
+)
+def test_selective_policy_never_recomputes_a_matmul_or_attention(op):
+    # The promise of "selective": no extra FLOPs beyond element-wise work. CUDA's attention ops are
+    # checked by name here, since CPU runs only meet the CPU one.
+    policy = model_mod._recompute_memory_bound_ops
+    overload = getattr(torch.ops.aten, op.split(".")[0]).default
+    assert policy(None, overload) == CheckpointPolicy.MUST_SAVE
+
+
+@pytest.mark.parametrize(
+    "op", ["native_layer_norm.default", "gelu.default", "_to_copy.default", "add.Tensor", "mul.Tensor", "view.default"]
+)
+def test_selective_policy_recomputes_memory_bound_ops(op):
+    name, overload = op.split(".")
+    assert model_mod._recompute_memory_bound_ops(None, getattr(getattr(torch.ops.aten, name), overload)) == (
+        CheckpointPolicy.PREFER_RECOMPUTE
+    )
