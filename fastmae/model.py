@@ -62,16 +62,11 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpoi
         for blk in blocks:
             x = blk(x)
         return x
-    context_fn = (
-        partial(create_selective_checkpoint_contexts, _recompute_memory_bound_ops)
-        if activation_checkpointing == "selective"
-        else None
-    )
+    kwargs = {}
+    if activation_checkpointing == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _recompute_memory_bound_ops)
     for blk in blocks:
-        if context_fn is None:
-            x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = checkpoint(blk, x, use_reentrant=False, context_fn=context_fn)
+        x = checkpoint(blk, x, use_reentrant=False, **kwargs)
     return x
 
 

@@ -77,7 +77,11 @@ def test_config_file_choices_are_checked(tmp_path, field, value, capsys):
 
 
 def test_activation_checkpointing_reaches_the_model():
+    from fastmae import config
+    from fastmae.model import ACTIVATION_CHECKPOINTING
     from fastmae.train import build_model
+
+    assert config.ACTIVATION_CHECKPOINTING == ACTIVATION_CHECKPOINTING  # config keeps its copy torch-free
 
     cfg = parse_config(["--activation-checkpointing", "selective"])
     assert build_model(cfg, torch.device("cpu")).activation_checkpointing == "selective"
