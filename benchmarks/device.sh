@@ -207,6 +207,9 @@ print('xformers', xformers.__version__, xformers_runs('cuda') or 'runs on cuda')
   # (7) the short table, last (the run tool returns the end of the output)
   local existing=() f
   for f in "${REPORTS[@]}"; do [ -f "$f" ] && existing+=("$f"); done
+  # the activation memory counted on CPU (memory_probe.py, committed): measured peaks against it
+  f=$(find benchmarks/results -name '*_cpu_activation_memory.json' 2>/dev/null | sort | tail -1)
+  [ "${#existing[@]}" -gt 0 ] && [ -n "$f" ] && existing+=("$f")
   if [ "${#existing[@]}" -gt 0 ]; then
     stage report 10 "$PY" benchmarks/report.py "${existing[@]}"
   else

@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused variants' kernels on CPU tensors
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     record: dict[str, Any] = {
+        "benchmark": "memory_probe",
         "env": common.environment(argv, script=__file__),
         "method": __doc__.split("\n\n")[1:4],
         "batch": args.batch,

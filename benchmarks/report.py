@@ -185,6 +185,52 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
     return text
 
 
+# The memory probe counts compiled fastmae on its reference path; every compiled fast variant maps there.
+_PROBE_VARIANT = {
+    "fm_fast": "fm_compile",
+    "fm_fast_selective": "fm_compile_selective",
+    "fm_fast_full_ac": "fm_compile_full",
+}
+
+
+def is_memory_probe(rep: dict[str, Any]) -> bool:
+    return rep.get("benchmark") == "memory_probe" or {"models", "method", "batch"} <= rep.keys()
+
+
+def _probe_name(step_variant: str, probe: dict[str, Any]) -> str | None:
+    if step_variant in probe:
+        return step_variant
+    name = _PROBE_VARIANT.get(step_variant) or ("fm_compile" if step_variant.startswith("fm_fast") else None)
+    return name if name in probe else None
+
+
+def memory_check_markdown(step_rep: dict[str, Any], probe_rep: dict[str, Any]) -> str:
+    """Measured in-step memory rise against ``memory_probe.py``'s CPU count (activations + grads)."""
+    lines = [
+        f"**Memory: measured vs counted on CPU** (`{probe_rep.get('_path', '')}`): the step's largest rise of "
+        "allocated memory against the probe's activations at the same batch + the gradients (4 bytes a parameter)."
+    ]
+    rows = []
+    for s in step_rep.get("settings", []):
+        probe = probe_rep.get("models", {}).get(s.get("model"), {})
+        for name, v in s.get("variants", {}).items():
+            rise = v.get("memory", {}).get("step_rise_bytes")
+            pname = _probe_name(name, probe.get("variants", {}))
+            if rise is None or pname is None or not isinstance(s.get("batch"), int):
+                continue
+            pv = probe["variants"][pname]
+            grads = 4 * s.get("params", 0)
+            predicted = pv["per_image_bytes"] * s["batch"] + pv["const_bytes"] + grads
+            rows.append(
+                f"| `{s['model']}` | `{name}` | `{pname}` | {s['batch']} | {rise / 2**30:.2f} "
+                f"| {predicted / 2**30:.2f} | {rise / predicted:.2f} |"
+            )
+    if not rows:
+        return lines[0] + " No variant with a measured peak and a counted one."
+    lines += ["", "| model | variant | counted as | batch | measured GiB | counted GiB | ratio |", "|" + "---|" * 7]
+    return "\n".join(lines + rows)
+
+
 def public(report: Any) -> Any:
     """A bench_step report without its internal keys (``_``-prefixed)."""
     if isinstance(report, dict):
@@ -225,6 +271,11 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
                 parts.append(data_markdown(rep))
             elif kind == "train_metrics":
                 parts.append(train_markdown(rep, reports))
+            elif is_memory_probe(rep):
+                steps = [r for r in reports if r.get("benchmark") == "bench_step"]
+                parts.extend(memory_check_markdown(r, rep) for r in steps)
+                if not steps:
+                    parts.append(f"**Memory probe** `{rep.get('_path', '')}`: no step benchmark to compare with")
             else:
                 what = rep.get("error") or ", ".join(sorted(k for k in rep if not k.startswith("_")))[:300]
                 parts.append(f"**{kind or 'unknown'}** `{rep.get('_path', '')}`: {what}")

@@ -31,3 +31,35 @@ def test_trainer_with_too_few_intervals(tmp_path: Path):
     metrics.write_text(json.dumps({"step": 10, "img_s": 12.0}) + "\n")
     (rep,) = report.load([metrics])
     assert "nothing to compare" in report.train_markdown(rep, [rep])
+
+
+def test_measured_memory_against_the_cpu_count():
+    probe_path = Path(report.__file__).parent / "results" / "2026-11-27_cpu_activation_memory.json"
+    probe = json.loads(probe_path.read_text())
+    vb = probe["models"]["vit_base_patch16"]
+    # A step report as a GPU run writes it: each variant's largest in-step rise of allocated memory.
+    fm_fast_counted = (
+        vb["variants"]["fm_compile"]["per_image_bytes"] * 256 + vb["variants"]["fm_compile"]["const_bytes"]
+    )
+    step = {
+        "benchmark": "bench_step",
+        "settings": [
+            {
+                "model": "vit_base_patch16",
+                "batch": 256,
+                "params": 111907840,
+                "variants": {
+                    "fm_fast": {"memory": {"step_rise_bytes": 1.1 * (fm_fast_counted + 4 * 111907840)}},
+                    "fm_fast_cg": {"memory": {"step_rise_bytes": 1.0}},  # any fast variant maps to fm_compile
+                    "hf_eager": {"status": "oom"},  # no measurement: no row
+                },
+            }
+        ],
+    }
+    md = report.markdown([step, {**probe, "_path": str(probe_path)}])
+    rows = [line for line in md.splitlines() if line.startswith("| `vit_base_patch16`")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| `vit_base_patch16` | `fm_fast` | `fm_compile` | 256 |") and rows[0].endswith(
+        "| 1.10 |"
+    )
+    assert "`fm_fast_cg` | `fm_compile`" in rows[1]
