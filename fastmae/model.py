@@ -52,7 +52,12 @@ _RECOMPUTED_NON_POINTWISE = {
 
 def _recompute_memory_bound_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpointing's policy: recompute element-wise, normalisation and view/copy ops."""
-    cheap = op in _RECOMPUTED_NON_POINTWISE or torch.Tag.pointwise in op.tags or op.is_view
+    # getattr: a higher-order op (a wrapped kernel, say) has neither tags nor is_view, and is kept
+    cheap = (
+        op in _RECOMPUTED_NON_POINTWISE
+        or torch.Tag.pointwise in getattr(op, "tags", ())
+        or getattr(op, "is_view", False)
+    )
     return CheckpointPolicy.PREFER_RECOMPUTE if cheap else CheckpointPolicy.MUST_SAVE
 
 

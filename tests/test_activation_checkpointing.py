@@ -122,3 +122,10 @@ def test_selective_policy_recomputes_memory_bound_ops(op):
     assert model_mod._recompute_memory_bound_ops(None, getattr(getattr(torch.ops.aten, name), overload)) == (
         CheckpointPolicy.PREFER_RECOMPUTE
     )
+
+
+def test_selective_policy_keeps_an_op_it_cannot_classify():
+    # A higher-order op (e.g. a wrapped Triton kernel) has no tags: saved, never recomputed.
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+
+    assert model_mod._recompute_memory_bound_ops(None, triton_kernel_wrapper_functional) == CheckpointPolicy.MUST_SAVE
