@@ -396,6 +396,8 @@ def train(cfg: Config) -> TrainResult:
             record = dict(
                 step=step, epoch=round(epoch_f, 4), loss=loss, lr=lr, img_s=round(img_s, 1), time=time.time() - t_start
             )
+            if device.type == "cuda":  # the allocator's own count: no device sync
+                record["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
             log.write(record)
             result.losses.append(loss)
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)

@@ -259,6 +259,8 @@ def test_cuda_compiled_bf16_run_and_resume(tiny_data, tmp_path, fused):
     assert sum(loss for _, loss in reference[-8:]) / 8 < 0.9 * reference[0][1]
     config = (tmp_path / "ref" / "config.json").read_text()
     assert '"compile": true' in config and '"precision": "bf16"' in config
+    rows = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
+    assert all(0 < r["max_mem_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30 for r in rows)
     run = tmp_path / "run"
     assert main(tiny_args(tiny_data, run, *args, "--max-steps", "13")) == 0
     assert main(tiny_args(tiny_data, run, *args, "--resume", "auto")) == 0
