@@ -172,6 +172,9 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
     steady.sort()
     median = steady[len(steady) // 2]
     text = f"{head}: median {median:.0f} img/s over {len(steady)} log intervals (the first, with the compile, left out)"
+    peaks = [r["max_mem_gib"] for r in rows if r.get("max_mem_gib") is not None]
+    if peaks:
+        text += f", peak allocated {max(peaks):.2f} GiB"
     harness = [
         (s.get("model"), v)
         for r in reports

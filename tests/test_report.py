@@ -10,7 +10,10 @@ from benchmarks import report
 
 def test_trainer_against_the_harness(tmp_path: Path):
     metrics = tmp_path / "train_metrics.jsonl"
-    rows = [{"step": 10 * (i + 1), "loss": 1.0, "img_s": s} for i, s in enumerate([150.0, 3900.0, 4100.0, 4000.0])]
+    rows = [
+        {"step": 10 * (i + 1), "loss": 1.0, "img_s": s, "max_mem_gib": 10.0 + i}
+        for i, s in enumerate([150.0, 3900.0, 4100.0, 4000.0])
+    ]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     step = tmp_path / "step.json"
     fm_fast = {"img_s": 4000.0, "batch": 256}
@@ -22,7 +25,10 @@ def test_trainer_against_the_harness(tmp_path: Path):
 
     text = report.markdown(report.load([step, metrics])).split("\n\n")[-1]
     # the first interval (compile) is left out: the median of 3900, 4000, 4100
-    assert "median 4000 img/s over 3 log intervals" in text
+    assert (
+        "median 4000 img/s over 3 log intervals (the first, with the compile, left out), peak allocated 13.00 GiB"
+        in text
+    )
     assert "1.000x the harness's `fm_fast` (vit_base_patch16, batch 256: 4000 img/s)" in text
 
 
