@@ -36,9 +36,9 @@
 #     | step ViT-L largest batch 130 | report 10  (files: run.log env.json step_vit_large.json
 #     step_vit_large_max.json)
 #
-# Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 475):
-#     env 10 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | report 10
-#     (files: run.log env.json step_ablations.json step_max_batch.json)
+# Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 545, + 45 with .wheels):
+#     env 10 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | kernel launch
+#     configurations 75 | report 10  (files: run.log env.json step_ablations.json step_max_batch.json sweep.json)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead.
 #
 # Carried wheels: a call that carries .wheels/ (made here by benchmarks/device_wheels.sh: xformers
@@ -169,7 +169,11 @@ ablations_profile() {
     step step-max-batch 140 "$OUT/step_max_batch.json" --models vit_base_patch16 --batch 256 max \
       --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
   fi
-  REPORTS=("$OUT/step_ablations.json" "$OUT/step_max_batch.json")
+  # each kernel's launch configurations (rows per program x warps), fwd+bwd GPU time at ViT-B shapes
+  local sargs=(--out "$OUT/sweep.json")
+  [ "$DRY" = 1 ] && sargs+=(--smoke --ops patch_gather)
+  stage sweep 75 "$PY" benchmarks/sweep_kernels.py "${sargs[@]}"
+  REPORTS=("$OUT/step_ablations.json" "$OUT/step_max_batch.json" "$OUT/sweep.json")
 }
 
 main() {

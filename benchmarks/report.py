@@ -159,6 +159,32 @@ def data_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sweep_markdown(rep: dict[str, Any]) -> str:
+    """Per op: the launch rule's fwd+bwd time against the fastest configuration swept."""
+    lines = [
+        f"**Kernel launch configurations** (fwd+bwd, rows per program x warps); {_provenance(rep)}",
+        "",
+        "| op | rule | rule ms | % of copy | fastest | fastest ms | % of copy | rule / fastest |",
+        "|" + "---|" * 8,
+    ]
+    by_op: dict[str, list[dict[str, Any]]] = {}
+    for row in rep.get("rows", []):
+        if row.get("fwd+bwd"):
+            by_op.setdefault(row["op"], []).append(row)
+    for op, rows in by_op.items():
+        rule = next((r for r in rows if r.get("default")), None)
+        best = min(rows, key=lambda r: r["fwd+bwd"]["ms"])
+        cell = lambda r: f"{r['rows']}x{r['warps']}"  # noqa: E731
+        if rule is None:
+            continue
+        lines.append(
+            f"| {op} | {cell(rule)} | {rule['fwd+bwd']['ms']:.4f} | {rule['fwd+bwd']['pct_of_copy']:.0f}% "
+            f"| {cell(best)} | {best['fwd+bwd']['ms']:.4f} | {best['fwd+bwd']['pct_of_copy']:.0f}% "
+            f"| {rule['fwd+bwd']['ms'] / best['fwd+bwd']['ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> str:
     """The trainer's img/s (``metrics.jsonl``) against the step harness's ``fm_fast`` in the same run.
 
@@ -274,6 +300,8 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
                 parts.append(data_markdown(rep))
             elif kind == "train_metrics":
                 parts.append(train_markdown(rep, reports))
+            elif kind == "sweep_kernels":
+                parts.append(sweep_markdown(rep))
             elif is_memory_probe(rep):
                 steps = [r for r in reports if r.get("benchmark") == "bench_step"]
                 parts.extend(memory_check_markdown(r, rep) for r in steps)

@@ -1,0 +1,87 @@
+"""The GPU's launch configurations, run on CPU under the interpreter.
+
+Under the interpreter every launcher picks big tiles (its cost is per program), so the tiles a GPU
+gets, a few rows per program with ragged ends, would otherwise only ever run on a GPU. Here each op
+runs with its GPU rule and with every configuration ``benchmarks/sweep_kernels.py`` times, forward
+and backward against its fp32 reference, at shapes whose rows do not divide into the tiles and whose
+widths are not powers of two. (num_warps changes nothing under the interpreter; rows per program do.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.sweep_kernels import SWEEP, launch_config
+from fastmae.kernels import (
+    encoder_input,
+    encoder_input_ref,
+    masked_mse,
+    masked_mse_ref,
+    patch_gather,
+    patch_gather_ref,
+    unshuffle,
+    unshuffle_ref,
+)
+from tests.kernels import test_masked_mse as mse_cases
+from tests.kernels import test_patch_gather as gather_cases
+from tests.kernels import test_unshuffle as unshuffle_cases
+
+CONFIGS = [(op, None, None) for op in SWEEP] + [(op, r, w) for op, (_, _, cands) in SWEEP.items() for r, w in cands]
+
+
+def _grads(fn, leaves, grad_out, *rest):
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    out = fn(*leaves, *rest)
+    out.backward(grad_out if grad_out is not None else None)
+    return [out, *(t.grad for t in leaves)]
+
+
+def _case(op: str, device: str, seed: int):
+    """(triton call, reference call) results: lists of outputs then grads."""
+    if op == "patch_gather":
+        imgs, ids_keep = gather_cases._make(3, 40, 56, 8, 0.75, torch.float32, device, seed)  # 5 x 7 patches
+        return [patch_gather(imgs, ids_keep, 8)], [patch_gather_ref(imgs, ids_keep, 8)]
+    if op == "encoder_input":
+        g = torch.Generator().manual_seed(seed)
+        N, L, D, K = 3, 35, 100, 8
+        x, cls = torch.randn(N, K, D, generator=g), 0.02 * torch.randn(1, 1, D, generator=g)
+        pos, grad_out = torch.randn(1, 1 + L, D, generator=g), torch.randn(N, 1 + K, D, generator=g)
+        ids_keep = torch.argsort(torch.rand(N, L, generator=g), dim=1)[:, :K]
+        args = [t.to(device) for t in (x, cls, pos, ids_keep, grad_out)]
+        run = lambda fn: _grads(lambda a, b: fn(a, b, args[2], args[3]), args[:2], args[4])  # noqa: E731
+        return run(encoder_input), run(encoder_input_ref)
+    if op == "unshuffle":
+        x, mask_token, pos, ids_restore, grad_out = unshuffle_cases._make(3, 35, 100, 0.75, torch.float32, device, seed)
+        return (
+            unshuffle_cases._run(unshuffle, x, mask_token, pos, ids_restore, grad_out),
+            unshuffle_cases._run(unshuffle_ref, x, mask_token, pos, ids_restore, grad_out),
+        )
+    pred, imgs, mask = mse_cases._make(3, 40, 56, 8, 0.75, torch.float32, device, seed)
+    return mse_cases._run(masked_mse, pred, imgs, mask, 8, True), mse_cases._run(
+        masked_mse_ref, pred, imgs, mask, 8, True
+    )
+
+
+@pytest.mark.parametrize(
+    "op, rows, warps", CONFIGS, ids=[f"{op}-{'rule' if r is None else f'r{r}w{w}'}" for op, r, w in CONFIGS]
+)
+def test_gpu_launch_configs(op, rows, warps, device, seed, check):
+    with launch_config(op, rows, warps) as chosen:
+        got, ref = _case(op, device, seed)
+    assert "rule" in chosen, "the launcher did not ask for its configuration"
+    for i, (a, e) in enumerate(zip(got, ref, strict=True)):
+        check(a, e, None, torch.float32, 2, f"{op} output {i}")
+
+
+def test_sweep_harness_smoke(device):
+    # The harness end to end at tiny shapes (on CPU: timings meaningless): the rule's row first, marked.
+    from benchmarks.report import sweep_markdown
+    from benchmarks.sweep_kernels import sweep
+
+    rows = sweep(device, smoke=True, copy_gbps=1.0, ops=["unshuffle"])
+    assert [r["default"] for r in rows].count(True) == 1 and rows[0]["default"]
+    assert len(rows) == 1 + len([c for c in SWEEP["unshuffle"][2] if c != (rows[0]["rows"], rows[0]["warps"])])
+    assert all(r["rel_err_vs_eager"] < 1e-2 and r["fwd+bwd"]["ms"] > 0 for r in rows)
+    table = sweep_markdown({"rows": rows})
+    assert table.splitlines()[-1].startswith("| unshuffle | 64x4 |")
