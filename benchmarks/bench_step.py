@@ -20,6 +20,7 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     fm_fast_no_<op>    ablation: one kernel off (gather, unshuffle or loss; the model's per-op switch)
     fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
     fm_ref_math        fastmae reference path with the plain math attention, eager
+    fm_fast_gelu       fast path + the MLP's GELU recomputed in the backward (activation_checkpointing="gelu")
     fm_fast_selective  fast path + selective activation checkpointing (norms, GELU, casts, adds
                        recomputed in the backward; GEMM and attention outputs kept): less memory
     fm_fused_eager_selective  the same, compile off

@@ -151,9 +151,11 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
         "hf_compile": ("compiled", lambda: hf, "HF under torch.compile"),
         "fm_ref": ("eager", lambda: fm(False, "none"), "fastmae reference path, eager"),
         "fm_fused_eager": ("eager", lambda: fm(True, "none"), "fastmae fused path, eager"),
+        "fm_fused_eager_gelu": ("eager", lambda: fm(True, "gelu"), "fused, eager, GELU recomputed"),
         "fm_fused_eager_selective": ("eager", lambda: fm(True, "selective"), "fused, eager, selective checkpointing"),
         "fm_fused_eager_full": ("eager", lambda: fm(True, "full"), "fused, eager, full checkpointing"),
         "fm_compile": ("compiled", lambda: fm(False, "none"), "fastmae compiled (reference path)"),
+        "fm_compile_gelu": ("compiled", lambda: fm(False, "gelu"), "compiled, GELU recomputed"),
         "fm_compile_selective": ("compiled", lambda: fm(False, "selective"), "compiled, selective checkpointing"),
         "fm_compile_full": ("compiled", lambda: fm(False, "full"), "compiled, full checkpointing"),
     }

@@ -217,6 +217,7 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
 # The memory probe counts compiled fastmae on its reference path; every compiled fast variant maps there.
 _PROBE_VARIANT = {
     "fm_fast": "fm_compile",
+    "fm_fast_gelu": "fm_compile_gelu",
     "fm_fast_selective": "fm_compile_selective",
     "fm_fast_full_ac": "fm_compile_full",
 }

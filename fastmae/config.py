@@ -27,7 +27,7 @@ from fastmae.cli import field_type, flag
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
-ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # fastmae.model's, without importing torch here
+ACTIVATION_CHECKPOINTING = ("none", "gelu", "selective", "full")  # fastmae.model's, without importing torch here
 CHOICES = {
     "precision": PRECISIONS,
     "attn_backend": ATTN_BACKENDS,
@@ -76,8 +76,9 @@ class Config:
     attn_backend: str = _f("auto", "attention: auto, sdpa, xformers or math (math = plain fp32-softmax reference)")
     activation_checkpointing: str = _f(
         "none",
-        "what the blocks keep for backward: none, selective (recompute norms, GELU, casts, adds: less "
-        "memory, no extra FLOPs) or full (recompute each block: least memory, ~1/3 more FLOPs); results do not change",
+        "what the blocks keep for backward: none, gelu (recompute the MLP's GELU: the cheapest saving), "
+        "selective (recompute norms, GELU, casts, adds: no extra matrix multiply) or full (recompute each "
+        "block: least memory, ~1/3 more FLOPs); results do not change",
     )
 
     # data

@@ -33,12 +33,14 @@ FUSED_OPS = ("gather", "unshuffle", "loss")
 
 # What the transformer blocks keep for the backward pass (``activation_checkpointing``):
 #   none       everything autograd saves (the reference's behaviour);
+#   gelu       all of that but the MLP's GELU output, recomputed from its input in the backward (the
+#              cheapest saving: one element-wise pass for the largest activation);
 #   selective  the outputs of the matrix multiplies and attention, and each block's input; the
 #              norms, GELU, casts, residual adds and copies are recomputed in the backward (memory
 #              passes, no FLOPs);
 #   full       only each block's input: the whole block runs again in the backward (~1/3 more FLOPs).
 # Recomputation repeats the same operations on the same inputs, so results do not change.
-ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+ACTIVATION_CHECKPOINTING = ("none", "gelu", "selective", "full")
 _aten = torch.ops.aten
 _RECOMPUTED_NON_POINTWISE = {
     _aten.native_layer_norm.default,
@@ -61,15 +63,21 @@ def _recompute_memory_bound_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE if cheap else CheckpointPolicy.MUST_SAVE
 
 
+_SELECTIVE = partial(create_selective_checkpoint_contexts, _recompute_memory_bound_ops)
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, activation_checkpointing: str = "none") -> torch.Tensor:
-    """``x = blk(x)`` for each block, checkpointed as :data:`ACTIVATION_CHECKPOINTING` says."""
-    if activation_checkpointing == "none" or not torch.is_grad_enabled():
+    """``x = blk(x)`` for each block, checkpointed as :data:`ACTIVATION_CHECKPOINTING` says.
+
+    ("gelu" is the blocks' own business: each :class:`Mlp` checkpoints its GELU and fc2.)
+    """
+    if activation_checkpointing in ("none", "gelu") or not torch.is_grad_enabled():
         for blk in blocks:
             x = blk(x)
         return x
     kwargs = {}
     if activation_checkpointing == "selective":
-        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _recompute_memory_bound_ops)
+        kwargs["context_fn"] = _SELECTIVE
     for blk in blocks:
         x = checkpoint(blk, x, use_reentrant=False, **kwargs)
     return x
@@ -117,9 +125,18 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()  # exact (erf) GELU, as the reference
         self.fc2 = nn.Linear(hidden_dim, dim)
+        # Keep fc1's output but not the GELU's for the backward: fc2's weight grad gets the GELU
+        # recomputed (selective policy: fc2's GEMM is never run again).
+        self.recompute_act = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if self.recompute_act and torch.is_grad_enabled():
+            return checkpoint(self._act_fc2, h, use_reentrant=False, context_fn=_SELECTIVE)
+        return self._act_fc2(h)
+
+    def _act_fc2(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(h))
 
 
 class DropPath(nn.Module):
@@ -231,12 +248,6 @@ class MaskedAutoencoderViT(nn.Module):
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
         self.attn_backend = resolve_backend(attn_backend)
         self.fused = fused  # type: ignore[assignment]  # the setter normalises it
-        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(
-                f"unknown activation_checkpointing {activation_checkpointing!r}; "
-                f"choose from {', '.join(ACTIVATION_CHECKPOINTING)}"
-            )
-        self.activation_checkpointing = activation_checkpointing
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
 
@@ -259,6 +270,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 
+        self.activation_checkpointing = activation_checkpointing  # the setter checks it, tells the MLPs
         self.initialize_weights()
 
     # ------------------------------------------------------------------ the fast-path switch
@@ -275,6 +287,21 @@ class MaskedAutoencoderViT(nn.Module):
         if unknown:
             raise ValueError(f"unknown fused ops {sorted(unknown)}; choose from {', '.join(FUSED_OPS)}")
         self._fused = ops
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """What the blocks keep for backward, one of :data:`ACTIVATION_CHECKPOINTING`; settable."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: str) -> None:
+        if value not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"unknown activation_checkpointing {value!r}; choose from {', '.join(ACTIVATION_CHECKPOINTING)}"
+            )
+        self._activation_checkpointing = value
+        for blk in (*self.blocks, *self.decoder_blocks):
+            blk.mlp.recompute_act = value == "gelu"
 
     # ------------------------------------------------------------------ init
 

@@ -545,7 +545,11 @@ def _out_of_memory_hint(cfg: Config) -> str:
         )
         ways.append(f"--batch-size {cfg.batch_size // 2} ({keep})")
     if cfg.activation_checkpointing != "full":
-        more = "selective (recomputes norms and GELU) or full" if cfg.activation_checkpointing == "none" else "full"
+        more = (
+            "selective (recomputes norms and GELU) or full"
+            if cfg.activation_checkpointing in ("none", "gelu")
+            else "full"
+        )
         ways.append(f"--activation-checkpointing {more} (results unchanged)")
     where = f"out of memory at --batch-size {cfg.batch_size} per process (rank {os.environ.get('RANK', '0')})"
     if not ways:

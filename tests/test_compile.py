@@ -48,7 +48,7 @@ def _compiled_vs_eager(fused: bool, device: str, rtol: float, activation_checkpo
 
 # Checkpointed blocks compile to one graph too (the policy becomes the partitioner's recompute tags),
 # with the eager, un-checkpointed model's results.
-@pytest.mark.parametrize("activation_checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("activation_checkpointing", ["none", "gelu", "selective", "full"])
 def test_reference_path_compiles_fullgraph_cpu(activation_checkpointing):
     torch._dynamo.reset()
     _compiled_vs_eager(fused=False, device="cpu", rtol=1e-5, activation_checkpointing=activation_checkpointing)
