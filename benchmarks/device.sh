@@ -23,9 +23,11 @@
 # specialisation on a fresh machine), ViT-L's two compiles did not fit beside ViT-B's, and the
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
-# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager); the first compile is
-# always tried, a later one is skipped (and recorded so in the JSON) when the longest compile
-# measured so far would run into the 20 s kept for timing; rounds stop when the next would not fit.
+# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, fm_fused_eager_selective,
+# then fm_fast_gelu and fm_fast_selective); the first compile is always tried, a later one is
+# skipped (and recorded so in the JSON) when the longest compile measured so far would run into the
+# 25 s kept for timing (so the last two usually are: the ablations profile times them); rounds stop
+# when the next would not fit.
 # torch.compile of a ViT training step takes on the order of a minute (ViT-L more); the main
 # variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds. A step at
 # batch 256 is ~0.05-0.1 s (ViT-B, 58 GFLOP/img) and ~0.1-0.2 s (ViT-L, 123 GFLOP/img) at 30-50% MFU,
