@@ -41,13 +41,14 @@ def test_results_are_bitwise_unchanged(mode, amp):
         assert g is not None and torch.equal(grads_c[name], g), name
 
 
-def test_fused_path_with_selective_checkpointing_is_unchanged():
-    # The kernels sit outside the checkpointed blocks; the two compose (Triton interpreter on CPU).
+@pytest.mark.parametrize("mode", ["gelu", "selective", "full"])
+def test_fused_path_with_checkpointing_is_unchanged(mode):
+    # The kernels sit outside the checkpointed regions; the two compose (Triton interpreter on CPU).
     torch.manual_seed(1)
     state = MaskedAutoencoderViT(**TINY_MAE, norm_pix_loss=True).state_dict()
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     loss, pred, _, grads = _run("none", state, imgs, noise, amp=False, fused=True)
-    loss_c, pred_c, _, grads_c = _run("selective", state, imgs, noise, amp=False, fused=True)
+    loss_c, pred_c, _, grads_c = _run(mode, state, imgs, noise, amp=False, fused=True)
     assert torch.equal(loss_c, loss) and torch.equal(pred_c, pred)
     for name, g in grads.items():
         assert torch.equal(grads_c[name], g), name
