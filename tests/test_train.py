@@ -177,7 +177,8 @@ def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path, uninterr
 
 
 def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsys):
-    """A run stopped after 8 steps continues as batch 4 x accum 2: the losses of batch 8 throughout."""
+    """A run stopped after 8 steps continues as batch 4 x accum 2 with selective activation
+    checkpointing (what the out-of-memory hint offers): the losses of batch 8 throughout."""
     main(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "2"))
     run = tmp_path / "run"
     assert main(tiny_args(tiny_data, run, "--epochs", "2", "--max-steps", "8")) == 0
@@ -186,7 +187,7 @@ def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsy
     bad = tiny_args(tiny_data, run, "--epochs", "2", "--batch-size", "4", "--resume", "auto")
     assert main(bad) == 2  # another effective batch would be another run
     assert "--effective-batch 8" in capsys.readouterr().err
-    assert main([*bad, "--accum-iter", "2"]) == 0
+    assert main([*bad, "--accum-iter", "2", "--activation-checkpointing", "selective"]) == 0
     resumed, reference = losses(run), losses(tmp_path / "ref")
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, 17))
     for (s, a), (_, b) in zip(resumed, reference, strict=True):
