@@ -13,15 +13,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PART_MIB="${PART_MIB:-55}"
+# PY_VERSION: the device's Python (3.12); another only to try the parts and the install here
 PY="${PYTHON:-python3}"
 DALI="${DALI_VERSION:-2.4.0}"
 # DALI with its needs, as pip resolves them for the device's Python (DALI pins some exactly, e.g.
-# nvidia-libnvcomp-cu13); then the ones the device image already has are dropped.
-ON_IMAGE=(numpy packaging six pyyaml typing_extensions wheel)
+# nvidia-libnvcomp-cu13). Only numpy (17 MiB, under torch on the image) is dropped: the small ones
+# stay, since device_dali.sh lets pip resolve against what is installed and take from the stash only
+# what is missing (six, for one, is not on the image).
+ON_IMAGE=(numpy)
 
 rm -rf .dali
 mkdir -p .dali/wheels
-"$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+"$PY" -m pip download -q --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
   -d .dali/wheels "nvidia-dali-cuda130==$DALI" "nvidia-nvimgcodec-cu13[all]"

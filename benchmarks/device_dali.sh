@@ -11,10 +11,11 @@
 #   last call, carry [".dali/part-LAST", ".dali/MANIFEST"], timeout_s ~300:
 #                 FASTMAE_COMMIT=<sha> bash benchmarks/device_dali.sh run
 #
-# `run` joins the parts (checked against MANIFEST's sha256), installs the wheels with
-# --no-index --no-deps, installs the checkout, then: DALI's tests on CUDA (the mixed-decode pipeline
-# against the CPU one: same crops, nvJPEG vs libjpeg-turbo tolerance), and bench_data with DALI
-# mixed, the reference loader and torchvision's CUDA decoder. Files under $OUT:
+# `run` joins the parts (checked against MANIFEST's sha256), installs DALI from them with
+# --no-index (pip takes from the stash only what the image lacks), installs the checkout, then:
+# DALI's tests on CUDA (the mixed-decode pipeline against the CPU one: same crops, nvJPEG vs
+# libjpeg-turbo tolerance), and bench_data with DALI mixed, the reference loader and torchvision's
+# CUDA decoder. Files under $OUT:
 #     run.log env.json data_dali.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,10 @@ run() {
   (cd "$STASH" && grep ' wheels.tar$' MANIFEST | sha256sum -c -) || return 2
   tar -C "$STASH" -xf "$STASH/wheels.tar"
   echo "=== install DALI ($((SECONDS - t0)) s)"
-  "$PY" -m pip install -q --no-index --no-deps --no-cache-dir "$STASH"/wheels/*.whl || return 2
+  # Resolved against what is installed, with the stash as the only index: only what is missing is
+  # installed (nothing the image has is replaced), and a need the stash lacks is named.
+  "$PY" -m pip install -q --no-index --no-cache-dir --find-links "$STASH/wheels" \
+    nvidia-dali-cuda130 "nvidia-nvimgcodec-cu13[all]" || return 2
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . || return 2
   "$PY" -c "import nvidia.dali as d; print('DALI', d.__version__)" || return 2
 
