@@ -420,6 +420,10 @@ class DaliLoader(ScheduledLoader):
             return False
         return True
 
+    @property
+    def buffered_batches(self) -> int:
+        return self.prefetch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         steps = self._steps()
         epoch = self.epoch

@@ -155,6 +155,11 @@ class ScheduledLoader:
         """Steps (batches per rank) per epoch."""
         return self.plan.steps_per_epoch
 
+    @property
+    def buffered_batches(self) -> int:
+        """Batches the loader prepares ahead of the consumer (workers x prefetch, a DALI queue)."""
+        return 0
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if not 0 <= start_step <= len(self):
             raise DataError(f"start step {start_step} outside [0, {len(self)}]")

@@ -172,6 +172,10 @@ class TorchLoader(ScheduledLoader):
         )
         _LIVE_LOADERS.add(self)
 
+    @property
+    def buffered_batches(self) -> int:
+        return self._loader.num_workers * (self._loader.prefetch_factor or 0)
+
     def __iter__(self) -> Iterator[Batch]:
         self._pass_steps = self._steps()
         non_blocking = self.device.type == "cuda"

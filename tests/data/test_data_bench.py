@@ -6,13 +6,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_data.py"
 
 
 def test_bench_data_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_data", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench()
     out = tmp_path / "data.json"
     bench.main(
         ["--smoke", "--root", str(tmp_path / "jpegs"), "--workers", "1", "--dali-threads", "1", "--out", str(out)]
@@ -23,3 +23,34 @@ def test_bench_data_smoke(tmp_path):
     rates = {r["backend"]: r.get("img_per_s") for r in record["results"] if "skipped" not in r}
     assert rates.get("torch", 0) > 0 and rates.get("synthetic", 0) > 0, record["results"]
     assert all("error" not in r for r in record["results"]), record["results"]
+    # the torch loader's ready batches (1 worker x prefetch 2) are drained before timing
+    assert [r["drained_batches"] for r in record["results"] if r["backend"] == "torch"] == [2]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_data", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_ready_batches_are_not_timed(monkeypatch):
+    """Workers that decoded during the warm-up leave batches ready at once; draining them keeps
+    them out of the windows. A fake clock: the first 5 batches take 1 ms (ready), then 1 s each."""
+    import torch
+
+    bench = _load_bench()
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def batches():
+        for i in range(100):
+            clock[0] += 1.0 if i >= 5 else 1e-3  # the warm-up batch and 4 ready ones: no decoding left
+            yield torch.zeros(1, 3, 1, 1), None
+
+    cpu = torch.device("cpu")
+    steady = bench.measure(batches(), 8, cpu, warmup=1, steps=4, repeats=2, drain=4)
+    assert steady["windows_img_per_s"] == pytest.approx([8.0, 8.0])  # the producers' own rate
+    assert steady["drained_batches"] == 4
+    burst = bench.measure(batches(), 8, cpu, warmup=1, steps=4, repeats=2, drain=0)
+    assert burst["windows_img_per_s"] == pytest.approx([8000.0, 8.0])  # without: 4 ready batches in 4 ms
