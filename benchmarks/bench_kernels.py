@@ -306,6 +306,17 @@ def environment(device: str, argv: list[str]) -> dict[str, object]:
     return env
 
 
+def kernel_device(parser: argparse.ArgumentParser, smoke: bool) -> str:
+    """``cuda``; else ``cpu`` for a ``--smoke`` run under Triton's interpreter (timings need CUDA)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if not smoke:
+        parser.error("timings need CUDA; on CPU only --smoke runs (Triton's interpreter)")
+    # Must precede the first @triton.jit, i.e. the kernels' import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -327,12 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        if not args.smoke:
-            parser.error("timings need CUDA; on CPU only --smoke runs (Triton's interpreter)")
-        # Must precede the first @triton.jit, i.e. the kernels' import below.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = kernel_device(parser, args.smoke)
     dtype = getattr(torch, args.dtype)
     imgs_dtype = getattr(torch, args.imgs_dtype) if args.imgs_dtype else None
     models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}

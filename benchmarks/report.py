@@ -223,10 +223,6 @@ _PROBE_VARIANT = {
 }
 
 
-def is_memory_probe(rep: dict[str, Any]) -> bool:
-    return rep.get("benchmark") == "memory_probe" or {"models", "method", "batch"} <= rep.keys()
-
-
 def _probe_name(step_variant: str, probe: dict[str, Any]) -> str | None:
     if step_variant in probe:
         return step_variant
@@ -303,7 +299,7 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
                 parts.append(train_markdown(rep, reports))
             elif kind == "sweep_kernels":
                 parts.append(sweep_markdown(rep))
-            elif is_memory_probe(rep):
+            elif kind == "memory_probe":
                 steps = [r for r in reports if r.get("benchmark") == "bench_step"]
                 parts.extend(memory_check_markdown(r, rep) for r in steps)
                 if not steps:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,11 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", nargs="*", default=None, choices=sorted(SWEEP))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter): the harness only")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        if not args.smoke:
-            p.error("timings need CUDA; on CPU only --smoke runs (Triton's interpreter)")
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = bk.kernel_device(p, args.smoke)
     copy = bk.copy_bandwidth(device, args.smoke)
     record = {
         "benchmark": "sweep_kernels",

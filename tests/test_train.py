@@ -23,7 +23,8 @@ from fastmae import train as train_mod
 from fastmae.config import make_config
 from fastmae.data import make_demo_dataset
 from fastmae.log import read_metrics
-from fastmae.train import EXIT_NONFINITE, EXIT_OOM, EXIT_STOPPED, lr_at, main, resolve_run_dir
+from fastmae.rundir import resolve_run_dir
+from fastmae.train import EXIT_NONFINITE, EXIT_OOM, EXIT_STOPPED, lr_at, main
 
 REPO = Path(__file__).resolve().parents[1]
 
