@@ -83,8 +83,12 @@ def test_checkpointing_holds_less_for_the_backward(amp):
 
 
 @pytest.mark.parametrize("mode", ["gelu", "selective", "full"])
-def test_no_checkpointing_without_grad(mode):
-    # Inference (no grad) runs the blocks plainly: nothing to recompute, nothing held.
+def test_no_checkpointing_without_grad(mode, monkeypatch):
+    # Inference (no grad) runs the blocks plainly: checkpoint is never entered, nothing is held.
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("checkpoint called without grad")
+
+    monkeypatch.setattr(model_mod, "checkpoint", no_checkpoint)
     model = MaskedAutoencoderViT(**TINY_MAE, activation_checkpointing=mode).eval()
     with torch.no_grad():
         nbytes, _ = held_bytes(lambda: model(torch.randn(2, 3, 32, 32), 0.75)[0])
