@@ -132,7 +132,12 @@ main_profile() {
       --batch-size 256 --effective-batch 256 --max-steps 60 --log-every 10 --no-progress \
       --run-dir "$train_dir" --vis-every-epochs 0
   fi
-  [ -f "$train_dir/metrics.jsonl" ] && cp "$train_dir/metrics.jsonl" "$OUT/train_metrics.jsonl"
+  # the resolved config first (a line without img/s), so the report compares like with like
+  if [ -f "$train_dir/metrics.jsonl" ]; then
+    "$PY" -c 'import json, sys; print(json.dumps({"config": json.load(open(sys.argv[1]))}))' \
+      "$train_dir/config.json" >"$OUT/train_metrics.jsonl" 2>/dev/null || true
+    cat "$train_dir/metrics.jsonl" >>"$OUT/train_metrics.jsonl"
+  fi
   rm -rf "$train_dir"
 
   # (6) data benchmark: the reference loader and torchvision's CUDA decoder (DALI is not on the image)

@@ -6,9 +6,11 @@ copy one command, to run as soon as the device tool returns::
     python benchmarks/ingest.py <files_at>            # then: git add benchmarks/results && git commit
 
 Each file keeps its name behind a ``<date>_<gpu>_`` prefix (``2026-11-28_h100_step_vit_base.json``);
-the date and GPU come from the run's ``env.json`` (else today and ``gpu``). The report
-(``report.py``'s markdown and bar chart) is written beside them as ``<prefix>report.md`` / ``.png``.
-Files already there are not overwritten (``--force`` does).
+the date and GPU come from the run's ``env.json``, else from the ``env`` block of its benchmark JSON
+(else today and ``gpu``). The report (``report.py``'s markdown and bar chart) is written beside them
+as ``<prefix>report.md`` / ``.png`` and covers every result with that prefix, so a second call on
+the same day and GPU adds to the first's report. Result files already there are not overwritten
+(``--force`` does).
 """
 
 from __future__ import annotations
@@ -41,15 +43,21 @@ def gpu_tag(name: str | None) -> str:
 
 
 def prefix_of(src: Path) -> str:
-    """``<date>_<gpu>_`` from ``src/env.json`` (a device run's environment report)."""
+    """``<date>_<gpu>_`` from the run's environment: ``src/env.json`` (device.sh's report), else the
+    ``env`` block every benchmark JSON carries (a run that called one benchmark directly)."""
     date, gpu = datetime.date.today().isoformat(), "gpu"
-    try:
-        env = json.loads((src / "env.json").read_text())
+    candidates = [src / "env.json", *sorted(p for p in src.glob("*.json") if p.name != "env.json")]
+    for path in candidates:
+        try:
+            env = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        env = env if path.name == "env.json" else env.get("env") if isinstance(env, dict) else None
+        if not isinstance(env, dict) or not isinstance(env.get("device"), dict):
+            continue
         date = str(env.get("date_utc", date))[:10]
-        dev = env.get("device") or {}
-        gpu = gpu_tag(dev.get("name") if dev.get("type") == "cuda" else "cpu")
-    except (OSError, json.JSONDecodeError):
-        pass
+        dev = env["device"]
+        return f"{date}_{gpu_tag(dev.get('name') if dev.get('type') == 'cuda' else 'cpu')}_"
     return f"{date}_{gpu}_"
 
 
@@ -67,7 +75,19 @@ def ingest(src: Path, dest: Path = RESULTS, force: bool = False) -> list[Path]:
             raise SystemExit(f"ingest: {target} exists (pass --force to overwrite)")
         shutil.copyfile(f, target)
         out.append(target)
-    reported = [p for p in out if p.suffix in REPORTED and not p.name.endswith("env.json")]
+    return out + write_report(dest, prefix)
+
+
+def write_report(dest: Path, prefix: str) -> list[Path]:
+    """``<prefix>report.md`` / ``.png`` over every result in ``dest`` with that prefix."""
+    out: list[Path] = []
+    # The report covers every result of this date and GPU, so a second call's files join the first's
+    # (it is derived, so rewriting it loses nothing), plus the newest CPU activation count, against
+    # which the report checks measured memory.
+    reported = sorted(p for p in dest.glob(f"{prefix}*") if p.suffix in REPORTED and not p.name.endswith("env.json"))
+    probes = sorted(dest.glob("*_cpu_activation_memory.json"))
+    if reported and probes and not prefix.endswith("_cpu_"):
+        reported.append(probes[-1])
     if reported:
         reports = report.load(reported)
         md = report.markdown(reports)

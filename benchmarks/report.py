@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (committed reports name no home folder)."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """The JSON reports at ``paths``; a missing or unreadable file is reported as such, not raised."""
     out = []
@@ -29,7 +37,7 @@ def load(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                 rep = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError) as e:
             rep = {"benchmark": "unreadable", "error": f"{type(e).__name__}: {e}"}
-        rep["_path"] = str(p)
+        rep["_path"] = _shown(Path(p))
         out.append(rep)
     return out
 
@@ -209,6 +217,17 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
         for name, v in s.get("variants", {}).items()
         if name == "fm_fast" and v.get("img_s")
     ]
+    # device.sh puts the run's resolved config first: compare with the harness on the same model and
+    # batch. Without it, only a single harness setting is unambiguous.
+    config = next((r["config"] for r in rep.get("rows", []) if isinstance(r.get("config"), dict)), None)
+    if config is not None:
+        model = str(config.get("preset", "")).removeprefix("mae_")
+        harness = [(m, v) for m, v in harness if m == model and v.get("batch") == config.get("batch_size")]
+    elif len(harness) > 1:
+        return (
+            text
+            + f"; the file does not say which model it trained, so it is not compared with the harness's {len(harness)} `fm_fast` settings"
+        )
     for model, v in harness:
         text += f"; {median / v['img_s']:.3f}x the harness's `fm_fast` ({model}, batch {v.get('batch')}: {v['img_s']:.0f} img/s)"
     return text

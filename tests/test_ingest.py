@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.ingest import gpu_tag, ingest
+from benchmarks.ingest import gpu_tag, ingest, prefix_of
 
 
 def test_ingest_names_copies_and_reports(tmp_path):
@@ -37,3 +37,25 @@ def test_gpu_tags():
     assert gpu_tag("NVIDIA H200") == "h200"
     assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
     assert gpu_tag(None) == "gpu"
+
+
+def test_prefix_from_a_benchmark_json_when_there_is_no_env_json(tmp_path):
+    """A call that ran one benchmark directly has no env.json: the benchmark's own env names the run."""
+    src = tmp_path / "files_at"
+    src.mkdir()
+    env = {"date_utc": "2026-11-27T07:15:27+00:00", "device": {"type": "cuda", "name": "NVIDIA H200"}}
+    (src / "step_vit_large.json").write_text(json.dumps({"benchmark": "step", "env": env}))
+    (src / "notes.json").write_text(json.dumps([1, 2]))  # not a dict: passed over
+    assert prefix_of(src) == "2026-11-27_h200_"
+
+
+def test_a_second_call_joins_the_first_calls_report(tmp_path):
+    dest = tmp_path / "results"
+    env = {"date_utc": "2026-11-27T07:00:00+00:00", "device": {"type": "cuda", "name": "NVIDIA H200"}}
+    for call, name in (("one", "data.json"), ("two", "kernels.json")):
+        src = tmp_path / call
+        src.mkdir()
+        (src / name).write_text(json.dumps({"benchmark": name.split(".")[0], "env": env, "results": []}))
+        ingest(src, dest)
+    md = (dest / "2026-11-27_h200_report.md").read_text()
+    assert "2026-11-27_h200_data.json" in md and "2026-11-27_h200_kernels.json" in md

@@ -32,6 +32,31 @@ def test_trainer_against_the_harness(tmp_path: Path):
     assert "1.000x the harness's `fm_fast` (vit_base_patch16, batch 256: 4000 img/s)" in text
 
 
+def test_trainer_compared_with_its_own_model_only(tmp_path: Path):
+    """Two harness settings (ViT-B and ViT-L): the config line device.sh writes first picks the one the
+    trainer ran; without it, no ratio is given rather than one against the wrong model."""
+    rows = [{"step": 10 * (i + 1), "img_s": s} for i, s in enumerate([100.0, 5000.0, 5000.0])]
+    config = {"config": {"preset": "mae_vit_base_patch16", "batch_size": 256}}
+    step = {
+        "benchmark": "bench_step",
+        "settings": [
+            {"model": m, "variants": {"fm_fast": {"img_s": s, "batch": 256}}}
+            for m, s in (("vit_base_patch16", 5000.0), ("vit_large_patch16", 2500.0))
+        ],
+    }
+    with_config = tmp_path / "with.jsonl"
+    with_config.write_text("".join(json.dumps(r) + "\n" for r in [config, *rows]))
+    (rep,) = report.load([with_config])
+    text = report.train_markdown(rep, [step])
+    assert "1.000x the harness's `fm_fast` (vit_base_patch16, batch 256" in text
+    assert "vit_large_patch16" not in text
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (rep,) = report.load([bare])
+    text = report.train_markdown(rep, [step])
+    assert "median 5000 img/s" in text and "x the harness" not in text and "not compared" in text
+
+
 def test_trainer_with_too_few_intervals(tmp_path: Path):
     metrics = tmp_path / "m.jsonl"
     metrics.write_text(json.dumps({"step": 10, "img_s": 12.0}) + "\n")
