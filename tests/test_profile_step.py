@@ -70,3 +70,27 @@ def test_profile_steps_on_cpu_sees_the_matmuls():
     assert s["by_category_ms"]["gemm"] > 0
     assert {t["name"] for t in s["top"]} >= {"aten::mm"}
     assert "aten ops (CPU) per step" in profile_step.markdown("x", s)
+
+
+def test_device_rows_leave_out_user_ranges():
+    """A range on the device timeline (the optimizer's ``Optimizer.step#AdamW.step``) spans kernels that
+    are counted themselves: it is not a kernel (it put 1 ms of nothing in "other" on the H200)."""
+    from types import SimpleNamespace
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def evt(key, us, annotation=None):
+        e = SimpleNamespace(key=key, device_type=cuda, self_device_time_total=us, count=1)
+        if annotation is not None:
+            e.is_user_annotation = annotation
+        return e
+
+    events = [
+        evt("nvjet_sm90_tst_256x128", 300.0),
+        evt("Optimizer.step#AdamW.step", 1000.0),  # no flag (an older profiler): the name says it
+        evt("my_range", 500.0, annotation=True),
+        evt("multi_tensor_apply_kernel", 900.0, annotation=False),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    rows = profile_step._device_rows(prof, torch.device("cuda"))
+    assert [r[0] for r in rows] == ["nvjet_sm90_tst_256x128", "multi_tensor_apply_kernel"]
