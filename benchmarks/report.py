@@ -135,7 +135,14 @@ def _pct(x: float | None) -> str:
 
 def kernels_markdown(rep: dict[str, Any]) -> str:
     """A short table of a ``bench_kernels`` report (fwd+bwd rows)."""
-    lines = [f"**Kernels** ({_provenance(rep)}); copy {_f(rep.get('copy', {}).get('gbps'), '.0f')} GB/s", ""]
+    copy = rep.get("copy", {})
+    head = f"**Kernels** ({_provenance(rep)}); copy {_f(copy.get('gbps'), '.0f')} GB/s"
+    if "event_timed_gbps" in copy:
+        head += (
+            f" (the % of copy's basis; cross-checks: event-timed {copy['event_timed_gbps']:.0f} GB/s, "
+            f"a {copy['op_size_bytes'] >> 20} MiB copy {copy['op_size_gbps']:.0f} GB/s)"
+        )
+    lines = [head, ""]
     lines.append("| model | op | phase | triton ms | GB/s | % copy | × compiled | × eager | call ms (host) | timer |")
     lines.append("|" + "---|" * 10)
     for r in rep.get("results", []):
