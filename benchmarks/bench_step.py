@@ -10,9 +10,12 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     hf_eager           HF ViTMAEForPreTraining, eager, sdpa attention: the reference
     hf_compile         the same under torch.compile (default mode)
     fm_ref             fastmae reference path (fused=False), eager, sdpa
-    fm_fast            fastmae fast path: Triton kernels (fused=True) + torch.compile (default mode)
-                       + the model's best attention backend (``auto``: xformers when it works, else sdpa)
-    fm_fused_eager     ablation: compile off (kernels on, eager)
+    fm_fast            fastmae fast path, the trainer's CUDA defaults: Triton kernels (fused=True)
+                       + torch.compile (default mode) + the model's best attention backend (``auto``:
+                       xformers when it works, else sdpa) + activation checkpointing ``auto``
+                       (selective, compiled on CUDA; none elsewhere)
+    fm_fast_no_ac      ablation: activation checkpointing none (what auto's selective costs and saves)
+    fm_fused_eager     ablation: compile off (kernels on, eager; auto checkpointing is then none)
     fm_ref_compile     ablation: every kernel off (fused=False) under the same compile
     fm_fast_cg         ablation: CUDA graphs on (compile mode "reduce-overhead"); fm_fast has them off
     fm_fast_sdpa/_math/_xformers  ablation: attention backend (xformers only where it imports)
@@ -227,6 +230,8 @@ class Setting:
         gb0, ug0 = graph_breaks(), unique_graphs()
         r = build_runner(v, self.families, self.base, device, args)
         vr["attn_backend"] = getattr(r.eager, "attn_backend", "sdpa (HF)")
+        if v.impl == "fastmae":  # what "auto" became: the memory check compares with that count
+            vr["activation_checkpointing"] = r.eager.activation_checkpointing
         if v.compile:
             vr["compile_backend"] = args.compile_backend
         vr["optimizer"] = self.families[v.impl].opt_name

@@ -27,7 +27,8 @@ from fastmae.cli import field_type, flag
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
-ACTIVATION_CHECKPOINTING = ("none", "gelu", "selective", "full")  # fastmae.model's, without importing torch here
+# fastmae.model's (without importing torch here) and "auto", which train.py resolves
+ACTIVATION_CHECKPOINTING = ("auto", "none", "gelu", "selective", "full")
 CHOICES = {
     "precision": PRECISIONS,
     "attn_backend": ATTN_BACKENDS,
@@ -75,10 +76,10 @@ class Config:
     fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
     attn_backend: str = _f("auto", "attention: auto, sdpa, xformers or math (math = plain fp32-softmax reference)")
     activation_checkpointing: str = _f(
-        "none",
-        "what the blocks keep for backward: none, gelu (recompute the MLP's GELU: the cheapest saving), "
-        "selective (recompute norms, GELU, casts, adds: no extra matrix multiply) or full (recompute each "
-        "block: least memory, ~1/3 more FLOPs); results do not change",
+        "auto",
+        "what the blocks keep for backward: auto (selective when compiled on CUDA, else none), none, "
+        "gelu (recompute the MLP's GELU), selective (recompute norms, GELU, casts, adds: no extra matrix "
+        "multiply) or full (recompute each block: least memory, ~1/3 more FLOPs); results do not change",
     )
 
     # data

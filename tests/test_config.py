@@ -81,10 +81,26 @@ def test_activation_checkpointing_reaches_the_model():
     from fastmae.model import ACTIVATION_CHECKPOINTING
     from fastmae.train import build_model
 
-    assert config.ACTIVATION_CHECKPOINTING == ACTIVATION_CHECKPOINTING  # config keeps its copy torch-free
+    # config keeps its copy torch-free, plus "auto", which the trainer resolves
+    assert config.ACTIVATION_CHECKPOINTING == ("auto", *ACTIVATION_CHECKPOINTING)
 
     cfg = parse_config(["--activation-checkpointing", "selective"])
     assert build_model(cfg, torch.device("cpu")).activation_checkpointing == "selective"
+    assert parse_config([]).activation_checkpointing == "auto"
+    assert build_model(parse_config([]), torch.device("cpu")).activation_checkpointing == "none"
+
+
+@pytest.mark.parametrize(
+    "device, compiled, expected",
+    [("cuda", True, "selective"), ("cuda:1", True, "selective"), ("cuda", False, "none"), ("cpu", True, "none")],
+)
+def test_auto_activation_checkpointing_is_selective_only_when_compiled_on_cuda(device, compiled, expected):
+    """Compiled, selective cost <1% on the H200 for 0.6x the peak; eager it costs 1.5x the step."""
+    from fastmae.model import resolve_activation_checkpointing
+
+    assert resolve_activation_checkpointing("auto", device, compiled) == expected
+    for explicit in ("none", "gelu", "selective", "full"):
+        assert resolve_activation_checkpointing(explicit, device, compiled) == explicit
 
 
 def test_help_lists_presets_and_fields(capsys):

@@ -94,3 +94,31 @@ def test_measured_memory_against_the_cpu_count():
         "| 1.10 |"
     )
     assert "`fm_fast_cg` | `fm_compile`" in rows[1]
+
+
+def test_memory_check_follows_the_checkpointing_the_run_recorded():
+    """fm_fast runs auto checkpointing: selective on CUDA. The run records what auto became, and the
+    check compares with that count, not with the name's old meaning (none)."""
+    probe_path = Path(report.__file__).parent / "results" / "2026-11-27_cpu_activation_memory.json"
+    probe = json.loads(probe_path.read_text())
+    variants = probe["models"]["vit_base_patch16"]["variants"]
+    step = {
+        "benchmark": "bench_step",
+        "settings": [
+            {
+                "model": "vit_base_patch16",
+                "batch": 256,
+                "params": 111907840,
+                "variants": {
+                    "fm_fast": {"activation_checkpointing": "selective", "memory": {"step_rise_bytes": 1.0}},
+                    "fm_fast_no_ac": {"activation_checkpointing": "none", "memory": {"step_rise_bytes": 1.0}},
+                    "fm_fast_gelu": {"memory": {"step_rise_bytes": 1.0}},  # an older run: the name says it
+                },
+            }
+        ],
+    }
+    assert {"fm_compile_selective", "fm_compile", "fm_compile_gelu"} <= set(variants)
+    md = report.markdown([step, {**probe, "_path": str(probe_path)}])
+    assert "| `fm_fast` | `fm_compile_selective` |" in md
+    assert "| `fm_fast_no_ac` | `fm_compile` |" in md
+    assert "| `fm_fast_gelu` | `fm_compile_gelu` |" in md

@@ -199,7 +199,9 @@ def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsy
     "flags, hint",
     [
         ([], "--batch-size 8 (the effective batch 64 and so the recipe stay the same), or "
-         "--activation-checkpointing selective (recomputes norms and GELU) or full (results unchanged)"),
+         "--activation-checkpointing full (results unchanged)"),  # auto: selective, compiled on CUDA
+        (["--activation-checkpointing", "none"], "--batch-size 8 (the effective batch 64 and so the recipe "
+         "stay the same), or --activation-checkpointing selective (recomputes norms and GELU) or full"),
         (["--activation-checkpointing", "selective", "--accum-iter", "2"],
          "--batch-size 8 (double --accum-iter to keep the effective batch), or --activation-checkpointing full"),
         (["--activation-checkpointing", "full", "--batch-size", "1"], "full activation checkpointing: this model"),
@@ -269,3 +271,21 @@ def test_cuda_compiled_bf16_run_and_resume(tiny_data, tmp_path, fused):
     for (s, a), (_, b) in zip(losses(run), reference, strict=True):
         # atomics in CUDA backward passes are not bitwise deterministic: compare at bf16-run noise, not 0
         assert a == pytest.approx(b, rel=2e-2), f"step {s}"
+
+
+def test_selective_checkpoint_notice_is_dropped_and_nothing_else(caplog):
+    """Dynamo's in-place notice would print on every compiled CUDA run (selective is the default there)."""
+    import logging
+
+    log = logging.getLogger("torch._higher_order_ops.wrap")
+    before = list(log.filters)
+    try:
+        train_mod._quiet_selective_checkpoint_notice()
+        train_mod._quiet_selective_checkpoint_notice()  # idempotent
+        assert len(log.filters) == len(before) + 1
+        with caplog.at_level(logging.WARNING, logger="torch._higher_order_ops.wrap"):
+            log.warning("\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\n")
+            log.warning("something else")
+        assert [r.getMessage() for r in caplog.records] == ["something else"]
+    finally:
+        log.filters[:] = before
