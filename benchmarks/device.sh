@@ -8,14 +8,15 @@
 # The device copy of the tree may have no .git: the commit and dirty flag then come from those two
 # variables (every JSON records which). Everything is written under $OUT as each stage finishes,
 # so a timeout still returns what finished. At most 8 files come back from $OUT; this writes exactly:
-#     run.log env.json kernels.json step_vit_base.json train_metrics.jsonl data.json
+#     run.log env.json kernels.json attention.json step_vit_base.json train_metrics.jsonl data.json
 # (the markdown table is printed last; report.py makes it and the chart from the JSON afterwards).
 # As soon as the call returns: `python benchmarks/ingest.py <files_at>` copies them into
 # benchmarks/results/<date>_<gpu>_<name> with the report beside them; commit before anything else.
 #
-# Budget, profile "main" (seconds; each stage has its own `timeout`; sum 575; run timeout_s 600):
-#     env 10 | install 20 | device-fixture tests on CUDA 60 | gpu-marked tests 45 | kernels 60
-#     | step ViT-B 240 | trainer ViT-B 100 | data 30 | report 10
+# Budget, profile "main" (seconds; each stage has its own `timeout`; sum 585; run timeout_s 600;
+# the H200 run of 2026-11-27 took 408 s of its 575 then, the tests' stage the only one to time out):
+#     env 10 | install 20 | device-fixture tests on CUDA 100 | gpu-marked tests 45 | kernels 50
+#     | attention 30 | step ViT-B 225 | trainer ViT-B 70 | data 25 | report 10
 # The step stage holds two compiles of ~80 s each (fm_fast, hf_compile), three eager variants,
 # 5 timed rounds and the profile; the trainer compiles once more (its metrics come back even if
 # its stage times out after the compile).
@@ -107,7 +108,9 @@ main_profile() {
     "$PY" -c "import pytest_timeout" 2>/dev/null && limit=(--timeout 40)
     # test_launch_configs.py (33 Triton compiles of the swept tilings) is left to the CPU suite; the
     # ablations profile's sweep checks each tiling against eager on the GPU itself.
-    stage tests-device 60 "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
+    # -v: each result is printed as it lands, so a stage that runs out of time still shows what
+    # passed (the H200 run of 2026-11-27 ran out at 60 s with -q and showed nothing).
+    stage tests-device 100 "$PY" -m pytest -v -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
       --ignore=tests/kernels/test_launch_configs.py "${par[@]}" "${limit[@]}" --maxfail=5 --tb=short --durations=15
     stage tests-gpu 45 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
       -k "not test_cuda_compiled_bf16_run_and_resume" tests/ "${par_gpu[@]}" --maxfail=5 --tb=short --durations=10
@@ -116,7 +119,13 @@ main_profile() {
   # (4) kernel benchmark
   local kargs=(--out "$OUT/kernels.json")
   [ "$DRY" = 1 ] && kargs+=(--smoke --no-compile)
-  stage kernels 60 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
+  stage kernels 50 "$PY" benchmarks/bench_kernels.py "${kargs[@]}"
+
+  # (4b) the step's two attention calls alone, every backend (which one the model should use);
+  # ViT-B's: ViT-L's decoder call is the same one, its encoder's differs only in heads (16 for 12)
+  local aargs=(--out "$OUT/attention.json")
+  if [ "$DRY" = 1 ]; then aargs+=(--smoke); else aargs+=(--models vit_base_patch16); fi
+  stage attention 30 "$PY" benchmarks/bench_attention.py "${aargs[@]}"
 
   local train_dir="${TMPDIR:-/tmp}/fastmae_device_train_$$"
   # (5) step benchmark, ViT-B; then the trainer itself on the same shapes (its img/s against the
@@ -126,9 +135,9 @@ main_profile() {
     stage train-vit-base 100 "$PY" -m fastmae.train --preset demo --data-backend synthetic --max-steps 12 \
       --log-every 4 --no-progress --run-dir "$train_dir" --vis-every-epochs 0
   else
-    step step-vit-base 240 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
+    step step-vit-base 225 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
       --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 25 --profile fm_fast hf_compile
-    stage train-vit-base 100 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
+    stage train-vit-base 70 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
       --batch-size 256 --effective-batch 256 --max-steps 60 --log-every 10 --no-progress \
       --run-dir "$train_dir" --vis-every-epochs 0
   fi
@@ -150,8 +159,8 @@ main_profile() {
   # shellcheck disable=SC2206  # word splitting wanted: extra flags
   dargs+=(${FASTMAE_DATA_ARGS:-})
   # (30 s: the reference loader's 16 workers x 2 prefetched batches are drained before timing)
-  stage data 30 "$PY" benchmarks/bench_data.py "${dargs[@]}"
-  REPORTS=("$OUT/kernels.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/train_metrics.jsonl")
+  stage data 25 "$PY" benchmarks/bench_data.py "${dargs[@]}"
+  REPORTS=("$OUT/kernels.json" "$OUT/attention.json" "$OUT/data.json" "$OUT/step_vit_base.json" "$OUT/train_metrics.jsonl")
 }
 
 large_profile() {

@@ -317,6 +317,33 @@ def console_summary(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def attention_markdown(report: dict[str, Any]) -> str:
+    """bench_attention: a row per attention call and implementation; × sdpa is against what fastmae runs."""
+    lines = [
+        f"**Attention calls** ({_provenance(report)})",
+        "",
+        "| model | part | B×H×N×Dh | impl | fwd ms | fwd+bwd ms | TFLOP/s (fwd+bwd) | × sdpa | kernels |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        base = row["impls"].get("sdpa", {}).get("fwd+bwd", {}).get("ms")
+        shape = f"{row['B']}×{row['H']}×{row['N']}×{row['Dh']}"
+        for name, rec in row["impls"].items():
+            if rec.get("status") != "done":
+                lines.append(
+                    f"| {row['model']} | {row['part']} | {shape} | {name} | – | – | – | – | {rec.get('reason', '')} |"
+                )
+                continue
+            fb = rec["fwd+bwd"]
+            ratio = f"{base / fb['ms']:.2f}" if base else "–"
+            kern = ", ".join(k[:40] for k in rec["kernels"][:2])
+            lines.append(
+                f"| {row['model']} | {row['part']} | {shape} | {name} | {rec['fwd']['ms']:.3f} | {fb['ms']:.3f} "
+                f"| {fb['tflops']:.0f} | {ratio} | {kern} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(reports: Sequence[dict[str, Any]]) -> str:
     """Markdown for each report: the step benchmark's tables in full, short ones for the others."""
     parts = []
@@ -331,6 +358,8 @@ def markdown(reports: Sequence[dict[str, Any]]) -> str:
                 parts.append(data_markdown(rep))
             elif kind == "train_metrics":
                 parts.append(train_markdown(rep, reports))
+            elif kind == "bench_attention":
+                parts.append(attention_markdown(rep))
             elif kind == "sweep_kernels":
                 parts.append(sweep_markdown(rep))
             elif kind == "memory_probe":

@@ -1,0 +1,243 @@
+"""MAE's attention calls alone, every backend, at the shapes a training step makes: which one to use.
+
+The first H200 profile (benchmarks/results/2026-11-27_h200_step_*.json) put attention at 17% of
+fastmae's ViT-B step and 14% of ViT-L's, most of it the decoder's (head dim 32, 197 tokens, the
+same cuDNN kernels in HF and fastmae), at about 90 TFLOP/s. This times each way of running the two
+calls a step makes, forward and forward + backward, on the layout the model hands over (the fused
+qkv projection's ``(B, N, 3, H, Dh)``):
+
+    sdpa             F.scaled_dot_product_attention, PyTorch's own pick (what fastmae runs now)
+    sdpa_cudnn / sdpa_flash / sdpa_efficient / sdpa_math   one SDPA kernel forced
+    hf_layout        sdpa on separate q, k, v projections' views (Hugging Face's layout)
+    math             fastmae's plain reference attention, eager
+    math_compiled    the same under torch.compile (inductor fuses scale + softmax)
+    xformers         where it imports and runs
+
+Each row records the kernels the call launched (one profiled call), the median GPU time (CUDA
+graphs, L2 flushed; the host's call time where a graph cannot be captured) and TFLOP/s of the
+attention matmuls (forward 4·B·H·N²·Dh, forward + backward 3x that). JSON out.
+
+    python benchmarks/bench_attention.py --out attention.json          # CUDA
+    python benchmarks/bench_attention.py --smoke                        # CPU: the plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from benchmarks import common
+    from benchmarks import report as report_md
+except ModuleNotFoundError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import common
+    from benchmarks import report as report_md
+
+from fastmae.attention import attention_math, attention_sdpa, xformers_runs
+
+# (encoder width, encoder heads, decoder width, decoder heads, patch, image): the presets' shapes
+MODELS = {
+    "vit_base_patch16": (768, 12, 512, 16, 16, 224),
+    "vit_large_patch16": (1024, 16, 512, 16, 16, 224),
+    "vit_huge_patch14": (1280, 16, 512, 16, 14, 224),
+}
+SMOKE_MODELS = {"smoke": (64, 4, 32, 4, 8, 32)}
+SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+
+
+def shapes(model: str, dims: tuple[int, ...], batch: int, mask_ratio: float) -> list[dict[str, Any]]:
+    """The encoder's call (cls + kept tokens) and the decoder's (cls + all tokens)."""
+    enc_dim, enc_heads, dec_dim, dec_heads, patch, img = dims
+    L = (img // patch) ** 2
+    kept = int(L * (1 - mask_ratio))
+    return [
+        {"model": model, "part": "encoder", "B": batch, "N": 1 + kept, "H": enc_heads, "Dh": enc_dim // enc_heads},
+        {"model": model, "part": "decoder", "B": batch, "N": 1 + L, "H": dec_heads, "Dh": dec_dim // dec_heads},
+    ]
+
+
+def _sdpa_forced(kernel: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[kernel]
+
+    def run(qkv: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return attention_sdpa(qkv)
+
+    return run
+
+
+def _hf_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HF ViTMAE's call: q, k, v from separate projections, each ``(B, N, H*Dh)`` contiguous, viewed
+    ``(B, N, H, Dh).transpose(1, 2)``."""
+    B, N, HD = q.shape
+    H = _hf_layout.heads
+    q, k, v = (t.view(B, N, H, HD // H).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, HD)
+
+
+def impls(device: str, with_compile: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
+    """name -> the call, or why it does not run here."""
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor] | str] = {"sdpa": attention_sdpa}
+    for kernel in SDPA_KERNELS:
+        out[f"sdpa_{kernel}"] = _sdpa_forced(kernel)
+    out["hf_layout"] = _hf_layout
+    out["math"] = attention_math
+    out["math_compiled"] = torch.compile(attention_math) if with_compile else "compile off (--no-compile)"
+    why = xformers_runs(device) if device == "cuda" else "xformers needs CUDA"
+    if why is None:
+        from fastmae.attention import attention_xformers
+
+        out["xformers"] = attention_xformers
+    else:
+        out["xformers"] = why
+    return out
+
+
+def flops(shape: dict[str, Any], phase: str) -> float:
+    fwd = 4.0 * shape["B"] * shape["H"] * shape["N"] ** 2 * shape["Dh"]
+    return fwd if phase == "fwd" else 3 * fwd
+
+
+def kernels_launched(fn: Callable[[], object], device: str) -> list[str]:
+    """The device kernels (CUDA) or aten ops (CPU) one call launches, by total time, names cut short."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        if device == "cuda":
+            if evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
+                continue
+            us = getattr(evt, "self_device_time_total", 0.0)
+        else:
+            if not evt.key.startswith("aten::"):
+                continue
+            us = evt.self_cpu_time_total
+        rows.append((us, evt.key[:120]))
+    return [name for _, name in sorted(rows, reverse=True)[:6]]
+
+
+def time_call(fn: Callable[[], object], device: str, smoke: bool) -> dict[str, Any]:
+    if device == "cuda":
+        from benchmarks.bench_kernels import gpu_time_ms, time_ms
+
+        fn()  # compile / autotune outside the timing
+        try:
+            return {"ms": gpu_time_ms(fn), "timer": "cuda_graph"}
+        except Exception as e:  # noqa: BLE001  (a capture failure must not lose the row)
+            torch.cuda.synchronize()
+            return {"ms": time_ms(fn, device, smoke), "timer": "do_bench", "graph_error": f"{e}"[:200]}
+    fn()
+    times = []
+    for _ in range(1 if smoke else 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    return {"ms": ms, "timer": "perf_counter"}
+
+
+def run_shape(shape: dict[str, Any], calls: dict[str, Any], device: str, dtype: torch.dtype, smoke: bool) -> dict:
+    B, N, H, Dh = shape["B"], shape["N"], shape["H"], shape["Dh"]
+    g = torch.Generator(device=device).manual_seed(0)
+    # the qkv projection's output: (B, N, 3*H*Dh) viewed (B, N, 3, H, Dh), a leaf for the grads
+    qkv = torch.randn(B, N, 3, H, Dh, device=device, dtype=dtype, generator=g).requires_grad_()
+    grad_out = torch.randn(B, N, H * Dh, device=device, dtype=dtype, generator=g)
+    # HF's layout: three separate projections' outputs, the same values
+    sep = [t.detach().reshape(B, N, H * Dh).contiguous().requires_grad_() for t in qkv.unbind(2)]
+    _hf_layout.heads = H
+    with torch.no_grad():
+        ref = attention_math(qkv.float()).to(dtype)
+    row: dict[str, Any] = {**shape, "impls": {}}
+    for name, call in calls.items():
+        if isinstance(call, str):
+            row["impls"][name] = {"status": "skipped", "reason": call}
+            continue
+        leaves = sep if call is _hf_layout else [qkv]
+        rec: dict[str, Any] = {}
+        try:
+            out = call(*leaves)
+            rec["max_abs_err_vs_fp32_math"] = (out.float() - ref.float()).abs().max().item()
+
+            def fwd(call=call, leaves=leaves):
+                return call(*leaves)
+
+            def fwd_bwd(call=call, leaves=leaves):
+                return torch.autograd.grad(call(*leaves), leaves, grad_out)
+
+            rec["kernels"] = kernels_launched(fwd_bwd, device)
+            for phase, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                t = time_call(fn, device, smoke)
+                t["tflops"] = flops(shape, phase) / t["ms"] / 1e9
+                rec[phase] = t
+            rec["status"] = "done"
+        except Exception as e:  # noqa: BLE001  (a backend that cannot take this shape is a result)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rec = {"status": "error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+        row["impls"][name] = rec
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["vit_base_patch16", "vit_large_patch16"], choices=list(MODELS))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--no-compile", action="store_true", help="leave out math_compiled")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; the only mode without CUDA")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        p.error("timings need CUDA; on CPU only --smoke runs")
+    dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
+    models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}
+    batch = 2 if args.smoke else args.batch
+    calls = impls(device, with_compile=not args.no_compile and not (args.smoke and device == "cpu"))
+    report: dict[str, Any] = {
+        "benchmark": "bench_attention",
+        "smoke": args.smoke,
+        "config": {"batch": batch, "mask_ratio": args.mask_ratio, "dtype": str(dtype).removeprefix("torch.")},
+        "env": common.environment(argv, __file__),
+        "results": [],
+        "complete": False,
+    }
+    for model, dims in models.items():
+        for shape in shapes(model, dims, batch, args.mask_ratio):
+            row = run_shape(shape, calls, device, dtype, args.smoke)
+            report["results"].append(row)
+            done = {k: v["fwd+bwd"]["ms"] for k, v in row["impls"].items() if v.get("status") == "done"}
+            print(f"{model} {shape['part']}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in done.items()) + " ms fwd+bwd")
+            if args.out:
+                common.write_json(args.out, report)  # a row at a time: a timeout keeps what finished
+    report["complete"] = True
+    if args.out:
+        common.write_json(args.out, report)
+    print(report_md.attention_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
