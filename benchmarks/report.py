@@ -177,7 +177,8 @@ def data_markdown(rep: dict[str, Any]) -> str:
 def sweep_markdown(rep: dict[str, Any]) -> str:
     """Per op: the launch rule's fwd+bwd time against the fastest configuration swept."""
     lines = [
-        f"**Kernel launch configurations** (fwd+bwd, rows per program x warps); {_provenance(rep)}",
+        f"**Kernel launch configurations** (fwd+bwd, rows per program x warps, columns per program "
+        f"where the op tiles its width); {_provenance(rep)}",
         "",
         "| op | rule | rule ms | % of copy | fastest | fastest ms | % of copy | rule / fastest |",
         "|" + "---|" * 8,
@@ -189,7 +190,7 @@ def sweep_markdown(rep: dict[str, Any]) -> str:
     for op, rows in by_op.items():
         rule = next((r for r in rows if r.get("default")), None)
         best = min(rows, key=lambda r: r["fwd+bwd"]["ms"])
-        cell = lambda r: f"{r['rows']}x{r['warps']}"  # noqa: E731
+        cell = lambda r: f"{r['rows']}x{r['warps']}" + (f", {r['columns']} cols" if r.get("columns") else "")  # noqa: E731
         if rule is None:
             continue
         lines.append(
