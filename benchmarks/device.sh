@@ -15,8 +15,8 @@
 #
 # Budget, profile "main" (seconds; each stage has its own `timeout`; sum 585; run timeout_s 600;
 # the H200 run of 2026-11-27 took 408 s of its 575 then, the tests' stage the only one to time out):
-#     env 10 | install 20 | device-fixture tests on CUDA 100 | gpu-marked tests 45 | kernels 50
-#     | attention 30 | step ViT-B 225 | trainer ViT-B 70 | data 25 | report 10
+#     env 10 | install 20 | device-fixture tests on CUDA 90 | gpu-marked tests 45 | kernels 50
+#     | attention 40 | step ViT-B 225 | trainer ViT-B 70 | data 25 | report 10
 # The step stage holds two compiles of ~80 s each (fm_fast, hf_compile), three eager variants,
 # 5 timed rounds and the profile; the trainer compiles once more (its metrics come back even if
 # its stage times out after the compile).
@@ -110,7 +110,7 @@ main_profile() {
     # ablations profile's sweep checks each tiling against eager on the GPU itself.
     # -v: each result is printed as it lands, so a stage that runs out of time still shows what
     # passed (the H200 run of 2026-11-27 ran out at 60 s with -q and showed nothing).
-    stage tests-device 100 "$PY" -m pytest -v -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
+    stage tests-device 90 "$PY" -m pytest -v -p no:cacheprovider -m "not slow and not gpu" "${device_tests[@]}" \
       --ignore=tests/kernels/test_launch_configs.py "${par[@]}" "${limit[@]}" --maxfail=5 --tb=short --durations=15
     stage tests-gpu 45 "$PY" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
       -k "not test_cuda_compiled_bf16_run_and_resume" tests/ "${par_gpu[@]}" --maxfail=5 --tb=short --durations=10
@@ -125,7 +125,7 @@ main_profile() {
   # ViT-B's: ViT-L's decoder call is the same one, its encoder's differs only in heads (16 for 12)
   local aargs=(--out "$OUT/attention.json")
   if [ "$DRY" = 1 ]; then aargs+=(--smoke); else aargs+=(--models vit_base_patch16); fi
-  stage attention 30 "$PY" benchmarks/bench_attention.py "${aargs[@]}"
+  stage attention 40 "$PY" benchmarks/bench_attention.py "${aargs[@]}"
 
   local train_dir="${TMPDIR:-/tmp}/fastmae_device_train_$$"
   # (5) step benchmark, ViT-B; then the trainer itself on the same shapes (its img/s against the

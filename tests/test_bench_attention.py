@@ -9,11 +9,11 @@ from benchmarks import report as report_md
 
 
 def test_shapes_are_the_steps_two_calls():
-    enc, dec = bench_attention.shapes("vit_base_patch16", bench_attention.MODELS["vit_base_patch16"], 256, 0.75)
+    dec, enc = bench_attention.shapes("vit_base_patch16", bench_attention.MODELS["vit_base_patch16"], 256, 0.75)
     assert (enc["N"], enc["H"], enc["Dh"]) == (1 + 49, 12, 64)  # cls + the kept quarter of 196
     assert (dec["N"], dec["H"], dec["Dh"]) == (1 + 196, 16, 32)
     huge = bench_attention.shapes("vit_huge_patch14", bench_attention.MODELS["vit_huge_patch14"], 8, 0.75)
-    assert (huge[0]["N"], huge[0]["Dh"], huge[1]["N"]) == (1 + 64, 80, 1 + 256)
+    assert (huge[1]["N"], huge[1]["Dh"], huge[0]["N"]) == (1 + 64, 80, 1 + 256)
     assert bench_attention.flops(enc, "fwd+bwd") == 3 * 4 * 256 * 12 * 50**2 * 64
 
 
@@ -21,14 +21,14 @@ def test_smoke_run_records_every_backend(tmp_path):
     out = tmp_path / "attention.json"
     report = bench_attention.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text())["complete"] is True
-    assert [r["part"] for r in report["results"]] == ["encoder", "decoder"]
+    assert [r["part"] for r in report["results"]] == ["decoder", "encoder"]
     for row in report["results"]:
         impls = row["impls"]
         assert set(impls) == {
-            "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "hf_layout", "math",
-            "math_compiled", "xformers",
+            "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "hf_layout", "sdpa_pad64",
+            "math", "math_compiled", "xformers",
         }  # fmt: skip
-        for name in ("sdpa", "sdpa_math", "hf_layout", "math"):  # these run on a CPU
+        for name in ("sdpa", "sdpa_math", "hf_layout", "sdpa_pad64", "math"):  # these run on a CPU
             rec = impls[name]
             assert rec["status"] == "done", (name, rec)
             assert rec["max_abs_err_vs_fp32_math"] < 1e-5  # fp32 on CPU: the same attention
