@@ -48,7 +48,7 @@ def category(name: str) -> str:
     return OTHER
 
 
-def summarize(events: Iterable[tuple[str, float, int]], steps: int, step_ms: float | None, top: int = 15) -> dict:
+def summarize(events: Iterable[tuple[str, float, int]], steps: int, step_ms: float | None, top: int = 40) -> dict:
     """Per-step device time by category and the top kernels, from ``(name, total_us, count)`` rows.
 
     ``step_ms`` (the timed median step, when known) gives ``busy_fraction``: the share of the step
