@@ -9,7 +9,8 @@ qkv projection's ``(B, N, 3, H, Dh)``):
     sdpa             F.scaled_dot_product_attention, PyTorch's own pick (what fastmae runs now)
     sdpa_cudnn / sdpa_flash / sdpa_efficient / sdpa_math   one SDPA kernel forced
     hf_layout        sdpa on separate q, k, v projections' views (Hugging Face's layout)
-    sdpa_pad64       sdpa with a head dim under 64 zero-padded to 64 (same result, 2x the matmuls)
+    sdpa_pad64       sdpa with a head dim under 64 zero-padded to 64 (same result, 2x the matmuls;
+                     the model's ``sdpa_pad64`` backend)
     math             fastmae's plain reference attention, eager
     math_compiled    the same under torch.compile (inductor fuses scale + softmax)
     xformers         where it imports and runs
@@ -43,7 +44,7 @@ except ModuleNotFoundError:  # run as a script
     from benchmarks import common
     from benchmarks import report as report_md
 
-from fastmae.attention import attention_math, attention_sdpa, xformers_runs
+from fastmae.attention import attention_math, attention_sdpa, attention_sdpa_pad64, xformers_runs
 
 # (encoder width, encoder heads, decoder width, decoder heads, patch, image): the presets' shapes
 MODELS = {
@@ -92,25 +93,13 @@ def _hf_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, HD)
 
 
-def _sdpa_pad64(qkv: torch.Tensor) -> torch.Tensor:
-    """sdpa with the head dim zero-padded to 64 (the scale kept at the true head dim's): the same
-    scores and output, twice the matmul work, at the head dim the fused kernels are tuned for. The
-    decoder's head dim is 32, where the profile saw ~90 TFLOP/s."""
-    B, N, _, H, Dh = qkv.shape
-    if Dh >= 64:
-        return attention_sdpa(qkv)
-    q, k, v = F.pad(qkv, (0, 64 - Dh)).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, scale=Dh**-0.5)[..., :Dh]
-    return out.transpose(1, 2).reshape(B, N, H * Dh)
-
-
 def impls(device: str, with_compile: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
     """name -> the call, or why it does not run here."""
     out: dict[str, Callable[[torch.Tensor], torch.Tensor] | str] = {"sdpa": attention_sdpa}
     for kernel in SDPA_KERNELS:
         out[f"sdpa_{kernel}"] = _sdpa_forced(kernel)
     out["hf_layout"] = _hf_layout
-    out["sdpa_pad64"] = _sdpa_pad64
+    out["sdpa_pad64"] = attention_sdpa_pad64
     out["math"] = attention_math
     out["math_compiled"] = torch.compile(attention_math) if with_compile else "compile off (--no-compile)"
     why = xformers_runs(device) if device == "cuda" else "xformers needs CUDA"

@@ -19,6 +19,8 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     fm_ref_compile     ablation: every kernel off (fused=False) under the same compile
     fm_fast_cg         ablation: CUDA graphs on (compile mode "reduce-overhead"); fm_fast has them off
     fm_fast_sdpa/_math/_xformers  ablation: attention backend (xformers only where it imports)
+    fm_fast_enc_math   ablation: math attention in the encoder only (50 tokens: short for fused kernels)
+    fm_fast_dec_pad64  ablation: the decoder's head dim 32 zero-padded to 64 for sdpa
     fm_fast_flash/_cudnn/_efficient  ablation: one SDPA kernel forced (torch.nn.attention.sdpa_kernel)
     fm_fast_no_<op>    ablation: one kernel off (gather, unshuffle or loss; the model's per-op switch)
     fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
@@ -230,6 +232,8 @@ class Setting:
         gb0, ug0 = graph_breaks(), unique_graphs()
         r = build_runner(v, self.families, self.base, device, args)
         vr["attn_backend"] = getattr(r.eager, "attn_backend", "sdpa (HF)")
+        if getattr(r.eager, "decoder_attn_backend", vr["attn_backend"]) != vr["attn_backend"]:
+            vr["decoder_attn_backend"] = r.eager.decoder_attn_backend
         if v.impl == "fastmae":  # what "auto" became: the memory check compares with that count
             vr["activation_checkpointing"] = r.eager.activation_checkpointing
         if v.compile:

@@ -60,7 +60,9 @@ class Variant:
         impl: ``hf`` (transformers' ViTMAEForPreTraining) or ``fastmae``.
         fused: fastmae's kernel switch; a frozenset names the ops that run as kernels (per-op ablation).
         compile: None for eager, else a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...).
-        attn: fastmae's attention backend (``sdpa`` | ``math`` | ``xformers`` | ``auto``); HF uses sdpa.
+        attn: fastmae's attention backend (``sdpa`` | ``sdpa_pad64`` | ``math`` | ``xformers`` |
+            ``auto``); HF uses sdpa.
+        decoder_attn: the decoder's, where it differs (None: ``attn``).
         sdpa_kernel: force one SDPA kernel (``flash`` | ``cudnn`` | ``efficient`` | ``math``).
         activation_checkpointing: fastmae's ``auto`` | ``none`` | ``gelu`` | ``selective`` | ``full``
             (what the blocks keep for backward; ``auto`` resolved as the trainer does: selective when
@@ -75,6 +77,7 @@ class Variant:
     attn: str = "sdpa"
     sdpa_kernel: str | None = None
     activation_checkpointing: str = "none"
+    decoder_attn: str | None = None
 
     @property
     def cudagraphs(self) -> bool:
@@ -105,6 +108,18 @@ def _variants() -> dict[str, Variant]:
         Variant("fm_ref_compile", about="fast path, all kernels off", **{**fast, "fused": False}),
         Variant("fm_fast_sdpa", about="fast path, sdpa attention", **{**fast, "attn": "sdpa"}),
         Variant("fm_fast_math", about="fast path, math attention", **{**fast, "attn": "math"}),
+        # the two calls differ (encoder: 50 tokens, head dim 64; decoder: 197 tokens, head dim 32):
+        # bench_attention.py times each alone, these the step with one part changed
+        Variant(
+            "fm_fast_enc_math",
+            about="fast path, math attention in the encoder only",
+            **{**fast, "attn": "math", "decoder_attn": "auto"},
+        ),
+        Variant(
+            "fm_fast_dec_pad64",
+            about="fast path, the decoder's head dim padded to 64 for sdpa",
+            **{**fast, "decoder_attn": "sdpa_pad64"},
+        ),
         Variant("fm_fast_xformers", about="fast path, xformers attention", **{**fast, "attn": "xformers"}),
     ]
     for kernel in ("flash", "cudnn", "efficient"):
@@ -173,6 +188,8 @@ GROUPS: dict[str, list[str]] = {
         "hf_eager",
         "fm_fast",
         "fm_fast_no_ac",
+        "fm_fast_enc_math",
+        "fm_fast_dec_pad64",
         "fm_fast_cg",
         "fm_ref_compile",
         "fm_fast_math",
@@ -285,12 +302,20 @@ def build_base(model: str, device: torch.device, seed: int) -> torch.nn.Module:
 
 
 def fastmae_sharing(
-    base: torch.nn.Module, fused: bool | frozenset[str], attn: str, activation_checkpointing: str = "none"
+    base: torch.nn.Module,
+    fused: bool | frozenset[str],
+    attn: str,
+    activation_checkpointing: str = "none",
+    decoder_attn: str | None = None,
 ) -> torch.nn.Module:
     """A fastmae model with its own switches whose parameters *are* ``base``'s (one copy, one optimizer)."""
     from fastmae.model import MaskedAutoencoderViT
 
-    kwargs: dict[str, Any] = {"fused": fused, "activation_checkpointing": activation_checkpointing}
+    kwargs: dict[str, Any] = {
+        "fused": fused,
+        "activation_checkpointing": activation_checkpointing,
+        "decoder_attn_backend": decoder_attn,
+    }
     device = next(base.parameters()).device
     with torch.device(device):
         m = MaskedAutoencoderViT(
@@ -498,7 +523,7 @@ def build_runner(
     else:
         # "auto" as the trainer resolves it, so fm_fast is what `python -m fastmae.train` runs
         ac = resolve_activation_checkpointing(v.activation_checkpointing, device, v.compile is not None)
-        eager = fastmae_sharing(base, v.fused, v.attn, ac)
+        eager = fastmae_sharing(base, v.fused, v.attn, ac, v.decoder_attn)
     module = ForcedSdpaKernel(eager, v.sdpa_kernel) if v.sdpa_kernel else eager
     if v.compile:
         module = compile_module(module, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)

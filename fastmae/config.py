@@ -25,13 +25,14 @@ from typing import Any
 from fastmae.cli import field_type, flag
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
+ATTN_BACKENDS = ("auto", "sdpa", "sdpa_pad64", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 # fastmae.model's (without importing torch here) and "auto", which train.py resolves
 ACTIVATION_CHECKPOINTING = ("auto", "none", "gelu", "selective", "full")
 CHOICES = {
     "precision": PRECISIONS,
     "attn_backend": ATTN_BACKENDS,
+    "decoder_attn_backend": ("same", *ATTN_BACKENDS),
     "data_backend": DATA_BACKENDS,
     "activation_checkpointing": ACTIVATION_CHECKPOINTING,
 }
@@ -74,7 +75,12 @@ class Config:
     precision: str = _f("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+ GradScaler) or fp32")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
-    attn_backend: str = _f("auto", "attention: auto, sdpa, xformers or math (math = plain fp32-softmax reference)")
+    attn_backend: str = _f(
+        "auto",
+        "attention: auto, sdpa, sdpa_pad64 (head dims under 64 zero-padded to 64), xformers or math "
+        "(math = plain fp32-softmax reference)",
+    )
+    decoder_attn_backend: str = _f("same", "the decoder's attention, when it should differ (same = --attn-backend's)")
     activation_checkpointing: str = _f(
         "auto",
         "what the blocks keep for backward: auto (selective when compiled on CUDA, else none), none, "

@@ -232,7 +232,10 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: MLP hidden size over the width.
         norm_layer: normalisation factory; default LayerNorm with eps 1e-6, as the reference factories.
         norm_pix_loss: normalise each target patch by its mean and (unbiased) variance.
-        attn_backend: ``sdpa`` | ``xformers`` | ``math`` | ``auto`` (see :mod:`fastmae.attention`).
+        attn_backend: ``sdpa`` | ``sdpa_pad64`` | ``xformers`` | ``math`` | ``auto`` (see
+            :mod:`fastmae.attention`).
+        decoder_attn_backend: the decoder's, when it should differ (its head dim and token count
+            are not the encoder's); None = ``attn_backend``.
         fused: use the Triton kernels of :mod:`fastmae.kernels` for the memory-bound steps: True for
             all, False for none, or a subset of :data:`FUSED_OPS` (for ablations).
         activation_checkpointing: what the blocks keep for backward during training, one of
@@ -257,10 +260,14 @@ class MaskedAutoencoderViT(nn.Module):
         attn_backend: str = "sdpa",
         fused: bool | Iterable[str] = False,
         activation_checkpointing: str = "none",
+        decoder_attn_backend: str | None = None,
     ):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
         self.attn_backend = resolve_backend(attn_backend)
+        self.decoder_attn_backend = (
+            self.attn_backend if decoder_attn_backend is None else resolve_backend(decoder_attn_backend)
+        )
         self.fused = fused  # type: ignore[assignment]  # the setter normalises it
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
@@ -280,7 +287,10 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        decoder_block = partial(block, attn_backend=self.decoder_attn_backend)
+        self.decoder_blocks = nn.ModuleList(
+            [decoder_block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)]
+        )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
 

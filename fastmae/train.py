@@ -111,6 +111,9 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
         mlp_ratio=cfg.mlp_ratio,
         norm_pix_loss=cfg.norm_pix_loss,
         attn_backend=resolve_backend(cfg.attn_backend, device),
+        decoder_attn_backend=(
+            None if cfg.decoder_attn_backend == "same" else resolve_backend(cfg.decoder_attn_backend, device)
+        ),
         fused=fused,
         activation_checkpointing=resolve_activation_checkpointing(
             cfg.activation_checkpointing, device, cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -265,6 +268,7 @@ def train(cfg: Config) -> TrainResult:
             compile=compiled,
             fused=sorted(model.fused),
             attn_backend=model.attn_backend,
+            decoder_attn_backend=model.decoder_attn_backend,
             activation_checkpointing=model.activation_checkpointing,
             data_backend=backend,
             steps_per_epoch=opt_steps_per_epoch,
@@ -278,7 +282,7 @@ def train(cfg: Config) -> TrainResult:
             f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
             f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
-            f"{precision}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={model.attn_backend}, "
+            f"{precision}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={_attention_line(model)}, "
             f"activation checkpointing={model.activation_checkpointing}, data={backend}; {what}; run dir {run_dir}",
             flush=True,
         )
@@ -487,6 +491,11 @@ def _summary(result: TrainResult, seconds: float) -> str:
         )
     lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto --epochs N")
     return "\n".join(lines)
+
+
+def _attention_line(model: MaskedAutoencoderViT) -> str:
+    enc, dec = model.attn_backend, model.decoder_attn_backend
+    return enc if enc == dec else f"{enc} (decoder {dec})"
 
 
 class _DropMessage(logging.Filter):

@@ -28,14 +28,21 @@ def _qkv(B, N, H, Dh, seed, device="cpu"):
     return torch.randn(B, N, 3, H, Dh, generator=g).to(device)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_pad64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-H{}-D{}".format(*s))
-def test_sdpa_matches_math_fp32(shape, device):
-    qkv = _qkv(*shape, seed=sum(shape), device=device)
-    assert_close_rel(attention(qkv, "sdpa"), attention_math(qkv), 1e-5, "sdpa fp32")
+def test_sdpa_matches_math_fp32(shape, backend, device):
+    qkv = _qkv(*shape, seed=sum(shape), device=device).requires_grad_()
+    got, ref = attention(qkv, backend), attention_math(qkv)
+    assert_close_rel(got, ref, 1e-5, f"{backend} fp32")
+    grad_out = torch.randn_like(ref)
+    (g_got,) = torch.autograd.grad(got, qkv, grad_out)
+    (g_ref,) = torch.autograd.grad(ref, qkv, grad_out)
+    assert_close_rel(g_got, g_ref, 1e-5, f"{backend} fp32 grad")
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_pad64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-N{}-H{}-D{}".format(*s))
-def test_sdpa_bf16_three_way(shape, device):
+def test_sdpa_bf16_three_way(shape, backend, device):
     """bf16 sdpa's error against the fp32 reference is at most 2x plain math's own error in bf16."""
     qkv = _qkv(*shape, seed=7 + sum(shape), device=device).requires_grad_()
     ref = attention_math(qkv)
@@ -46,7 +53,7 @@ def test_sdpa_bf16_three_way(shape, device):
     math_bf16 = attention_math(low)
     (math_grad,) = torch.autograd.grad(math_bf16, low, grad_out.bfloat16())
     low2 = qkv.detach().bfloat16().requires_grad_()
-    sdpa_bf16 = attention(low2, "sdpa")
+    sdpa_bf16 = attention(low2, backend)
     (sdpa_grad,) = torch.autograd.grad(sdpa_bf16, low2, grad_out.bfloat16())
 
     assert sdpa_bf16.dtype == torch.bfloat16
@@ -128,13 +135,18 @@ def test_model_with_each_backend_agrees():
     )
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     outs = {}
-    for backend in ("math", "sdpa", "auto"):
+    # (encoder, decoder): the decoder's may differ (its head dim here is 16: sdpa_pad64 pads it)
+    cases = [("math", None), ("sdpa", None), ("auto", None), ("sdpa_pad64", None), ("math", "sdpa_pad64")]
+    for enc, dec in cases:
         torch.manual_seed(0)
-        m = MaskedAutoencoderViT(**kw, attn_backend=backend)
-        assert m.attn_backend == resolve_backend(backend) and m.blocks[0].attn.backend == m.attn_backend
+        m = MaskedAutoencoderViT(**kw, attn_backend=enc, decoder_attn_backend=dec)
+        assert m.attn_backend == resolve_backend(enc) and m.blocks[0].attn.backend == m.attn_backend
+        assert m.decoder_attn_backend == resolve_backend(dec or enc)
+        assert m.decoder_blocks[0].attn.backend == m.decoder_attn_backend
         loss, pred, _ = m(imgs, noise=noise)
         loss.backward()
-        outs[backend] = (loss, pred, m.blocks[0].attn.qkv.weight.grad)
-    for backend in ("sdpa", "auto"):
-        for a, b, name in zip(outs[backend], outs["math"], ("loss", "pred", "qkv grad"), strict=True):
-            assert_close_rel(a, b, 1e-5, f"{backend} {name}")
+        outs[enc, dec] = (loss, pred, m.blocks[0].attn.qkv.weight.grad, m.decoder_blocks[0].attn.qkv.weight.grad)
+    names = ("loss", "pred", "qkv grad", "decoder qkv grad")
+    for case in cases[1:]:
+        for a, b, name in zip(outs[case], outs["math", None], names, strict=True):
+            assert_close_rel(a, b, 1e-5, f"{case} {name}")

@@ -27,10 +27,14 @@ TINY = dict(
 )
 
 
-def _compiled_vs_eager(fused: bool, device: str, rtol: float, activation_checkpointing: str = "none") -> None:
+def _compiled_vs_eager(
+    fused: bool, device: str, rtol: float, activation_checkpointing: str = "none", decoder_attn: str | None = None
+) -> None:
     torch.manual_seed(0)
     eager = MaskedAutoencoderViT(**TINY, fused=fused).to(device)
-    model = MaskedAutoencoderViT(**TINY, fused=fused, activation_checkpointing=activation_checkpointing).to(device)
+    model = MaskedAutoencoderViT(
+        **TINY, fused=fused, activation_checkpointing=activation_checkpointing, decoder_attn_backend=decoder_attn
+    ).to(device)
     model.load_state_dict(eager.state_dict())
     compiled = torch.compile(model, fullgraph=True)
     imgs, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 16, device=device)
@@ -44,6 +48,13 @@ def _compiled_vs_eager(fused: bool, device: str, rtol: float, activation_checkpo
     for (name, pc), (_, pe) in zip(model.named_parameters(), eager.named_parameters(), strict=True):
         if pe.requires_grad:
             assert_close_rel(pc.grad, pe.grad, rtol, name)
+
+
+def test_padded_head_dim_attention_compiles_fullgraph_cpu():
+    """The decoder's sdpa_pad64 (pad, sdpa with an explicit scale, slice) traces as one graph and
+    gives the eager sdpa model's results."""
+    torch._dynamo.reset()
+    _compiled_vs_eager(fused=False, device="cpu", rtol=1e-5, decoder_attn="sdpa_pad64")
 
 
 # Checkpointed blocks compile to one graph too (the policy becomes the partitioner's recompute tags),

@@ -65,7 +65,9 @@ def test_config_file_then_flags(tmp_path):
     assert parse_config(["--config", str(saved)]) == cfg
 
 
-@pytest.mark.parametrize("field, value", [("activation_checkpointing", "some"), ("precision", "fp8")])
+@pytest.mark.parametrize(
+    "field, value", [("activation_checkpointing", "some"), ("precision", "fp8"), ("decoder_attn_backend", "flash3")]
+)
 def test_config_file_choices_are_checked(tmp_path, field, value, capsys):
     # argparse checks a flag's choices; a value from a config file meets the same check.
     path = tmp_path / "run.json"
@@ -88,6 +90,17 @@ def test_activation_checkpointing_reaches_the_model():
     assert build_model(cfg, torch.device("cpu")).activation_checkpointing == "selective"
     assert parse_config([]).activation_checkpointing == "auto"
     assert build_model(parse_config([]), torch.device("cpu")).activation_checkpointing == "none"
+
+
+def test_decoder_attention_backend_reaches_the_model():
+    from fastmae.train import build_model
+
+    same = build_model(parse_config(["--attn-backend", "math"]), torch.device("cpu"))
+    assert same.decoder_attn_backend == same.attn_backend == "math"
+    cfg = parse_config(["--attn-backend", "math", "--decoder-attn-backend", "sdpa_pad64"])
+    m = build_model(cfg, torch.device("cpu"))
+    assert (m.attn_backend, m.decoder_attn_backend) == ("math", "sdpa_pad64")
+    assert {b.attn.backend for b in m.decoder_blocks} == {"sdpa_pad64"} and m.blocks[0].attn.backend == "math"
 
 
 @pytest.mark.parametrize(
