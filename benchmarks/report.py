@@ -137,6 +137,9 @@ def kernels_markdown(rep: dict[str, Any]) -> str:
     """A short table of a ``bench_kernels`` report (fwd+bwd rows)."""
     copy = rep.get("copy", {})
     head = f"**Kernels** ({_provenance(rep)}); copy {_f(copy.get('gbps'), '.0f')} GB/s"
+    measured = copy.get("measured") or {}
+    if len(measured) > 1:
+        head += " (" + ", ".join(f"{k} {v['gbps']:.0f}" for k, v in measured.items()) + f": the {copy.get('kind')} one)"
     if "event_timed_gbps" in copy:
         head += (
             f" (the % of copy's basis; cross-checks: event-timed {copy['event_timed_gbps']:.0f} GB/s, "
