@@ -181,7 +181,7 @@ def sweep_markdown(rep: dict[str, Any]) -> str:
     """Per op: the launch rule's fwd+bwd time against the fastest configuration swept."""
     lines = [
         f"**Kernel launch configurations** (fwd+bwd, rows per program x warps, columns per program "
-        f"where the op tiles its width); {_provenance(rep)}",
+        f"where the op tiles its width, the loss's tile order); {_provenance(rep)}",
         "",
         "| op | rule | rule ms | % of copy | fastest | fastest ms | % of copy | rule / fastest |",
         "|" + "---|" * 8,
@@ -193,7 +193,11 @@ def sweep_markdown(rep: dict[str, Any]) -> str:
     for op, rows in by_op.items():
         rule = next((r for r in rows if r.get("default")), None)
         best = min(rows, key=lambda r: r["fwd+bwd"]["ms"])
-        cell = lambda r: f"{r['rows']}x{r['warps']}" + (f", {r['columns']} cols" if r.get("columns") else "")  # noqa: E731
+        cell = lambda r: (  # noqa: E731
+            f"{r['rows']}x{r['warps']}"
+            + (f", {r['columns']} cols" if r.get("columns") else "")
+            + (", pred order" if r.get("pred_order") else "")
+        )
         if rule is None:
             continue
         lines.append(

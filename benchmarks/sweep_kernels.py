@@ -42,44 +42,48 @@ SWEEP: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
         0, 2, [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 2, 256), (16, 4, 256), (32, 8, 256)],
     ),
     "unshuffle": (0, 2, [(2, 4), (4, 4), (8, 4), (16, 4), (8, 8), (16, 8), (32, 8), (16, 4, 256), (32, 8, 256)]),
-    "masked_mse": (2, 3, [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8), (16, 16)]),
+    # the tile in pred's (p, q, c) order instead of the image's: pred and its grad contiguous
+    "masked_mse": (
+        2, 3, [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8), (16, 16), (2, 4, True), (4, 4, True), (4, 8, True),
+               (8, 8, True)],
+    ),
 }  # fmt: skip
-# index of the columns per program (BLOCK_D) in the _launch_config tuple of the ops that tile their width
-COLUMNS_AT = {"encoder_input": 1, "unshuffle": 1}
+# A third knob of some ops' _launch_config tuple: (its index, its name in the results).
+KNOBS = {"encoder_input": (1, "columns"), "unshuffle": (1, "columns"), "masked_mse": (4, "pred_order")}
 
 
-def candidates(op: str) -> list[tuple[int, int, int | None]]:
-    """``op``'s swept configurations as (rows, warps, columns or None: the rule's)."""
+def candidates(op: str) -> list[tuple[int, int, object]]:
+    """``op``'s swept configurations as (rows, warps, third knob or None: the rule's)."""
     return [(c[0], c[1], c[2] if len(c) > 2 else None) for c in SWEEP[op][2]]
 
 
 @contextlib.contextmanager
 def launch_config(
-    op: str, block_r: int | None = None, num_warps: int | None = None, block_d: int | None = None
+    op: str, block_r: int | None = None, num_warps: int | None = None, knob: object = None
 ) -> Iterator[dict]:
-    """Within: ``op`` launches with its GPU configuration (on any device), rows / warps / columns
-    replaced where given.
+    """Within: ``op`` launches with its GPU configuration (on any device), rows / warps / its third
+    knob (:data:`KNOBS`) replaced where given.
 
-    Yields a dict that holds, once the op has launched, the (rows, warps, columns or None) its own
+    Yields a dict that holds, once the op has launched, the (rows, warps, knob or None) its own
     rule chose.
     """
     module = importlib.import_module(f"fastmae.kernels.{op}")
     r_at, w_at, _ = SWEEP[op]
-    d_at = COLUMNS_AT.get(op)
-    if block_d is not None and d_at is None:
-        raise ValueError(f"{op} does not tile its width: no columns per program to set")
+    k_at = KNOBS[op][0] if op in KNOBS else None
+    if knob is not None and k_at is None:
+        raise ValueError(f"{op} has no third launch knob to set")
     original = module._launch_config
-    seen: dict[str, tuple[int, int, int | None]] = {}
+    seen: dict[str, tuple[int, int, object]] = {}
 
     def gpu_config(*args):  # every _launch_config takes the device last
         cfg = list(original(*args[:-1], torch.device("cuda")))
-        seen.setdefault("rule", (cfg[r_at], cfg[w_at], None if d_at is None else cfg[d_at]))
+        seen.setdefault("rule", (cfg[r_at], cfg[w_at], None if k_at is None else cfg[k_at]))
         if block_r is not None:
             cfg[r_at] = block_r
         if num_warps is not None:
             cfg[w_at] = num_warps
-        if block_d is not None:
-            cfg[d_at] = block_d
+        if knob is not None:
+            cfg[k_at] = knob
         return tuple(cfg)
 
     module._launch_config = gpu_config
@@ -104,18 +108,22 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
         if ops and b.op not in ops:
             continue
         rule = None
+        knob_name = KNOBS[b.op][1] if b.op in KNOBS else None
         for cand in [(None, None, None), *candidates(b.op)]:  # the launcher's own rule first
-            block_r, num_warps, block_d = cand
-            if rule is not None and rule == (block_r, num_warps, block_d or rule[2]):
+            block_r, num_warps, knob = cand
+            if rule is not None and rule == (block_r, num_warps, rule[2] if knob is None else knob):
                 continue
             row: dict[str, object] = {"op": b.op, "model": name, "shape": b.shape}
-            with launch_config(b.op, block_r, num_warps, block_d) as chosen:
+            with launch_config(b.op, block_r, num_warps, knob) as chosen:
                 row["rel_err_vs_eager"] = _rel_err(b.run["triton"](), b.run["eager"]())
                 rule = rule or chosen["rule"]
-                block_r, num_warps, block_d = (block_r, num_warps, block_d or rule[2]) if block_r else rule
-                row.update(
-                    rows=block_r, warps=num_warps, columns=block_d, default=rule == (block_r, num_warps, block_d)
-                )
+                if block_r:
+                    block_r, num_warps, knob = block_r, num_warps, rule[2] if knob is None else knob
+                else:
+                    block_r, num_warps, knob = rule
+                row.update(rows=block_r, warps=num_warps, default=rule == (block_r, num_warps, knob))
+                if knob_name:
+                    row[knob_name] = knob
                 # fwd+bwd only (the goal's phase; patch_gather's is its forward), GPU time only:
                 # ~30 configurations, each compiled once, fit a minute.
                 fn = bk.phase_fn(b, "triton", "fwd+bwd")
@@ -125,7 +133,7 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
             rows.append(row)
             t = row.get("fwd+bwd") or {}
             print(
-                f"{b.op:14s} rows {block_r:3d} warps {num_warps:2d} cols {block_d or '-':>4}"
+                f"{b.op:14s} rows {block_r:3d} warps {num_warps:2d} {knob_name or ''} {'' if knob is None else knob}"
                 f"{' (rule)' if row['default'] else '       '}  "
                 f"err {row['rel_err_vs_eager']:.1e}  "
                 f"fwd+bwd {t.get('ms', float('nan')):8.4f} ms {t.get('pct_of_copy', float('nan')):5.1f}% of copy",

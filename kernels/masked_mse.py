@@ -48,8 +48,10 @@ def _load_patch_rows(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
+    PRED_ORDER: tl.constexpr,
 ):
-    """Rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, CP_PAD*P_PAD] in the image's (c, p, q) order.
+    """Rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, CP_PAD*P_PAD], in the image's (c, p, q) order
+    or, with PRED_ORDER, in pred's (p, q, c) order.
 
     Returns (diff = pred - target, mask); padding and kept rows hold 0 in diff.
     """
@@ -62,15 +64,25 @@ def _load_patch_rows(
     hi = patch // w
     wi = patch % w
 
-    # The tile walks the image in its own order, P contiguous pixels q per (c, p) line, so image
-    # loads vectorize; pred, stored in (p, q, c) order, is read with stride C along q, all of each
-    # row in the same tile, so no byte is fetched twice from DRAM.
+    # By default the tile walks the image in its own order, P contiguous pixels q per (c, p) line,
+    # so image loads vectorize; pred, stored in (p, q, c) order, is read with stride C along q, all
+    # of each row in the same tile, so no byte is fetched twice from DRAM. PRED_ORDER walks pred's
+    # order instead: pred (and, in the backward, its grad) contiguous, the image's C planes
+    # interleaved. Which is faster is the sweep's to say.
     j = tl.arange(0, CP_PAD * P_PAD)
-    cp = j // P_PAD
-    q = j % P_PAD
-    c = cp // P
-    p = cp % P
-    col_ok = (cp < C * P) & (q < P)
+    if PRED_ORDER:
+        col_ok = j < C * P * P
+        c = j % C
+        q = (j // C) % P
+        p = j // (C * P)
+        in_row = j
+    else:
+        cp = j // P_PAD
+        q = j % P_PAD
+        c = cp // P
+        p = cp % P
+        col_ok = (cp < C * P) & (q < P)
+        in_row = p * (P * C) + q * C + c
     ok = removed[:, None] & col_ok[None, :]
     img_off = (
         n[:, None] * stride_n
@@ -78,7 +90,6 @@ def _load_patch_rows(
         + (hi[:, None] * P + p[None, :]) * stride_h
         + (wi[:, None] * P + q[None, :]) * stride_w
     )
-    in_row = p * (P * C) + q * C + c
     pred_off = n[:, None] * stride_pn + patch[:, None] * stride_pl + in_row[None, :]
     t = tl.load(imgs_ptr + img_off, mask=ok, other=0.0).to(tl.float32)
     x = tl.load(pred_ptr + pred_off, mask=ok, other=0.0).to(tl.float32)
@@ -113,11 +124,12 @@ def _masked_mse_fwd_kernel(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
+    PRED_ORDER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     diff, m = _load_patch_rows(
         pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
-        C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
+        C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS, PRED_ORDER,
     )  # fmt: skip
     row_mse = tl.sum(diff * diff, axis=1) / (C * P * P)
     tl.store(partial_ptr + pid, tl.sum(row_mse * m, axis=0))
@@ -146,12 +158,13 @@ def _masked_mse_bwd_kernel(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
+    PRED_ORDER: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     diff, m = _load_patch_rows(
         pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
-        C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
+        C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS, PRED_ORDER,
     )  # fmt: skip
     scale = tl.load(scale_ptr) * (2.0 / (C * P * P))
     g = diff * (m * scale)[:, None]
@@ -162,22 +175,27 @@ def _masked_mse_bwd_kernel(
     # partitioner fails on pred, a view of the model's output).
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.arange(0, CP_PAD * P_PAD)
-    cp = j // P_PAD
-    q = j % P_PAD
-    in_row = (cp % P) * (P * C) + q * C + cp // P
-    col_ok = (cp < C * P) & (q < P)
+    if PRED_ORDER:
+        in_row = j
+        col_ok = j < C * P * P
+    else:
+        cp = j // P_PAD
+        q = j % P_PAD
+        in_row = (cp % P) * (P * C) + q * C + cp // P
+        col_ok = (cp < C * P) & (q < P)
     store_ok = (rows < n_rows)[:, None] & col_ok[None, :]
     grad_off = rows[:, None] * (C * P * P) + in_row[None, :]  # grad_pred is contiguous
     tl.store(grad_pred_ptr + grad_off, to_output_dtype(g, grad_pred_ptr.dtype.element_ty, EMULATE_RTNE), mask=store_ok)
 
 
-def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(P_PAD, CP_PAD, BLOCK_R, num_warps): a whole patch per row of the tile, ~4K elements a tile."""
+def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int, int, bool]:
+    """(P_PAD, CP_PAD, BLOCK_R, num_warps, PRED_ORDER): a whole patch per row of the tile, ~4K
+    elements a tile, in the image's order (PRED_ORDER is swept: benchmarks/sweep_kernels.py)."""
     p_pad, cp_pad = next_pow2(P), next_pow2(C * P)
     width = p_pad * cp_pad
     if is_interpreter(device):
-        return p_pad, cp_pad, min(64, next_pow2(n_rows)), 1
-    return p_pad, cp_pad, max(1, 4096 // width), 8
+        return p_pad, cp_pad, min(64, next_pow2(n_rows)), 1, False
+    return p_pad, cp_pad, max(1, 4096 // width), 8, False
 
 
 def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
@@ -186,7 +204,7 @@ def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_loss, cfg, **constexprs) -> None:
-    p_pad, cp_pad, block_r, num_warps = cfg
+    p_pad, cp_pad, block_r, num_warps, pred_order = cfg
     wrap_triton(kernel)[grid](
         pred,
         imgs,
@@ -208,6 +226,7 @@ def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_los
         BLOCK_R=block_r,
         NORM_PIX=norm_pix_loss,
         EPS=NORM_PIX_EPS,
+        PRED_ORDER=pred_order,
         **constexprs,
         num_warps=num_warps,
     )

@@ -67,12 +67,12 @@ def _case(op: str, device: str, seed: int):
 
 
 @pytest.mark.parametrize(
-    "op, rows, warps, cols",
+    "op, rows, warps, knob",
     CONFIGS,
-    ids=[f"{op}-{'rule' if r is None else f'r{r}w{w}' + (f'd{d}' if d else '')}" for op, r, w, d in CONFIGS],
+    ids=[f"{op}-{'rule' if r is None else f'r{r}w{w}' + ('' if k is None else f'k{k}')}" for op, r, w, k in CONFIGS],
 )
-def test_gpu_launch_configs(op, rows, warps, cols, device, seed, check):
-    with launch_config(op, rows, warps, cols) as chosen:
+def test_gpu_launch_configs(op, rows, warps, knob, device, seed, check):
+    with launch_config(op, rows, warps, knob) as chosen:
         got, ref = _case(op, device, seed)
     assert "rule" in chosen, "the launcher did not ask for its configuration"
     for i, (a, e) in enumerate(zip(got, ref, strict=True)):

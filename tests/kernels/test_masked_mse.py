@@ -66,6 +66,25 @@ def test_masked_mse(case, dtype, norm_pix, device, seed, check):
 
 
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[:3], ids=_ids)
+def test_masked_mse_pred_order_tile(case, dtype, norm_pix, device, seed, check):
+    """The tile in pred's (p, q, c) order (a launch knob the kernel sweep times against the image
+    order), with the GPU's rows per program, at patch 16, 14 and 8."""
+    from benchmarks.sweep_kernels import launch_config
+
+    P = case[3]
+    pred, imgs, mask = _make(*case, dtype, device, seed)
+    with launch_config("masked_mse", knob=True):
+        loss, grad = _run(masked_mse, pred, imgs, mask, P, norm_pix)
+    ref = _run(masked_mse_ref, pred.float(), imgs.float(), mask, P, norm_pix)
+    low = _run(masked_mse_ref, pred, imgs, mask, P, norm_pix) if dtype != torch.float32 else (None, None)
+    check(loss, ref[0], low[0], dtype, 2, "loss")
+    check(grad, ref[1], low[1], dtype, 3, "grad pred")
+    assert (grad[mask == 0] == 0).all(), "kept patches must get an exact zero grad"
+
+
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm", "raw"])
 def test_masked_mse_bf16_pred_fp32_images(norm_pix, device, seed, check):
     """The training mix: autocast's bf16 prediction against fp32 images."""
     case = (2, 32, 48, 16, 0.75)
