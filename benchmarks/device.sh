@@ -24,11 +24,10 @@
 # specialisation on a fresh machine), ViT-L's two compiles did not fit beside ViT-B's, and the
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
-# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, fm_fused_eager_selective,
-# then fm_fast_gelu and fm_fast_selective); the first compile is always tried, a later one is
-# skipped (and recorded so in the JSON) when the longest compile measured so far would run into the
-# 25 s kept for timing (so the last two usually are: the ablations profile times them); rounds stop
-# when the next would not fit.
+# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, then fm_fast_no_ac and
+# fm_fast_enc_math); the first compile is always tried, a later one is skipped (and recorded so in
+# the JSON) when the longest compile measured so far would run into the 25 s kept for timing (on
+# the H200, 2026-11-27, three compiles fit: 43, 58 and 33 s); rounds stop when the next would not fit.
 # torch.compile of a ViT training step takes on the order of a minute (ViT-L more); the main
 # variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds. A step at
 # batch 256 is ~0.05-0.1 s (ViT-B, 58 GFLOP/img) and ~0.1-0.2 s (ViT-L, 123 GFLOP/img) at 30-50% MFU,
@@ -42,7 +41,9 @@
 # Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 545, + 45 with .wheels):
 #     env 10 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | kernel launch
 #     configurations 75 | report 10  (files: run.log env.json step_ablations.json step_max_batch.json sweep.json)
-#     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead.
+#     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead
+#     (the full group holds far more ~45 s compiles than 290 s: pick 4-5, e.g. after the main
+#     profile's bench_attention: "hf_eager fm_fast fm_fast_enc_math fm_fast_dec_pad64 fm_fast_cg").
 #
 # Carried wheels: a call that carries .wheels/ (made here by benchmarks/device_wheels.sh: xformers
 # 0.0.35 and nvidia-cuda-runtime-cu12, ~7 MiB) installs them first (+15 s, + a 30 s check that
