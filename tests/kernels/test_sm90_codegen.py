@@ -30,9 +30,12 @@ STRIDES = {"stride_n": I32, "stride_c": I32, "stride_h": I32}
 MSE = {
     "n_rows": I32, "L": I32, "w": I32, "stride_pn": I32, "stride_pl": I32, **STRIDES, "stride_w": "constexpr", "C": "constexpr",
     "P": "constexpr", "P_PAD": "constexpr", "CP_PAD": "constexpr", "BLOCK_R": "constexpr",
-    "NORM_PIX": "constexpr", "EPS": "constexpr",
+    "NORM_PIX": "constexpr", "EPS": "constexpr", "PRED_ORDER": "constexpr",
 }
-MSE_C = {"stride_w": 1, "C": 3, "P": 16, "P_PAD": 16, "CP_PAD": 64, "BLOCK_R": 4, "NORM_PIX": True, "EPS": 1e-6}
+MSE_C = {
+    "stride_w": 1, "C": 3, "P": 16, "P_PAD": 16, "CP_PAD": 64, "BLOCK_R": 4, "NORM_PIX": True, "EPS": 1e-6,
+    "PRED_ORDER": False,
+}
 # module, kernel, signature, constexprs, ints divisible by 16 at ViT-B shapes, num_warps
 KERNELS = [
     ("patch_gather", "_patch_gather_kernel",
@@ -64,10 +67,15 @@ KERNELS = [
       "EMULATE_RTNE": "constexpr"},
      {**MSE_C, "EMULATE_RTNE": False}, {"stride_pn", "stride_pl", *STRIDES}, 8),
 ]
+# the loss's tile in pred's order too (a launch knob, benchmarks/sweep_kernels.py)
+KERNELS += [
+    (m, n, sig, {**c, "PRED_ORDER": True}, div, w) for m, n, sig, c, div, w in KERNELS if m == "masked_mse"
+]
 cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
 report = {}
-for module, name, sig, constexprs, div16, num_warps in KERNELS:
-    fn = getattr(importlib.import_module("fastmae.kernels." + module), name)
+for module, kname, sig, constexprs, div16, num_warps in KERNELS:
+    name = kname + ("[pred_order]" if constexprs.get("PRED_ORDER") else "")
+    fn = getattr(importlib.import_module("fastmae.kernels." + module), kname)
     assert list(sig) == fn.arg_names, (name, fn.arg_names)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*") or a in div16}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
@@ -122,6 +130,10 @@ def test_no_spills(codegen):
         # but the image's can (the bulk of the bytes when images are fp32).
         ("_masked_mse_fwd_kernel", True, False),
         ("_masked_mse_bwd_kernel", True, False),
+        # In pred's order the other way round: pred read and its grad written 16 bytes at a time
+        # (the bwd's 16 two-byte stores a thread become 2 vector stores), the image gathered.
+        ("_masked_mse_fwd_kernel[pred_order]", True, False),
+        ("_masked_mse_bwd_kernel[pred_order]", True, True),
     ],
 )
 def test_vectorized(codegen, kernel, vector_loads, vector_stores):
