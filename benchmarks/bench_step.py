@@ -23,6 +23,7 @@ Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``al
     fm_fast_dec_pad64  ablation: the decoder's head dim 32 zero-padded to 64 for sdpa
     fm_fast_flash/_cudnn/_efficient  ablation: one SDPA kernel forced (torch.nn.attention.sdpa_kernel)
     fm_fast_no_<op>    ablation: one kernel off (gather, unshuffle or loss; the model's per-op switch)
+    fm_fast_cdt        inductor's coordinate-descent tuning of its generated kernels (longer compile)
     fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
     fm_ref_math        fastmae reference path with the plain math attention, eager
     fm_fast_gelu       fast path + the MLP's GELU recomputed in the backward (activation_checkpointing="gelu")

@@ -177,3 +177,19 @@ def test_fastmae_variants_share_the_base_parameters():
     pairs = list(zip(base.named_parameters(), other.named_parameters(), strict=True))
     assert all(n1 == n2 and p1 is p2 for (n1, p1), (n2, p2) in pairs)
     assert not other.pos_embed.requires_grad
+
+
+def test_compile_options_reach_torch_compile(monkeypatch):
+    """The benchmark's own compile "modes" are inductor options on the default mode; real modes pass."""
+    from benchmarks import step_variants as sv
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: seen.append(kw) or module)
+    m = torch.nn.Linear(2, 2)
+    sv.compile_module(m, "coordinate-descent", fullgraph=True, backend="inductor")
+    sv.compile_module(m, "reduce-overhead", fullgraph=True, backend="inductor")
+    sv.compile_module(m, "default", fullgraph=False, backend="inductor")
+    assert seen[0] == {"fullgraph": True, "dynamic": False, "options": {"coordinate_descent_tuning": True}}
+    assert seen[1] == {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead"}
+    assert seen[2] == {"fullgraph": False, "dynamic": False, "mode": None}
+    assert sv.VARIANTS["fm_fast_cdt"].compile == "coordinate-descent" and "fm_fast_cdt" in sv.GROUPS["ablations"]
