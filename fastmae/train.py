@@ -93,6 +93,11 @@ def masking_noise(gen: torch.Generator, seed: int, step: int, rows: int, num_pat
     return torch.rand(rows, num_patches, generator=gen, device=gen.device)
 
 
+def compiles(cfg: Config, device: torch.device) -> bool:
+    """Whether the run compiles its model: ``--compile``, else on CUDA only."""
+    return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
 def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
     """The MAE of ``cfg``, initialised from ``cfg.seed`` (the same on every rank)."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
@@ -116,7 +121,7 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
         ),
         fused=fused,
         activation_checkpointing=resolve_activation_checkpointing(
-            cfg.activation_checkpointing, device, cfg.compile if cfg.compile is not None else device.type == "cuda"
+            cfg.activation_checkpointing, device, compiles(cfg, device)
         ),
     )
     return model.to(device)
@@ -249,7 +254,7 @@ def train(cfg: Config) -> TrainResult:
     elif cfg.resume == "auto" and main:
         print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
 
-    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    compiled = compiles(cfg, device)
     if compiled and model.activation_checkpointing == "selective":
         _quiet_selective_checkpoint_notice()
     fwd_model: torch.nn.Module = torch.compile(model) if compiled else model
