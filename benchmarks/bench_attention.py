@@ -94,14 +94,20 @@ def _hf_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 def impls(device: str, with_compile: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | str]:
-    """name -> the call, or why it does not run here."""
-    out: dict[str, Callable[[torch.Tensor], torch.Tensor] | str] = {"sdpa": attention_sdpa}
+    """name -> the call, or why it does not run here; the candidates the step ablations test first
+    (each row is saved as it lands, so a stage that runs out of time keeps them)."""
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor] | str] = {
+        "sdpa": attention_sdpa,
+        "sdpa_pad64": attention_sdpa_pad64,
+        # static shapes: one compile per call shape, no dynamic-shape recompile on the second
+        "math_compiled": (
+            torch.compile(attention_math, dynamic=False) if with_compile else "compile off (--no-compile)"
+        ),
+    }
     for kernel in SDPA_KERNELS:
         out[f"sdpa_{kernel}"] = _sdpa_forced(kernel)
     out["hf_layout"] = _hf_layout
-    out["sdpa_pad64"] = attention_sdpa_pad64
     out["math"] = attention_math
-    out["math_compiled"] = torch.compile(attention_math) if with_compile else "compile off (--no-compile)"
     why = xformers_runs(device) if device == "cuda" else "xformers needs CUDA"
     if why is None:
         from fastmae.attention import attention_xformers
@@ -160,7 +166,17 @@ def time_call(fn: Callable[[], object], device: str, smoke: bool) -> dict[str, A
     return {"ms": ms, "timer": "perf_counter"}
 
 
-def run_shape(shape: dict[str, Any], calls: dict[str, Any], device: str, dtype: torch.dtype, smoke: bool) -> dict:
+def run_shape(
+    shape: dict[str, Any],
+    calls: dict[str, Any],
+    device: str,
+    dtype: torch.dtype,
+    smoke: bool,
+    row: dict[str, Any] | None = None,
+    saved: Callable[[], None] = lambda: None,
+) -> dict:
+    """Every impl at ``shape``, into ``row`` (made when None); ``saved()`` after each impl, so a
+    timeout keeps what finished."""
     B, N, H, Dh = shape["B"], shape["N"], shape["H"], shape["Dh"]
     g = torch.Generator(device=device).manual_seed(0)
     # the qkv projection's output: (B, N, 3*H*Dh) viewed (B, N, 3, H, Dh), a leaf for the grads
@@ -171,7 +187,8 @@ def run_shape(shape: dict[str, Any], calls: dict[str, Any], device: str, dtype: 
     _hf_layout.heads = H
     with torch.no_grad():
         ref = attention_math(qkv.float()).to(dtype)
-    row: dict[str, Any] = {**shape, "impls": {}}
+    row = {**shape, "impls": {}} if row is None else row
+    row.setdefault("impls", {})
     for name, call in calls.items():
         if isinstance(call, str):
             row["impls"][name] = {"status": "skipped", "reason": call}
@@ -199,6 +216,7 @@ def run_shape(shape: dict[str, Any], calls: dict[str, Any], device: str, dtype: 
                 torch.cuda.synchronize()
             rec = {"status": "error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
         row["impls"][name] = rec
+        saved()
     return row
 
 
@@ -229,12 +247,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for model, dims in models.items():
         for shape in shapes(model, dims, batch, args.mask_ratio):
-            row = run_shape(shape, calls, device, dtype, args.smoke)
+            row: dict[str, Any] = {**shape, "impls": {}}
             report["results"].append(row)
+            # written after each impl: a timeout keeps what finished
+            save = (lambda: common.write_json(args.out, report)) if args.out else (lambda: None)
+            run_shape(shape, calls, device, dtype, args.smoke, row, save)
             done = {k: v["fwd+bwd"]["ms"] for k, v in row["impls"].items() if v.get("status") == "done"}
             print(f"{model} {shape['part']}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in done.items()) + " ms fwd+bwd")
-            if args.out:
-                common.write_json(args.out, report)  # a row at a time: a timeout keeps what finished
     report["complete"] = True
     if args.out:
         common.write_json(args.out, report)
