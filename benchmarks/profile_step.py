@@ -101,6 +101,37 @@ def _device_rows(prof: Any, device: torch.device) -> list[tuple[str, float, int]
     return rows
 
 
+# aten ops that launch nothing worth attributing
+_QUIET_OPS = re.compile(
+    r"^aten::(empty|empty_strided|view|_unsafe_view|as_strided|reshape|expand|t|transpose|permute|"
+    r"select|slice|unsqueeze|squeeze|detach|alias|lift_fresh|resolve_conj|resolve_neg|set_|"
+    r"result_type|is_nonzero|item|_local_scalar_dense|to|_to_copy)$"
+)
+
+
+def aten_calls(prof: Any, steps: int, top: int = 20) -> list[dict[str, Any]]:
+    """The aten ops the host dispatched, by calls per step, with their input shapes.
+
+    In a compiled step these are what inductor left to ATen (extern GEMMs, attention, fallbacks):
+    the first H200 profile had 84 fp32 ``reduce_kernel`` sums a step from somewhere, and the kernel
+    names alone could not say where.
+    """
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.device_type != torch.autograd.DeviceType.CPU or not evt.key.startswith("aten::"):
+            continue
+        if _QUIET_OPS.match(evt.key):
+            continue
+        rows.append(
+            {
+                "op": evt.key,
+                "input_shapes": str(getattr(evt, "input_shapes", ""))[:200],
+                "calls_per_step": evt.count / steps,
+            }
+        )
+    return sorted(rows, key=lambda r: -r["calls_per_step"])[:top]
+
+
 def profile_steps(step: Callable[[], None], steps: int, device: torch.device, step_ms: float | None = None) -> dict:
     """Run ``step`` ``steps`` times under ``torch.profiler`` (after one unprofiled step) and summarize."""
     from torch.profiler import ProfilerActivity, profile
@@ -111,13 +142,14 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device, st
     step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     out = summarize(_device_rows(prof, device), steps, step_ms)
     out["source"] = "CUDA kernels (self device time)" if device.type == "cuda" else "aten ops (self CPU time)"
+    out["aten_calls"] = aten_calls(prof, steps)
     return out
 
 

@@ -94,3 +94,17 @@ def test_device_rows_leave_out_user_ranges():
     prof = SimpleNamespace(key_averages=lambda: events)
     rows = profile_step._device_rows(prof, torch.device("cuda"))
     assert [r[0] for r in rows] == ["nvjet_sm90_tst_256x128", "multi_tensor_apply_kernel"]
+
+
+def test_aten_calls_name_what_the_host_dispatched():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+
+    def step():
+        lin(x).sum().backward()
+
+    s = profile_step.profile_steps(step, steps=2, device=torch.device("cpu"))
+    calls = {r["op"]: r for r in s["aten_calls"]}
+    assert calls["aten::addmm"]["calls_per_step"] == 1
+    assert "[4, 8]" in calls["aten::addmm"]["input_shapes"]
+    assert not any(profile_step._QUIET_OPS.match(op) for op in calls)
