@@ -26,9 +26,8 @@ attention matmuls (forward 4·B·H·N²·Dh, forward + backward 3x that). JSON o
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,12 @@ import torch.nn.functional as F
 
 try:
     from benchmarks import common
-    from benchmarks import report as report_md
 except ModuleNotFoundError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import common
-    from benchmarks import report as report_md
-
+from benchmarks import profile_step  # noqa: E402  (after the sys.path fallback above)
+from benchmarks import report as report_md  # noqa: E402
+from benchmarks.bench_kernels import gpu_time_ms, time_ms  # noqa: E402
 from fastmae.attention import attention_math, attention_sdpa, attention_sdpa_pad64, xformers_runs
 
 # (encoder width, encoder heads, decoder width, decoder heads, patch, image): the presets' shapes
@@ -84,12 +83,11 @@ def _sdpa_forced(kernel: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _hf_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _hf_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """HF ViTMAE's call: q, k, v from separate projections, each ``(B, N, H*Dh)`` contiguous, viewed
     ``(B, N, H, Dh).transpose(1, 2)``."""
     B, N, HD = q.shape
-    H = _hf_layout.heads
-    q, k, v = (t.view(B, N, H, HD // H).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.view(B, N, heads, HD // heads).transpose(1, 2) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, HD)
 
 
@@ -132,38 +130,21 @@ def kernels_launched(fn: Callable[[], object], device: str) -> list[str]:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    rows = []
-    for evt in prof.key_averages():
-        if device == "cuda":
-            if evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
-                continue
-            us = getattr(evt, "self_device_time_total", 0.0)
-        else:
-            if not evt.key.startswith("aten::"):
-                continue
-            us = evt.self_cpu_time_total
-        rows.append((us, evt.key[:120]))
-    return [name for _, name in sorted(rows, reverse=True)[:6]]
+    rows = profile_step.device_rows(prof, torch.device(device))
+    return [name[:120] for name, _, _ in sorted(rows, key=lambda r: -r[1])[:6]]
 
 
 def time_call(fn: Callable[[], object], device: str, smoke: bool) -> dict[str, Any]:
-    if device == "cuda":
-        from benchmarks.bench_kernels import gpu_time_ms, time_ms
-
-        fn()  # compile / autotune outside the timing
-        try:
-            return {"ms": gpu_time_ms(fn), "timer": "cuda_graph"}
-        except Exception as e:  # noqa: BLE001  (a capture failure must not lose the row)
-            torch.cuda.synchronize()
-            return {"ms": time_ms(fn, device, smoke), "timer": "do_bench", "graph_error": f"{e}"[:200]}
-    fn()
-    times = []
-    for _ in range(1 if smoke else 5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    ms = statistics.median(times)
-    return {"ms": ms, "timer": "perf_counter"}
+    """GPU time (CUDA graphs, L2 flushed) as bench_kernels times its ops; the host's where a graph
+    cannot be captured, or on CPU."""
+    if device != "cuda":
+        return {"ms": time_ms(fn, device, smoke), "timer": "perf_counter"}
+    fn()  # compile / autotune outside the timing
+    try:
+        return {"ms": gpu_time_ms(fn), "timer": "cuda_graph"}
+    except Exception as e:  # noqa: BLE001  (a capture failure must not lose the row)
+        torch.cuda.synchronize()
+        return {"ms": time_ms(fn, device, smoke), "timer": "do_bench", "graph_error": f"{e}"[:200]}
 
 
 def run_shape(
@@ -184,7 +165,6 @@ def run_shape(
     grad_out = torch.randn(B, N, H * Dh, device=device, dtype=dtype, generator=g)
     # HF's layout: three separate projections' outputs, the same values
     sep = [t.detach().reshape(B, N, H * Dh).contiguous().requires_grad_() for t in qkv.unbind(2)]
-    _hf_layout.heads = H
     with torch.no_grad():
         ref = attention_math(qkv.float()).to(dtype)
     row = {**shape, "impls": {}} if row is None else row
@@ -193,7 +173,9 @@ def run_shape(
         if isinstance(call, str):
             row["impls"][name] = {"status": "skipped", "reason": call}
             continue
-        leaves = sep if call is _hf_layout else [qkv]
+        leaves = [qkv]
+        if call is _hf_layout:
+            call, leaves = functools.partial(_hf_layout, heads=H), sep
         rec: dict[str, Any] = {}
         try:
             out = call(*leaves)

@@ -28,6 +28,12 @@ from pathlib import Path
 
 import torch
 
+try:
+    from benchmarks import common
+except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import common
+
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("triton", "eager", "compiled")
 PHASES = ("fwd", "bwd", "fwd+bwd")
@@ -274,8 +280,9 @@ def copy_bandwidth(device: str, smoke: bool) -> dict[str, object]:
     graph a device-to-device memcpy becomes a memcpy node, which may run on a copy engine: the
     first H200 run measured that at 2763 GB/s while the same copy eager ran at 4247 GB/s, and
     inductor's kernels then showed 117% "of copy". The ops timed here are SM kernels.
-    Cross-checks on CUDA: the memcpy timed eagerly by CUDA events (no flush), and an elementwise
-    copy the size of the ops (~150 MiB each way).
+    Cross-checks on CUDA: bench_step's copy (``common.copy_bandwidth``: a memcpy of the same size
+    timed eagerly by CUDA events, no flush), and an elementwise copy the size of the ops (~150 MiB
+    each way).
     """
     numel = (1 << 16) if smoke else (1 << 28)  # 512 MiB of bf16 each way on GPU
     src = torch.randn(numel, device=device, dtype=torch.bfloat16)
@@ -293,23 +300,14 @@ def copy_bandwidth(device: str, smoke: bool) -> dict[str, object]:
     best = max(measured, key=lambda k: measured[k]["gbps"])
     out: dict[str, object] = {"bytes": nbytes, "kind": best, **measured[best], "measured": measured}
     if device == "cuda":
-        events = []
-        for _ in range(3):
-            dst.copy_(src)
-        for _ in range(20):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize()
-        event_ms = statistics.median(st.elapsed_time(en) for st, en in events)
+        events = common.copy_bandwidth(device, nbytes=src.numel() * src.element_size())  # bench_step's
+        event_ms = events["ms"]
         small_src, small_dst = src[: 75 << 20], dst[: 75 << 20]  # 150 MiB each way
         small_ms = gpu_time_ms(lambda: torch.neg(small_src, out=small_dst))
         small_bytes = 2 * small_src.numel() * small_src.element_size()
         out.update(
             event_timed_ms=event_ms,
-            event_timed_gbps=nbytes / event_ms / 1e6,
+            event_timed_gbps=events["gbps"],
             op_size_bytes=small_bytes,
             op_size_ms=small_ms,
             op_size_gbps=small_bytes / small_ms / 1e6,

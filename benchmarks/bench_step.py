@@ -5,33 +5,11 @@ variant: the reference's weight-decay groups, lr 1.5e-4, betas (0.9, 0.95), wd 0
 autocast on CUDA, on synthetic images already on the device (fp32 N(0, 1), the loader's dtype),
 mask ratio 0.75, norm-pix loss. Explicit noise is passed to every variant, so all mask alike.
 
-Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``all``):
-
-    hf_eager           HF ViTMAEForPreTraining, eager, sdpa attention: the reference
-    hf_compile         the same under torch.compile (default mode)
-    fm_ref             fastmae reference path (fused=False), eager, sdpa
-    fm_fast            fastmae fast path, the trainer's CUDA defaults: Triton kernels (fused=True)
-                       + torch.compile (default mode) + the model's best attention backend (``auto``:
-                       xformers when it works, else sdpa) + activation checkpointing ``auto``
-                       (selective, compiled on CUDA; none elsewhere)
-    fm_fast_no_ac      ablation: activation checkpointing none (what auto's selective costs and saves)
-    fm_fused_eager     ablation: compile off (kernels on, eager; auto checkpointing is then none)
-    fm_ref_compile     ablation: every kernel off (fused=False) under the same compile
-    fm_fast_cg         ablation: CUDA graphs on (compile mode "reduce-overhead"); fm_fast has them off
-    fm_fast_sdpa/_math/_xformers  ablation: attention backend (xformers only where it imports)
-    fm_fast_enc_math   ablation: math attention in the encoder only (50 tokens: short for fused kernels)
-    fm_fast_dec_pad64  ablation: the decoder's head dim 32 zero-padded to 64 for sdpa
-    fm_fast_flash/_cudnn/_efficient  ablation: one SDPA kernel forced (torch.nn.attention.sdpa_kernel)
-    fm_fast_no_<op>    ablation: one kernel off (gather, unshuffle or loss; the model's per-op switch)
-    fm_fast_cdt        inductor's coordinate-descent tuning of its generated kernels (longer compile)
-    fm_fast_autotune   compile mode "max-autotune-no-cudagraphs" (GEMM autotuning: minutes of compile)
-    fm_ref_math        fastmae reference path with the plain math attention, eager
-    fm_fast_gelu       fast path + the MLP's GELU recomputed in the backward (activation_checkpointing="gelu")
-    fm_fast_selective  fast path + selective activation checkpointing (norms, GELU, casts, adds
-                       recomputed in the backward; GEMM and attention outputs kept): less memory
-    fm_fused_eager_selective  the same, compile off
-    fm_fast_full_ac    fast path + full activation checkpointing (each block recomputed); its extra
-                       ~1/3 FLOPs are not credited (MFU counts useful work only)
+Variants (``--variants`` takes names or the groups ``main``, ``ablations``, ``all``) are listed,
+each with what it runs, in ``step_catalogue.py``; ``--list-variants`` prints them. The reference is
+``hf_eager`` (HF ViTMAEForPreTraining, eager, sdpa); ``hf_compile`` is the same under torch.compile;
+``fm_fast`` is fastmae as the trainer runs it on CUDA (kernels, compile, ``auto`` attention and
+activation checkpointing); ``fm_*`` ablations change one thing each.
 
 Measured per variant: img/s (batch / median step time, and total images / total time), step time
 median and p10/p25/p75/p90, peak memory, compile time (first call, outside the timed region), MFU
@@ -83,13 +61,12 @@ except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import common
 from benchmarks import report as report_mod  # noqa: E402  (after the sys.path fallback above)
+from benchmarks.step_catalogue import GROUPS, VARIANTS, Variant, resolve_variants  # noqa: E402
 from benchmarks.step_variants import (  # noqa: E402  (after the sys.path fallback above)
     MASK_RATIO,
     SHAPES,
-    VARIANTS,
     Family,
     Runner,
-    Variant,
     build_base,
     build_runner,
     check_step,
@@ -102,7 +79,6 @@ from benchmarks.step_variants import (  # noqa: E402  (after the sys.path fallba
     make_optimizer,
     measure_step_memory,
     model_kwargs,
-    resolve_variants,
     state_bytes,
     train_flops_per_image,
     unique_graphs,
@@ -478,6 +454,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["vit_base_patch16", "vit_large_patch16"], choices=[*SHAPES, "tiny"])
     p.add_argument("--batch", nargs="+", default=["256"], help="batch sizes; 'max' searches each variant's largest")
     p.add_argument("--variants", nargs="+", default=["main"], help="names or groups (main, ablations, all)")
+    p.add_argument("--list-variants", action="store_true", help="print every variant and group, then exit")
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant after its first (compile) step")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
@@ -532,6 +509,10 @@ def ceilings(device: torch.device, tiny: bool) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.list_variants:
+        print("\n".join(f"{v.name:26s} {v.about}" for v in VARIANTS.values()))
+        print("\n".join(f"group {g}: {' '.join(names)}" for g, names in GROUPS.items()))
+        raise SystemExit(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         # before the first @triton.jit: fastmae.kernels imports lazily, at the first fused forward

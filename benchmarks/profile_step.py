@@ -78,7 +78,7 @@ def summarize(events: Iterable[tuple[str, float, int]], steps: int, step_ms: flo
     return out
 
 
-def _device_rows(prof: Any, device: torch.device) -> list[tuple[str, float, int]]:
+def device_rows(prof: Any, device: torch.device) -> list[tuple[str, float, int]]:
     """``(name, self device/CPU time in us, count)`` for every kernel (CUDA) or aten op (CPU)."""
     rows = []
     for evt in prof.key_averages():
@@ -147,7 +147,7 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device, st
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    out = summarize(_device_rows(prof, device), steps, step_ms)
+    out = summarize(device_rows(prof, device), steps, step_ms)
     out["source"] = "CUDA kernels (self device time)" if device.type == "cuda" else "aten ops (self CPU time)"
     out["aten_calls"] = aten_calls(prof, steps)
     return out

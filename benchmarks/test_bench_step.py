@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_step, step_variants
+from benchmarks import bench_step, step_catalogue, step_variants
 from fastmae.model import MaskedAutoencoderViT, random_masking_ids
 
 VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, num_heads=12)
@@ -54,7 +54,7 @@ def test_tiny_train_step_cpu(benchmark, variant):
     opt, name = step_variants.make_optimizer(model, device)
     families = {"hf": step_variants.Family(model, opt, name), "fastmae": step_variants.Family(model, opt, name)}
     args = bench_step.parse_args(["--tiny"])
-    runner = step_variants.build_runner(step_variants.VARIANTS[variant], families, base, device, args)
+    runner = step_variants.build_runner(step_catalogue.VARIANTS[variant], families, base, device, args)
     (imgs, noise), *_ = step_variants.make_inputs(4, 32, 16, 1, device, seed=0)
     benchmark(runner.step, imgs, noise)
 

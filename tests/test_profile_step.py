@@ -92,7 +92,7 @@ def test_device_rows_leave_out_user_ranges():
         evt("multi_tensor_apply_kernel", 900.0, annotation=False),
     ]
     prof = SimpleNamespace(key_averages=lambda: events)
-    rows = profile_step._device_rows(prof, torch.device("cuda"))
+    rows = profile_step.device_rows(prof, torch.device("cuda"))
     assert [r[0] for r in rows] == ["nvjet_sm90_tst_256x128", "multi_tensor_apply_kernel"]
 
 

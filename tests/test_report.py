@@ -64,30 +64,32 @@ def test_trainer_with_too_few_intervals(tmp_path: Path):
     assert "nothing to compare" in report.train_markdown(rep, [rep])
 
 
+PROBE_PATH = Path(report.__file__).parent / "results" / "2026-11-27_cpu_activation_memory.json"
+
+
+def _vit_b_step(variants: dict) -> dict:
+    """A step report as a GPU run writes it (ViT-B, batch 256), with these variants' records."""
+    return {
+        "benchmark": "bench_step",
+        "settings": [{"model": "vit_base_patch16", "batch": 256, "params": 111907840, "variants": variants}],
+    }
+
+
 def test_measured_memory_against_the_cpu_count():
-    probe_path = Path(report.__file__).parent / "results" / "2026-11-27_cpu_activation_memory.json"
-    probe = json.loads(probe_path.read_text())
+    probe = json.loads(PROBE_PATH.read_text())
     vb = probe["models"]["vit_base_patch16"]
     # A step report as a GPU run writes it: each variant's largest in-step rise of allocated memory.
     fm_fast_counted = (
         vb["variants"]["fm_compile"]["per_image_bytes"] * 256 + vb["variants"]["fm_compile"]["const_bytes"]
     )
-    step = {
-        "benchmark": "bench_step",
-        "settings": [
-            {
-                "model": "vit_base_patch16",
-                "batch": 256,
-                "params": 111907840,
-                "variants": {
-                    "fm_fast": {"memory": {"step_rise_bytes": 1.1 * (fm_fast_counted + 4 * 111907840)}},
-                    "fm_fast_cg": {"memory": {"step_rise_bytes": 1.0}},  # any fast variant maps to fm_compile
-                    "hf_eager": {"status": "oom"},  # no measurement: no row
-                },
-            }
-        ],
-    }
-    md = report.markdown([step, {**probe, "_path": str(probe_path)}])
+    step = _vit_b_step(
+        {
+            "fm_fast": {"memory": {"step_rise_bytes": 1.1 * (fm_fast_counted + 4 * 111907840)}},
+            "fm_fast_cg": {"memory": {"step_rise_bytes": 1.0}},  # any fast variant maps to fm_compile
+            "hf_eager": {"status": "oom"},  # no measurement: no row
+        }
+    )
+    md = report.markdown([step, {**probe, "_path": str(PROBE_PATH)}])
     rows = [line for line in md.splitlines() if line.startswith("| `vit_base_patch16`")]
     assert len(rows) == 2
     assert rows[0].startswith("| `vit_base_patch16` | `fm_fast` | `fm_compile` | 256 |") and rows[0].endswith(
@@ -99,26 +101,17 @@ def test_measured_memory_against_the_cpu_count():
 def test_memory_check_follows_the_checkpointing_the_run_recorded():
     """fm_fast runs auto checkpointing: selective on CUDA. The run records what auto became, and the
     check compares with that count, not with the name's old meaning (none)."""
-    probe_path = Path(report.__file__).parent / "results" / "2026-11-27_cpu_activation_memory.json"
-    probe = json.loads(probe_path.read_text())
+    probe = json.loads(PROBE_PATH.read_text())
     variants = probe["models"]["vit_base_patch16"]["variants"]
-    step = {
-        "benchmark": "bench_step",
-        "settings": [
-            {
-                "model": "vit_base_patch16",
-                "batch": 256,
-                "params": 111907840,
-                "variants": {
-                    "fm_fast": {"activation_checkpointing": "selective", "memory": {"step_rise_bytes": 1.0}},
-                    "fm_fast_no_ac": {"activation_checkpointing": "none", "memory": {"step_rise_bytes": 1.0}},
-                    "fm_fast_gelu": {"memory": {"step_rise_bytes": 1.0}},  # an older run: the name says it
-                },
-            }
-        ],
-    }
+    step = _vit_b_step(
+        {
+            "fm_fast": {"activation_checkpointing": "selective", "memory": {"step_rise_bytes": 1.0}},
+            "fm_fast_no_ac": {"activation_checkpointing": "none", "memory": {"step_rise_bytes": 1.0}},
+            "fm_fast_gelu": {"memory": {"step_rise_bytes": 1.0}},  # an older run: the name says it
+        }
+    )
     assert {"fm_compile_selective", "fm_compile", "fm_compile_gelu"} <= set(variants)
-    md = report.markdown([step, {**probe, "_path": str(probe_path)}])
+    md = report.markdown([step, {**probe, "_path": str(PROBE_PATH)}])
     assert "| `fm_fast` | `fm_compile_selective` |" in md
     assert "| `fm_fast_no_ac` | `fm_compile` |" in md
     assert "| `fm_fast_gelu` | `fm_compile_gelu` |" in md

@@ -1,0 +1,207 @@
+"""The step benchmark's variants: each way of running the training step, and the groups of them.
+
+``bench_step.py --variants`` takes names and group names; ``step_variants.py`` builds and runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from fastmae.model import FUSED_OPS
+
+# The model's per-op switch (``MaskedAutoencoderViT(fused=<subset of FUSED_OPS>)``); each op left
+# out runs its reference code. "gather" is patch_gather + encoder_input together: without the
+# kept-patch gather the conv embeds every patch and there is nothing left for encoder_input to fuse.
+OPS = FUSED_OPS
+
+
+# ---------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of running the training step.
+
+    Attributes:
+        impl: ``hf`` (transformers' ViTMAEForPreTraining) or ``fastmae``.
+        fused: fastmae's kernel switch; a frozenset names the ops that run as kernels (per-op ablation).
+        compile: None for eager, else a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...).
+        attn: fastmae's attention backend (``sdpa`` | ``sdpa_pad64`` | ``math`` | ``xformers`` |
+            ``auto``); HF uses sdpa.
+        decoder_attn: the decoder's, where it differs (None: ``attn``).
+        sdpa_kernel: force one SDPA kernel (``flash`` | ``cudnn`` | ``efficient`` | ``math``).
+        activation_checkpointing: fastmae's ``auto`` | ``none`` | ``gelu`` | ``selective`` | ``full``
+            (what the blocks keep for backward; ``auto`` resolved as the trainer does: selective when
+            compiled on CUDA).
+    """
+
+    name: str
+    impl: str
+    about: str
+    fused: bool | frozenset[str] = False
+    compile: str | None = None
+    attn: str = "sdpa"
+    sdpa_kernel: str | None = None
+    activation_checkpointing: str = "none"
+    decoder_attn: str | None = None
+
+    @property
+    def cudagraphs(self) -> bool:
+        return self.compile in ("reduce-overhead", "max-autotune")
+
+    def record(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fused"] = sorted(self.fused) if isinstance(self.fused, frozenset) else self.fused
+        d["cudagraphs"] = self.cudagraphs
+        return d
+
+
+def _variants() -> dict[str, Variant]:
+    # the trainer's defaults on CUDA; activation checkpointing "auto" is selective there (compiled)
+    fast = dict(impl="fastmae", fused=True, compile="default", attn="auto", activation_checkpointing="auto")
+    vs = [
+        Variant("hf_eager", "hf", "HF ViTMAEForPreTraining, eager, sdpa (the reference)"),
+        Variant(
+            "fm_fast",
+            about="fastmae as the trainer runs it on CUDA: kernels + compile + auto attention and checkpointing",
+            **fast,
+        ),
+        Variant("hf_compile", "hf", "HF under torch.compile", compile="default"),
+        Variant("fm_ref", "fastmae", "fastmae reference path, eager, sdpa"),
+        Variant("fm_fused_eager", "fastmae", "fast path, compile off", fused=True, attn="auto"),
+        Variant(
+            "fm_fast_no_ac",
+            about="fast path, no activation checkpointing (what auto's selective costs and saves)",
+            **{**fast, "activation_checkpointing": "none"},
+        ),
+        Variant("fm_fast_cg", about="fast path + CUDA graphs", **{**fast, "compile": "reduce-overhead"}),
+        Variant("fm_ref_compile", about="fast path, all kernels off", **{**fast, "fused": False}),
+        Variant("fm_fast_sdpa", about="fast path, sdpa attention", **{**fast, "attn": "sdpa"}),
+        Variant("fm_fast_math", about="fast path, math attention", **{**fast, "attn": "math"}),
+        # the two calls differ (encoder: 50 tokens, head dim 64; decoder: 197 tokens, head dim 32):
+        # bench_attention.py times each alone, these the step with one part changed
+        Variant(
+            "fm_fast_enc_math",
+            about="fast path, math attention in the encoder only",
+            **{**fast, "attn": "math", "decoder_attn": "auto"},
+        ),
+        Variant(
+            "fm_fast_dec_pad64",
+            about="fast path, the decoder's head dim padded to 64 for sdpa",
+            **{**fast, "decoder_attn": "sdpa_pad64"},
+        ),
+        Variant("fm_fast_xformers", about="fast path, xformers attention", **{**fast, "attn": "xformers"}),
+    ]
+    for kernel in ("flash", "cudnn", "efficient"):
+        vs.append(
+            Variant(f"fm_fast_{kernel}", about=f"fast path, SDPA {kernel} kernel forced", sdpa_kernel=kernel, **fast)
+        )
+    for op in OPS:
+        ops = frozenset(OPS) - {op}
+        vs.append(Variant(f"fm_fast_no_{op}", about=f"fast path, {op} kernel off", **{**fast, "fused": ops}))
+    vs.append(
+        Variant(
+            "fm_fast_cdt",
+            about="fast path, inductor's coordinate-descent tuning of its generated kernels",
+            **{**fast, "compile": "coordinate-descent"},
+        )
+    )
+    vs.append(
+        Variant(
+            "fm_fast_autotune",
+            about="fast path, max-autotune-no-cudagraphs",
+            **{**fast, "compile": "max-autotune-no-cudagraphs"},
+        )
+    )
+    vs.append(Variant("fm_ref_math", "fastmae", "reference path, math attention, eager", attn="math"))
+    vs.append(
+        Variant(
+            "fm_fast_gelu",
+            about="fast path + the MLP's GELU recomputed (the cheapest activation saving)",
+            **{**fast, "activation_checkpointing": "gelu"},
+        )
+    )
+    vs.append(
+        Variant(
+            "fm_fast_selective",
+            about="fast path + selective activation checkpointing (norms, GELU, casts recomputed)",
+            **{**fast, "activation_checkpointing": "selective"},
+        )
+    )
+    vs.append(
+        Variant(
+            "fm_fused_eager_selective",
+            "fastmae",
+            "fast path, compile off, selective activation checkpointing",
+            fused=True,
+            attn="auto",
+            activation_checkpointing="selective",
+        )
+    )
+    vs.append(
+        Variant(
+            "fm_fast_full_ac",
+            about="fast path + full activation checkpointing (each block recomputed; the extra FLOPs not credited)",
+            **{**fast, "activation_checkpointing": "full"},
+        )
+    )
+    return {v.name: v for v in vs}
+
+
+VARIANTS = _variants()
+GROUPS: dict[str, list[str]] = {
+    # fm_fast_no_ac (what the default's selective checkpointing costs) and fm_fast_enc_math (the
+    # encoder's 50-token attention as plain matmuls: cuDNN ran it at ~35 TFLOP/s on the H200) come
+    # last: compiled only when the time budget still holds them (~35-60 s a compile on the H200)
+    "main": [
+        "hf_eager",
+        "fm_fast",
+        "hf_compile",
+        "fm_ref",
+        "fm_fused_eager",
+        "fm_fast_no_ac",
+        "fm_fast_enc_math",
+    ],
+    "ablations": [
+        "hf_eager",
+        "fm_fast",
+        "fm_fast_no_ac",
+        "fm_fast_enc_math",
+        "fm_fast_dec_pad64",
+        "fm_fast_cdt",
+        "fm_fast_cg",
+        "fm_ref_compile",
+        "fm_fast_math",
+        "fm_fast_xformers",
+        "fm_fast_sdpa",
+        "fm_fast_flash",
+        "fm_fast_cudnn",
+        "fm_fast_efficient",
+        *(f"fm_fast_no_{op}" for op in OPS),
+        "fm_fast_gelu",
+        "fm_fast_selective",
+        "fm_fast_full_ac",
+    ],
+}
+GROUPS["all"] = list(VARIANTS)
+
+
+def resolve_variants(names: Sequence[str]) -> list[Variant]:
+    """Variant names and group names, in the order given (the setup priority), without repeats."""
+    out: list[str] = []
+    for name in names:
+        for part in name.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            expanded = GROUPS.get(part, [part])
+            for n in expanded:
+                if n not in VARIANTS:
+                    raise SystemExit(
+                        f"unknown variant {n!r}; known: {', '.join(VARIANTS)}; groups: {', '.join(GROUPS)}"
+                    )
+                if n not in out:
+                    out.append(n)
+    return [VARIANTS[n] for n in out]
