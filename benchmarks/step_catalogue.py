@@ -110,6 +110,20 @@ def _variants() -> dict[str, Variant]:
     )
     vs.append(
         Variant(
+            "fm_fast_mix128",
+            about="fast path, LayerNorm backward's mix-order reduction split 128 rows (fewer partials to sum)",
+            **{**fast, "compile": "mix-order-split-128"},
+        )
+    )
+    vs.append(
+        Variant(
+            "fm_fast_no_mix",
+            about="fast path, inductor's mix-order reduction off (LayerNorm weight/bias grads reduced apart)",
+            **{**fast, "compile": "no-mix-order"},
+        )
+    )
+    vs.append(
+        Variant(
             "fm_fast_autotune",
             about="fast path, max-autotune-no-cudagraphs",
             **{**fast, "compile": "max-autotune-no-cudagraphs"},
@@ -152,9 +166,10 @@ def _variants() -> dict[str, Variant]:
 
 VARIANTS = _variants()
 GROUPS: dict[str, list[str]] = {
-    # fm_fast_no_ac (what the default's selective checkpointing costs) and fm_fast_enc_math (the
-    # encoder's 50-token attention as plain matmuls: cuDNN ran it at ~35 TFLOP/s on the H200) come
-    # last: compiled only when the time budget still holds them (~35-60 s a compile on the H200)
+    # fm_fast_no_ac (what the default's selective checkpointing costs), fm_fast_enc_math (the
+    # encoder's 50-token attention as plain matmuls: cuDNN ran it at ~35 TFLOP/s on the H200) and
+    # fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) come last: compiled
+    # only when the time budget still holds them (~35-60 s a compile on the H200)
     "main": [
         "hf_eager",
         "fm_fast",
@@ -163,6 +178,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_fused_eager",
         "fm_fast_no_ac",
         "fm_fast_enc_math",
+        "fm_fast_mix128",
     ],
     "ablations": [
         "hf_eager",
@@ -170,6 +186,8 @@ GROUPS: dict[str, list[str]] = {
         "fm_fast_no_ac",
         "fm_fast_enc_math",
         "fm_fast_dec_pad64",
+        "fm_fast_mix128",
+        "fm_fast_no_mix",
         "fm_fast_cdt",
         "fm_fast_cg",
         "fm_ref_compile",

@@ -6,6 +6,7 @@ largest-batch search against a fake memory limit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -194,3 +195,26 @@ def test_compile_options_reach_torch_compile(monkeypatch):
     assert seen[2] == {"fullgraph": False, "dynamic": False, "mode": None}
     assert step_catalogue.VARIANTS["fm_fast_cdt"].compile == "coordinate-descent"
     assert "fm_fast_cdt" in step_catalogue.GROUPS["ablations"]
+
+
+def test_compile_options_exist_or_the_variant_is_skipped(monkeypatch):
+    """Each benchmark compile mode names options this torch's inductor has (config.patch would raise
+    mid-run otherwise); a torch without one skips the variant with the option's name."""
+    import argparse
+
+    import torch._inductor.config as inductor_config
+
+    from benchmarks import step_variants as sv
+
+    assert all(not sv.missing_compile_options(mode) for mode in sv.COMPILE_OPTIONS)
+    for mode in sv.COMPILE_OPTIONS:  # the options patch inductor's config as torch.compile would
+        with inductor_config.patch(sv.COMPILE_OPTIONS[mode]):
+            pass
+    v = step_catalogue.VARIANTS["fm_fast_mix128"]
+    assert v.compile == "mix-order-split-128" and v.name in step_catalogue.GROUPS["main"]
+    args = argparse.Namespace(cpu_compile=True, compile_backend="inductor")
+    assert sv.why_skip(v, torch.device("cuda"), args) is None
+    # as on a torch from before the option (the device image's torch is older than this machine's)
+    monkeypatch.setitem(sv.COMPILE_OPTIONS, "older", {"triton.mix_order_reduction": False, "triton.not_yet": 128})
+    reason = sv.why_skip(dataclasses.replace(v, compile="older"), torch.device("cuda"), args)
+    assert reason == "this torch's inductor has no option triton.not_yet"
