@@ -213,6 +213,7 @@ class Setting:
             vr["decoder_attn_backend"] = r.eager.decoder_attn_backend
         if v.impl == "fastmae":  # what "auto" became: the memory check compares with that count
             vr["activation_checkpointing"] = r.eager.activation_checkpointing
+            vr["residual_dtype"] = r.eager.residual_dtype
         if v.compile:
             vr["compile_backend"] = args.compile_backend
         vr["optimizer"] = self.families[v.impl].opt_name

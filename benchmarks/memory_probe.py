@@ -136,8 +136,10 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
     base = MaskedAutoencoderViT(**kwargs, norm_pix_loss=True).train()
     hf = to_hf(base, mask_ratio=MASK_RATIO, attn_implementation="sdpa").train()
 
-    def fm(fused: bool, ac: str) -> torch.nn.Module:
-        m = MaskedAutoencoderViT(**kwargs, norm_pix_loss=True, fused=fused, activation_checkpointing=ac).train()
+    def fm(fused: bool, ac: str, residual: str = "float32") -> torch.nn.Module:
+        m = MaskedAutoencoderViT(
+            **kwargs, norm_pix_loss=True, fused=fused, activation_checkpointing=ac, residual_dtype=residual
+        ).train()
         m.load_state_dict(base.state_dict())
         return m
 
@@ -158,6 +160,12 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
         "fm_compile_gelu": ("compiled", lambda: fm(False, "gelu"), "compiled, GELU recomputed"),
         "fm_compile_selective": ("compiled", lambda: fm(False, "selective"), "compiled, selective checkpointing"),
         "fm_compile_full": ("compiled", lambda: fm(False, "full"), "compiled, full checkpointing"),
+        "fm_compile_bf16res": ("compiled", lambda: fm(False, "none", "autocast"), "compiled, bf16 residual stream"),
+        "fm_compile_selective_bf16res": (
+            "compiled",
+            lambda: fm(False, "selective", "autocast"),
+            "compiled, selective checkpointing, bf16 residual stream",
+        ),
     }
     out: dict[str, Any] = {"params": sum(p.numel() for p in base.parameters()), "state_bytes": _state_bytes(base)}
     out["variants"] = {}

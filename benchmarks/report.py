@@ -260,13 +260,16 @@ _PROBE_VARIANT = {
 _PROBE_SUFFIX = {"none": "", "gelu": "_gelu", "selective": "_selective", "full": "_full"}
 
 
-def _probe_name(step_variant: str, probe: dict[str, Any], resolved_ac: str | None = None) -> str | None:
+def _probe_name(
+    step_variant: str, probe: dict[str, Any], resolved_ac: str | None = None, residual: str | None = None
+) -> str | None:
     """The memory probe's variant that counts ``step_variant``; ``resolved_ac`` is the checkpointing
-    the run recorded for it (what ``auto`` became), which decides for compiled fast variants."""
+    the run recorded for it (what ``auto`` became) and ``residual`` its residual dtype, which decide
+    for compiled fast variants."""
     if step_variant in probe:
         return step_variant
     if step_variant.startswith("fm_fast") and resolved_ac in _PROBE_SUFFIX:
-        name = "fm_compile" + _PROBE_SUFFIX[resolved_ac]
+        name = "fm_compile" + _PROBE_SUFFIX[resolved_ac] + ("_bf16res" if residual == "autocast" else "")
     else:  # a run from before the resolved value was recorded: the names say it
         name = _PROBE_VARIANT.get(step_variant) or ("fm_compile" if step_variant.startswith("fm_fast") else None)
     return name if name in probe else None
@@ -283,7 +286,9 @@ def memory_check_markdown(step_rep: dict[str, Any], probe_rep: dict[str, Any]) -
         probe = probe_rep.get("models", {}).get(s.get("model"), {})
         for name, v in s.get("variants", {}).items():
             rise = v.get("memory", {}).get("step_rise_bytes")
-            pname = _probe_name(name, probe.get("variants", {}), v.get("activation_checkpointing"))
+            pname = _probe_name(
+                name, probe.get("variants", {}), v.get("activation_checkpointing"), v.get("residual_dtype")
+            )
             if rise is None or pname is None or not isinstance(s.get("batch"), int):
                 continue
             pv = probe["variants"][pname]

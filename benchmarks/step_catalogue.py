@@ -35,6 +35,7 @@ class Variant:
         activation_checkpointing: fastmae's ``auto`` | ``none`` | ``gelu`` | ``selective`` | ``full``
             (what the blocks keep for backward; ``auto`` resolved as the trainer does: selective when
             compiled on CUDA).
+        residual_dtype: fastmae's residual stream, ``float32`` (the reference's) or ``autocast``.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Variant:
     sdpa_kernel: str | None = None
     activation_checkpointing: str = "none"
     decoder_attn: str | None = None
+    residual_dtype: str = "float32"
 
     @property
     def cudagraphs(self) -> bool:
@@ -75,6 +77,11 @@ def _variants() -> dict[str, Variant]:
             "fm_fast_no_ac",
             about="fast path, no activation checkpointing (what auto's selective costs and saves)",
             **{**fast, "activation_checkpointing": "none"},
+        ),
+        Variant(
+            "fm_fast_bf16res",
+            about="fast path, the residual stream in bf16 (adds, norms and their saved inputs at half the bytes)",
+            **{**fast, "residual_dtype": "autocast"},
         ),
         Variant("fm_fast_cg", about="fast path + CUDA graphs", **{**fast, "compile": "reduce-overhead"}),
         Variant("fm_ref_compile", about="fast path, all kernels off", **{**fast, "fused": False}),
@@ -177,6 +184,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_ref",
         "fm_fused_eager",
         "fm_fast_no_ac",
+        "fm_fast_bf16res",
         "fm_fast_enc_math",
         "fm_fast_mix128",
     ],
@@ -186,6 +194,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_fast_no_ac",
         "fm_fast_enc_math",
         "fm_fast_dec_pad64",
+        "fm_fast_bf16res",
         "fm_fast_mix128",
         "fm_fast_no_mix",
         "fm_fast_cdt",

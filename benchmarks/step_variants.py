@@ -128,6 +128,7 @@ def fastmae_sharing(
     attn: str,
     activation_checkpointing: str = "none",
     decoder_attn: str | None = None,
+    residual_dtype: str = "float32",
 ) -> torch.nn.Module:
     """A fastmae model with its own switches whose parameters *are* ``base``'s (one copy, one optimizer)."""
     from fastmae.model import MaskedAutoencoderViT
@@ -136,6 +137,7 @@ def fastmae_sharing(
         "fused": fused,
         "activation_checkpointing": activation_checkpointing,
         "decoder_attn_backend": decoder_attn,
+        "residual_dtype": residual_dtype,
     }
     device = next(base.parameters()).device
     with torch.device(device):
@@ -376,7 +378,7 @@ def build_runner(
     else:
         # "auto" as the trainer resolves it, so fm_fast is what `python -m fastmae.train` runs
         ac = resolve_activation_checkpointing(v.activation_checkpointing, device, v.compile is not None)
-        eager = fastmae_sharing(base, v.fused, v.attn, ac, v.decoder_attn)
+        eager = fastmae_sharing(base, v.fused, v.attn, ac, v.decoder_attn, v.residual_dtype)
     module = ForcedSdpaKernel(eager, v.sdpa_kernel) if v.sdpa_kernel else eager
     if v.compile:
         module = compile_module(module, v.compile, fullgraph=v.impl == "fastmae", backend=args.compile_backend)

@@ -29,12 +29,14 @@ ATTN_BACKENDS = ("auto", "sdpa", "sdpa_pad64", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 # fastmae.model's (without importing torch here) and "auto", which train.py resolves
 ACTIVATION_CHECKPOINTING = ("auto", "none", "gelu", "selective", "full")
+RESIDUAL_DTYPES = ("float32", "autocast")  # fastmae.model's
 CHOICES = {
     "precision": PRECISIONS,
     "attn_backend": ATTN_BACKENDS,
     "decoder_attn_backend": ("same", *ATTN_BACKENDS),
     "data_backend": DATA_BACKENDS,
     "activation_checkpointing": ACTIVATION_CHECKPOINTING,
+    "residual_dtype": RESIDUAL_DTYPES,
 }
 
 
@@ -86,6 +88,11 @@ class Config:
         "what the blocks keep for backward: auto (selective when compiled on CUDA, else none), none, "
         "gelu (recompute the MLP's GELU), selective (recompute norms, GELU, casts, adds: no extra matrix "
         "multiply) or full (recompute each block: least memory, ~1/3 more FLOPs); results do not change",
+    )
+    residual_dtype: str = _f(
+        "float32",
+        "the blocks' residual stream: float32 (the reference, under autocast too) or autocast (in the "
+        "autocast dtype: fewer bytes for the adds and norms, coarser rounding; changes results)",
     )
 
     # data

@@ -41,6 +41,13 @@ FUSED_OPS = ("gather", "unshuffle", "loss")
 #   full       only each block's input: the whole block runs again in the backward (~1/3 more FLOPs).
 # Recomputation repeats the same operations on the same inputs, so results do not change.
 ACTIVATION_CHECKPOINTING = ("none", "gelu", "selective", "full")
+# The dtype of the token stream the blocks add their outputs to. The reference's is float32 under
+# autocast too: its fp32 position-embedding add promotes the embedding, and every residual add keeps
+# it so. "autocast" casts the stream to the autocast dtype where it starts (encoder and decoder): the
+# adds, the LayerNorms' inputs and what the backward keeps of them move half the bytes, the residual
+# grads too, at the cost of rounding the stream to 8 mantissa bits after each add (Megatron-LM's
+# default). Outside autocast it changes nothing.
+RESIDUAL_DTYPES = ("float32", "autocast")
 _aten = torch.ops.aten
 _RECOMPUTED_NON_POINTWISE = {
     _aten.native_layer_norm.default,
@@ -241,6 +248,8 @@ class MaskedAutoencoderViT(nn.Module):
         activation_checkpointing: what the blocks keep for backward during training, one of
             :data:`ACTIVATION_CHECKPOINTING`; trades recomputation for activation memory, never
             changes results.
+        residual_dtype: ``float32`` (the reference) or ``autocast``: the residual stream in the
+            autocast dtype when autocast is on (see :data:`RESIDUAL_DTYPES`); changes rounding.
     """
 
     def __init__(
@@ -261,8 +270,12 @@ class MaskedAutoencoderViT(nn.Module):
         fused: bool | Iterable[str] = False,
         activation_checkpointing: str = "none",
         decoder_attn_backend: str | None = None,
+        residual_dtype: str = "float32",
     ):
         super().__init__()
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"unknown residual_dtype {residual_dtype!r}; choose from {', '.join(RESIDUAL_DTYPES)}")
+        self.residual_dtype = residual_dtype
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
         self.attn_backend = resolve_backend(attn_backend)
         self.decoder_attn_backend = (
@@ -326,6 +339,13 @@ class MaskedAutoencoderViT(nn.Module):
         self._activation_checkpointing = value
         for blk in (*self.blocks, *self.decoder_blocks):
             blk.mlp.recompute_act = value == "gelu"
+
+    def _residual_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' input in the residual dtype: cast to the autocast dtype under ``autocast``."""
+        kind = x.device.type
+        if self.residual_dtype == "autocast" and torch.is_autocast_enabled(kind):
+            return x.to(torch.get_autocast_dtype(kind))
+        return x
 
     # ------------------------------------------------------------------ init
 
@@ -421,7 +441,7 @@ class MaskedAutoencoderViT(nn.Module):
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
             cls_token = self.cls_token + self.pos_embed[:, :1, :]
             x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = run_blocks(self.blocks, x, self.activation_checkpointing)
+        x = run_blocks(self.blocks, self._residual_stream(x), self.activation_checkpointing)
         return self.norm(x), mask, ids_restore
 
     def _embed_kept_fused(
@@ -448,7 +468,7 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_inputs(imgs, 0.0)
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
-        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self._residual_stream(torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1))
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x) if norm else x
@@ -469,7 +489,7 @@ class MaskedAutoencoderViT(nn.Module):
             x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, D))  # unshuffle
             x = torch.cat([x[:, :1, :], x_], dim=1)  # cls token back in front
             x = x + self.decoder_pos_embed
-        x = run_blocks(self.decoder_blocks, x, self.activation_checkpointing)
+        x = run_blocks(self.decoder_blocks, self._residual_stream(x), self.activation_checkpointing)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]  # drop the cls token

@@ -123,6 +123,7 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
         activation_checkpointing=resolve_activation_checkpointing(
             cfg.activation_checkpointing, device, compiles(cfg, device)
         ),
+        residual_dtype=cfg.residual_dtype,
     )
     return model.to(device)
 
@@ -288,7 +289,9 @@ def train(cfg: Config) -> TrainResult:
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
             f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
             f"{precision}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={_attention_line(model)}, "
-            f"activation checkpointing={model.activation_checkpointing}, data={backend}; {what}; run dir {run_dir}",
+            f"activation checkpointing={model.activation_checkpointing}, "
+            + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
+            + f"data={backend}; {what}; run dir {run_dir}",
             flush=True,
         )
 
