@@ -108,10 +108,16 @@ def test_memory_check_follows_the_checkpointing_the_run_recorded():
             "fm_fast": {"activation_checkpointing": "selective", "memory": {"step_rise_bytes": 1.0}},
             "fm_fast_no_ac": {"activation_checkpointing": "none", "memory": {"step_rise_bytes": 1.0}},
             "fm_fast_gelu": {"memory": {"step_rise_bytes": 1.0}},  # an older run: the name says it
+            "fm_fast_bf16res": {
+                "activation_checkpointing": "selective",
+                "residual_dtype": "autocast",
+                "memory": {"step_rise_bytes": 1.0},
+            },
         }
     )
-    assert {"fm_compile_selective", "fm_compile", "fm_compile_gelu"} <= set(variants)
+    assert {"fm_compile_selective", "fm_compile", "fm_compile_gelu", "fm_compile_selective_bf16res"} <= set(variants)
     md = report.markdown([step, {**probe, "_path": str(PROBE_PATH)}])
     assert "| `fm_fast` | `fm_compile_selective` |" in md
     assert "| `fm_fast_no_ac` | `fm_compile` |" in md
     assert "| `fm_fast_gelu` | `fm_compile_gelu` |" in md
+    assert "| `fm_fast_bf16res` | `fm_compile_selective_bf16res` |" in md
