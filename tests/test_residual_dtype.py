@@ -114,3 +114,31 @@ def test_compiles_to_one_graph_cpu():
         loss_r = ref(imgs, 0.75, noise)[0].item()
     assert abs(loss_c - loss_e) <= 2e-6 * abs(loss_e)
     assert abs(loss_r - loss_e) > 5e-5 * abs(loss_e)
+
+
+def test_dynamics_benchmark_runs_the_three_trainings(tmp_path):
+    """benchmarks/residual_dynamics.py end to end on a few images: three runs, their losses, the gaps."""
+    import json
+
+    from benchmarks import residual_dynamics
+    from fastmae.data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_images=16, size=64, seed=0)
+    out = tmp_path / "dyn.json"
+    extra = ["--data-path", str(data), "--batch-size", "4", "--log-every", "1", "--num-workers", "0"]
+    assert residual_dynamics.main(["--steps", "3", "--out", str(out), "--extra", *extra]) == 0
+    rec = json.loads(out.read_text())
+    assert set(rec["runs"]) == set(residual_dynamics.RUNS)
+    steps = [[s for s, _ in r["losses"]] for r in rec["runs"].values()]
+    assert steps == [[1, 2, 3]] * 3
+    fp32, bf16 = (dict(rec["runs"][k]["losses"]) for k in ("fp32", "bf16"))
+    gap = rec["gaps"]["bf16_vs_fp32"]
+    assert gap["points"] == 3 and gap["max"] == max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32)
+    assert 0 < gap["max"] < 1e-2  # autocast moved the losses, by bf16 rounding, not more
+
+
+def test_curve_gap_pairs_steps():
+    from benchmarks.residual_dynamics import curve_gap
+
+    gap = curve_gap([(1, 2.0), (2, 1.1), (3, 9.0)], [(1, 2.0), (2, 1.0)])
+    assert gap == {"max": pytest.approx(0.1), "mean": pytest.approx(0.05), "last": pytest.approx(0.1), "points": 2}
