@@ -135,6 +135,8 @@ def test_dynamics_benchmark_runs_the_three_trainings(tmp_path):
     gap = rec["gaps"]["bf16_vs_fp32"]
     assert gap["points"] == 3 and gap["max"] == max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32)
     assert 0 < gap["max"] < 1e-2  # autocast moved the losses, by bf16 rounding, not more
+    # the flag reached the model: the bf16 stream rounds differently from autocast's float32 one
+    assert 0 < rec["gaps"]["bf16_residual_bf16_vs_bf16"]["max"] < 1e-2
 
 
 def test_curve_gap_pairs_steps():
