@@ -30,6 +30,7 @@ DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 # fastmae.model's (without importing torch here) and "auto", which train.py resolves
 ACTIVATION_CHECKPOINTING = ("auto", "none", "gelu", "selective", "full")
 RESIDUAL_DTYPES = ("float32", "autocast")  # fastmae.model's
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CHOICES = {
     "precision": PRECISIONS,
     "attn_backend": ATTN_BACKENDS,
@@ -37,6 +38,7 @@ CHOICES = {
     "data_backend": DATA_BACKENDS,
     "activation_checkpointing": ACTIVATION_CHECKPOINTING,
     "residual_dtype": RESIDUAL_DTYPES,
+    "compile_mode": COMPILE_MODES,
 }
 
 
@@ -76,6 +78,11 @@ class Config:
     device: str = _f("auto", "'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'")
     precision: str = _f("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+ GradScaler) or fp32")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
+    compile_mode: str = _f(
+        "default",
+        "torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune or "
+        "max-autotune-no-cudagraphs (Triton GEMMs with their epilogues fused where faster; minutes of compile)",
+    )
     fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
     attn_backend: str = _f(
         "auto",

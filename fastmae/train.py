@@ -258,7 +258,9 @@ def train(cfg: Config) -> TrainResult:
     compiled = compiles(cfg, device)
     if compiled and model.activation_checkpointing == "selective":
         _quiet_selective_checkpoint_notice()
-    fwd_model: torch.nn.Module = torch.compile(model) if compiled else model
+    fwd_model: torch.nn.Module = (
+        torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if compiled else model
+    )
     if env.enabled:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -288,7 +290,7 @@ def train(cfg: Config) -> TrainResult:
             f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
             f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
-            f"{precision}, compile={compiled}, fused={','.join(sorted(model.fused)) or 'off'}, attention={_attention_line(model)}, "
+            f"{precision}, compile={_compile_line(compiled, cfg.compile_mode)}, fused={','.join(sorted(model.fused)) or 'off'}, attention={_attention_line(model)}, "
             f"activation checkpointing={model.activation_checkpointing}, "
             + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
             + f"data={backend}; {what}; run dir {run_dir}",
@@ -499,6 +501,10 @@ def _summary(result: TrainResult, seconds: float) -> str:
         )
     lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto --epochs N")
     return "\n".join(lines)
+
+
+def _compile_line(compiled: bool, mode: str) -> str:
+    return f"True ({mode})" if compiled and mode != "default" else str(compiled)
 
 
 def _attention_line(model: MaskedAutoencoderViT) -> str:

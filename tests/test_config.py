@@ -141,6 +141,8 @@ def test_help_lists_presets_and_fields(capsys):
         (["--depth", "two"], 1, "invalid int value"),
         (["--embed-dim", "100", "--num-heads", "3"], 1, "not divisible by num_heads"),
         (["--activation-checkpointing", "some"], 1, "invalid choice"),
+        (["--compile-mode", "fast"], 1, "invalid choice"),
+        (["--residual-dtype", "bf16"], 1, "invalid choice"),
     ],
 )
 def test_bad_values_are_one_line_errors(argv, world, message, capsys, monkeypatch):

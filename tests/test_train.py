@@ -289,3 +289,16 @@ def test_selective_checkpoint_notice_is_dropped_and_nothing_else(caplog):
         assert [r.getMessage() for r in caplog.records] == ["something else"]
     finally:
         log.filters[:] = before
+
+
+def test_compile_mode_reaches_torch_compile(tiny_data, tmp_path, monkeypatch, capsys):
+    """--compile-mode is torch.compile's mode (None for default); the start line says which."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    run = tmp_path / "run"
+    args = ["--epochs", "1", "--max-steps", "1", "--compile", "--compile-mode", "max-autotune-no-cudagraphs"]
+    assert main(tiny_args(tiny_data, run, *args)) == 0
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}]
+    assert "compile=True (max-autotune-no-cudagraphs)" in capsys.readouterr().out
+    assert main(tiny_args(tiny_data, tmp_path / "default", "--epochs", "1", "--max-steps", "1", "--compile")) == 0
+    assert seen[1] == {"mode": None} and "compile=True, " in capsys.readouterr().out
