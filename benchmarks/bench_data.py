@@ -6,7 +6,10 @@ training device by each backend with the full MAE augmentation (RandomResizedCro
 normalise, training dtype), after warm-up (pipeline build, worker start, first epoch pass) and after
 the batches the loader holds ready (workers x prefetch) are drained untimed:
 
-- ``dali``: DALI, ``device="mixed"`` decode on CUDA, CPU decode otherwise, with T threads;
+- ``dali``: DALI, ``device="mixed"`` decode on CUDA, CPU decode otherwise, with T threads, for
+  each ``--dali-decoders`` setting: ``fancy`` (chroma interpolated as PIL does: the reference's
+  rounding, the loader's default) or ``plain`` (nvJPEG's nearest chroma upsampling), each with an
+  optional ``:share`` of JPEGs for the hardware decoder (A100/H100/H200; default 0.65);
 - ``torch``: the DataLoader + PIL reference with N workers;
 - ``tv_cuda``: ``torchvision.io.decode_jpeg(device="cuda")`` on batches of file bytes read on the
   host, then per-image resized crop + flip + normalise on the GPU (only with torchvision + CUDA);
@@ -43,6 +46,11 @@ from fastmae.data.testdata import make_demo_dataset
 from fastmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_params
 
 REPO = Path(__file__).resolve().parent.parent
+try:
+    from benchmarks.report import data_row_name
+except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
+    sys.path.insert(0, str(REPO))
+    from benchmarks.report import data_row_name
 
 
 def _environment() -> dict[str, Any]:
@@ -190,6 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backends", default="dali,torch,tv_cuda,synthetic")
     ap.add_argument("--workers", default=None, help="comma list of reference-loader workers (default: cpus, cpus/2)")
     ap.add_argument("--dali-threads", default=None, help="comma list of DALI CPU threads (default: cpus)")
+    ap.add_argument(
+        "--dali-decoders",
+        default="fancy",
+        help="comma list of DALI decoder settings: fancy | plain, optionally :HW_SHARE (e.g. fancy,plain,plain:0.9)",
+    )
     ap.add_argument("--warmup", type=int, default=5, help="batches before timing")
     ap.add_argument("--steps", type=int, default=20, help="batches per timed window")
     ap.add_argument("--repeats", type=int, default=3)
@@ -229,33 +242,39 @@ def main(argv: list[str] | None = None) -> dict:
         "results": [],
     }
     common = dict(batch_size=args.batch_size, image_size=args.image_size, device=device, dtype=dtype)
-    runs: list[tuple[str, int | None]] = []
+    try:
+        decoders = [dali_decoder_options(d) for d in args.dali_decoders.split(",")]
+    except ValueError as e:
+        ap.error(str(e))
+    runs: list[tuple[str, int | None, dict[str, Any]]] = []
     for backend in args.backends.split(","):
         if backend == "dali":
             if not dali_available():
                 result["results"].append({"backend": "dali", "skipped": "DALI not installed"})
                 continue
-            runs += [("dali", n) for n in threads]
+            runs += [("dali", n, d) for d in decoders for n in threads]
         elif backend == "torch":
-            runs += [("torch", n) for n in workers]
+            runs += [("torch", n, {}) for n in workers]
         elif backend == "tv_cuda":
             if not _have_tv_cuda():
                 result["results"].append({"backend": "tv_cuda", "skipped": "needs torchvision and CUDA"})
                 continue
-            runs.append(("tv_cuda", None))
+            runs.append(("tv_cuda", None, {}))
         elif backend == "synthetic":
-            runs.append(("synthetic", None))
+            runs.append(("synthetic", None, {}))
         else:
             ap.error(f"unknown backend {backend}")
 
-    for backend, n in runs:
+    for backend, n, options in runs:
         row: dict[str, Any] = {"backend": backend, "workers": n, "device": str(device), "dtype": args.dtype}
+        if options:
+            row["dali_options"] = options
         try:
             if backend == "tv_cuda":
                 batches = tv_cuda_batches(source, args.batch_size, args.image_size, dtype)
                 loader = None
             else:
-                loader = build_loader(backend, source, num_workers=n or 0, **common)
+                loader = build_loader(backend, source, num_workers=n or 0, dali_options=options or None, **common)
                 batches = _endless(loader)
             if backend == "dali":
                 row["decode"] = "mixed (GPU)" if device.type == "cuda" else "cpu"
@@ -279,13 +298,29 @@ def main(argv: list[str] | None = None) -> dict:
         result["dali_over_best_torch"] = best["dali"] / best["torch"]
     if args.out:
         _write(args.out, result)
-    print(f"\n{'backend':<10} {'workers':>7} {'img/s':>10}   (batch {args.batch_size}, {args.image_size} px, {device})")
+    print(f"\n{'backend':<24} {'workers':>7} {'img/s':>10}   (batch {args.batch_size}, {args.image_size} px, {device})")
     for row in result["results"]:
         rate = f"{row['img_per_s']:10.1f}" if "img_per_s" in row else row.get("skipped", row.get("error", ""))
-        print(f"{row['backend']:<10} {row.get('workers') or '-':>7} {rate}")
+        print(f"{data_row_name(row):<24} {row.get('workers') or '-':>7} {rate}")
     if "dali_over_best_torch" in result:
         print(f"DALI / best reference: {result['dali_over_best_torch']:.2f}x")
     return result
+
+
+def dali_decoder_options(spec: str) -> dict[str, Any]:
+    """``fancy`` | ``plain``, optionally ``:share`` -> DaliLoader arguments."""
+    kind, _, share = spec.strip().partition(":")
+    if kind not in ("fancy", "plain"):
+        raise ValueError(f"DALI decoder setting {spec!r}: expected fancy or plain, optionally :HW_SHARE")
+    options: dict[str, Any] = {"jpeg_fancy_upsampling": kind == "fancy"}
+    if share:
+        try:
+            options["hw_decoder_load"] = float(share)
+        except ValueError:
+            raise ValueError(f"DALI decoder setting {spec!r}: the hardware share must be a number") from None
+        if not 0.0 <= options["hw_decoder_load"] <= 1.0:
+            raise ValueError(f"DALI decoder setting {spec!r}: the hardware share must be in [0, 1]")
+    return options
 
 
 def _write(path: str, obj: dict) -> None:

@@ -67,7 +67,7 @@ run() {
   echo "=== DALI tests on CUDA ($((SECONDS - t0)) s)"
   timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/data --tb=short --durations=5
   echo "=== data benchmark ($((SECONDS - t0)) s)"
-  timeout 150 "$PY" benchmarks/bench_data.py --backends dali,torch,tv_cuda,synthetic --n-images 1536 \
+  timeout 150 "$PY" benchmarks/bench_data.py --backends dali,torch,tv_cuda,synthetic --dali-decoders fancy,plain --n-images 1536 \
     --steps 10 --repeats 2 --warmup 3 --workers 16 --out "$OUT/data_dali.json"
   timeout 10 "$PY" benchmarks/report.py "$OUT/data_dali.json"
   echo "=== done in $((SECONDS - t0)) s"

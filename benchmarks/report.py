@@ -159,6 +159,17 @@ def kernels_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def data_row_name(row: dict[str, Any]) -> str:
+    """A ``bench_data`` row's name: ``dali (plain, hw 0.9)`` for DALI with decoder options, else the backend."""
+    o = row.get("dali_options")
+    if not o:
+        return str(row.get("backend"))
+    parts = ["fancy" if o.get("jpeg_fancy_upsampling", True) else "plain"]
+    if "hw_decoder_load" in o:
+        parts.append(f"hw {o['hw_decoder_load']:g}")
+    return f"{row.get('backend')} ({', '.join(parts)})"
+
+
 def data_markdown(rep: dict[str, Any]) -> str:
     """A short table of a ``bench_data`` report: img/s per loader backend."""
     lines = [
@@ -169,7 +180,7 @@ def data_markdown(rep: dict[str, Any]) -> str:
     ]
     for r in rep.get("results", []):
         lines.append(
-            f"| {r.get('backend')} | {r.get('workers', '–')} | {r.get('device', '–')} "
+            f"| {data_row_name(r)} | {r.get('workers', '–')} | {r.get('device', '–')} "
             f"| {_f(r.get('img_per_s'), '.0f')} | {r.get('skipped', '')} |"
         )
     if rep.get("dali_over_best_torch") is not None:

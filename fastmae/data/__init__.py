@@ -64,11 +64,13 @@ def build_loader(
     num_workers: int = 8,
     report_dir: str | os.PathLike | None = None,
     steps_per_epoch: int = 1000,
+    dali_options: dict | None = None,
 ) -> Loader:
     """One loader by backend name; ``num_workers`` is DataLoader workers or DALI threads.
 
     ``source`` may be None only for ``"synthetic"`` (which uses ``steps_per_epoch``; the real
-    backends derive it from the source).
+    backends derive it from the source). ``dali_options``: more :class:`DaliLoader` arguments
+    (``hw_decoder_load``, ``jpeg_fancy_upsampling``, ...).
     """
     if backend not in BACKENDS:
         raise DataError(f"unknown data backend {backend!r} (expected one of {', '.join(BACKENDS)})")
@@ -80,7 +82,7 @@ def build_loader(
     common = dict(seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype, report_dir=report_dir)
     if backend == "torch":
         return TorchLoader(source, batch_size, image_size, num_workers=num_workers, **common)
-    return DaliLoader(source, batch_size, image_size, num_threads=max(1, num_workers), **common)
+    return DaliLoader(source, batch_size, image_size, num_threads=max(1, num_workers), **common, **(dali_options or {}))
 
 
 __all__ = [

@@ -219,6 +219,9 @@ class DaliLoader(ScheduledLoader):
         report_dir: folder for ``bad_files.txt`` (None: log only).
         scale, ratio: RandomResizedCrop bounds.
         hw_decoder_load: share of JPEGs sent to the hardware decoder (A100/H100) in mixed mode.
+        jpeg_fancy_upsampling: in mixed mode, upsample chroma by interpolation as libjpeg-turbo and
+            PIL do (the reference loader's rounding); False takes nvJPEG's default (nearest), which
+            may be faster. The CPU pipeline always interpolates.
         io_threads: threads reading the next batch's files ahead (0: read in the feeding thread).
 
     Iterating yields ``(images [B, 3, S, S] dtype on device, labels [B] int64 on device)``.
@@ -242,6 +245,7 @@ class DaliLoader(ScheduledLoader):
         ratio: tuple[float, float] = CROP_RATIO,
         hw_decoder_load: float = 0.65,
         io_threads: int = 4,
+        jpeg_fancy_upsampling: bool = True,
     ):
         self._fn, self._types, self._pipeline_def = _require_dali()
         super().__init__(EpochPlan(len(source), batch_size, seed, rank, world_size))
@@ -256,6 +260,7 @@ class DaliLoader(ScheduledLoader):
         self.scale = scale
         self.ratio = ratio
         self.hw_decoder_load = hw_decoder_load
+        self.jpeg_fancy_upsampling = jpeg_fancy_upsampling
         self.bad_files = BadFileReport(report_dir, rank, world_size)
         self.bad_files.extend((p, "missing") for p in source.missing)
         self._bad_idx: set[int] = set()  # dataset indices known unreadable
@@ -331,7 +336,7 @@ class DaliLoader(ScheduledLoader):
                 normalized_anchor=False,
                 normalized_shape=False,
                 adjust_orientation=False,
-                jpeg_fancy_upsampling=True,  # PIL/libjpeg's chroma upsampling
+                jpeg_fancy_upsampling=self.jpeg_fancy_upsampling,  # True: PIL/libjpeg's chroma upsampling
                 **decoder_kw,
             )
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)

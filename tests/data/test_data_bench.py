@@ -14,9 +14,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_data.py"
 def test_bench_data_smoke(tmp_path):
     bench = _load_bench()
     out = tmp_path / "data.json"
-    bench.main(
-        ["--smoke", "--root", str(tmp_path / "jpegs"), "--workers", "1", "--dali-threads", "1", "--out", str(out)]
-    )
+    argv = ["--smoke", "--root", str(tmp_path / "jpegs"), "--workers", "1", "--dali-threads", "1", "--out", str(out)]
+    bench.main([*argv, "--dali-decoders", "fancy,plain:0.9"])
     record = json.loads(out.read_text())
     assert record["env"]["git"]["commit"] and record["env"]["command"]
     assert record["dataset"]["n_images"] == 48
@@ -25,6 +24,20 @@ def test_bench_data_smoke(tmp_path):
     assert all("error" not in r for r in record["results"]), record["results"]
     # the torch loader's ready batches (1 worker x prefetch 2) are drained before timing
     assert [r["drained_batches"] for r in record["results"] if r["backend"] == "torch"] == [2]
+    if bench.dali_available():  # one row per decoder setting, each named in the table
+        dali = [r for r in record["results"] if r["backend"] == "dali"]
+        assert [r["dali_options"] for r in dali] == [
+            {"jpeg_fancy_upsampling": True},
+            {"jpeg_fancy_upsampling": False, "hw_decoder_load": 0.9},
+        ]
+        assert all(r["img_per_s"] > 0 for r in dali)
+        assert [bench.data_row_name(r) for r in dali] == ["dali (fancy)", "dali (plain, hw 0.9)"]
+
+
+@pytest.mark.parametrize("spec", ["fast", "plain:x", "fancy:1.5"])
+def test_bad_dali_decoder_settings_are_named(spec):
+    with pytest.raises(ValueError, match=f"DALI decoder setting '{spec}'"):
+        _load_bench().dali_decoder_options(spec)
 
 
 def _load_bench():

@@ -48,6 +48,17 @@ def test_dali_cpu_deterministic_across_runs_and_threads(demo_root):
         torch.testing.assert_close(ya, yb, rtol=0, atol=0)
 
 
+def test_dali_fancy_upsampling_switch_is_for_the_mixed_decoder(demo_root):
+    """``jpeg_fancy_upsampling=False`` (the benchmark's ``plain`` decoder) changes nothing on CPU:
+    libjpeg-turbo interpolates chroma either way; on CUDA it selects nvJPEG's nearest upsampling."""
+    src = open_source(demo_root)
+    fancy = _batches(DaliLoader(src, 8, 32, seed=3, num_threads=2))
+    plain = _batches(DaliLoader(src, 8, 32, seed=3, num_threads=2, jpeg_fancy_upsampling=False, hw_decoder_load=0.9))
+    for (xf, yf), (xp, yp) in zip(fancy, plain, strict=True):
+        torch.testing.assert_close(xp, xf, rtol=0, atol=0)
+        torch.testing.assert_close(yp, yf, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dali_output_dtype(demo_root, dtype):
     src = open_source(demo_root)
