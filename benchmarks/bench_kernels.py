@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -262,8 +263,21 @@ def phase_fn(b: Bench, impl: str, phase: str) -> Callable[[], object] | None:
     if grad_out is None:
         return None
     if phase == "bwd":
-        out = run()
-        return lambda: torch.autograd.grad(out, leaves, grad_out.to(out.dtype), retain_graph=True)
+        # The backward alone, on a forward run once. Autograd runs each backward op on the stream
+        # its forward op ran on, and a CUDA graph captures one stream: so the forward is run again
+        # on the stream the caller is on when it changes (gpu_time_ms warms up on its capture
+        # stream before capturing). Made on the default stream, the first H200 run's captures all
+        # failed (cudaErrorStreamCaptureInvalidated) and its bwd rows fell back to host timing.
+        made: dict[str, Any] = {}
+
+        def bwd():
+            stream = torch.cuda.current_stream() if grad_out.is_cuda else None
+            if "out" not in made or made["stream"] != stream:
+                made.update(out=run(), stream=stream)
+            out = made["out"]
+            return torch.autograd.grad(out, leaves, grad_out.to(out.dtype), retain_graph=True)
+
+        return bwd
 
     def fwd_bwd():
         out = run()

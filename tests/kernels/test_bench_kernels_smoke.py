@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 
 
@@ -35,3 +37,46 @@ def test_bench_kernels_smoke(tmp_path: Path):
         assert r["triton"]["ms"] > 0 and r["eager"]["ms"] > 0 and r["min_bytes"] > 0
         for impl in ("triton", "eager"):
             assert r[impl]["call_ms"] > 0 and r[impl]["timer"] == "perf_counter"  # CPU: the host's time
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return bench
+
+
+def test_backward_phase_runs_its_forward_once_per_stream():
+    """The bwd phase times the backward alone: its forward runs once (again only on another stream)."""
+    import torch
+
+    bench = _load()
+    (b,) = [b for b in bench.build_benches("t", (32, 32, 4, 16), 2, 0.75, torch.float32, "cpu", False)
+            if b.op == "unshuffle"]  # fmt: skip
+    calls = []
+    run = b.run["eager"]
+    b.run["eager"] = lambda: calls.append(1) or run()
+    fn = bench.phase_fn(b, "eager", "bwd")
+    grads = [fn() for _ in range(3)]
+    assert len(calls) == 1 and all(g[0].shape == b.leaves["eager"][0].shape for g in grads)
+
+
+@pytest.mark.gpu
+def test_backward_phase_is_captured_in_a_cuda_graph():
+    """On CUDA the bwd rows are GPU time from a CUDA graph, not the host's call time (the first
+    H200 run's captures of them failed: the forward had run on another stream)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    bench = _load()
+    for b in bench.build_benches("t", (64, 64, 8, 64), 4, 0.75, torch.bfloat16, "cuda", False):
+        if b.grad_out is None:
+            continue
+        fn = bench.phase_fn(b, "triton", "bwd")
+        row = bench.measure(fn, "cuda", False, b.min_bytes["bwd"], 1000.0)
+        assert row["timer"] == "cuda_graph", (b.op, row.get("graph_error"))
