@@ -26,9 +26,10 @@
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
 # priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, then fm_fast_no_ac,
-# fm_fast_bf16res, fm_fast_enc_math and fm_fast_mix128); the first compile is always tried, a later one is skipped (and recorded so in
-# the JSON) when the longest compile measured so far would run into the 25 s kept for timing (on
-# the H200, 2026-11-27, three compiles fit: 43, 58 and 33 s); rounds stop when the next would not fit.
+# fm_fast_bf16res, fm_fast_enc_math and fm_fast_mix128); the first compile is always tried, a
+# later one is skipped (and recorded so in the JSON) when the longest compile measured so far
+# would run into the 25 s kept for timing (on the H200, 2026-11-27, three compiles fit in 225 s:
+# 43, 58 and 33 s); rounds stop when the next would not fit.
 # torch.compile of a ViT training step takes on the order of a minute (ViT-L more); the main
 # variants need 2 compiles per model (fm_fast, hf_compile); eager variants cost seconds. A step at
 # batch 256 is ~0.05-0.1 s (ViT-B, 58 GFLOP/img) and ~0.1-0.2 s (ViT-L, 123 GFLOP/img) at 30-50% MFU,
