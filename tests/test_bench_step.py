@@ -173,8 +173,9 @@ def test_smoke_tiny_cuda_compiled(tmp_path: Path):
 def test_fastmae_variants_share_the_base_parameters():
     """One parameter set and one optimizer serve every fastmae variant (memory, and equal weights)."""
     base = step_variants.build_base("tiny", torch.device("cpu"), seed=0)
-    other = step_variants.fastmae_sharing(base, True, "math")
-    assert other.fused and other.attn_backend == "math"
+    other = step_variants.fastmae_sharing(base, True, "math", residual_dtype="autocast")
+    assert other.fused and other.attn_backend == "math" and other.residual_dtype == "autocast"
+    assert base.residual_dtype == "float32"
     pairs = list(zip(base.named_parameters(), other.named_parameters(), strict=True))
     assert all(n1 == n2 and p1 is p2 for (n1, p1), (n2, p2) in pairs)
     assert not other.pos_embed.requires_grad
