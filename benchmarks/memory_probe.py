@@ -125,8 +125,17 @@ def _state_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
-def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dict[str, Any]:
-    """Per-image and constant activation bytes of each variant, and the predicted peak at ``batch``."""
+Build = Callable[[], torch.nn.Module]
+
+
+def variant_table(
+    model_name: str,
+) -> tuple[torch.nn.Module, dict[str, tuple[str, Build, str]], Callable[..., Callable[[], torch.Tensor]], int, int]:
+    """``(base, {name: (eager | compiled, build, about)}, step_fn, image side, L)`` for a benchmark model.
+
+    ``step_fn(model, imgs, noise)`` is a call returning the loss; every fastmae variant loads the
+    base's weights, HF's are converted from them.
+    """
     from fastmae.convert import to_hf
     from fastmae.model import MaskedAutoencoderViT
 
@@ -148,7 +157,7 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
             return lambda: hf(pixel_values=imgs, noise=noise).loss
         return lambda: model(imgs, MASK_RATIO, noise)[0]
 
-    table: dict[str, tuple[str, Callable[[], torch.nn.Module], str]] = {
+    table: dict[str, tuple[str, Build, str]] = {
         "hf_eager": ("eager", lambda: hf, "HF ViTMAEForPreTraining, eager, sdpa (the reference)"),
         "hf_compile": ("compiled", lambda: hf, "HF under torch.compile"),
         "fm_ref": ("eager", lambda: fm(False, "none"), "fastmae reference path, eager"),
@@ -167,6 +176,12 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
             "compiled, selective checkpointing, bf16 residual stream",
         ),
     }
+    return base, table, step_fn, img, L
+
+
+def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dict[str, Any]:
+    """Per-image and constant activation bytes of each variant, and the predicted peak at ``batch``."""
+    base, table, step_fn, img, L = variant_table(model_name)
     out: dict[str, Any] = {"params": sum(p.numel() for p in base.parameters()), "state_bytes": _state_bytes(base)}
     out["variants"] = {}
     for name in variants or list(table):

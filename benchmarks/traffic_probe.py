@@ -1,0 +1,191 @@
+"""Memory traffic of the training step's fused (non-GEMM) kernels, counted on CPU: a GPU-time prediction.
+
+On a GPU the step is GEMMs and attention (compute-bound, untouched by most of the performance
+push's candidates) plus the element-wise, normalisation and reduction kernels inductor generates,
+which are bound by memory bandwidth. How many bytes those kernels move is decided by inductor's
+scheduler (what it fuses, in which dtype each buffer lives), so it can be counted on a CPU:
+
+- the step (forward, backward; bf16 autocast) is compiled with inductor on CPU, caches off;
+- after the scheduler has fused the graphs, each generated kernel's read + write buffer bytes are
+  summed (inductor's own ``get_read_write_buffers_sizes``); extern kernels (GEMMs, attention,
+  convolution) are left out;
+- at batch 2 and 6: the slope is the bytes per image, the rest is fixed per step (the weights'
+  bf16 casts and their grads);
+- predicted milliseconds = bytes at ``--batch`` / ``--gbps`` (default: the H200's device copy,
+  4247 GB/s, measured 2026-11-27).
+
+A prediction, not a measurement: CPU inductor fuses differently from CUDA inductor in places (no
+mix-order reduction, other reduction splits), a buffer a kernel reads twice counts once, and
+fastmae's Triton kernels are not counted (the fastmae variants run the reference path, as in
+``memory_probe.py``; those kernels move ~0.4 ms of bytes on the H200). Its use is to rank
+candidates before a lease. Against the H200's profile of 2026-11-27 (``--validate``): inductor's
+fused + norm kernels took 14.3 ms (fastmae fast path) and 16.6 ms (HF compiled).
+
+    python benchmarks/traffic_probe.py --out benchmarks/results/<date>_cpu_traffic.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from benchmarks import common
+except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import common
+from benchmarks.memory_probe import variant_table  # noqa: E402  (after the sys.path fallback)
+
+BATCHES = (2, 6)
+H200_COPY_GBPS = 4247.0  # benchmarks/results/2026-11-27_h200_step_vit_base.json, ceilings
+DEFAULT_VARIANTS = [
+    "hf_compile",
+    "fm_compile",
+    "fm_compile_selective",
+    "fm_compile_bf16res",
+    "fm_compile_selective_bf16res",
+]
+
+
+@contextlib.contextmanager
+def counting_fused_bytes() -> Iterator[dict[str, int]]:
+    """Counts, while active, the read + write bytes of every kernel inductor's scheduler generates
+    (extern and no-op nodes aside): ``{"bytes": ..., "kernels": ...}``."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    import torch._inductor.scheduler as sched
+
+    counts = {"bytes": 0, "kernels": 0}
+    codegen = sched.Scheduler.codegen
+
+    def counting_codegen(self: Any) -> Any:
+        for node in self.nodes:
+            if isinstance(node, (sched.ExternKernelSchedulerNode, sched.NopKernelSchedulerNode)):
+                continue
+            counts["bytes"] += int(node.get_read_write_buffers_sizes())
+            counts["kernels"] += 1
+        return codegen(self)
+
+    sched.Scheduler.codegen = counting_codegen
+    try:
+        # a graph-cache hit would skip the scheduler; the compiled-kernel caches stay (a g++ build a kernel)
+        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+            yield counts
+    finally:
+        sched.Scheduler.codegen = codegen
+
+
+def step_bytes(call: Any) -> dict[str, int]:
+    """Fused-kernel bytes of one compiled forward + backward of ``call`` (bf16 autocast, CPU)."""
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = call()
+        loss.backward()
+        return loss
+
+    torch._dynamo.reset()
+    with counting_fused_bytes() as counts:
+        torch.compile(step, dynamic=False)()
+    torch._dynamo.reset()
+    return dict(counts)
+
+
+def probe(model_name: str, batch: int, gbps: float, variants: list[str]) -> dict[str, Any]:
+    base, table, step_fn, img, L = variant_table(model_name)
+    out: dict[str, Any] = {"variants": {}}
+    for name in variants:
+        kind, build, about = table[name]
+        if kind != "compiled":
+            raise ValueError(f"{name} is an eager variant: only compiled ones have inductor kernels to count")
+        t0 = time.perf_counter()
+        model = build()
+        counts = []
+        for n in BATCHES:
+            gen = torch.Generator().manual_seed(n)
+            imgs, noise = torch.randn(n, 3, img, img, generator=gen), torch.rand(n, L, generator=gen)
+            counts.append(step_bytes(step_fn(model, imgs, noise)))
+            model.zero_grad(set_to_none=True)
+        per_image = (counts[1]["bytes"] - counts[0]["bytes"]) / (BATCHES[1] - BATCHES[0])
+        fixed = counts[0]["bytes"] - per_image * BATCHES[0]
+        at_batch = per_image * batch + fixed
+        out["variants"][name] = {
+            "about": about,
+            "bytes_at_batches": {str(b): c["bytes"] for b, c in zip(BATCHES, counts, strict=True)},
+            "kernels": counts[0]["kernels"],
+            "per_image_bytes": per_image,
+            "fixed_bytes": fixed,
+            "bytes_at_batch": at_batch,
+            "predicted_ms": at_batch / gbps / 1e6,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print(
+            f"{model_name} {name:30s} {per_image / 1e6:7.1f} MB/img + {fixed / 1e9:5.2f} GB fixed "
+            f"-> {at_batch / 1e9:6.1f} GB at batch {batch}, {at_batch / gbps / 1e6:5.1f} ms at {gbps:.0f} GB/s",
+            flush=True,
+        )
+        del model
+    ref = out["variants"].get("fm_compile")
+    if ref:
+        for v in out["variants"].values():
+            v["bytes_vs_fm_compile"] = v["bytes_at_batch"] / ref["bytes_at_batch"]
+    return out
+
+
+def markdown(record: dict[str, Any]) -> str:
+    models = list(record["models"])
+    head = "| variant | " + " | ".join(f"{m}: MB/img | GB at {record['batch']} | ms predicted" for m in models)
+    lines = [head + " |", "|---|" + "---:|" * (3 * len(models))]
+    names = list(dict.fromkeys(n for m in models for n in record["models"][m]["variants"]))
+    for n in names:
+        cells = []
+        for m in models:
+            v = record["models"][m]["variants"].get(n)
+            cells += (
+                ["–"] * 3
+                if v is None
+                else [
+                    f"{v['per_image_bytes'] / 1e6:.0f}",
+                    f"{v['bytes_at_batch'] / 1e9:.1f}",
+                    f"{v['predicted_ms']:.1f}",
+                ]
+            )
+        lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", default=["vit_base_patch16"], help="tiny or SHAPES names")
+    p.add_argument("--batch", type=int, default=256, help="the batch the bytes and times are predicted for")
+    p.add_argument("--gbps", type=float, default=H200_COPY_GBPS, help="bandwidth for the predicted ms")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="compiled variants of memory_probe's table")
+    p.add_argument("--out", type=Path, default=None, help="JSON file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    record: dict[str, Any] = {
+        "benchmark": "traffic_probe",
+        "env": common.environment(argv, script=__file__),
+        "method": __doc__.split("\n\n")[1:4],
+        "batch": args.batch,
+        "gbps": args.gbps,
+        "autocast": "bf16",
+        "models": {},
+    }
+    for name in args.model:
+        record["models"][name] = probe(name, args.batch, args.gbps, args.variants)
+        if args.out:
+            common.write_json(args.out, record)
+    print(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
