@@ -18,8 +18,11 @@ A prediction, not a measurement: CPU inductor fuses differently from CUDA induct
 mix-order reduction, other reduction splits), a buffer a kernel reads twice counts once, and
 fastmae's Triton kernels are not counted (the fastmae variants run the reference path, as in
 ``memory_probe.py``; those kernels move ~0.4 ms of bytes on the H200). Its use is to rank
-candidates before a lease. Against the H200's profile of 2026-11-27 (``--validate``): inductor's
-fused + norm kernels took 14.3 ms (fastmae fast path) and 16.6 ms (HF compiled).
+candidates before a lease. Against the H200's profile of 2026-11-27 (ViT-B, batch 256): fastmae's
+compiled step is predicted at 14.1 ms, where inductor's fused + norm kernels took 14.3 ms; HF
+compiled at 13.0 ms, where they took 16.6 ms. HF's compiled encoder attention ran on the GPU as
+decomposed fp32 math (24 fp32 GEMMs and their softmax kernels), on the CPU as one extern kernel:
+probably the bytes this count misses there.
 
     python benchmarks/traffic_probe.py --out benchmarks/results/<date>_cpu_traffic.json
 """
