@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -171,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gbps", type=float, default=H200_COPY_GBPS, help="bandwidth for the predicted ms")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="compiled variants of memory_probe's table")
     p.add_argument("--out", type=Path, default=None, help="JSON file")
+    p.add_argument("--md", type=Path, default=None, metavar="JSON", help="print the markdown table of a result file")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.md:
+        print(markdown(json.loads(args.md.read_text())))
+        return 0
     record: dict[str, Any] = {
         "benchmark": "traffic_probe",
         "env": common.environment(argv, script=__file__),
