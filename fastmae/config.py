@@ -98,8 +98,8 @@ class Config:
     )
     residual_dtype: str = _f(
         "float32",
-        "the blocks' residual stream: float32 (the reference, under autocast too) or autocast (in the "
-        "autocast dtype: fewer bytes for the adds and norms, coarser rounding; changes results)",
+        "the blocks' residual stream: float32 (the reference, under autocast too) or autocast (bf16, "
+        "with --precision bf16: fewer bytes for the adds and norms, coarser rounding; changes results)",
     )
 
     # data

@@ -202,6 +202,12 @@ def train(cfg: Config) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    precision, dtype = resolve_precision(cfg, device)
+    if cfg.residual_dtype == "autocast" and precision != "bf16":
+        raise ConfigError(
+            f"--residual-dtype autocast keeps the residual stream in bf16 and needs --precision bf16 "
+            f"(this run: {precision}; fp32 would leave it unchanged, an fp16 stream can overflow)"
+        )
 
     # rank 0 decides (one view of the file system), every rank gets its answer or its error
     try:
@@ -227,7 +233,6 @@ def train(cfg: Config) -> TrainResult:
         total_steps = min(total_steps, cfg.max_steps)
 
     model = build_model(cfg, device)
-    precision, dtype = resolve_precision(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, cfg.weight_decay),
         lr=peak_lr,

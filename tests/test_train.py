@@ -302,3 +302,15 @@ def test_compile_mode_reaches_torch_compile(tiny_data, tmp_path, monkeypatch, ca
     assert "compile=True (max-autotune-no-cudagraphs)" in capsys.readouterr().out
     assert main(tiny_args(tiny_data, tmp_path / "default", "--epochs", "1", "--max-steps", "1", "--compile")) == 0
     assert seen[1] == {"mode": None} and "compile=True, " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_bf16_residual_stream_needs_bf16_autocast(tiny_data, tmp_path, capsys, precision):
+    """--residual-dtype autocast is a one-line error unless the run is bf16: in fp32 it would do
+    nothing, in fp16 the stream could overflow. Nothing is written before it."""
+    run = tmp_path / "run"
+    argv = tiny_args(tiny_data, run, "--epochs", "1", "--residual-dtype", "autocast", "--precision", precision)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"needs --precision bf16 (this run: {precision};" in err[0]
+    assert not run.exists()
