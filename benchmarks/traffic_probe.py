@@ -5,7 +5,8 @@ push's candidates) plus the element-wise, normalisation and reduction kernels in
 which are bound by memory bandwidth. How many bytes those kernels move is decided by inductor's
 scheduler (what it fuses, in which dtype each buffer lives), so it can be counted on a CPU:
 
-- the step (forward, backward; bf16 autocast) is compiled with inductor on CPU, caches off;
+- the step (forward, backward; bf16 autocast) is compiled with inductor on CPU, its graph caches
+  off (a cache hit would skip the scheduler; compiled kernels are still reused);
 - after the scheduler has fused the graphs, each generated kernel's read + write buffer bytes are
   summed (inductor's own ``get_read_write_buffers_sizes``); extern kernels (GEMMs, attention,
   convolution) are left out;

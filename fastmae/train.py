@@ -18,7 +18,6 @@ of processes or accumulation steps, so ``4 GPUs x 64 x accum 2`` trains on exact
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -35,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fastmae import checkpoint as ckpt
-from fastmae import distributed
+from fastmae import distributed, messages
 from fastmae.attention import AttentionBackendError, resolve_backend
 from fastmae.config import Config, ConfigError, accum_iter, learning_rate, parse_config
 from fastmae.data import DataError, build_loader, dali_available, make_demo_dataset, open_source, sample_seed
 from fastmae.log import MetricsLog
+from fastmae.messages import PROG
 from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay, resolve_activation_checkpointing
 from fastmae.rundir import check_resumable, resolve_run_dir
 
@@ -47,7 +47,6 @@ EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_OOM = 4
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
-PROG = "python -m fastmae.train"
 _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
 
 
@@ -262,7 +261,7 @@ def train(cfg: Config) -> TrainResult:
 
     compiled = compiles(cfg, device)
     if compiled and model.activation_checkpointing == "selective":
-        _quiet_selective_checkpoint_notice()
+        messages.quiet_selective_checkpoint_notice()
     fwd_model: torch.nn.Module = (
         torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if compiled else model
     )
@@ -295,7 +294,7 @@ def train(cfg: Config) -> TrainResult:
             f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
             f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
-            f"{precision}, compile={_compile_line(compiled, cfg.compile_mode)}, fused={','.join(sorted(model.fused)) or 'off'}, attention={_attention_line(model)}, "
+            f"{precision}, compile={messages.compile_line(compiled, cfg.compile_mode)}, fused={','.join(sorted(model.fused)) or 'off'}, attention={messages.attention_line(model)}, "
             f"activation checkpointing={model.activation_checkpointing}, "
             + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
             + f"data={backend}; {what}; run dir {run_dir}",
@@ -489,76 +488,6 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def _summary(result: TrainResult, seconds: float) -> str:
-    losses = result.losses
-    lines = [
-        f"done: step {result.step} in {seconds / 60:.1f} min"
-        + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if len(losses) > 1 else ""),
-        f"  run dir     {result.run_dir}",
-        f"  checkpoint  {result.checkpoint}",
-        f"  metrics     {result.metrics}",
-        f"  config      {result.run_dir / 'config.json'}",
-    ]
-    if result.pictures:
-        lines.append(
-            f"  pictures    {result.pictures[-1]}"
-            + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
-        )
-    lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto --epochs N")
-    return "\n".join(lines)
-
-
-def _compile_line(compiled: bool, mode: str) -> str:
-    return f"True ({mode})" if compiled and mode != "default" else str(compiled)
-
-
-def _attention_line(model: MaskedAutoencoderViT) -> str:
-    enc, dec = model.attn_backend, model.decoder_attn_backend
-    return enc if enc == dec else f"{enc} (decoder {dec})"
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def _quiet_selective_checkpoint_notice() -> None:
-    """Drop dynamo's notice that a checkpoint ``context_fn`` must not wrap in-place ops.
-
-    It is printed for every compiled run with selective checkpointing (now the default on CUDA); the
-    blocks have no in-place op, and the results are tested bitwise equal to ``none``'s, compiled too
-    (tests/test_activation_checkpointing.py, tests/kernels/test_compile_trace.py).
-    """
-    log = logging.getLogger("torch._higher_order_ops.wrap")
-    if not any(isinstance(f, _DropMessage) for f in log.filters):
-        log.addFilter(_DropMessage("context_fn is passed to torch.utils.checkpoint under torch.compile"))
-
-
-def _out_of_memory_hint(cfg: Config) -> str:
-    """One line: what ran out, and the ways to fit that keep the run's results."""
-    ways = []
-    if cfg.batch_size > 1:
-        keep = (
-            f"the effective batch {cfg.effective_batch} and so the recipe stay the same"
-            if cfg.effective_batch and not cfg.accum_iter
-            else "double --accum-iter to keep the effective batch"
-        )
-        ways.append(f"--batch-size {cfg.batch_size // 2} ({keep})")
-    # what the run used (out of memory happens on CUDA, where compile is on unless turned off)
-    used = resolve_activation_checkpointing(cfg.activation_checkpointing, "cuda", cfg.compile is not False)
-    if used != "full":
-        more = "selective (recomputes norms and GELU) or full" if used in ("none", "gelu") else "full"
-        ways.append(f"--activation-checkpointing {more} (results unchanged)")
-    where = f"out of memory at --batch-size {cfg.batch_size} per process (rank {os.environ.get('RANK', '0')})"
-    if not ways:
-        return f"{where} with full activation checkpointing: this model needs a GPU with more memory"
-    return f"{where}; try " + ", or ".join(ways) + "; --resume auto continues a run"
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code.
 
@@ -580,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except torch.OutOfMemoryError:
-        print(f"{PROG}: error: {_out_of_memory_hint(cfg)}", file=sys.stderr)  # every rank: which one ran out
+        print(f"{PROG}: error: {messages.out_of_memory_hint(cfg)}", file=sys.stderr)  # every rank: which one ran out
         return EXIT_OOM
     except KeyboardInterrupt:
         if is_main:
@@ -597,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return EXIT_STOPPED
     if is_main:
-        print(_summary(result, time.time() - t0), flush=True)
+        print(messages.summary(result, time.time() - t0), flush=True)
     return 0
 
 

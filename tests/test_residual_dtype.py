@@ -82,9 +82,10 @@ def test_blocks_see_the_autocast_dtype(fused):
 def test_error_within_the_three_way_rule():
     """Against float64: the bf16 stream's grad error is at most 2x that of autocast's float32 stream.
 
-    Measured over seeds 0-5 of this model: 1.2-1.4x for the grads; loss errors 5e-5 to 2.2e-4
-    (autocast's own: 2e-5 to 3.1e-4, too noisy for a ratio, so the loss gets a bound instead). At
-    initialisation; a long run's stream grows against its updates (the note in fastmae.model).
+    Measured over seeds 0-5 of this model: 1.2-1.4x for the grads (1.25x here); loss errors 5e-5 to
+    2.2e-4 (autocast's own: 2e-5 to 3.1e-4, too noisy for a ratio), so the loss gets a bound: 2x this
+    case's 9.8e-5. At initialisation; a long run's stream grows against its updates (the note in
+    fastmae.model).
     """
     ref, low = _pair(SMALL, seed=0)
     exact = MaskedAutoencoderViT(**SMALL).double()
@@ -98,7 +99,7 @@ def test_error_within_the_three_way_rule():
     err_l = ((grads_l - grads_x).norm() / grads_x.norm()).item()
     assert err_l > err_r, "the stream was not rounded: the option did nothing"
     assert err_l <= 2 * err_r, f"grad error {err_l:.2e} > 2x autocast's own {err_r:.2e}"
-    assert abs(loss_l - loss_x) / loss_x <= 5e-4
+    assert abs(loss_l - loss_x) / loss_x <= 2e-4
 
 
 def test_compiles_to_one_graph_cpu():
@@ -134,9 +135,10 @@ def test_dynamics_benchmark_runs_the_three_trainings(tmp_path):
     fp32, bf16 = (dict(rec["runs"][k]["losses"]) for k in ("fp32", "bf16"))
     gap = rec["gaps"]["bf16_vs_fp32"]
     assert gap["points"] == 3 and gap["max"] == max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32)
-    assert 0 < gap["max"] < 1e-2  # autocast moved the losses, by bf16 rounding, not more
-    # the flag reached the model: the bf16 stream rounds differently from autocast's float32 one
-    assert 0 < rec["gaps"]["bf16_residual_bf16_vs_bf16"]["max"] < 1e-2
+    # autocast moved the losses, by bf16 rounding, not more (1.4e-4 here; the bound is 2x)
+    assert 0 < gap["max"] < 3e-4
+    # the flag reached the model: the bf16 stream rounds differently from autocast's float32 one (1.5e-4)
+    assert 0 < rec["gaps"]["bf16_residual_bf16_vs_bf16"]["max"] < 3e-4
 
 
 def test_curve_gap_pairs_steps():

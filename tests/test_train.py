@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastmae import messages
 from fastmae import train as train_mod
 from fastmae.config import make_config
 from fastmae.data import make_demo_dataset
@@ -280,8 +281,8 @@ def test_selective_checkpoint_notice_is_dropped_and_nothing_else(caplog):
     log = logging.getLogger("torch._higher_order_ops.wrap")
     before = list(log.filters)
     try:
-        train_mod._quiet_selective_checkpoint_notice()
-        train_mod._quiet_selective_checkpoint_notice()  # idempotent
+        messages.quiet_selective_checkpoint_notice()
+        messages.quiet_selective_checkpoint_notice()  # idempotent
         assert len(log.filters) == len(before) + 1
         with caplog.at_level(logging.WARNING, logger="torch._higher_order_ops.wrap"):
             log.warning("\nDetected that context_fn is passed to torch.utils.checkpoint under torch.compile.\n")

@@ -1,0 +1,87 @@
+"""What the trainer tells its user beyond the metrics: parts of the start line, the summary at the
+end, the out-of-memory hint, and a torch notice it silences."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from fastmae.config import Config
+from fastmae.model import resolve_activation_checkpointing
+
+if TYPE_CHECKING:
+    from fastmae.model import MaskedAutoencoderViT
+    from fastmae.train import TrainResult
+
+PROG = "python -m fastmae.train"
+
+
+def summary(result: TrainResult, seconds: float) -> str:
+    losses = result.losses
+    lines = [
+        f"done: step {result.step} in {seconds / 60:.1f} min"
+        + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if len(losses) > 1 else ""),
+        f"  run dir     {result.run_dir}",
+        f"  checkpoint  {result.checkpoint}",
+        f"  metrics     {result.metrics}",
+        f"  config      {result.run_dir / 'config.json'}",
+    ]
+    if result.pictures:
+        lines.append(
+            f"  pictures    {result.pictures[-1]}"
+            + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
+        )
+    lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto --epochs N")
+    return "\n".join(lines)
+
+
+def compile_line(compiled: bool, mode: str) -> str:
+    return f"True ({mode})" if compiled and mode != "default" else str(compiled)
+
+
+def attention_line(model: MaskedAutoencoderViT) -> str:
+    enc, dec = model.attn_backend, model.decoder_attn_backend
+    return enc if enc == dec else f"{enc} (decoder {dec})"
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_selective_checkpoint_notice() -> None:
+    """Drop dynamo's notice that a checkpoint ``context_fn`` must not wrap in-place ops.
+
+    It is printed for every compiled run with selective checkpointing (now the default on CUDA); the
+    blocks have no in-place op, and the results are tested bitwise equal to ``none``'s, compiled too
+    (tests/test_activation_checkpointing.py, tests/kernels/test_compile_trace.py).
+    """
+    log = logging.getLogger("torch._higher_order_ops.wrap")
+    if not any(isinstance(f, _DropMessage) for f in log.filters):
+        log.addFilter(_DropMessage("context_fn is passed to torch.utils.checkpoint under torch.compile"))
+
+
+def out_of_memory_hint(cfg: Config) -> str:
+    """One line: what ran out, and the ways to fit that keep the run's results."""
+    ways = []
+    if cfg.batch_size > 1:
+        keep = (
+            f"the effective batch {cfg.effective_batch} and so the recipe stay the same"
+            if cfg.effective_batch and not cfg.accum_iter
+            else "double --accum-iter to keep the effective batch"
+        )
+        ways.append(f"--batch-size {cfg.batch_size // 2} ({keep})")
+    # what the run used (out of memory happens on CUDA, where compile is on unless turned off)
+    used = resolve_activation_checkpointing(cfg.activation_checkpointing, "cuda", cfg.compile is not False)
+    if used != "full":
+        more = "selective (recomputes norms and GELU) or full" if used in ("none", "gelu") else "full"
+        ways.append(f"--activation-checkpointing {more} (results unchanged)")
+    where = f"out of memory at --batch-size {cfg.batch_size} per process (rank {os.environ.get('RANK', '0')})"
+    if not ways:
+        return f"{where} with full activation checkpointing: this model needs a GPU with more memory"
+    return f"{where}; try " + ", or ".join(ways) + "; --resume auto continues a run"
