@@ -14,6 +14,8 @@ qkv projection's ``(B, N, 3, H, Dh)``):
     math             fastmae's plain reference attention, eager
     math_compiled    the same under torch.compile (inductor fuses scale + softmax)
     xformers         where it imports and runs
+    triton           fastmae's kernel (kernels/attention.py) with its launch rule; on CUDA also each
+                     tiling of ``TRITON_CONFIGS`` as ``triton[...]``, to check the rule
 
 Each row records the kernels the call launched (one profiled call), the median GPU time (CUDA
 graphs, L2 flushed; the host's call time where a graph cannot be captured) and TFLOP/s of the
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,15 @@ except ModuleNotFoundError:  # run as a script
 from benchmarks import profile_step  # noqa: E402  (after the sys.path fallback above)
 from benchmarks import report as report_md  # noqa: E402
 from benchmarks.bench_kernels import gpu_time_ms, time_ms  # noqa: E402
-from fastmae.attention import attention_math, attention_sdpa, attention_sdpa_pad64, xformers_runs
+from fastmae.attention import (  # noqa: E402
+    AttentionBackendError,
+    attention_math,
+    attention_sdpa,
+    attention_sdpa_pad64,
+    attention_triton,
+    resolve_backend,
+    xformers_runs,
+)
 
 # (encoder width, encoder heads, decoder width, decoder heads, patch, image): the presets' shapes
 MODELS = {
@@ -53,6 +64,54 @@ MODELS = {
 }
 SMOKE_MODELS = {"smoke": (64, 4, 32, 4, 8, 32)}
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+# The Triton kernel's tilings timed beside its launch rule: (fwd BLOCK_M, fwd BLOCK_N, fwd warps,
+# bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages), None = the rule's value at that shape. Key tiles of
+# 128 take the decoder's 197 tokens in 2 steps instead of 4; 128-row query tiles halve how often
+# k and v are read; 8 warps split a 64 x 64 tile over two warp groups.
+TRITON_CONFIGS: list[tuple[int | None, ...]] = [
+    (64, 128, 4, None, None, None, None),
+    (64, 128, 8, None, None, None, None),
+    (128, 64, 8, None, None, None, None),
+    (None, None, None, 64, 64, 8, None),
+    (None, None, None, 64, 128, 8, None),
+    (None, None, None, 128, 64, 8, None),
+    (None, None, None, None, None, None, 1),
+    (None, None, None, None, None, None, 3),
+]
+
+
+def triton_config_name(config: tuple[int | None, ...]) -> str:
+    """``triton[fwd 64x128 w4]``-style: only the knobs the config sets."""
+    parts = []
+    if any(c is not None for c in config[:3]):
+        parts.append("fwd {}x{} w{}".format(*("rule" if c is None else c for c in config[:3])))
+    if any(c is not None for c in config[3:6]):
+        parts.append("bwd {}x{} w{}".format(*("rule" if c is None else c for c in config[3:6])))
+    if config[6] is not None:
+        parts.append(f"stages {config[6]}")
+    return f"triton[{', '.join(parts)}]"
+
+
+def triton_with_config(config: tuple[int | None, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``attention_triton`` launched with ``config``'s knobs in place of its rule's, at every call."""
+    import importlib
+
+    module = importlib.import_module("fastmae.kernels.attention")
+
+    def run(qkv: torch.Tensor) -> torch.Tensor:
+        original = module._launch_config
+
+        def patched(N: int, Dh: int, device: torch.device) -> tuple[int, ...]:
+            rule = original(N, Dh, torch.device("cuda"))  # the GPU rule, on any device
+            return tuple(r if c is None else c for r, c in zip(rule, config, strict=True))
+
+        module._launch_config = patched
+        try:
+            return attention_triton(qkv)
+        finally:
+            module._launch_config = original
+
+    return run
 
 
 def shapes(model: str, dims: tuple[int, ...], batch: int, mask_ratio: float) -> list[dict[str, Any]]:
@@ -96,6 +155,7 @@ def impls(device: str, with_compile: bool) -> dict[str, Callable[[torch.Tensor],
     (each row is saved as it lands, so a stage that runs out of time keeps them)."""
     out: dict[str, Callable[[torch.Tensor], torch.Tensor] | str] = {
         "sdpa": attention_sdpa,
+        "triton": _triton_or_why(device),
         "sdpa_pad64": attention_sdpa_pad64,
         # static shapes: one compile per call shape, no dynamic-shape recompile on the second
         "math_compiled": (
@@ -114,6 +174,22 @@ def impls(device: str, with_compile: bool) -> dict[str, Callable[[torch.Tensor],
     else:
         out["xformers"] = why
     return out
+
+
+def _triton_or_why(device: str) -> Callable[[torch.Tensor], torch.Tensor] | str:
+    try:
+        resolve_backend("triton", device)
+    except AttentionBackendError as e:
+        return str(e)
+    return attention_triton
+
+
+def tiling_impls(device: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The Triton kernel at each of ``TRITON_CONFIGS`` (CUDA only: under the interpreter a tiling
+    changes nothing but the time); a second pass, after every shape's backends."""
+    if device != "cuda":
+        return {}
+    return {triton_config_name(c): triton_with_config(c) for c in TRITON_CONFIGS}
 
 
 def flops(shape: dict[str, Any], phase: str) -> float:
@@ -155,9 +231,11 @@ def run_shape(
     smoke: bool,
     row: dict[str, Any] | None = None,
     saved: Callable[[], None] = lambda: None,
+    deadline: float = float("inf"),
 ) -> dict:
     """Every impl at ``shape``, into ``row`` (made when None); ``saved()`` after each impl, so a
-    timeout keeps what finished."""
+    timeout keeps what finished. Impls not started by ``deadline`` (``time.monotonic()``) are
+    recorded as skipped."""
     B, N, H, Dh = shape["B"], shape["N"], shape["H"], shape["Dh"]
     g = torch.Generator(device=device).manual_seed(0)
     # the qkv projection's output: (B, N, 3*H*Dh) viewed (B, N, 3, H, Dh), a leaf for the grads
@@ -172,6 +250,9 @@ def run_shape(
     for name, call in calls.items():
         if isinstance(call, str):
             row["impls"][name] = {"status": "skipped", "reason": call}
+            continue
+        if time.monotonic() > deadline:
+            row["impls"][name] = {"status": "skipped", "reason": "time budget"}
             continue
         leaves = [qkv]
         if call is _hf_layout:
@@ -210,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-compile", action="store_true", help="leave out math_compiled")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; the only mode without CUDA")
+    p.add_argument(
+        "--time-budget", type=float, default=None, help="seconds; impls not started by then are recorded as skipped"
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,15 +311,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [],
         "complete": False,
     }
+    deadline = time.monotonic() + (args.time_budget if args.time_budget is not None else float("inf"))
+    rows: list[dict[str, Any]] = []
     for model, dims in models.items():
         for shape in shapes(model, dims, batch, args.mask_ratio):
-            row: dict[str, Any] = {**shape, "impls": {}}
-            report["results"].append(row)
-            # written after each impl: a timeout keeps what finished
-            save = (lambda: common.write_json(args.out, report)) if args.out else (lambda: None)
-            run_shape(shape, calls, device, dtype, args.smoke, row, save)
-            done = {k: v["fwd+bwd"]["ms"] for k, v in row["impls"].items() if v.get("status") == "done"}
-            print(f"{model} {shape['part']}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in done.items()) + " ms fwd+bwd")
+            rows.append({**shape, "impls": {}})
+    report["results"] = rows
+    # written after each impl: a timeout keeps what finished
+    save = (lambda: common.write_json(args.out, report)) if args.out else (lambda: None)
+    # every shape's backends first, then the kernel's tilings: a short budget still compares both calls
+    for pass_calls in (calls, tiling_impls(device)):
+        for row in rows:
+            shape = {k: v for k, v in row.items() if k != "impls"}
+            run_shape(shape, pass_calls, device, dtype, args.smoke, row, save, deadline)
+    for row in rows:
+        done = {k: v["fwd+bwd"]["ms"] for k, v in row["impls"].items() if v.get("status") == "done"}
+        print(f"{row['model']} {row['part']}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in done.items()) + " ms fwd+bwd")
     report["complete"] = True
     if args.out:
         common.write_json(args.out, report)

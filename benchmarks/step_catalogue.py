@@ -28,7 +28,7 @@ class Variant:
         impl: ``hf`` (transformers' ViTMAEForPreTraining) or ``fastmae``.
         fused: fastmae's kernel switch; a frozenset names the ops that run as kernels (per-op ablation).
         compile: None for eager, else a ``torch.compile`` mode (``default``, ``reduce-overhead``, ...).
-        attn: fastmae's attention backend (``sdpa`` | ``sdpa_pad64`` | ``math`` | ``xformers`` |
+        attn: fastmae's attention backend (``sdpa`` | ``sdpa_pad64`` | ``triton`` | ``math`` | ``xformers`` |
             ``auto``); HF uses sdpa.
         decoder_attn: the decoder's, where it differs (None: ``attn``).
         sdpa_kernel: force one SDPA kernel (``flash`` | ``cudnn`` | ``efficient`` | ``math``).
@@ -100,6 +100,21 @@ def _variants() -> dict[str, Variant]:
             **{**fast, "decoder_attn": "sdpa_pad64"},
         ),
         Variant("fm_fast_xformers", about="fast path, xformers attention", **{**fast, "attn": "xformers"}),
+        Variant(
+            "fm_fast_tattn",
+            about="fast path, fastmae's Triton attention in encoder and decoder (kernels/attention.py)",
+            **{**fast, "attn": "triton"},
+        ),
+        Variant(
+            "fm_fast_tattn_dec",
+            about="fast path, fastmae's Triton attention in the decoder only (197 tokens, head dim 32)",
+            **{**fast, "decoder_attn": "triton"},
+        ),
+        Variant(
+            "fm_fast_tattn_bf16res",
+            about="fast path, Triton attention and the residual stream in bf16 (the two candidates together)",
+            **{**fast, "attn": "triton", "residual_dtype": "autocast"},
+        ),
     ]
     for kernel in ("flash", "cudnn", "efficient"):
         vs.append(
@@ -173,24 +188,30 @@ def _variants() -> dict[str, Variant]:
 
 VARIANTS = _variants()
 GROUPS: dict[str, list[str]] = {
-    # fm_fast_no_ac (what the default's selective checkpointing costs), fm_fast_enc_math (the
-    # encoder's 50-token attention as plain matmuls: cuDNN ran it at ~35 TFLOP/s on the H200) and
-    # fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) come last: compiled
-    # only when the time budget still holds them (~35-60 s a compile on the H200)
+    # The performance push's candidates come last, compiled only while the time budget holds them
+    # (~35-60 s a compile on the H200; 3-4 fit), the largest predicted gain first: fm_fast_tattn
+    # (attention was 8.3 ms of the 49 ms ViT-B step, at ~90 TFLOP/s), fm_fast_bf16res (-2.8 ms by
+    # the traffic probe), fm_fast_no_ac (what the default's selective checkpointing costs: ~0.5 ms
+    # predicted), fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) and
+    # fm_fast_enc_math (the encoder's 50-token attention as plain matmuls).
     "main": [
         "hf_eager",
         "fm_fast",
         "hf_compile",
         "fm_ref",
         "fm_fused_eager",
-        "fm_fast_no_ac",
+        "fm_fast_tattn",
         "fm_fast_bf16res",
-        "fm_fast_enc_math",
+        "fm_fast_no_ac",
         "fm_fast_mix128",
+        "fm_fast_enc_math",
     ],
     "ablations": [
         "hf_eager",
         "fm_fast",
+        "fm_fast_tattn",
+        "fm_fast_tattn_dec",
+        "fm_fast_tattn_bf16res",
         "fm_fast_no_ac",
         "fm_fast_enc_math",
         "fm_fast_dec_pad64",

@@ -7,6 +7,9 @@ Backends:
                   head dim's): the same scores and output, twice the matmul work, at the head dim
                   the fused kernels are tuned for. A candidate for the MAE decoder's head dim 32,
                   where the first H200 profile saw ~90 TFLOP/s; ``sdpa`` itself for 64 and up.
+    ``triton``    fastmae's own kernel (:mod:`fastmae.kernels.attention`): q, k, v read in place from
+                  the packed projection, tiles sized for MAE's short sequences (50 and 197 tokens)
+                  and the decoder's head dim 32. CUDA, or CPU tensors under ``TRITON_INTERPRET=1``.
     ``xformers``  ``xformers.ops.memory_efficient_attention``; only when xformers is installed and
                   the tensors are on CUDA. Asking for it where it cannot run is an error.
     ``math``      plain ``softmax(q k^T / sqrt(d)) v``, written as the reference MAE's timm ``Attention``
@@ -20,12 +23,13 @@ produces) and return ``(B, N, H * Dh)``, so each backend picks its own best memo
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "sdpa_pad64", "xformers", "math")
+BACKENDS = ("auto", "sdpa", "sdpa_pad64", "triton", "xformers", "math")
 
 
 class AttentionBackendError(RuntimeError):
@@ -82,6 +86,10 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
             warnings.warn(f"xformers imports but does not run here ({why}); attention falls back to sdpa", stacklevel=2)
             return "sdpa"
         return "xformers"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise AttentionBackendError(
+            f"attention backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on {device.type}; use 'sdpa'"
+        )
     if backend == "xformers":
         if not xformers_available():
             raise AttentionBackendError(
@@ -125,6 +133,14 @@ def attention_sdpa_pad64(qkv: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, N, H * Dh)
 
 
+def attention_triton(qkv: torch.Tensor) -> torch.Tensor:
+    """fastmae's Triton kernel: reads q, k, v in place and writes ``(B, N, H, Dh)``, no copies."""
+    from fastmae.kernels.attention import attention as triton_attention
+
+    B, N, _, H, Dh = qkv.shape
+    return triton_attention(qkv).reshape(B, N, H * Dh)
+
+
 def attention_xformers(qkv: torch.Tensor) -> torch.Tensor:
     """xformers' memory-efficient attention, which wants ``(B, N, H, Dh)`` as the projection lays it out."""
     from xformers.ops import memory_efficient_attention
@@ -140,6 +156,7 @@ _IMPLS = {
     "math": attention_math,
     "sdpa": attention_sdpa,
     "sdpa_pad64": attention_sdpa_pad64,
+    "triton": attention_triton,
     "xformers": attention_xformers,
 }
 

@@ -25,7 +25,7 @@ from typing import Any
 from fastmae.cli import field_type, flag
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTN_BACKENDS = ("auto", "sdpa", "sdpa_pad64", "xformers", "math")
+ATTN_BACKENDS = ("auto", "sdpa", "sdpa_pad64", "triton", "xformers", "math")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 # fastmae.model's (without importing torch here) and "auto", which train.py resolves
 ACTIVATION_CHECKPOINTING = ("auto", "none", "gelu", "selective", "full")
@@ -86,7 +86,8 @@ class Config:
     fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
     attn_backend: str = _f(
         "auto",
-        "attention: auto, sdpa, sdpa_pad64 (head dims under 64 zero-padded to 64), xformers or math "
+        "attention: auto, sdpa, sdpa_pad64 (head dims under 64 zero-padded to 64), triton (fastmae's "
+        "short-sequence kernel), xformers or math "
         "(math = plain fp32-softmax reference)",
     )
     decoder_attn_backend: str = _f("same", "the decoder's attention, when it should differ (same = --attn-backend's)")

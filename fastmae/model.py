@@ -239,7 +239,7 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: MLP hidden size over the width.
         norm_layer: normalisation factory; default LayerNorm with eps 1e-6, as the reference factories.
         norm_pix_loss: normalise each target patch by its mean and (unbiased) variance.
-        attn_backend: ``sdpa`` | ``sdpa_pad64`` | ``xformers`` | ``math`` | ``auto`` (see
+        attn_backend: ``sdpa`` | ``sdpa_pad64`` | ``triton`` | ``xformers`` | ``math`` | ``auto`` (see
             :mod:`fastmae.attention`).
         decoder_attn_backend: the decoder's, when it should differ (its head dim and token count
             are not the encoder's); None = ``attn_backend``.

@@ -15,7 +15,7 @@ registered twice.
 import importlib
 import sys
 
-_SUBMODULES = ("_utils", "encoder_input", "masked_mse", "patch_gather", "unshuffle")
+_SUBMODULES = ("_utils", "attention", "encoder_input", "masked_mse", "patch_gather", "unshuffle")
 _CANONICAL = "fastmae.kernels"
 
 if __name__ != _CANONICAL:
@@ -30,12 +30,15 @@ if __name__ != _CANONICAL:
         for _name in _SUBMODULES:
             sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{_CANONICAL}.{_name}")
 
+from .attention import attention, attention_ref  # noqa: E402
 from .encoder_input import encoder_input, encoder_input_ref  # noqa: E402
 from .masked_mse import masked_mse, masked_mse_ref  # noqa: E402
 from .patch_gather import patch_gather, patch_gather_ref  # noqa: E402
 from .unshuffle import unshuffle, unshuffle_ref  # noqa: E402
 
 __all__ = [
+    "attention",
+    "attention_ref",
     "encoder_input",
     "encoder_input_ref",
     "masked_mse",

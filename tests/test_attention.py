@@ -72,6 +72,14 @@ def test_backend_resolution_and_errors():
         MaskedAutoencoderViT(img_size=32, patch_size=8, attn_backend="nope")
 
 
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(AttentionBackendError, match="'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on cpu"):
+        resolve_backend("triton", "cpu")
+
+
 @pytest.fixture
 def fake_xformers(monkeypatch):
     """An importable ``xformers.ops`` whose attention the test sets (the caches are cleared around it)."""
@@ -136,7 +144,15 @@ def test_model_with_each_backend_agrees():
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     outs = {}
     # (encoder, decoder): the decoder's may differ (its head dim here is 16: sdpa_pad64 pads it)
-    cases = [("math", None), ("sdpa", None), ("auto", None), ("sdpa_pad64", None), ("math", "sdpa_pad64")]
+    cases = [
+        ("math", None),
+        ("sdpa", None),
+        ("auto", None),
+        ("sdpa_pad64", None),
+        ("math", "sdpa_pad64"),
+        ("triton", None),  # the Triton kernel, under the interpreter here
+        ("sdpa", "triton"),
+    ]
     for enc, dec in cases:
         torch.manual_seed(0)
         m = MaskedAutoencoderViT(**kw, attn_backend=enc, decoder_attn_backend=dec)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from benchmarks import bench_attention
 from benchmarks import report as report_md
+from fastmae.attention import attention_math
+from tests.helpers import rel_err
 
 
 def test_shapes_are_the_steps_two_calls():
@@ -26,9 +31,10 @@ def test_smoke_run_records_every_backend(tmp_path):
         impls = row["impls"]
         assert set(impls) == {
             "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "hf_layout", "sdpa_pad64",
-            "math", "math_compiled", "xformers",
+            "math", "math_compiled", "xformers", "triton",
         }  # fmt: skip
-        for name in ("sdpa", "sdpa_math", "hf_layout", "sdpa_pad64", "math"):  # these run on a CPU
+        # these run on a CPU (the Triton kernel under the test bed's interpreter)
+        for name in ("sdpa", "sdpa_math", "hf_layout", "sdpa_pad64", "math", "triton"):
             rec = impls[name]
             assert rec["status"] == "done", (name, rec)
             assert rec["max_abs_err_vs_fp32_math"] < 1e-5  # fp32 on CPU: the same attention
@@ -37,3 +43,30 @@ def test_smoke_run_records_every_backend(tmp_path):
         # a kernel that cannot take these tensors on this device is a recorded result, not a crash
         assert impls["sdpa_cudnn"]["status"] in ("error", "done")
     assert "| smoke | decoder |" in report_md.markdown([report])
+
+
+@pytest.mark.parametrize("config", bench_attention.TRITON_CONFIGS, ids=bench_attention.triton_config_name)
+@pytest.mark.parametrize("N, Dh", [(197, 32), (50, 64)])
+def test_each_timed_triton_tiling_is_right(config, N, Dh):
+    """Every tiling the GPU run times, under the interpreter at MAE's two token counts: no
+    configuration is timed that computes something else."""
+    g = torch.Generator().manual_seed(N + Dh)
+    qkv = torch.randn(1, N, 3, 1, Dh, generator=g).bfloat16().requires_grad_()
+    grad_out = torch.randn(1, N, Dh, generator=g).bfloat16()
+    out = bench_attention.triton_with_config(config)(qkv)
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    ref_in = qkv.detach().float().requires_grad_()
+    ref = attention_math(ref_in)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, grad_out.float())
+    low_in = qkv.detach().requires_grad_()
+    low = attention_math(low_in)
+    (low_grad,) = torch.autograd.grad(low, low_in, grad_out)
+    assert rel_err(out, ref) <= 2 * rel_err(low, ref)
+    assert rel_err(grad, ref_grad) <= 3 * rel_err(low_grad, ref_grad)
+
+
+def test_triton_config_names():
+    assert bench_attention.triton_config_name((64, 128, 4, None, None, None, None)) == "triton[fwd 64x128 w4]"
+    assert bench_attention.triton_config_name((None,) * 6 + (3,)) == "triton[stages 3]"
+    names = [bench_attention.triton_config_name(c) for c in bench_attention.TRITON_CONFIGS]
+    assert len(set(names)) == len(names)

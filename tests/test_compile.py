@@ -28,12 +28,21 @@ TINY = dict(
 
 
 def _compiled_vs_eager(
-    fused: bool, device: str, rtol: float, activation_checkpointing: str = "none", decoder_attn: str | None = None
+    fused: bool,
+    device: str,
+    rtol: float,
+    activation_checkpointing: str = "none",
+    decoder_attn: str | None = None,
+    attn: str = "sdpa",
 ) -> None:
     torch.manual_seed(0)
     eager = MaskedAutoencoderViT(**TINY, fused=fused).to(device)
     model = MaskedAutoencoderViT(
-        **TINY, fused=fused, activation_checkpointing=activation_checkpointing, decoder_attn_backend=decoder_attn
+        **TINY,
+        fused=fused,
+        activation_checkpointing=activation_checkpointing,
+        attn_backend=attn,
+        decoder_attn_backend=decoder_attn,
     ).to(device)
     model.load_state_dict(eager.state_dict())
     compiled = torch.compile(model, fullgraph=True)
@@ -70,3 +79,13 @@ def test_reference_path_compiles_fullgraph_cpu(activation_checkpointing):
 def test_fused_path_compiles_fullgraph_cuda(activation_checkpointing):
     torch._dynamo.reset()
     _compiled_vs_eager(fused=True, device="cuda", rtol=1e-5, activation_checkpointing=activation_checkpointing)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation_checkpointing", ["none", "selective"])
+def test_triton_attention_compiles_fullgraph_cuda(activation_checkpointing):
+    """The fast path with fastmae's attention kernel in every block, compiled, against the eager sdpa model."""
+    torch._dynamo.reset()
+    _compiled_vs_eager(
+        fused=True, device="cuda", rtol=1e-5, activation_checkpointing=activation_checkpointing, attn="triton"
+    )

@@ -87,13 +87,18 @@ def saved_bytes(bw):
 
 
 report = {}
-for norm_pix, ac in ((True, "none"), (False, "none"), (True, "gelu"), (True, "selective")):
+for norm_pix, ac, attn in (
+    (True, "none", "sdpa"), (False, "none", "sdpa"), (True, "gelu", "sdpa"), (True, "selective", "sdpa"),
+    (True, "none", "triton"), (True, "selective", "triton"),
+):
     torch._dynamo.reset()
     graphs.clear()
     model = MaskedAutoencoderViT(
         img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
         decoder_depth=2, decoder_num_heads=2, norm_pix_loss=norm_pix, fused=True, activation_checkpointing=ac,
     )
+    for block in (*model.blocks, *model.decoder_blocks):  # set after construction: the CPU has no
+        block.attn.backend = attn  # interpreter here (TRITON_INTERPRET=0), so "triton" would not resolve
     backend = aot_autograd(fw_compiler=never, bw_compiler=never, partition_fn=partition)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     try:
@@ -107,7 +112,7 @@ for norm_pix, ac in ((True, "none"), (False, "none"), (True, "gelu"), (True, "se
         for n in graphs[name].graph.nodes
         if n.target is tkw.triton_kernel_wrapper_functional
     }
-    report[f"norm_pix={norm_pix},ac={ac}"] = {
+    report[f"norm_pix={norm_pix},ac={ac}" + ("" if attn == "sdpa" else f",attn={attn}")] = {
         "error": error,
         "saved_bytes": saved_bytes(graphs["bw"]) if "bw" in graphs else None,
         "graphs": sorted(graphs),
@@ -128,6 +133,8 @@ OUTPUTS = {
     "_unshuffle_bwd_kernel": ["grad_x_ptr", "partial_ptr"],
     "_masked_mse_fwd_kernel": ["partial_ptr"],
     "_masked_mse_bwd_kernel": ["grad_pred_ptr"],
+    "_attn_fwd_kernel": ["lse_ptr", "out_ptr"],
+    "_attn_bwd_kernel": ["grad_qkv_ptr"],
 }
 
 
@@ -151,6 +158,15 @@ def test_fused_model_partitions_into_forward_and_backward(trace_report, norm_pix
     # forward: gather, encoder_input, unshuffle, loss; backward: unshuffle's and the loss's (the
     # gather and encoder_input backwards are plain PyTorch: a GEMM's input needs no grad, a view).
     assert run["kernel_nodes"] == {"fw": 4, "bw": 2}
+
+
+@pytest.mark.parametrize("ac", ["none", "selective"])
+def test_triton_attention_partitions(trace_report, ac):
+    """With the Triton attention in all 4 blocks: one more kernel a block in each direction, and
+    selective checkpointing keeps the attention's output and log-sum-exp (an op it never recomputes)."""
+    run = trace_report[f"norm_pix=True,ac={ac},attn=triton"]
+    assert run["error"] is None, run["error"]
+    assert run["kernel_nodes"] == {"fw": 4 + 4, "bw": 2 + 4}
 
 
 def test_checkpointing_keeps_less_for_backward(trace_report):

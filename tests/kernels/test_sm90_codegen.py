@@ -71,10 +71,28 @@ KERNELS = [
 KERNELS += [
     (m, n, sig, {**c, "PRED_ORDER": True}, div, w) for m, n, sig, c, div, w in KERNELS if m == "masked_mse"
 ]
+# attention at MAE's shapes with the launcher's GPU tiles (64 x 64): the decoder's head dim 32
+# (4 warps) and the encoder's 64 (8 warps in the backward)
+ATTN = {"qkv_ptr": BF, "N": I32, "H": I32, "Dh": I32, "qk_scale": "fp32"}
+ATTN_C = {"BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32", "EMULATE_RTNE": False}
+for d, bwd_warps in ((32, 4), (64, 8)):
+    KERNELS += [
+        ("attention", "_attn_fwd_kernel",
+         {"qkv_ptr": BF, "out_ptr": BF, "lse_ptr": "*fp32", "N": I32, "H": I32, "Dh": I32, "qk_scale": "fp32",
+          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr",
+          "EMULATE_RTNE": "constexpr"},
+         {**ATTN_C, "BLOCK_D": d}, {"Dh"}, 4),
+        ("attention", "_attn_bwd_kernel",
+         {"qkv_ptr": BF, "out_ptr": BF, "grad_out_ptr": BF, "lse_ptr": "*fp32", "grad_qkv_ptr": BF, "N": I32,
+          "H": I32, "Dh": I32, "qk_scale": "fp32", "sm_scale": "fp32", "BLOCK_M": "constexpr",
+          "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr", "EMULATE_RTNE": "constexpr"},
+         {**ATTN_C, "BLOCK_D": d}, {"Dh"}, bwd_warps),
+    ]
 cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
 report = {}
 for module, kname, sig, constexprs, div16, num_warps in KERNELS:
     name = kname + ("[pred_order]" if constexprs.get("PRED_ORDER") else "")
+    name += f"[d{constexprs['BLOCK_D']}]" if module == "attention" else ""
     fn = getattr(importlib.import_module("fastmae.kernels." + module), kname)
     assert list(sig) == fn.arg_names, (name, fn.arg_names)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*") or a in div16}
@@ -89,6 +107,7 @@ for module, kname, sig, constexprs, div16, num_warps in KERNELS:
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
         "loads": collections.Counter(re.findall(r"ld\.global[.\w]*", ptx)),
         "stores": collections.Counter(re.findall(r"st\.global[.\w]*", ptx)),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
     }
 print(json.dumps(report))
 """
@@ -112,10 +131,24 @@ def codegen() -> dict[str, dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Registers a thread at most: the memory-bound kernels keep 4 CTAs of 128 threads an SM; attention
+# holds a 64 x 64 fp32 score tile and its accumulators (the backward two of them) and may use all
+# 255 a thread may address, as long as nothing spills.
+MAX_REGS = {"_attn_fwd_kernel": 160, "_attn_bwd_kernel": 255}
+
+
 def test_no_spills(codegen):
     for name, r in codegen.items():
         assert r["local_bytes"] == 0, f"{name} spills {r['local_bytes']} bytes to local memory"
-        assert r["regs"] <= 128, f"{name} uses {r['regs']} registers"
+        limit = MAX_REGS.get(name.split("[")[0], 128)
+        assert r["regs"] <= limit, f"{name} uses {r['regs']} registers"
+
+
+@pytest.mark.parametrize("kernel", [f"{k}[d{d}]" for k in ("_attn_fwd_kernel", "_attn_bwd_kernel") for d in (32, 64)])
+def test_attention_uses_hopper_tensor_cores(codegen, kernel):
+    # the forward's two matmuls a key block and the backward's five are wgmma (sm_90's warp-group
+    # MMA), not the older mma.sync at a fraction of the throughput
+    assert codegen[kernel]["wgmma"] > 0, f"{kernel}: no wgmma.mma_async in the PTX"
 
 
 @pytest.mark.parametrize(

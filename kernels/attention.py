@@ -1,0 +1,322 @@
+"""Self-attention on the packed qkv projection, for MAE's short sequences: forward and backward.
+
+For ``qkv`` (B, N, 3, H, Dh), the fused projection's output reshaped, and ``s = Dh**-0.5``:
+``out[b, n, h] = softmax_m(s * q[b, n, h] . k[b, m, h]) @ v[b, :, h]``, returned as (B, N, H, Dh),
+the layout the output projection reads as (B, N, H * Dh). No mask, no dropout (MAE uses neither).
+
+Why a kernel of our own: MAE's attention runs at 50 tokens (encoder: cls + 49 kept) and 197
+(decoder), with the decoder's head dim 32. The first H200 profile timed SDPA's cuDNN kernels at
+about 90 TFLOP/s there, 8.3 ms of the 49 ms ViT-B step: 64-wide tiles pad the head dim 32 to 64
+and the token counts up to multiples of 64 or 128. Here q, k and v are read in place from the
+projection's (B, N, 3, H, Dh) layout and the grads written into one (B, N, 3, H, Dh) tensor, so
+there are no head-major copies on either side; the tiles follow the head dim.
+
+Forward: flash attention's online softmax over key blocks (for N <= BLOCK_N one pass), in fp32,
+exp2 with the scale folded in; saves the per-row log-sum-exp (base 2) for the backward.
+Backward (flash attention 2's split): each program owns one key block, for which it accumulates
+dK and dV over all query blocks, and one query block, for which it accumulates dQ over all key
+blocks; ``delta = rowsum(dO * O)`` is formed from O and dO in the loops (no third kernel). Every
+grad element has one writer: no atomics, deterministic.
+
+``attention_ref`` is the plain fp32 ``softmax(q k^T s) v`` it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """``tl.dot`` accumulating in fp32. The CPU interpreter (Triton 3.9) multiplies bf16 tiles as raw
+    integers, so there both sides go to fp32 first: a product of two bf16 or fp16 values is exact in
+    fp32, leaving only the fp32 accumulation, as in the GPU's tensor-core dot."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    qkv_ptr,  # [B, N, 3, H, Dh] contiguous
+    out_ptr,  # [B, N, H, Dh] contiguous
+    lse_ptr,  # [B * H, N] fp32: log2-sum-exp2 of each query row's scaled scores
+    N,
+    H,
+    Dh,
+    qk_scale,  # Dh**-0.5 * log2(e)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    stride_n = 3 * H * Dh  # one token's q, k, v
+    q_base = qkv_ptr + b * N * stride_n + h * Dh
+    k_base = q_base + H * Dh
+    v_base = k_base + H * Dh
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    d_ok = d < Dh
+    q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(to_output_dtype(p, v.dtype, EMULATE_RTNE), v, DOT_PRECISION, EMULATE_RTNE)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    out_base = out_ptr + b * N * H * Dh + h * Dh
+    tl.store(
+        out_base + rows[:, None] * (H * Dh) + d[None, :],
+        to_output_dtype(out, out_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(lse_ptr + pid_bh * N + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    qkv_ptr,  # [B, N, 3, H, Dh] contiguous
+    out_ptr,  # [B, N, H, Dh] contiguous: the forward's output
+    grad_out_ptr,  # [B, N, H, Dh] contiguous
+    lse_ptr,  # [B * H, N] fp32, from the forward
+    grad_qkv_ptr,  # [B, N, 3, H, Dh] contiguous
+    N,
+    H,
+    Dh,
+    qk_scale,  # Dh**-0.5 * log2(e)
+    sm_scale,  # Dh**-0.5
+    BLOCK_M: tl.constexpr,  # query rows a step
+    BLOCK_N: tl.constexpr,  # key rows a step
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+):
+    # Program j of a (b, h): dK, dV of key block j (BLOCK_N rows), then dQ of query block j
+    # (BLOCK_M rows); the grid has enough blocks for both.
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    stride_n = 3 * H * Dh
+    q_base = qkv_ptr + b * N * stride_n + h * Dh
+    k_base = q_base + H * Dh
+    v_base = k_base + H * Dh
+    o_stride_n = H * Dh
+    o_base = out_ptr + b * N * o_stride_n + h * Dh
+    do_base = grad_out_ptr + b * N * o_stride_n + h * Dh
+    lse_base = lse_ptr + pid_bh * N
+    dq_base = grad_qkv_ptr + b * N * stride_n + h * Dh
+    dk_base = dq_base + H * Dh
+    dv_base = dk_base + H * Dh
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < Dh
+
+    # dK, dV of key block pid (transposed scores: [BLOCK_N keys, BLOCK_M queries])
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if pid * BLOCK_N < N:
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < N
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
+            o = tl.load(o_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            s_t = _dot(k, tl.trans(q), DOT_PRECISION, EMULATE_RTNE) * qk_scale
+            # No masking needed: padded query rows load q = dO = 0 (and lse = 0, so p_t = 1) and add
+            # nothing to dK or dV; padded key rows (maybe inf in p_t) are never stored.
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv += _dot(to_output_dtype(p_t, do.dtype, EMULATE_RTNE), do, DOT_PRECISION, EMULATE_RTNE)
+            dp_t = _dot(v, tl.trans(do), DOT_PRECISION, EMULATE_RTNE)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(to_output_dtype(ds_t, q.dtype, EMULATE_RTNE), q, DOT_PRECISION, EMULATE_RTNE)
+        dk = dk * sm_scale
+        ty = grad_qkv_ptr.dtype.element_ty
+        tl.store(dk_base + cols[:, None] * stride_n + d[None, :], to_output_dtype(dk, ty, EMULATE_RTNE), mask=kv_mask)
+        tl.store(dv_base + cols[:, None] * stride_n + d[None, :], to_output_dtype(dv, ty, EMULATE_RTNE), mask=kv_mask)
+
+    # dQ of query block pid
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    if pid * BLOCK_M < N:
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
+        o = tl.load(o_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
+            # Padded keys (k = v = 0, score 0) must give p = 0: exp2(0 - lse) overflows to inf when a
+            # row's real scores are all far below 0, and inf x k = 0 would put NaN into dQ.
+            p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), DOT_PRECISION, EMULATE_RTNE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(to_output_dtype(ds, k.dtype, EMULATE_RTNE), k, DOT_PRECISION, EMULATE_RTNE)
+        dq = dq * sm_scale
+        tl.store(
+            dq_base + rows[:, None] * stride_n + d[None, :],
+            to_output_dtype(dq, grad_qkv_ptr.dtype.element_ty, EMULATE_RTNE),
+            mask=q_mask,
+        )
+
+
+def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int, int, int, int, int]:
+    """(fwd BLOCK_M, fwd BLOCK_N, fwd warps, bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages).
+
+    GPU: 64 x 64 tiles (wgmma's M is 64 a warp group), which cover MAE's encoder (50 tokens) in one
+    step and its decoder (197) in four. Compiled for sm_90 without a GPU
+    (tests/kernels/test_sm90_codegen.py) these use wgmma and do not spill; the backward at head dim
+    64 takes 8 warps (255 registers a thread with 4). CPU (the interpreter, whose cost is per
+    program): one program per (b, h), the whole sequence one tile.
+    ``benchmarks/bench_attention.py`` times other tilings (``TRITON_CONFIGS``) beside this rule.
+    """
+    if is_interpreter(device):
+        block = max(16, min(next_pow2(N), 128))
+        return block, block, 1, block, block, 1, 1
+    return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get full-precision products (the GPU's default for fp32 dots would be tf32)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton_op("fastmae::attention", mutates_args=())
+def _attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, _, H, Dh = qkv.shape
+    qkv = qkv.contiguous()
+    out = new_output((B, N, H, Dh), qkv.dtype, qkv.device)
+    lse = new_output((B * H, N), torch.float32, qkv.device)
+    if out.numel() == 0:
+        return out, lse
+    bm, bn, warps, _, _, _, stages = _launch_config(N, Dh, qkv.device)
+    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(N, bm), B * H)](
+        qkv,
+        out,
+        lse,
+        N,
+        H,
+        Dh,
+        Dh**-0.5 * LOG2E,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=max(16, next_pow2(Dh)),
+        DOT_PRECISION=_dot_precision(qkv.dtype),
+        EMULATE_RTNE=is_interpreter(qkv.device),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out, lse
+
+
+@triton_op("fastmae::attention_backward", mutates_args=())
+def _attention_backward(
+    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> torch.Tensor:
+    B, N, _, H, Dh = qkv.shape
+    grad_out = grad_out.contiguous()  # e.g. the expanded ones of a .sum().backward()
+    grad_qkv = new_output((B, N, 3, H, Dh), qkv.dtype, qkv.device)
+    if grad_qkv.numel() == 0:
+        return grad_qkv
+    _, _, _, bm, bn, warps, stages = _launch_config(N, Dh, qkv.device)
+    wrap_triton(_attn_bwd_kernel)[(max(triton.cdiv(N, bm), triton.cdiv(N, bn)), B * H)](
+        qkv,
+        out,
+        grad_out,
+        lse,
+        grad_qkv,
+        N,
+        H,
+        Dh,
+        Dh**-0.5 * LOG2E,
+        Dh**-0.5,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=max(16, next_pow2(Dh)),
+        DOT_PRECISION=_dot_precision(qkv.dtype),
+        EMULATE_RTNE=is_interpreter(qkv.device),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return grad_qkv
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (qkv,) = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv.contiguous(), out, lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
+    qkv, out, lse = ctx.saved_tensors
+    return _attention_backward(grad_out.to(qkv.dtype), qkv, out, lse)
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(qkv: torch.Tensor) -> torch.Tensor:
+    """Multi-head self-attention, no mask, scale ``Dh**-0.5``.
+
+    Args:
+        qkv: (B, N, 3, H, Dh), float32, bfloat16 or float16: the fused qkv projection's output
+            reshaped (timm's and MAE's layout). The products accumulate in fp32.
+
+    Returns:
+        (B, N, H, Dh) in qkv's dtype.
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"expected qkv (B, N, 3, H, Dh), got {tuple(qkv.shape)}")
+    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"attention takes float32, bfloat16 or float16, got {qkv.dtype}")
+    if qkv.shape[-1] > 256:
+        raise ValueError(f"attention supports head dims up to 256, got {qkv.shape[-1]}")
+    return _attention(qkv)[0]
+
+
+def attention_ref(qkv: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch in fp32: ``softmax(q k^T / sqrt(Dh)) v``, (B, N, 3, H, Dh) -> (B, N, H, Dh)."""
+    q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) each
+    attn = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).to(qkv.dtype)

@@ -1,0 +1,130 @@
+"""attention against attention_ref, forward and the grad of the packed qkv; the GPU's tilings too."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from fastmae.attention import attention_math
+from fastmae.kernels import attention, attention_ref
+
+# the module (the package's ``attention`` attribute is the function of the same name)
+attention_module = importlib.import_module("fastmae.kernels.attention")
+
+# (B, N, H, Dh): MAE's encoder (cls + 49 kept) and decoder (cls + 196) token counts at small
+# widths, head dims 16 (the smallest tile), 32 (MAE's decoder), 64 and 80 (ViT-H: padded to 128).
+CASES = [
+    (2, 50, 3, 64),
+    (2, 197, 2, 32),
+    (3, 17, 2, 16),
+    (1, 70, 2, 80),
+    (2, 1, 2, 32),  # one token: softmax over a single key
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _ids(case):
+    return "B{}-N{}-H{}-D{}".format(*case)
+
+
+def _make(B, N, H, Dh, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, Dh, generator=g).to(device=device, dtype=dtype)
+    grad_out = torch.randn(B, N, H, Dh, generator=g).to(device=device, dtype=dtype)
+    return qkv, grad_out
+
+
+def _run(fn, qkv, grad_out):
+    qkv = qkv.detach().requires_grad_()
+    out = fn(qkv)
+    out.backward(grad_out.to(out.dtype))
+    return out, qkv.grad
+
+
+def _math_low(qkv: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch in qkv's own dtype (the three-way rule's yardstick), in the kernel's layout."""
+    B, N, _, H, Dh = qkv.shape
+    return attention_math(qkv).reshape(B, N, H, Dh)
+
+
+def _check(case, dtype, device, seed, check):
+    qkv, grad_out = _make(*case, dtype, device, seed)
+    out, grad = _run(attention, qkv, grad_out)
+    ref = _run(attention_ref, qkv.float(), grad_out.float())
+    low = (None, None) if dtype == torch.float32 else _run(_math_low, qkv, grad_out)
+    assert out.dtype == dtype and grad.dtype == dtype
+    check(out, ref[0], low[0], dtype, 2, "out")
+    check(grad, ref[1], low[1], dtype, 3, "grad qkv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_attention(case, dtype, device, seed, check):
+    _check(case, dtype, device, seed, check)
+
+
+# (fwd BLOCK_M, fwd BLOCK_N, bwd BLOCK_M, bwd BLOCK_N): the GPU's tiles, under the interpreter too.
+# Several key blocks exercise the forward's online softmax; ragged ends, and unequal backward
+# blocks (the grid covers the larger count, some programs own a key block and no query block).
+TILINGS = [(64, 64, 64, 64), (16, 32, 32, 16), (32, 16, 16, 32)]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "fwd{}x{}-bwd{}x{}".format(*t))
+@pytest.mark.parametrize("case", [(1, 197, 2, 32), (2, 50, 1, 64)], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_tilings(case, tiling, dtype, device, seed, check, monkeypatch):
+    fbm, fbn, bbm, bbn = tiling
+    monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (fbm, fbn, 4, bbm, bbn, 4, 2))
+    _check(case, dtype, device, seed, check)
+
+
+def test_attention_gpu_rule_covers_mae_shapes():
+    """The GPU rule's tiles at MAE's shapes: what tests above run, and what the sm_90 build checks."""
+    gpu = torch.device("cuda")
+    assert attention_module._launch_config(50, 64, gpu) == (64, 64, 4, 64, 64, 8, 2)
+    assert attention_module._launch_config(197, 32, gpu) == (64, 64, 4, 64, 64, 4, 2)
+    assert (64, 64, 64, 64) in TILINGS
+
+
+@pytest.mark.parametrize("tiling", [(16, 16, 16, 16), None], ids=["ragged-tiles", "rule"])
+def test_attention_far_negative_scores(tiling, device, close, monkeypatch):
+    """A query whose every score is ~ -150 (lse ~ -216 in base 2): a padded key's score 0 would
+    weigh 2^216 = inf unless masked, and inf times its zero k would make the query's grad NaN."""
+    if tiling:
+        monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (*tiling[:2], 4, *tiling[2:], 4, 2))
+    qkv, grad_out = _make(1, 20, 1, 16, torch.float32, device, seed=5)
+    k0 = torch.full((16,), 1.0, device=device)
+    qkv[:, :, 1, 0] = k0 + 0.01 * qkv[:, :, 1, 0]  # every key ~ k0
+    qkv[:, 0, 0, 0] = -37.5 * k0  # q . k / sqrt(16) ~ -150 for query 0
+    got, want = _run(attention, qkv, grad_out), _run(attention_ref, qkv, grad_out)
+    for a, b, name in zip(got, want, ("out", "grad qkv"), strict=True):
+        close(a, b, atol=1e-5 * b.abs().max().item(), name=name)
+
+
+def test_attention_sum_backward(device, close):
+    """``.sum().backward()`` hands the op an expanded (stride-0) grad; it must not be read as dense."""
+    qkv, _ = _make(2, 20, 2, 16, torch.float32, device, seed=3)
+    got = _run(lambda t: attention(t).sum(), qkv, torch.tensor(1.0))
+    want = _run(attention_ref, qkv, torch.ones(2, 20, 2, 16, device=device))
+    close(got[1], want[1], atol=1e-5 * want[1].abs().max().item(), name="grad qkv")
+
+
+def test_attention_reads_a_strided_projection(device, close):
+    """The model hands over ``Linear``'s output reshaped; a non-contiguous qkv must give the same."""
+    qkv, grad_out = _make(2, 20, 2, 16, torch.float32, device, seed=4)
+    wide = torch.cat([qkv, qkv], dim=-1)[..., :16]  # same values, strides of a wider tensor
+    assert not wide.is_contiguous()
+    got, want = _run(attention, wide, grad_out), _run(attention_ref, qkv, grad_out)
+    for a, b, name in zip(got, want, ("out", "grad qkv"), strict=True):
+        close(a, b, atol=1e-5 * b.abs().max().item(), name=name)
+
+
+def test_attention_rejects_bad_input(device):
+    with pytest.raises(ValueError, match=r"expected qkv \(B, N, 3, H, Dh\), got \(2, 5, 2, 16\)"):
+        attention(torch.randn(2, 5, 2, 16, device=device))
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
+        attention(torch.randn(1, 4, 3, 1, 16, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="head dims up to 256, got 300"):
+        attention(torch.randn(1, 4, 3, 1, 300, device=device))
