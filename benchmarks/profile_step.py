@@ -27,7 +27,11 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
         "fastmae kernels",
         r"_patch_gather_kernel|_encoder_input_kernel|_unshuffle_(fwd|bwd)_kernel|_masked_mse_(fwd|bwd)_kernel",
     ),
-    ("attention", r"flash|fmha|attention|sdpa|_efficient_attention|cudnn.*mha|cutlassF|cutlassB"),
+    # fastmae's own attention kernels count as attention, beside the SDPA kernels they replace
+    (
+        "attention",
+        r"flash|fmha|attention|sdpa|_efficient_attention|cudnn.*mha|cutlassF|cutlassB|_attn_(fwd|bwd)_kernel",
+    ),
     ("gemm", r"gemm|xmma|cutlass|nvjet|cublas|wgmma|triton_tem|^aten::(mm|addmm|bmm|baddbmm)$|matmul"),
     ("optimizer", r"multi_tensor|adam|foreach"),
     ("norm", r"layer_norm|layernorm|LayerNorm"),

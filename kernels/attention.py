@@ -16,7 +16,8 @@ exp2 with the scale folded in; saves the per-row log-sum-exp (base 2) for the ba
 Backward (flash attention 2's split): each program owns one key block, for which it accumulates
 dK and dV over all query blocks, and one query block, for which it accumulates dQ over all key
 blocks; ``delta = rowsum(dO * O)`` is formed from O and dO in the loops (no third kernel). Every
-grad element has one writer: no atomics, deterministic.
+grad element has one writer: no atomics, deterministic. Where the whole sequence is one tile
+(the encoder's 50 tokens), one pass gives all three grads from one set of scores.
 
 ``attention_ref`` is the plain fp32 ``softmax(q k^T s) v`` it is tested against.
 """
@@ -117,9 +118,12 @@ def _attn_bwd_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # N <= BLOCK_M and N <= BLOCK_N: one pass gives dQ, dK and dV
 ):
     # Program j of a (b, h): dK, dV of key block j (BLOCK_N rows), then dQ of query block j
-    # (BLOCK_M rows); the grid has enough blocks for both.
+    # (BLOCK_M rows); the grid has enough blocks for both. With ONE_BLOCK (MAE's encoder: 50
+    # tokens) the one program's scores serve all three grads, so the second pass, which would
+    # recompute them, is left out.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -160,10 +164,19 @@ def _attn_bwd_kernel(
             # No masking needed: padded query rows load q = dO = 0 (and lse = 0, so p_t = 1) and add
             # nothing to dK or dV; padded key rows (maybe inf in p_t) are never stored.
             p_t = tl.exp2(s_t - lse[None, :])
+            if ONE_BLOCK:  # here the padded keys' rows feed dQ: they must be 0 (see the dQ pass)
+                p_t = tl.where(col_ok[:, None], p_t, 0.0)
             dv += _dot(to_output_dtype(p_t, do.dtype, EMULATE_RTNE), do, DOT_PRECISION, EMULATE_RTNE)
             dp_t = _dot(v, tl.trans(do), DOT_PRECISION, EMULATE_RTNE)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(to_output_dtype(ds_t, q.dtype, EMULATE_RTNE), q, DOT_PRECISION, EMULATE_RTNE)
+            ds_t = to_output_dtype(p_t * (dp_t - delta[None, :]), q.dtype, EMULATE_RTNE)
+            dk += _dot(ds_t, q, DOT_PRECISION, EMULATE_RTNE)
+            if ONE_BLOCK:
+                dq = _dot(tl.trans(ds_t), k, DOT_PRECISION, EMULATE_RTNE) * sm_scale
+                tl.store(
+                    dq_base + rows[:, None] * stride_n + d[None, :],
+                    to_output_dtype(dq, grad_qkv_ptr.dtype.element_ty, EMULATE_RTNE),
+                    mask=q_mask,
+                )
         dk = dk * sm_scale
         ty = grad_qkv_ptr.dtype.element_ty
         tl.store(dk_base + cols[:, None] * stride_n + d[None, :], to_output_dtype(dk, ty, EMULATE_RTNE), mask=kv_mask)
@@ -172,7 +185,7 @@ def _attn_bwd_kernel(
     # dQ of query block pid
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
-    if pid * BLOCK_M < N:
+    if not ONE_BLOCK and pid * BLOCK_M < N:
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
@@ -260,6 +273,7 @@ def _attention_backward(
     if grad_qkv.numel() == 0:
         return grad_qkv
     _, _, _, bm, bn, warps, stages = _launch_config(N, Dh, qkv.device)
+    one_block = N <= bm and N <= bn
     wrap_triton(_attn_bwd_kernel)[(max(triton.cdiv(N, bm), triton.cdiv(N, bn)), B * H)](
         qkv,
         out,
@@ -276,6 +290,7 @@ def _attention_backward(
         BLOCK_D=max(16, next_pow2(Dh)),
         DOT_PRECISION=_dot_precision(qkv.dtype),
         EMULATE_RTNE=is_interpreter(qkv.device),
+        ONE_BLOCK=one_block,
         num_warps=warps,
         num_stages=stages,
     )

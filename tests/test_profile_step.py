@@ -27,6 +27,8 @@ NAMES = {
     "_masked_mse_bwd_kernel": "fastmae kernels",
     "_unshuffle_fwd_kernel": "fastmae kernels",
     "_patch_gather_kernel": "fastmae kernels",
+    "_attn_bwd_kernel": "attention",
+    "_attn_fwd_kernel": "attention",
     "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
     "triton_per_fused_native_layer_norm_7": "norm",
     "aten::native_layer_norm": "norm",
