@@ -100,7 +100,8 @@ def compiles(cfg: Config, device: torch.device) -> bool:
 def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
     """The MAE of ``cfg``, initialised from ``cfg.seed`` (the same on every rank)."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
-    if fused and device.type == "cpu":
+    triton_attention = "triton" in (cfg.attn_backend, cfg.decoder_attn_backend)
+    if (fused or triton_attention) and device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors run interpreted
     torch.manual_seed(cfg.seed)
     model = MaskedAutoencoderViT(

@@ -315,3 +315,12 @@ def test_bf16_residual_stream_needs_bf16_autocast(tiny_data, tmp_path, capsys, p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"needs --precision bf16 (this run: {precision};" in err[0]
     assert not run.exists()
+
+
+def test_triton_attention_on_cpu_runs_interpreted(monkeypatch):
+    """``--attn-backend triton`` on a CPU machine switches the Triton interpreter on, as ``--fused`` does."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = make_config({"attn_backend": "triton", "decoder_attn_backend": "sdpa", "fused": False})
+    model = train_mod.build_model(cfg, torch.device("cpu"))
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert model.blocks[0].attn.backend == "triton" and model.decoder_blocks[0].attn.backend == "sdpa"
