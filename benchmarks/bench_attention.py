@@ -65,18 +65,22 @@ MODELS = {
 SMOKE_MODELS = {"smoke": (64, 4, 32, 4, 8, 32)}
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 # The Triton kernel's tilings timed beside its launch rule: (fwd BLOCK_M, fwd BLOCK_N, fwd warps,
-# bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages), None = the rule's value at that shape. Key tiles of
-# 128 take the decoder's 197 tokens in 2 steps instead of 4; 128-row query tiles halve how often
-# k and v are read; 8 warps split a 64 x 64 tile over two warp groups.
+# bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages), None = the rule's value at that shape; in the order
+# they are tried (a short time budget keeps the first): 8 warps split the backward's 64 x 64 tiles
+# over two warp groups (the rule's choice at head dim 64 already); key tiles of 128 take the
+# decoder's 197 tokens in 2 forward steps instead of 4; 128-row query tiles read k and v half as
+# often; then pipelining depth, larger backward tiles, and 32-wide key tiles (197 tokens padded to
+# 224 instead of 256).
 TRITON_CONFIGS: list[tuple[int | None, ...]] = [
-    (64, 128, 4, None, None, None, None),
-    (64, 128, 8, None, None, None, None),
-    (128, 64, 8, None, None, None, None),
     (None, None, None, 64, 64, 8, None),
+    (64, 128, 4, None, None, None, None),
+    (128, 64, 8, None, None, None, None),
+    (None, None, None, None, None, None, 3),
+    (None, None, None, None, None, None, 1),
+    (64, 128, 8, None, None, None, None),
     (None, None, None, 64, 128, 8, None),
     (None, None, None, 128, 64, 8, None),
-    (None, None, None, None, None, None, 1),
-    (None, None, None, None, None, None, 3),
+    (64, 32, 4, None, None, None, None),
 ]
 
 

@@ -88,6 +88,9 @@ def test_attention_gpu_rule_covers_mae_shapes():
     assert (64, 64, 64, 64) in TILINGS
 
 
+# the padded keys' weights do overflow where they are not used (the dK/dV pass never stores them);
+# numpy, under the interpreter, says so
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("tiling", [(16, 16, 16, 16), None], ids=["ragged-tiles", "rule"])
 def test_attention_far_negative_scores(tiling, device, close, monkeypatch):
     """A query whose every score is ~ -150 (lse ~ -216 in base 2): a padded key's score 0 would
