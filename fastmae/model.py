@@ -129,6 +129,8 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if backend == "triton" and dim // num_heads > 128:
+            raise ValueError(f"attention backend 'triton' supports head dims up to 128, got {dim // num_heads}")
         self.num_heads = num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)

@@ -75,6 +75,8 @@ def test_backend_resolution_and_errors():
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", "cpu") == "triton"
+    with pytest.raises(ValueError, match="'triton' supports head dims up to 128, got 256"):
+        MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=512, num_heads=2, attn_backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(AttentionBackendError, match="'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on cpu"):
         resolve_backend("triton", "cpu")
