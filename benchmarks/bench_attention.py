@@ -56,13 +56,14 @@ from fastmae.attention import (  # noqa: E402
     xformers_runs,
 )
 
-# (encoder width, encoder heads, decoder width, decoder heads, patch, image): the presets' shapes
+# (encoder width, encoder heads, decoder width, decoder heads, patch, image, encoder depth, decoder
+# depth): the presets' shapes, and how many of each call a training step makes
 MODELS = {
-    "vit_base_patch16": (768, 12, 512, 16, 16, 224),
-    "vit_large_patch16": (1024, 16, 512, 16, 16, 224),
-    "vit_huge_patch14": (1280, 16, 512, 16, 14, 224),
+    "vit_base_patch16": (768, 12, 512, 16, 16, 224, 12, 8),
+    "vit_large_patch16": (1024, 16, 512, 16, 16, 224, 24, 8),
+    "vit_huge_patch14": (1280, 16, 512, 16, 14, 224, 32, 8),
 }
-SMOKE_MODELS = {"smoke": (64, 4, 32, 4, 8, 32)}
+SMOKE_MODELS = {"smoke": (64, 4, 32, 4, 8, 32, 2, 1)}
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 # The Triton kernel's tilings timed beside its launch rule: (fwd BLOCK_M, fwd BLOCK_N, fwd warps,
 # bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages), None = the rule's value at that shape; in the order
@@ -120,13 +121,12 @@ def triton_with_config(config: tuple[int | None, ...]) -> Callable[[torch.Tensor
 
 def shapes(model: str, dims: tuple[int, ...], batch: int, mask_ratio: float) -> list[dict[str, Any]]:
     """The decoder's call (cls + all tokens; the costly one, first) and the encoder's (cls + kept tokens)."""
-    enc_dim, enc_heads, dec_dim, dec_heads, patch, img = dims
+    enc_dim, enc_heads, dec_dim, dec_heads, patch, img, enc_depth, dec_depth = dims
     L = (img // patch) ** 2
     kept = int(L * (1 - mask_ratio))
-    return [
-        {"model": model, "part": "decoder", "B": batch, "N": 1 + L, "H": dec_heads, "Dh": dec_dim // dec_heads},
-        {"model": model, "part": "encoder", "B": batch, "N": 1 + kept, "H": enc_heads, "Dh": enc_dim // enc_heads},
-    ]
+    dec = {"B": batch, "N": 1 + L, "H": dec_heads, "Dh": dec_dim // dec_heads, "calls_per_step": dec_depth}
+    enc = {"B": batch, "N": 1 + kept, "H": enc_heads, "Dh": enc_dim // enc_heads, "calls_per_step": enc_depth}
+    return [{"model": model, "part": "decoder", **dec}, {"model": model, "part": "encoder", **enc}]
 
 
 def _sdpa_forced(kernel: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -365,7 +365,38 @@ def attention_markdown(report: dict[str, Any]) -> str:
                 f"| {row['model']} | {row['part']} | {shape} | {name} | {rec['fwd']['ms']:.3f} | {fb['ms']:.3f} "
                 f"| {fb['tflops']:.0f} | {ratio} | {kern} |"
             )
+    best = attention_best(report)
+    if best:
+        lines += ["", "Fastest forward + backward per call, against sdpa (what fastmae runs by default):"]
+        for b in best:
+            lines.append(
+                f"- {b['model']} {b['part']}: `{b['impl']}` {b['ms']:.3f} ms vs sdpa {b['sdpa_ms']:.3f} ms; "
+                f"x {b['calls_per_step']} calls a step = {b['step_ms_saved']:+.2f} ms of the step"
+            )
     return "\n".join(lines)
+
+
+def attention_best(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per attention call: the fastest implementation by fwd+bwd time, what it saves a step against
+    sdpa (``calls_per_step`` x the difference; rows from before that field was recorded are left out)."""
+    out = []
+    for row in report.get("results", []):
+        done = {k: v["fwd+bwd"]["ms"] for k, v in row.get("impls", {}).items() if v.get("status") == "done"}
+        if "sdpa" not in done or "calls_per_step" not in row:
+            continue
+        impl = min(done, key=done.get)
+        out.append(
+            {
+                "model": row["model"],
+                "part": row["part"],
+                "impl": impl,
+                "ms": done[impl],
+                "sdpa_ms": done["sdpa"],
+                "calls_per_step": row["calls_per_step"],
+                "step_ms_saved": row["calls_per_step"] * (done["sdpa"] - done[impl]),
+            }
+        )
+    return out
 
 
 def markdown(reports: Sequence[dict[str, Any]]) -> str:

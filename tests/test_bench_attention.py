@@ -20,6 +20,28 @@ def test_shapes_are_the_steps_two_calls():
     huge = bench_attention.shapes("vit_huge_patch14", bench_attention.MODELS["vit_huge_patch14"], 8, 0.75)
     assert (huge[1]["N"], huge[1]["Dh"], huge[0]["N"]) == (1 + 64, 80, 1 + 256)
     assert bench_attention.flops(enc, "fwd+bwd") == 3 * 4 * 256 * 12 * 50**2 * 64
+    assert (enc["calls_per_step"], dec["calls_per_step"]) == (12, 8)
+
+
+def test_report_names_the_fastest_call_and_its_step_saving():
+    def rec(ms):
+        return {"status": "done", "fwd": {"ms": ms / 3}, "fwd+bwd": {"ms": ms, "tflops": 1.0}, "kernels": ["k"]}
+
+    row = {"model": "m", "part": "decoder", "B": 2, "N": 197, "H": 16, "Dh": 32, "calls_per_step": 8}
+    report = {
+        "results": [
+            {
+                **row,
+                "impls": {"sdpa": rec(0.5), "triton": rec(0.3), "math": rec(0.9), "xformers": {"status": "skipped"}},
+            },
+            {**row, "part": "encoder", "calls_per_step": 12, "impls": {"sdpa": rec(0.2)}},
+        ]
+    }
+    best = report_md.attention_best(report)
+    assert [(b["part"], b["impl"]) for b in best] == [("decoder", "triton"), ("encoder", "sdpa")]
+    assert best[0]["step_ms_saved"] == pytest.approx(8 * 0.2) and best[1]["step_ms_saved"] == 0
+    md = report_md.attention_markdown({**report, "env": {}})
+    assert "- m decoder: `triton` 0.300 ms vs sdpa 0.500 ms; x 8 calls a step = +1.60 ms of the step" in md
 
 
 def test_smoke_run_records_every_backend(tmp_path):
