@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -66,16 +67,20 @@ def counting_fused_bytes() -> Iterator[dict[str, int]]:
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     import torch._inductor.scheduler as sched
+    from torch._inductor.utils import get_fused_kernel_name
 
-    counts = {"bytes": 0, "kernels": 0}
+    counts: dict[str, Any] = {"bytes": 0, "kernels": 0, "per_kernel": []}
     codegen = sched.Scheduler.codegen
 
     def counting_codegen(self: Any) -> Any:
         for node in self.nodes:
             if isinstance(node, (sched.ExternKernelSchedulerNode, sched.NopKernelSchedulerNode)):
                 continue
-            counts["bytes"] += int(node.get_read_write_buffers_sizes())
+            nbytes = int(node.get_read_write_buffers_sizes())
+            counts["bytes"] += nbytes
             counts["kernels"] += 1
+            # what the kernel computes, as inductor names its kernels (the aten ops fused into it)
+            counts["per_kernel"].append((get_fused_kernel_name(node.get_nodes(), "original_aten"), nbytes))
         return codegen(self)
 
     sched.Scheduler.codegen = counting_codegen
@@ -87,7 +92,80 @@ def counting_fused_bytes() -> Iterator[dict[str, int]]:
         sched.Scheduler.codegen = codegen
 
 
-def step_bytes(call: Any) -> dict[str, int]:
+TATTN = "_tattn"  # variant-name suffix: the blocks' attention as fastmae's Triton op (a stand-in here)
+
+
+@functools.cache
+def _standin_attention() -> Any:
+    """A custom op with the Triton attention's signature and layouts (qkv ``(B, N, 3, H, Dh)`` in,
+    ``(B, N, H, Dh)`` + log-sum-exp out; one ``(B, N, 3, H, Dh)`` grad back), computed by plain math:
+    inductor keeps a custom op as an extern kernel, so what is counted is the traffic around it,
+    as the Triton op leaves it on the GPU (whose own bytes ``bench_attention.py`` times)."""
+    from fastmae.attention import attention_math
+
+    @torch.library.custom_op("fastmae_traffic::attention", mutates_args=())
+    def attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _, H, Dh = qkv.shape
+        return attention_math(qkv).reshape(B, N, H, Dh), qkv.new_zeros(B * H, N, dtype=torch.float32)
+
+    @attention.register_fake
+    def _(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _, H, Dh = qkv.shape
+        return qkv.new_empty(B, N, H, Dh), qkv.new_empty(B * H, N, dtype=torch.float32)
+
+    @torch.library.custom_op("fastmae_traffic::attention_backward", mutates_args=())
+    def attention_backward(
+        grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> torch.Tensor:
+        # the math backward written out (autograd is off inside a custom op's implementation)
+        B, N, _, H, Dh = qkv.shape
+        q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+        do = grad_out.float().reshape(B, N, H, Dh).transpose(1, 2)
+        p = ((q @ k.transpose(-2, -1)) * Dh**-0.5).softmax(-1)
+        dp = do @ v.transpose(-2, -1)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * Dh**-0.5
+        grads = (ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do)
+        return torch.stack(grads, 0).permute(1, 3, 0, 2, 4).to(qkv.dtype).contiguous()
+
+    @attention_backward.register_fake
+    def _(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(qkv)
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(inputs[0], *output)
+
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> torch.Tensor:
+        return attention_backward(grad_out, *ctx.saved_tensors)
+
+    attention.register_autograd(backward, setup_context=setup_context)
+
+    def call(qkv: torch.Tensor) -> torch.Tensor:
+        B, N, _, H, Dh = qkv.shape
+        return attention(qkv)[0].reshape(B, N, H * Dh)
+
+    return call
+
+
+@contextlib.contextmanager
+def standin_triton_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Within: every block of ``model`` runs the stand-in for the Triton attention op."""
+    from fastmae import attention as attention_mod
+
+    blocks = [m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "qkv")]
+    saved = [b.backend for b in blocks]
+    impl = attention_mod._IMPLS["triton"]
+    attention_mod._IMPLS["triton"] = _standin_attention()
+    for b in blocks:
+        b.backend = "triton"
+    try:
+        yield
+    finally:
+        attention_mod._IMPLS["triton"] = impl
+        for b, backend in zip(blocks, saved, strict=True):
+            b.backend = backend
+
+
+def step_bytes(call: Any) -> dict[str, Any]:
     """Fused-kernel bytes of one compiled forward + backward of ``call`` (bf16 autocast, CPU)."""
 
     def step() -> torch.Tensor:
@@ -103,20 +181,52 @@ def step_bytes(call: Any) -> dict[str, int]:
     return dict(counts)
 
 
-def probe(model_name: str, batch: int, gbps: float, variants: list[str]) -> dict[str, Any]:
+def top_kernels(counts: list[dict[str, Any]], batch: int, top: int) -> list[dict[str, Any]]:
+    """The kernels that move the most bytes at ``batch``, by what they fuse: per-name totals at the two
+    probe batches, extrapolated as the step's are (a name that appears several times a step, e.g. one
+    per block, is summed)."""
+    totals = []
+    for c in counts:
+        t: dict[str, int] = {}
+        n_calls: dict[str, int] = {}
+        for name, nbytes in c["per_kernel"]:
+            t[name] = t.get(name, 0) + nbytes
+            n_calls[name] = n_calls.get(name, 0) + 1
+        totals.append((t, n_calls))
+    (t0, calls0), (t1, _) = totals
+    rows = []
+    for name in t0.keys() & t1.keys():
+        per_image = (t1[name] - t0[name]) / (BATCHES[1] - BATCHES[0])
+        fixed = t0[name] - per_image * BATCHES[0]
+        rows.append(
+            {
+                "kernel": name,
+                "calls": calls0[name],
+                "per_image_bytes": per_image,
+                "bytes_at_batch": per_image * batch + fixed,
+            }
+        )
+    return sorted(rows, key=lambda r: -r["bytes_at_batch"])[:top]
+
+
+def probe(model_name: str, batch: int, gbps: float, variants: list[str], top: int = 0) -> dict[str, Any]:
     base, table, step_fn, img, L = variant_table(model_name)
     out: dict[str, Any] = {"variants": {}}
     for name in variants:
-        kind, build, about = table[name]
+        tattn = name.endswith(TATTN)
+        kind, build, about = table[name.removesuffix(TATTN)]
         if kind != "compiled":
             raise ValueError(f"{name} is an eager variant: only compiled ones have inductor kernels to count")
+        if tattn:
+            about += ", the Triton attention op's layouts (q, k, v read in place, one qkv grad)"
         t0 = time.perf_counter()
         model = build()
         counts = []
         for n in BATCHES:
             gen = torch.Generator().manual_seed(n)
             imgs, noise = torch.randn(n, 3, img, img, generator=gen), torch.rand(n, L, generator=gen)
-            counts.append(step_bytes(step_fn(model, imgs, noise)))
+            with standin_triton_attention(model) if tattn else contextlib.nullcontext():
+                counts.append(step_bytes(step_fn(model, imgs, noise)))
             model.zero_grad(set_to_none=True)
         per_image = (counts[1]["bytes"] - counts[0]["bytes"]) / (BATCHES[1] - BATCHES[0])
         fixed = counts[0]["bytes"] - per_image * BATCHES[0]
@@ -131,6 +241,13 @@ def probe(model_name: str, batch: int, gbps: float, variants: list[str]) -> dict
             "predicted_ms": at_batch / gbps / 1e6,
             "seconds": round(time.perf_counter() - t0, 1),
         }
+        if top:
+            out["variants"][name]["top_kernels"] = top_kernels(counts, batch, top)
+            for k in out["variants"][name]["top_kernels"]:
+                print(
+                    f"    {k['bytes_at_batch'] / gbps / 1e6:6.2f} ms {k['calls']:3d}x {k['kernel'][:100]}",
+                    flush=True,
+                )
         print(
             f"{model_name} {name:30s} {per_image / 1e6:7.1f} MB/img + {fixed / 1e9:5.2f} GB fixed "
             f"-> {at_batch / 1e9:6.1f} GB at batch {batch}, {at_batch / gbps / 1e6:5.1f} ms at {gbps:.0f} GB/s",
@@ -171,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", nargs="+", default=["vit_base_patch16"], help="tiny or SHAPES names")
     p.add_argument("--batch", type=int, default=256, help="the batch the bytes and times are predicted for")
     p.add_argument("--gbps", type=float, default=H200_COPY_GBPS, help="bandwidth for the predicted ms")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="compiled variants of memory_probe's table")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        help=f"compiled variants of memory_probe's table; a name + {TATTN} with the Triton attention's layouts",
+    )
+    p.add_argument("--top", type=int, default=0, help="also list the K kernels (by fused ops) moving the most bytes")
     p.add_argument("--out", type=Path, default=None, help="JSON file")
     p.add_argument("--md", type=Path, default=None, metavar="JSON", help="print the markdown table of a result file")
     args = p.parse_args(argv)
@@ -188,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     for name in args.model:
-        record["models"][name] = probe(name, args.batch, args.gbps, args.variants)
+        record["models"][name] = probe(name, args.batch, args.gbps, args.variants, args.top)
         if args.out:
             common.write_json(args.out, record)
     print(markdown(record))

@@ -19,14 +19,15 @@ def _compiled(fn, *args):
 def test_counts_one_fused_kernel_reads_and_writes():
     """(x + 1) * 2 on 4096 fp32 values: one kernel, 16 KiB read and 16 KiB written."""
     counts = _compiled(lambda x: (x + 1) * 2, torch.randn(4096))
-    assert counts == {"bytes": 2 * 4096 * 4, "kernels": 1}
+    assert (counts["bytes"], counts["kernels"]) == (2 * 4096 * 4, 1)
+    assert counts["per_kernel"] == [("fused_add_mul", 2 * 4096 * 4)]  # named by the aten ops it fuses
 
 
 def test_gemms_are_left_out():
     """mm(a, b) + 1: the matrix multiply is an extern kernel; only the add's bytes count."""
     a, b = torch.randn(64, 64), torch.randn(64, 64)
     counts = _compiled(lambda a, b: torch.mm(a, b) + 1, a, b)
-    assert counts == {"bytes": 2 * 64 * 64 * 4, "kernels": 1}
+    assert (counts["bytes"], counts["kernels"]) == (2 * 64 * 64 * 4, 1)
 
 
 def test_per_image_and_fixed_bytes_from_two_batches(monkeypatch):
@@ -76,3 +77,47 @@ def test_bf16_residual_stream_moves_fewer_bytes():
     low = step_bytes(step_fn(table["fm_compile_bf16res"][1](), imgs, noise))
     assert ref["kernels"] > 50 and ref["bytes"] > 0
     assert low["bytes"] < 0.95 * ref["bytes"]
+
+
+def test_top_kernels_by_fused_ops():
+    """Per-name totals at the two batches, extrapolated like the step's; repeated names summed."""
+    from benchmarks.traffic_probe import top_kernels
+
+    def counts(n):  # batch n: a per-block norm (2 calls, 10 B an image each) and a fixed-size cast
+        return {"per_kernel": [("fused_layer_norm", 10 * n), ("fused_layer_norm", 10 * n), ("fused_to_copy", 500)]}
+
+    rows = top_kernels([counts(2), counts(6)], batch=100, top=5)
+    assert [(r["kernel"], r["calls"]) for r in rows] == [("fused_layer_norm", 2), ("fused_to_copy", 1)]
+    assert rows[0]["per_image_bytes"] == 20 and rows[0]["bytes_at_batch"] == 2000
+    assert rows[1]["per_image_bytes"] == 0 and rows[1]["bytes_at_batch"] == 500
+    assert len(top_kernels([counts(2), counts(6)], batch=100, top=1)) == 1
+
+
+def test_standin_attention_is_the_math_attention():
+    """The stand-in for the Triton op (an extern custom op for inductor) computes attention and its grad."""
+    from benchmarks.traffic_probe import _standin_attention
+    from fastmae.attention import attention_math
+
+    qkv = torch.randn(2, 7, 3, 2, 8, requires_grad=True)
+    grad = torch.randn(2, 7, 16)
+    got, want = _standin_attention()(qkv), attention_math(qkv)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, qkv, grad)[0], torch.autograd.grad(want, qkv, grad)[0], rtol=0, atol=1e-6
+    )
+
+
+def test_tattn_variant_swaps_every_blocks_attention():
+    from benchmarks.traffic_probe import standin_triton_attention
+    from fastmae import attention as attention_mod
+    from fastmae.model import MaskedAutoencoderViT
+
+    m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    impl = attention_mod._IMPLS["triton"]
+    with standin_triton_attention(m):
+        assert {m.blocks[0].attn.backend, m.decoder_blocks[0].attn.backend} == {"triton"}
+        assert attention_mod._IMPLS["triton"] is not impl
+        m(torch.randn(2, 3, 32, 32))[0].backward()  # runs through the stand-in, grads included
+    assert {m.blocks[0].attn.backend, m.decoder_blocks[0].attn.backend} == {"sdpa"}
+    assert attention_mod._IMPLS["triton"] is impl
