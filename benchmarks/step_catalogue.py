@@ -190,9 +190,11 @@ VARIANTS = _variants()
 GROUPS: dict[str, list[str]] = {
     # The performance push's candidates come last, compiled only while the time budget holds them
     # (~35-60 s a compile on the H200; 3-4 fit), the largest predicted gain first: fm_fast_tattn
-    # (attention was 8.3 ms of the 49 ms ViT-B step, at ~90 TFLOP/s), fm_fast_bf16res (-2.8 ms by
-    # the traffic probe), fm_fast_no_ac (what the default's selective checkpointing costs: ~0.5 ms
-    # predicted), fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) and
+    # (attention was 8.3 ms of the 49 ms ViT-B step, at ~90 TFLOP/s; -1.9 ms of copies around it by
+    # the traffic probe), the same + the bf16 residual stream (-4.6 ms of copies together; the
+    # difference of the two rows is the stream's own share), fm_fast_bf16res alone (-2.8 ms),
+    # fm_fast_no_ac (what the default's selective checkpointing costs: ~0.5 ms predicted),
+    # fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) and
     # fm_fast_enc_math (the encoder's 50-token attention as plain matmuls).
     "main": [
         "hf_eager",
@@ -201,6 +203,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_ref",
         "fm_fused_eager",
         "fm_fast_tattn",
+        "fm_fast_tattn_bf16res",
         "fm_fast_bf16res",
         "fm_fast_no_ac",
         "fm_fast_mix128",
