@@ -70,8 +70,8 @@ SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 # they are tried (a short time budget keeps the first): 8 warps split the backward's 64 x 64 tiles
 # over two warp groups (the rule's choice at head dim 64 already); key tiles of 128 take the
 # decoder's 197 tokens in 2 forward steps instead of 4; 128-row query tiles read k and v half as
-# often; then pipelining depth, larger backward tiles, and 32-wide key tiles (197 tokens padded to
-# 224 instead of 256).
+# often; then pipelining depth, larger backward tiles, and 32-wide tiles (197 tokens padded to
+# 224 instead of 256; a 32-row operand runs as mma.sync instead of wgmma, which wants 64 rows).
 TRITON_CONFIGS: list[tuple[int | None, ...]] = [
     (None, None, None, 64, 64, 8, None),
     (64, 128, 4, None, None, None, None),
@@ -82,6 +82,8 @@ TRITON_CONFIGS: list[tuple[int | None, ...]] = [
     (None, None, None, 64, 128, 8, None),
     (None, None, None, 128, 64, 8, None),
     (64, 32, 4, None, None, None, None),
+    (None, None, None, 64, 32, 4, None),
+    (None, None, None, 32, 64, 4, None),
 ]
 
 
