@@ -107,7 +107,7 @@ class FinetuneConfig:
     device: str = _f("auto", "auto, cpu or cuda")
     precision: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     compile: bool | None = _f(None, "torch.compile (default: on for CUDA)")
-    attn_backend: str = _f("auto", "auto, sdpa, xformers or math")
+    attn_backend: str = _f("auto", "auto, sdpa, sdpa_pad64, triton (fastmae's kernel; CUDA), xformers or math")
     data_backend: str = _f("torch", "training loader: torch or dali", choices=("torch", "dali"))
     num_workers: int = _f(4, "loader workers per process")
     log_every: int = _f(20, "steps between log lines")
