@@ -66,28 +66,31 @@ MODELS = {
 SMOKE_MODELS = {"smoke": (64, 4, 32, 4, 8, 32, 2, 1)}
 SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
 # The Triton kernel's tilings timed beside its launch rule: (fwd BLOCK_M, fwd BLOCK_N, fwd warps,
-# bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages), None = the rule's value at that shape; in the order
-# they are tried (a short time budget keeps the first): 8 warps split the backward's 64 x 64 tiles
-# over two warp groups (the rule's choice at head dim 64 already); key tiles of 128 take the
-# decoder's 197 tokens in 2 forward steps instead of 4; 128-row query tiles read k and v half as
-# often; then pipelining depth, larger backward tiles, and 32-wide tiles (197 tokens padded to
-# 224 instead of 256; a 32-row operand runs as mma.sync instead of wgmma, which wants 64 rows).
-TRITON_CONFIGS: list[tuple[int | None, ...]] = [
-    (None, None, None, 64, 64, 8, None),
-    (64, 128, 4, None, None, None, None),
-    (128, 64, 8, None, None, None, None),
-    (None, None, None, None, None, None, 3),
-    (None, None, None, None, None, None, 1),
-    (64, 128, 8, None, None, None, None),
-    (None, None, None, 64, 128, 8, None),
-    (None, None, None, 128, 64, 8, None),
-    (64, 32, 4, None, None, None, None),
-    (None, None, None, 64, 32, 4, None),
-    (None, None, None, 32, 64, 4, None),
+# bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages, tails), None = the rule's value at that shape; in
+# the order they are tried (a short time budget keeps the first): tail blocks (the decoder's 197
+# tokens as 3 x 64 + 16 instead of 4 x 64: a third less padded score work); 8 warps split the
+# backward's 64 x 64 tiles over two warp groups (the rule's choice at head dim 64 already); key
+# tiles of 128 take the decoder's tokens in 2 forward steps instead of 4; 128-row query tiles read k
+# and v half as often; then pipelining depth, larger backward tiles, and 32-wide tiles (a 32-row
+# operand runs as mma.sync instead of wgmma, which wants 64 rows).
+TRITON_CONFIGS: list[tuple[int | bool | None, ...]] = [
+    (None, None, None, None, None, None, None, True),
+    (None, None, None, 64, 64, 8, None, None),
+    (None, None, None, 64, 64, 8, None, True),
+    (64, 128, 4, None, None, None, None, None),
+    (128, 64, 8, None, None, None, None, None),
+    (None, None, None, None, None, None, 3, None),
+    (None, None, None, None, None, None, 1, None),
+    (64, 128, 8, None, None, None, None, None),
+    (None, None, None, 64, 128, 8, None, None),
+    (None, None, None, 128, 64, 8, None, None),
+    (64, 32, 4, None, None, None, None, None),
+    (None, None, None, 64, 32, 4, None, None),
+    (None, None, None, 32, 64, 4, None, None),
 ]
 
 
-def triton_config_name(config: tuple[int | None, ...]) -> str:
+def triton_config_name(config: tuple[int | bool | None, ...]) -> str:
     """``triton[fwd 64x128 w4]``-style: only the knobs the config sets."""
     parts = []
     if any(c is not None for c in config[:3]):
@@ -96,10 +99,12 @@ def triton_config_name(config: tuple[int | None, ...]) -> str:
         parts.append("bwd {}x{} w{}".format(*("rule" if c is None else c for c in config[3:6])))
     if config[6] is not None:
         parts.append(f"stages {config[6]}")
+    if config[7] is not None:
+        parts.append("tails" if config[7] else "no tails")
     return f"triton[{', '.join(parts)}]"
 
 
-def triton_with_config(config: tuple[int | None, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+def triton_with_config(config: tuple[int | bool | None, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``attention_triton`` launched with ``config``'s knobs in place of its rule's, at every call."""
     import importlib
 

@@ -46,6 +46,40 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _fwd_step(
+    q,
+    k_base,
+    v_base,
+    stride_n,
+    start_n,
+    N,
+    d,
+    d_ok,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+):
+    """One key block of the forward's online softmax: the running max, sum and output, updated."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(to_output_dtype(p, v.dtype, EMULATE_RTNE), v, DOT_PRECISION, EMULATE_RTNE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     qkv_ptr,  # [B, N, 3, H, Dh] contiguous
     out_ptr,  # [B, N, H, Dh] contiguous
@@ -54,8 +88,10 @@ def _attn_fwd_kernel(
     H,
     Dh,
     qk_scale,  # Dh**-0.5 * log2(e)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    row0,  # the first query row of this launch's blocks
+    BLOCK_M: tl.constexpr,  # query rows a program
+    BLOCK_N: tl.constexpr,  # key rows a step
+    TAIL_N: tl.constexpr,  # 0, or the last step's key rows (the keys past the last whole BLOCK_N)
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
@@ -69,7 +105,7 @@ def _attn_fwd_kernel(
     k_base = q_base + H * Dh
     v_base = k_base + H * Dh
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     d_ok = d < Dh
@@ -78,20 +114,17 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(to_output_dtype(p, v.dtype, EMULATE_RTNE), v, DOT_PRECISION, EMULATE_RTNE)
-        m_i = m_new
+    n_main = N if TAIL_N == 0 else (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_main, BLOCK_N):
+        m_i, l_i, acc = _fwd_step(
+            q, k_base, v_base, stride_n, start_n, N, d, d_ok, m_i, l_i, acc, qk_scale,
+            BLOCK_N, DOT_PRECISION, EMULATE_RTNE,
+        )  # fmt: skip
+    if TAIL_N > 0:  # the launcher sets it only where keys are left past n_main
+        m_i, l_i, acc = _fwd_step(
+            q, k_base, v_base, stride_n, n_main, N, d, d_ok, m_i, l_i, acc, qk_scale,
+            TAIL_N, DOT_PRECISION, EMULATE_RTNE,
+        )  # fmt: skip
     out = acc / l_i[:, None]
     out_base = out_ptr + b * N * H * Dh + h * Dh
     tl.store(
@@ -100,6 +133,96 @@ def _attn_fwd_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
     )
     tl.store(lse_ptr + pid_bh * N + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _dkdv_step(
+    k,
+    v,
+    dk,
+    dv,
+    cols,
+    col_ok,
+    start_m,
+    q_base,
+    do_base,
+    o_base,
+    lse_base,
+    dq_base,
+    stride_n,
+    o_stride_n,
+    N,
+    d,
+    d_ok,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    GRAD_TY: tl.constexpr,
+):
+    """One query block's share of a key block's dK and dV (scores transposed: [keys, queries]);
+    with ONE_BLOCK also the query block's whole dQ, stored."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
+    o = tl.load(o_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    s_t = _dot(k, tl.trans(q), DOT_PRECISION, EMULATE_RTNE) * qk_scale
+    # No masking needed: padded query rows load q = dO = 0 (and lse = 0, so p_t = 1) and add
+    # nothing to dK or dV; padded key rows (maybe inf in p_t) are never stored.
+    p_t = tl.exp2(s_t - lse[None, :])
+    if ONE_BLOCK:  # here the padded keys' rows feed dQ: they must be 0 (see the dQ pass)
+        p_t = tl.where(col_ok[:, None], p_t, 0.0)
+    dv += _dot(to_output_dtype(p_t, do.dtype, EMULATE_RTNE), do, DOT_PRECISION, EMULATE_RTNE)
+    dp_t = _dot(v, tl.trans(do), DOT_PRECISION, EMULATE_RTNE)
+    ds_t = to_output_dtype(p_t * (dp_t - delta[None, :]), q.dtype, EMULATE_RTNE)
+    dk += _dot(ds_t, q, DOT_PRECISION, EMULATE_RTNE)
+    if ONE_BLOCK:
+        dq = _dot(tl.trans(ds_t), k, DOT_PRECISION, EMULATE_RTNE) * sm_scale
+        tl.store(
+            dq_base + rows[:, None] * stride_n + d[None, :], to_output_dtype(dq, GRAD_TY, EMULATE_RTNE), mask=q_mask
+        )
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(
+    q,
+    do,
+    lse,
+    delta,
+    dq,
+    start_n,
+    k_base,
+    v_base,
+    stride_n,
+    N,
+    d,
+    d_ok,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+):
+    """One key block's share of a query block's dQ."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
+    # Padded keys (k = v = 0, score 0) must give p = 0: exp2(0 - lse) overflows to inf when a
+    # row's real scores are all far below 0, and inf x k = 0 would put NaN into dQ.
+    p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), DOT_PRECISION, EMULATE_RTNE)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(to_output_dtype(ds, k.dtype, EMULATE_RTNE), k, DOT_PRECISION, EMULATE_RTNE)
+    return dq
 
 
 @triton.jit
@@ -114,17 +237,25 @@ def _attn_bwd_kernel(
     Dh,
     qk_scale,  # Dh**-0.5 * log2(e)
     sm_scale,  # Dh**-0.5
-    BLOCK_M: tl.constexpr,  # query rows a step
-    BLOCK_N: tl.constexpr,  # key rows a step
+    key0,  # this launch's first key row (its programs own key blocks from here ...)
+    key_end,  # (... up to here)
+    row0,  # and its first query row
+    row_end,
+    OWN_M: tl.constexpr,  # the query rows a program owns (dQ)
+    OWN_N: tl.constexpr,  # the key rows a program owns (dK, dV)
+    BLOCK_M: tl.constexpr,  # query rows a step of the dK, dV loop
+    BLOCK_N: tl.constexpr,  # key rows a step of the dQ loop
+    TAIL_M: tl.constexpr,  # 0, or the dK, dV loop's last step (the queries past the last whole BLOCK_M)
+    TAIL_N: tl.constexpr,  # 0, or the dQ loop's last step
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,  # N <= BLOCK_M and N <= BLOCK_N: one pass gives dQ, dK and dV
+    ONE_BLOCK: tl.constexpr,  # the whole sequence is one block: one pass gives dQ, dK and dV
 ):
-    # Program j of a (b, h): dK, dV of key block j (BLOCK_N rows), then dQ of query block j
-    # (BLOCK_M rows); the grid has enough blocks for both. With ONE_BLOCK (MAE's encoder: 50
-    # tokens) the one program's scores serve all three grads, so the second pass, which would
-    # recompute them, is left out.
+    # Program j of a (b, h): dK, dV of key block j (OWN_N rows from key0), then dQ of query block
+    # j (OWN_M rows from row0); the grid has enough programs for both. With ONE_BLOCK (MAE's
+    # encoder: 50 tokens) the one program's scores serve all three grads, so the second pass,
+    # which would recompute them, is left out.
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -142,93 +273,89 @@ def _attn_bwd_kernel(
     dv_base = dk_base + H * Dh
     d = tl.arange(0, BLOCK_D)
     d_ok = d < Dh
+    ty = grad_qkv_ptr.dtype.element_ty
 
-    # dK, dV of key block pid (transposed scores: [BLOCK_N keys, BLOCK_M queries])
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # dK, dV of the key block this program owns
+    n_start = key0 + pid * OWN_N
+    cols = n_start + tl.arange(0, OWN_N)
     col_ok = cols < N
-    if pid * BLOCK_N < N:
+    if n_start < key_end:
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, N, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < N
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
-            o = tl.load(o_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-            s_t = _dot(k, tl.trans(q), DOT_PRECISION, EMULATE_RTNE) * qk_scale
-            # No masking needed: padded query rows load q = dO = 0 (and lse = 0, so p_t = 1) and add
-            # nothing to dK or dV; padded key rows (maybe inf in p_t) are never stored.
-            p_t = tl.exp2(s_t - lse[None, :])
-            if ONE_BLOCK:  # here the padded keys' rows feed dQ: they must be 0 (see the dQ pass)
-                p_t = tl.where(col_ok[:, None], p_t, 0.0)
-            dv += _dot(to_output_dtype(p_t, do.dtype, EMULATE_RTNE), do, DOT_PRECISION, EMULATE_RTNE)
-            dp_t = _dot(v, tl.trans(do), DOT_PRECISION, EMULATE_RTNE)
-            ds_t = to_output_dtype(p_t * (dp_t - delta[None, :]), q.dtype, EMULATE_RTNE)
-            dk += _dot(ds_t, q, DOT_PRECISION, EMULATE_RTNE)
-            if ONE_BLOCK:
-                dq = _dot(tl.trans(ds_t), k, DOT_PRECISION, EMULATE_RTNE) * sm_scale
-                tl.store(
-                    dq_base + rows[:, None] * stride_n + d[None, :],
-                    to_output_dtype(dq, grad_qkv_ptr.dtype.element_ty, EMULATE_RTNE),
-                    mask=q_mask,
-                )
+        dk = tl.zeros([OWN_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([OWN_N, BLOCK_D], dtype=tl.float32)
+        m_main = N if TAIL_M == 0 else (N // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_main, BLOCK_M):
+            dk, dv = _dkdv_step(
+                k, v, dk, dv, cols, col_ok, start_m, q_base, do_base, o_base, lse_base, dq_base, stride_n,
+                o_stride_n, N, d, d_ok, qk_scale, sm_scale, BLOCK_M, DOT_PRECISION, EMULATE_RTNE, ONE_BLOCK, ty,
+            )  # fmt: skip
+        if TAIL_M > 0:
+            dk, dv = _dkdv_step(
+                k, v, dk, dv, cols, col_ok, m_main, q_base, do_base, o_base, lse_base, dq_base, stride_n,
+                o_stride_n, N, d, d_ok, qk_scale, sm_scale, TAIL_M, DOT_PRECISION, EMULATE_RTNE, ONE_BLOCK, ty,
+            )  # fmt: skip
         dk = dk * sm_scale
-        ty = grad_qkv_ptr.dtype.element_ty
         tl.store(dk_base + cols[:, None] * stride_n + d[None, :], to_output_dtype(dk, ty, EMULATE_RTNE), mask=kv_mask)
         tl.store(dv_base + cols[:, None] * stride_n + d[None, :], to_output_dtype(dv, ty, EMULATE_RTNE), mask=kv_mask)
 
-    # dQ of query block pid
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    # dQ of the query block this program owns
+    m_start = row0 + pid * OWN_M
+    rows = m_start + tl.arange(0, OWN_M)
     row_ok = rows < N
-    if not ONE_BLOCK and pid * BLOCK_M < N:
+    if not ONE_BLOCK and m_start < row_end:
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_n + d[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
         o = tl.load(o_base + rows[:, None] * o_stride_n + d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
-            # Padded keys (k = v = 0, score 0) must give p = 0: exp2(0 - lse) overflows to inf when a
-            # row's real scores are all far below 0, and inf x k = 0 would put NaN into dQ.
-            p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), DOT_PRECISION, EMULATE_RTNE)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(to_output_dtype(ds, k.dtype, EMULATE_RTNE), k, DOT_PRECISION, EMULATE_RTNE)
+        dq = tl.zeros([OWN_M, BLOCK_D], dtype=tl.float32)
+        n_main = N if TAIL_N == 0 else (N // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_main, BLOCK_N):
+            dq = _dq_step(
+                q, do, lse, delta, dq, start_n, k_base, v_base, stride_n, N, d, d_ok, qk_scale,
+                BLOCK_N, DOT_PRECISION, EMULATE_RTNE,
+            )  # fmt: skip
+        if TAIL_N > 0:
+            dq = _dq_step(
+                q, do, lse, delta, dq, n_main, k_base, v_base, stride_n, N, d, d_ok, qk_scale,
+                TAIL_N, DOT_PRECISION, EMULATE_RTNE,
+            )  # fmt: skip
         dq = dq * sm_scale
-        tl.store(
-            dq_base + rows[:, None] * stride_n + d[None, :],
-            to_output_dtype(dq, grad_qkv_ptr.dtype.element_ty, EMULATE_RTNE),
-            mask=q_mask,
-        )
+        tl.store(dq_base + rows[:, None] * stride_n + d[None, :], to_output_dtype(dq, ty, EMULATE_RTNE), mask=q_mask)
 
 
-def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int, int, int, int, int]:
-    """(fwd BLOCK_M, fwd BLOCK_N, fwd warps, bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages).
+def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int, int, int, int, int, bool]:
+    """(fwd BLOCK_M, fwd BLOCK_N, fwd warps, bwd BLOCK_M, bwd BLOCK_N, bwd warps, stages, tails).
 
     GPU: 64 x 64 tiles (wgmma's M is 64 a warp group), which cover MAE's encoder (50 tokens) in one
     step and its decoder (197) in four. Compiled for sm_90 without a GPU
     (tests/kernels/test_sm90_codegen.py) these use wgmma and do not spill; the backward at head dim
     64 takes 8 warps (255 registers a thread with 4). CPU (the interpreter, whose cost is per
     program): one program per (b, h), the whole sequence one tile.
-    ``benchmarks/bench_attention.py`` times other tilings (``TRITON_CONFIGS``) beside this rule.
+
+    ``tails``: the tokens past the last whole block get a block of their own, as small as holds
+    them (at least 16), instead of a whole padded one: 197 tokens as 3 x 64 + 16 (208) instead of
+    4 x 64 (256), about a third less work on the padded score tiles; a query tail block is a
+    second launch. Off until measured. ``benchmarks/bench_attention.py`` times other tilings
+    (``TRITON_CONFIGS``, this one included) beside this rule.
     """
     if is_interpreter(device):
         block = max(16, min(next_pow2(N), 128))
-        return block, block, 1, block, block, 1, 1
-    return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 2
+        return block, block, 1, block, block, 1, 1, False
+    return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 2, False
+
+
+def _tail(N: int, block: int, tails: bool) -> int:
+    """The tail block for ``N`` tokens in blocks of ``block``: 0 where it would not be smaller than a
+    whole block (or tails are off, or one block holds everything)."""
+    rest = N % block
+    if not tails or N <= block or rest == 0:
+        return 0
+    tail = max(16, next_pow2(rest))
+    return tail if tail < block else 0
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -244,23 +371,29 @@ def _attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lse = new_output((B * H, N), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
-    bm, bn, warps, _, _, _, stages = _launch_config(N, Dh, qkv.device)
-    wrap_triton(_attn_fwd_kernel)[(triton.cdiv(N, bm), B * H)](
-        qkv,
-        out,
-        lse,
-        N,
-        H,
-        Dh,
-        Dh**-0.5 * LOG2E,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=max(16, next_pow2(Dh)),
-        DOT_PRECISION=_dot_precision(qkv.dtype),
-        EMULATE_RTNE=is_interpreter(qkv.device),
-        num_warps=warps,
-        num_stages=stages,
-    )
+    bm, bn, warps, _, _, _, stages, tails = _launch_config(N, Dh, qkv.device)
+    tail_m, tail_n = _tail(N, bm, tails), _tail(N, bn, tails)
+    # (first row, programs, rows a program): the whole blocks, then the query tail block
+    launches = [(0, N // bm, bm), ((N // bm) * bm, 1, tail_m)] if tail_m else [(0, triton.cdiv(N, bm), bm)]
+    for row0, programs, rows in launches:
+        wrap_triton(_attn_fwd_kernel)[(programs, B * H)](
+            qkv,
+            out,
+            lse,
+            N,
+            H,
+            Dh,
+            Dh**-0.5 * LOG2E,
+            row0,
+            BLOCK_M=rows,
+            BLOCK_N=bn,
+            TAIL_N=tail_n,
+            BLOCK_D=max(16, next_pow2(Dh)),
+            DOT_PRECISION=_dot_precision(qkv.dtype),
+            EMULATE_RTNE=is_interpreter(qkv.device),
+            num_warps=warps,
+            num_stages=stages,
+        )
     return out, lse
 
 
@@ -273,28 +406,44 @@ def _attention_backward(
     grad_qkv = new_output((B, N, 3, H, Dh), qkv.dtype, qkv.device)
     if grad_qkv.numel() == 0:
         return grad_qkv
-    _, _, _, bm, bn, warps, stages = _launch_config(N, Dh, qkv.device)
-    one_block = N <= bm and N <= bn
-    wrap_triton(_attn_bwd_kernel)[(max(triton.cdiv(N, bm), triton.cdiv(N, bn)), B * H)](
-        qkv,
-        out,
-        grad_out,
-        lse,
-        grad_qkv,
-        N,
-        H,
-        Dh,
-        Dh**-0.5 * LOG2E,
-        Dh**-0.5,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=max(16, next_pow2(Dh)),
-        DOT_PRECISION=_dot_precision(qkv.dtype),
-        EMULATE_RTNE=is_interpreter(qkv.device),
-        ONE_BLOCK=one_block,
-        num_warps=warps,
-        num_stages=stages,
-    )
+    _, _, _, bm, bn, warps, stages, tails = _launch_config(N, Dh, qkv.device)
+    tail_m, tail_n = _tail(N, bm, tails), _tail(N, bn, tails)
+    key_main = (N // bn) * bn if tail_n else N  # keys in whole blocks (owned by the first launch)
+    row_main = (N // bm) * bm if tail_m else N
+    # (key0, key_end, row0, row_end, own key rows, own query rows): the whole blocks, then the tails
+    launches = [(0, key_main, 0, row_main, bn, bm)]
+    if tail_n or tail_m:
+        launches.append((key_main, N, row_main, N, tail_n or bn, tail_m or bm))
+    for key0, key_end, row0, row_end, own_n, own_m in launches:
+        programs = max(triton.cdiv(key_end - key0, own_n), triton.cdiv(row_end - row0, own_m))
+        wrap_triton(_attn_bwd_kernel)[(programs, B * H)](
+            qkv,
+            out,
+            grad_out,
+            lse,
+            grad_qkv,
+            N,
+            H,
+            Dh,
+            Dh**-0.5 * LOG2E,
+            Dh**-0.5,
+            key0,
+            key_end,
+            row0,
+            row_end,
+            OWN_M=own_m,
+            OWN_N=own_n,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            TAIL_M=tail_m,
+            TAIL_N=tail_n,
+            BLOCK_D=max(16, next_pow2(Dh)),
+            DOT_PRECISION=_dot_precision(qkv.dtype),
+            EMULATE_RTNE=is_interpreter(qkv.device),
+            ONE_BLOCK=N <= bm and N <= bn,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return grad_qkv
 
 

@@ -88,7 +88,8 @@ def test_each_timed_triton_tiling_is_right(config, N, Dh):
 
 
 def test_triton_config_names():
-    assert bench_attention.triton_config_name((64, 128, 4, None, None, None, None)) == "triton[fwd 64x128 w4]"
-    assert bench_attention.triton_config_name((None,) * 6 + (3,)) == "triton[stages 3]"
+    assert bench_attention.triton_config_name((64, 128, 4) + (None,) * 5) == "triton[fwd 64x128 w4]"
+    assert bench_attention.triton_config_name((None,) * 6 + (3, None)) == "triton[stages 3]"
+    assert bench_attention.triton_config_name((None,) * 3 + (64, 64, 8, None, True)) == "triton[bwd 64x64 w8, tails]"
     names = [bench_attention.triton_config_name(c) for c in bench_attention.TRITON_CONFIGS]
     assert len(set(names)) == len(names)

@@ -65,27 +65,44 @@ def test_attention(case, dtype, device, seed, check):
     _check(case, dtype, device, seed, check)
 
 
-# (fwd BLOCK_M, fwd BLOCK_N, bwd BLOCK_M, bwd BLOCK_N): the GPU's tiles, under the interpreter too.
-# Several key blocks exercise the forward's online softmax; ragged ends, and unequal backward
-# blocks (the grid covers the larger count, some programs own a key block and no query block).
-TILINGS = [(64, 64, 64, 64), (16, 32, 32, 16), (32, 16, 16, 32)]
+# (fwd BLOCK_M, fwd BLOCK_N, bwd BLOCK_M, bwd BLOCK_N, tails): the GPU's tiles, under the
+# interpreter too. Several key blocks exercise the forward's online softmax; ragged ends, and
+# unequal backward blocks (the grid covers the larger count, some programs own a key block and no
+# query block); tail blocks (197 = 3 x 64 + a 16-row tail; with blocks of 16 and 32 only the
+# 32-wide side has a tail, so a launch has a key tail and no query tail, or the other way round).
+TILINGS = [
+    (64, 64, 64, 64, False),
+    (16, 32, 32, 16, False),
+    (32, 16, 16, 32, False),
+    (64, 64, 64, 64, True),
+    (16, 32, 32, 16, True),
+]
 
 
-@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "fwd{}x{}-bwd{}x{}".format(*t))
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "fwd{}x{}-bwd{}x{}{}".format(*t[:4], "-tails" * t[4]))
 @pytest.mark.parametrize("case", [(1, 197, 2, 32), (2, 50, 1, 64)], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attention_tilings(case, tiling, dtype, device, seed, check, monkeypatch):
-    fbm, fbn, bbm, bbn = tiling
-    monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (fbm, fbn, 4, bbm, bbn, 4, 2))
+    fbm, fbn, bbm, bbn, tails = tiling
+    monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (fbm, fbn, 4, bbm, bbn, 4, 2, tails))
     _check(case, dtype, device, seed, check)
+
+
+def test_tail_blocks():
+    tail = attention_module._tail
+    # 197 = 3 x 64 + 5 and 6 x 32 + 5: a 16-row tail; 1 x 128 + 69: a tail of 128 gains nothing
+    assert [tail(197, 64, True), tail(197, 32, True), tail(197, 128, True)] == [16, 16, 0]
+    # one block; 3 x 16 + 2 (a 16-row tail is a whole block); 32 + 18 (tail 32); tails off
+    assert [tail(50, 64, True), tail(50, 16, True), tail(50, 32, True), tail(197, 64, False)] == [0, 0, 0, 0]
+    assert tail(65, 64, True) == 16 and tail(100, 64, True) == 0  # 36 left: a 64-row block anyway
 
 
 def test_attention_gpu_rule_covers_mae_shapes():
     """The GPU rule's tiles at MAE's shapes: what tests above run, and what the sm_90 build checks."""
     gpu = torch.device("cuda")
-    assert attention_module._launch_config(50, 64, gpu) == (64, 64, 4, 64, 64, 8, 2)
-    assert attention_module._launch_config(197, 32, gpu) == (64, 64, 4, 64, 64, 4, 2)
-    assert (64, 64, 64, 64) in TILINGS
+    assert attention_module._launch_config(50, 64, gpu) == (64, 64, 4, 64, 64, 8, 2, False)
+    assert attention_module._launch_config(197, 32, gpu) == (64, 64, 4, 64, 64, 4, 2, False)
+    assert (64, 64, 64, 64, False) in TILINGS
 
 
 # the padded keys' weights do overflow where they are not used (the dK/dV pass never stores them);
@@ -96,7 +113,9 @@ def test_attention_far_negative_scores(tiling, device, close, monkeypatch):
     """A query whose every score is ~ -150 (lse ~ -216 in base 2): a padded key's score 0 would
     weigh 2^216 = inf unless masked, and inf times its zero k would make the query's grad NaN."""
     if tiling:
-        monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (*tiling[:2], 4, *tiling[2:], 4, 2))
+        monkeypatch.setattr(
+            attention_module, "_launch_config", lambda N, Dh, dev: (*tiling[:2], 4, *tiling[2:], 4, 2, False)
+        )
     qkv, grad_out = _make(1, 20, 1, 16, torch.float32, device, seed=5)
     k0 = torch.full((16,), 1.0, device=device)
     qkv[:, :, 1, 0] = k0 + 0.01 * qkv[:, :, 1, 0]  # every key ~ k0

@@ -72,28 +72,39 @@ KERNELS += [
     (m, n, sig, {**c, "PRED_ORDER": True}, div, w) for m, n, sig, c, div, w in KERNELS if m == "masked_mse"
 ]
 # attention at MAE's shapes with the launcher's GPU tiles (64 x 64): the decoder's head dim 32
-# (4 warps) and the encoder's 64 (8 warps in the backward)
-ATTN = {"qkv_ptr": BF, "N": I32, "H": I32, "Dh": I32, "qk_scale": "fp32"}
+# (4 warps) and the encoder's 64 (8 warps in the backward); then the decoder with tail blocks
+# (3 x 64 + 16 tokens): its forward, its backward's whole-block launch and its tail launch
+ATTN_FWD = {"qkv_ptr": BF, "out_ptr": BF, "lse_ptr": "*fp32", "N": I32, "H": I32, "Dh": I32, "qk_scale": "fp32",
+            "row0": I32, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "TAIL_N": "constexpr",
+            "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr", "EMULATE_RTNE": "constexpr"}
+ATTN_BWD = {"qkv_ptr": BF, "out_ptr": BF, "grad_out_ptr": BF, "lse_ptr": "*fp32", "grad_qkv_ptr": BF, "N": I32,
+            "H": I32, "Dh": I32, "qk_scale": "fp32", "sm_scale": "fp32", "key0": I32, "key_end": I32, "row0": I32,
+            "row_end": I32, "OWN_M": "constexpr", "OWN_N": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr", "TAIL_M": "constexpr", "TAIL_N": "constexpr", "BLOCK_D": "constexpr",
+            "DOT_PRECISION": "constexpr", "EMULATE_RTNE": "constexpr", "ONE_BLOCK": "constexpr"}
 ATTN_C = {"BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32", "EMULATE_RTNE": False}
 for d, bwd_warps, one_block in ((32, 4, False), (64, 8, True)):  # decoder: 197 tokens; encoder: 50
     KERNELS += [
-        ("attention", "_attn_fwd_kernel",
-         {"qkv_ptr": BF, "out_ptr": BF, "lse_ptr": "*fp32", "N": I32, "H": I32, "Dh": I32, "qk_scale": "fp32",
-          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr",
-          "EMULATE_RTNE": "constexpr"},
-         {**ATTN_C, "BLOCK_D": d}, {"Dh"}, 4),
-        ("attention", "_attn_bwd_kernel",
-         {"qkv_ptr": BF, "out_ptr": BF, "grad_out_ptr": BF, "lse_ptr": "*fp32", "grad_qkv_ptr": BF, "N": I32,
-          "H": I32, "Dh": I32, "qk_scale": "fp32", "sm_scale": "fp32", "BLOCK_M": "constexpr",
-          "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr", "EMULATE_RTNE": "constexpr",
-          "ONE_BLOCK": "constexpr"},
-         {**ATTN_C, "BLOCK_D": d, "ONE_BLOCK": one_block}, {"Dh"}, bwd_warps),
+        ("attention", "_attn_fwd_kernel", ATTN_FWD, {**ATTN_C, "BLOCK_D": d, "TAIL_N": 0}, {"Dh"}, 4),
+        ("attention", "_attn_bwd_kernel", ATTN_BWD,
+         {**ATTN_C, "BLOCK_D": d, "ONE_BLOCK": one_block, "OWN_M": 64, "OWN_N": 64, "TAIL_M": 0, "TAIL_N": 0},
+         {"Dh"}, bwd_warps),
     ]
+TAILS = {**ATTN_C, "BLOCK_D": 32, "TAIL_N": 16}
+KERNELS += [
+    ("attention", "_attn_fwd_kernel", ATTN_FWD, TAILS, {"Dh"}, 4),
+    ("attention", "_attn_bwd_kernel", ATTN_BWD, {**TAILS, "ONE_BLOCK": False, "OWN_M": 64, "OWN_N": 64, "TAIL_M": 16},
+     {"Dh"}, 4),
+    ("attention", "_attn_bwd_kernel", ATTN_BWD, {**TAILS, "ONE_BLOCK": False, "OWN_M": 16, "OWN_N": 16, "TAIL_M": 16},
+     {"Dh"}, 4),
+]  # fmt: skip
 cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
 report = {}
 for module, kname, sig, constexprs, div16, num_warps in KERNELS:
     name = kname + ("[pred_order]" if constexprs.get("PRED_ORDER") else "")
-    name += f"[d{constexprs['BLOCK_D']}]" if module == "attention" else ""
+    if module == "attention":
+        name += f"[d{constexprs['BLOCK_D']}]" + ("[tails]" if constexprs["TAIL_N"] else "")
+        name += f"[own{constexprs['OWN_M']}]" if constexprs.get("OWN_M") == 16 else ""
     fn = getattr(importlib.import_module("fastmae.kernels." + module), kname)
     assert list(sig) == fn.arg_names, (name, fn.arg_names)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*") or a in div16}
