@@ -43,7 +43,7 @@ try:
 except ModuleNotFoundError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import common
-from benchmarks import profile_step  # noqa: E402  (after the sys.path fallback above)
+from benchmarks import bench_kernels, profile_step  # noqa: E402  (after the sys.path fallback above)
 from benchmarks import report as report_md  # noqa: E402
 from benchmarks.bench_kernels import gpu_time_ms, time_ms  # noqa: E402
 from fastmae.attention import (  # noqa: E402
@@ -208,6 +208,16 @@ def flops(shape: dict[str, Any], phase: str) -> float:
     return fwd if phase == "fwd" else 3 * fwd
 
 
+def min_bytes(shape: dict[str, Any], phase: str, elem_bytes: int) -> int:
+    """The bytes the call must move at least: forward q, k, v read and the output and its fp32
+    log-sum-exp written; the backward also reads q, k, v, the output, its grad and the log-sum-exp
+    and writes the three grads."""
+    t = shape["B"] * shape["N"] * shape["H"] * shape["Dh"] * elem_bytes
+    lse = shape["B"] * shape["H"] * shape["N"] * 4
+    fwd = 4 * t + lse
+    return fwd if phase == "fwd" else fwd + 8 * t + lse
+
+
 def kernels_launched(fn: Callable[[], object], device: str) -> list[str]:
     """The device kernels (CUDA) or aten ops (CPU) one call launches, by total time, names cut short."""
     from torch.profiler import ProfilerActivity, profile
@@ -243,10 +253,12 @@ def run_shape(
     row: dict[str, Any] | None = None,
     saved: Callable[[], None] = lambda: None,
     deadline: float = float("inf"),
+    copy_gbps: float | None = None,
 ) -> dict:
     """Every impl at ``shape``, into ``row`` (made when None); ``saved()`` after each impl, so a
     timeout keeps what finished. Impls not started by ``deadline`` (``time.monotonic()``) are
-    recorded as skipped."""
+    recorded as skipped. With ``copy_gbps`` (a copy's bandwidth in the same run), each timing also
+    says how near the memory floor it is: ``min_bytes`` / time as a % of the copy's."""
     B, N, H, Dh = shape["B"], shape["N"], shape["H"], shape["Dh"]
     g = torch.Generator(device=device).manual_seed(0)
     # the qkv projection's output: (B, N, 3*H*Dh) viewed (B, N, 3, H, Dh), a leaf for the grads
@@ -283,6 +295,9 @@ def run_shape(
             for phase, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 t = time_call(fn, device, smoke)
                 t["tflops"] = flops(shape, phase) / t["ms"] / 1e9
+                if copy_gbps:
+                    gbps = min_bytes(shape, phase, qkv.element_size()) / t["ms"] / 1e6
+                    t["pct_of_copy"] = 100 * gbps / copy_gbps
                 rec[phase] = t
             rec["status"] = "done"
         except Exception as e:  # noqa: BLE001  (a backend that cannot take this shape is a result)
@@ -322,6 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": [],
         "complete": False,
     }
+    # the memory floor's speed, measured as bench_kernels measures it (a few seconds)
+    report["copy"] = copy = bench_kernels.copy_bandwidth(device, args.smoke)
     deadline = time.monotonic() + (args.time_budget if args.time_budget is not None else float("inf"))
     rows: list[dict[str, Any]] = []
     for model, dims in models.items():
@@ -334,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for pass_calls in (calls, tiling_impls(device)):
         for row in rows:
             shape = {k: v for k, v in row.items() if k != "impls"}
-            run_shape(shape, pass_calls, device, dtype, args.smoke, row, save, deadline)
+            run_shape(shape, pass_calls, device, dtype, args.smoke, row, save, deadline, copy["gbps"])
     for row in rows:
         done = {k: v["fwd+bwd"]["ms"] for k, v in row["impls"].items() if v.get("status") == "done"}
         print(f"{row['model']} {row['part']}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in done.items()) + " ms fwd+bwd")

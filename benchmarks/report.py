@@ -346,8 +346,9 @@ def attention_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"**Attention calls** ({_provenance(report)})",
         "",
-        "| model | part | B×H×N×Dh | impl | fwd ms | fwd+bwd ms | TFLOP/s (fwd+bwd) | × sdpa | kernels |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | part | B×H×N×Dh | impl | fwd ms | fwd+bwd ms | TFLOP/s (fwd+bwd) | % of copy (fwd+bwd) "
+        "| × sdpa | kernels |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         base = row["impls"].get("sdpa", {}).get("fwd+bwd", {}).get("ms")
@@ -355,15 +356,16 @@ def attention_markdown(report: dict[str, Any]) -> str:
         for name, rec in row["impls"].items():
             if rec.get("status") != "done":
                 lines.append(
-                    f"| {row['model']} | {row['part']} | {shape} | {name} | – | – | – | – | {rec.get('reason', '')} |"
+                    f"| {row['model']} | {row['part']} | {shape} | {name} | – | – | – | – | – | {rec.get('reason', '')} |"
                 )
                 continue
             fb = rec["fwd+bwd"]
             ratio = f"{base / fb['ms']:.2f}" if base else "–"
             kern = ", ".join(k[:40] for k in rec["kernels"][:2])
+            pct = f"{fb['pct_of_copy']:.0f}" if "pct_of_copy" in fb else "–"
             lines.append(
                 f"| {row['model']} | {row['part']} | {shape} | {name} | {rec['fwd']['ms']:.3f} | {fb['ms']:.3f} "
-                f"| {fb['tflops']:.0f} | {ratio} | {kern} |"
+                f"| {fb['tflops']:.0f} | {pct} | {ratio} | {kern} |"
             )
     best = attention_best(report)
     if best:

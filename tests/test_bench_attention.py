@@ -21,6 +21,9 @@ def test_shapes_are_the_steps_two_calls():
     assert (huge[1]["N"], huge[1]["Dh"], huge[0]["N"]) == (1 + 64, 80, 1 + 256)
     assert bench_attention.flops(enc, "fwd+bwd") == 3 * 4 * 256 * 12 * 50**2 * 64
     assert (enc["calls_per_step"], dec["calls_per_step"]) == (12, 8)
+    t = 256 * 50 * 12 * 64 * 2  # one (B, N, H, Dh) bf16 tensor
+    assert bench_attention.min_bytes(enc, "fwd", 2) == 4 * t + 256 * 12 * 50 * 4
+    assert bench_attention.min_bytes(enc, "fwd+bwd", 2) == 12 * t + 2 * 256 * 12 * 50 * 4
 
 
 def test_report_names_the_fastest_call_and_its_step_saving():
@@ -42,6 +45,7 @@ def test_report_names_the_fastest_call_and_its_step_saving():
     assert best[0]["step_ms_saved"] == pytest.approx(8 * 0.2) and best[1]["step_ms_saved"] == 0
     md = report_md.attention_markdown({**report, "env": {}})
     assert "- m decoder: `triton` 0.300 ms vs sdpa 0.500 ms; x 8 calls a step = +1.60 ms of the step" in md
+    assert "| m | decoder | 2×16×197×32 | triton | 0.100 | 0.300 | 1 | – | 1.67 | k |" in md
 
 
 def test_smoke_run_records_every_backend(tmp_path):
@@ -60,7 +64,7 @@ def test_smoke_run_records_every_backend(tmp_path):
             rec = impls[name]
             assert rec["status"] == "done", (name, rec)
             assert rec["max_abs_err_vs_fp32_math"] < 1e-5  # fp32 on CPU: the same attention
-            assert rec["fwd+bwd"]["ms"] > 0 and rec["kernels"]
+            assert rec["fwd+bwd"]["ms"] > 0 and rec["kernels"] and rec["fwd+bwd"]["pct_of_copy"] > 0
         assert impls["xformers"]["status"] == "skipped"
         # a kernel that cannot take these tensors on this device is a recorded result, not a crash
         assert impls["sdpa_cudnn"]["status"] in ("error", "done")
