@@ -48,7 +48,8 @@
 #     configurations 75 | report 10  (files: run.log env.json step_ablations.json step_max_batch.json sweep.json)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead
 #     (the full group holds far more ~45 s compiles than 290 s: pick 4-5, e.g. after the main
-#     profile's bench_attention: "hf_eager fm_fast fm_fast_enc_math fm_fast_dec_pad64 fm_fast_cg").
+#     profile's bench_attention: "hf_eager fm_fast fm_fast_tattn_enc fm_fast_tattn_dec fm_fast_autotune",
+#     the per-part variants of the backends attention.json found fastest).
 #
 # Carried wheels: a call that carries .wheels/ (made here by benchmarks/device_wheels.sh: xformers
 # 0.0.35 and nvidia-cuda-runtime-cu12, ~7 MiB) installs them first (+15 s, + a 30 s check that

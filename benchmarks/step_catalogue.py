@@ -106,6 +106,11 @@ def _variants() -> dict[str, Variant]:
             **{**fast, "attn": "triton"},
         ),
         Variant(
+            "fm_fast_tattn_enc",
+            about="fast path, fastmae's Triton attention in the encoder only (50 tokens: one tile, one backward pass)",
+            **{**fast, "attn": "triton", "decoder_attn": "auto"},
+        ),
+        Variant(
             "fm_fast_tattn_dec",
             about="fast path, fastmae's Triton attention in the decoder only (197 tokens, head dim 32)",
             **{**fast, "decoder_attn": "triton"},
@@ -213,6 +218,7 @@ GROUPS: dict[str, list[str]] = {
         "hf_eager",
         "fm_fast",
         "fm_fast_tattn",
+        "fm_fast_tattn_enc",
         "fm_fast_tattn_dec",
         "fm_fast_tattn_bf16res",
         "fm_fast_no_ac",
