@@ -23,12 +23,14 @@ run only under the Triton interpreter here, which compile cannot trace; eager, t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,81 @@ def compiled_saved_bytes(call: Callable[[], Any]) -> int:
     return sum(saved)
 
 
+TATTN = "_tattn"  # variant-name suffix: the blocks' attention as fastmae's Triton op (a stand-in here)
+
+
+@functools.cache
+def _standin_attention() -> Any:
+    """A custom op with the Triton attention's signature and layouts (qkv ``(B, N, 3, H, Dh)`` in,
+    ``(B, N, H, Dh)`` + log-sum-exp out; one ``(B, N, 3, H, Dh)`` grad back), computed by plain math:
+    inductor keeps a custom op as an extern kernel and the partitioner saves its inputs and outputs,
+    so what traffic_probe counts is the traffic around it, and what this probe counts is what it
+    keeps for the backward, as the Triton op does on the GPU (whose own time ``bench_attention.py``
+    measures)."""
+    from fastmae.attention import attention_math
+
+    @torch.library.custom_op("fastmae_traffic::attention", mutates_args=())
+    def attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _, H, Dh = qkv.shape
+        return attention_math(qkv).reshape(B, N, H, Dh), qkv.new_zeros(B * H, N, dtype=torch.float32)
+
+    @attention.register_fake
+    def _(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _, H, Dh = qkv.shape
+        return qkv.new_empty(B, N, H, Dh), qkv.new_empty(B * H, N, dtype=torch.float32)
+
+    @torch.library.custom_op("fastmae_traffic::attention_backward", mutates_args=())
+    def attention_backward(
+        grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> torch.Tensor:
+        # the math backward written out (autograd is off inside a custom op's implementation)
+        B, N, _, H, Dh = qkv.shape
+        q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+        do = grad_out.float().reshape(B, N, H, Dh).transpose(1, 2)
+        p = ((q @ k.transpose(-2, -1)) * Dh**-0.5).softmax(-1)
+        dp = do @ v.transpose(-2, -1)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * Dh**-0.5
+        grads = (ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do)
+        return torch.stack(grads, 0).permute(1, 3, 0, 2, 4).to(qkv.dtype).contiguous()
+
+    @attention_backward.register_fake
+    def _(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(qkv)
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(inputs[0], *output)
+
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> torch.Tensor:
+        return attention_backward(grad_out, *ctx.saved_tensors)
+
+    attention.register_autograd(backward, setup_context=setup_context)
+
+    def call(qkv: torch.Tensor) -> torch.Tensor:
+        B, N, _, H, Dh = qkv.shape
+        return attention(qkv)[0].reshape(B, N, H * Dh)
+
+    return call
+
+
+@contextlib.contextmanager
+def standin_triton_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Within: every block of ``model`` runs the stand-in for the Triton attention op."""
+    from fastmae import attention as attention_mod
+
+    blocks = [m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "qkv")]
+    saved = [b.backend for b in blocks]
+    impl = attention_mod._IMPLS["triton"]
+    attention_mod._IMPLS["triton"] = _standin_attention()
+    for b in blocks:
+        b.backend = "triton"
+    try:
+        yield
+    finally:
+        attention_mod._IMPLS["triton"] = impl
+        for b, backend in zip(blocks, saved, strict=True):
+            b.backend = backend
+
+
 def _state_bytes(model: torch.nn.Module) -> int:
     """Parameters (fp32) + grads + AdamW's exp_avg and exp_avg_sq for the trainable ones."""
     return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
@@ -185,7 +262,10 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
     out: dict[str, Any] = {"params": sum(p.numel() for p in base.parameters()), "state_bytes": _state_bytes(base)}
     out["variants"] = {}
     for name in variants or list(table):
-        kind, build, about = table[name]
+        tattn = name.endswith(TATTN)
+        kind, build, about = table[name.removesuffix(TATTN)]
+        if tattn:
+            about += ", the Triton attention op's saved tensors (qkv, output, log-sum-exp)"
         t0 = time.perf_counter()
         model = build()
         counts = []
@@ -193,7 +273,8 @@ def probe(model_name: str, batch: int, variants: list[str] | None = None) -> dic
             gen = torch.Generator().manual_seed(n)
             imgs, noise = torch.randn(n, 3, img, img, generator=gen), torch.rand(n, L, generator=gen)
             call = step_fn(model, imgs, noise)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            swap = standin_triton_attention(model) if tattn else contextlib.nullcontext()
+            with swap, torch.autocast("cpu", dtype=torch.bfloat16):
                 if kind == "eager":
                     nbytes, loss = held_bytes(call)
                     del loss

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import sys
 import time
@@ -47,7 +46,11 @@ try:
 except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import common
-from benchmarks.memory_probe import variant_table  # noqa: E402  (after the sys.path fallback)
+from benchmarks.memory_probe import (  # noqa: E402  (after the sys.path fallback)
+    TATTN,
+    standin_triton_attention,
+    variant_table,
+)
 
 BATCHES = (2, 6)
 H200_COPY_GBPS = 4247.0  # benchmarks/results/2026-11-27_h200_step_vit_base.json, ceilings
@@ -90,79 +93,6 @@ def counting_fused_bytes() -> Iterator[dict[str, int]]:
             yield counts
     finally:
         sched.Scheduler.codegen = codegen
-
-
-TATTN = "_tattn"  # variant-name suffix: the blocks' attention as fastmae's Triton op (a stand-in here)
-
-
-@functools.cache
-def _standin_attention() -> Any:
-    """A custom op with the Triton attention's signature and layouts (qkv ``(B, N, 3, H, Dh)`` in,
-    ``(B, N, H, Dh)`` + log-sum-exp out; one ``(B, N, 3, H, Dh)`` grad back), computed by plain math:
-    inductor keeps a custom op as an extern kernel, so what is counted is the traffic around it,
-    as the Triton op leaves it on the GPU (whose own bytes ``bench_attention.py`` times)."""
-    from fastmae.attention import attention_math
-
-    @torch.library.custom_op("fastmae_traffic::attention", mutates_args=())
-    def attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, N, _, H, Dh = qkv.shape
-        return attention_math(qkv).reshape(B, N, H, Dh), qkv.new_zeros(B * H, N, dtype=torch.float32)
-
-    @attention.register_fake
-    def _(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, N, _, H, Dh = qkv.shape
-        return qkv.new_empty(B, N, H, Dh), qkv.new_empty(B * H, N, dtype=torch.float32)
-
-    @torch.library.custom_op("fastmae_traffic::attention_backward", mutates_args=())
-    def attention_backward(
-        grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-    ) -> torch.Tensor:
-        # the math backward written out (autograd is off inside a custom op's implementation)
-        B, N, _, H, Dh = qkv.shape
-        q, k, v = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-        do = grad_out.float().reshape(B, N, H, Dh).transpose(1, 2)
-        p = ((q @ k.transpose(-2, -1)) * Dh**-0.5).softmax(-1)
-        dp = do @ v.transpose(-2, -1)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * Dh**-0.5
-        grads = (ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do)
-        return torch.stack(grads, 0).permute(1, 3, 0, 2, 4).to(qkv.dtype).contiguous()
-
-    @attention_backward.register_fake
-    def _(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(qkv)
-
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        ctx.save_for_backward(inputs[0], *output)
-
-    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> torch.Tensor:
-        return attention_backward(grad_out, *ctx.saved_tensors)
-
-    attention.register_autograd(backward, setup_context=setup_context)
-
-    def call(qkv: torch.Tensor) -> torch.Tensor:
-        B, N, _, H, Dh = qkv.shape
-        return attention(qkv)[0].reshape(B, N, H * Dh)
-
-    return call
-
-
-@contextlib.contextmanager
-def standin_triton_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Within: every block of ``model`` runs the stand-in for the Triton attention op."""
-    from fastmae import attention as attention_mod
-
-    blocks = [m for m in model.modules() if hasattr(m, "backend") and hasattr(m, "qkv")]
-    saved = [b.backend for b in blocks]
-    impl = attention_mod._IMPLS["triton"]
-    attention_mod._IMPLS["triton"] = _standin_attention()
-    for b in blocks:
-        b.backend = "triton"
-    try:
-        yield
-    finally:
-        attention_mod._IMPLS["triton"] = impl
-        for b, backend in zip(blocks, saved, strict=True):
-            b.backend = backend
 
 
 def step_bytes(call: Any) -> dict[str, Any]:

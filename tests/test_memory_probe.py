@@ -1,6 +1,9 @@
-"""memory_probe.py on the tiny model: both counts run, and the table renders (a smoke test, CPU)."""
+"""memory_probe.py on the tiny model: both counts run, and the table renders (a smoke test, CPU); the
+stand-in for the Triton attention that both probes use."""
 
 from __future__ import annotations
+
+import torch
 
 from benchmarks.memory_probe import markdown, probe
 
@@ -20,3 +23,46 @@ def test_probe_counts_eager_and_compiled_and_renders():
     assert v["fm_compile_selective"]["per_image_bytes"] < 0.8 * v["fm_compile"]["per_image_bytes"]
     table = markdown({"batch": 64, "models": {"tiny": out}})
     assert table.count("\n") == 1 + len(variants) and "`fm_compile_selective`" in table
+
+
+def test_standin_attention_is_the_math_attention():
+    """The stand-in for the Triton op (an extern custom op for inductor) computes attention and its grad."""
+    from benchmarks.memory_probe import _standin_attention
+    from fastmae.attention import attention_math
+
+    qkv = torch.randn(2, 7, 3, 2, 8, requires_grad=True)
+    grad = torch.randn(2, 7, 16)
+    got, want = _standin_attention()(qkv), attention_math(qkv)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, qkv, grad)[0], torch.autograd.grad(want, qkv, grad)[0], rtol=0, atol=1e-6
+    )
+
+
+def test_tattn_variant_swaps_every_blocks_attention():
+    from benchmarks.memory_probe import standin_triton_attention
+    from fastmae import attention as attention_mod
+    from fastmae.model import MaskedAutoencoderViT
+
+    m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    impl = attention_mod._IMPLS["triton"]
+    with standin_triton_attention(m):
+        assert {m.blocks[0].attn.backend, m.decoder_blocks[0].attn.backend} == {"triton"}
+        assert attention_mod._IMPLS["triton"] is not impl
+        m(torch.randn(2, 3, 32, 32))[0].backward()  # runs through the stand-in, grads included
+    assert {m.blocks[0].attn.backend, m.decoder_blocks[0].attn.backend} == {"sdpa"}
+    assert attention_mod._IMPLS["triton"] is impl
+
+
+def test_triton_attention_keeps_what_sdpa_keeps(monkeypatch):
+    """The Triton op keeps qkv, its output and an fp32 log-sum-exp for the backward: the same bytes
+    as SDPA's flash kernel keeps (q, k, v are views of qkv), so the memory goal does not move."""
+    from benchmarks import memory_probe
+
+    standin, calls = memory_probe._standin_attention(), []
+    monkeypatch.setattr(memory_probe, "_standin_attention", lambda: lambda qkv: calls.append(1) or standin(qkv))
+    out = probe("tiny", batch=64, variants=["fm_compile_selective", "fm_compile_selective_tattn"])
+    assert len(calls) == 2 * 3  # the stand-in ran in the tiny model's 3 blocks, at both batches
+    v = out["variants"]
+    assert v["fm_compile_selective_tattn"]["bytes_at_batches"] == v["fm_compile_selective"]["bytes_at_batches"]

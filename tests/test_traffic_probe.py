@@ -91,33 +91,3 @@ def test_top_kernels_by_fused_ops():
     assert rows[0]["per_image_bytes"] == 20 and rows[0]["bytes_at_batch"] == 2000
     assert rows[1]["per_image_bytes"] == 0 and rows[1]["bytes_at_batch"] == 500
     assert len(top_kernels([counts(2), counts(6)], batch=100, top=1)) == 1
-
-
-def test_standin_attention_is_the_math_attention():
-    """The stand-in for the Triton op (an extern custom op for inductor) computes attention and its grad."""
-    from benchmarks.traffic_probe import _standin_attention
-    from fastmae.attention import attention_math
-
-    qkv = torch.randn(2, 7, 3, 2, 8, requires_grad=True)
-    grad = torch.randn(2, 7, 16)
-    got, want = _standin_attention()(qkv), attention_math(qkv)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    torch.testing.assert_close(
-        torch.autograd.grad(got, qkv, grad)[0], torch.autograd.grad(want, qkv, grad)[0], rtol=0, atol=1e-6
-    )
-
-
-def test_tattn_variant_swaps_every_blocks_attention():
-    from benchmarks.traffic_probe import standin_triton_attention
-    from fastmae import attention as attention_mod
-    from fastmae.model import MaskedAutoencoderViT
-
-    m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-                             decoder_depth=1, decoder_num_heads=2)  # fmt: skip
-    impl = attention_mod._IMPLS["triton"]
-    with standin_triton_attention(m):
-        assert {m.blocks[0].attn.backend, m.decoder_blocks[0].attn.backend} == {"triton"}
-        assert attention_mod._IMPLS["triton"] is not impl
-        m(torch.randn(2, 3, 32, 32))[0].backward()  # runs through the stand-in, grads included
-    assert {m.blocks[0].attn.backend, m.decoder_blocks[0].attn.backend} == {"sdpa"}
-    assert attention_mod._IMPLS["triton"] is impl
