@@ -28,7 +28,7 @@
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
 # priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, then fm_fast_tattn,
-# fm_fast_tattn_bf16res, fm_fast_bf16res, fm_fast_no_ac, fm_fast_mix128 and fm_fast_enc_math);
+# fm_fast_tattn_bf16res, fm_fast_bf16res, fm_fast_no_ac, fm_fast_mix128 and fm_fast_tattn_enc);
 # the first compile is always tried, a
 # later one is skipped (and recorded so in the JSON) when the longest compile measured so far
 # would run into the 25 s kept for timing (on the H200, 2026-11-27, three compiles fit in 225 s:

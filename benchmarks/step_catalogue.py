@@ -200,7 +200,7 @@ GROUPS: dict[str, list[str]] = {
     # difference of the two rows is the stream's own share), fm_fast_bf16res alone (-2.8 ms),
     # fm_fast_no_ac (what the default's selective checkpointing costs: ~0.5 ms predicted),
     # fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) and
-    # fm_fast_enc_math (the encoder's 50-token attention as plain matmuls).
+    # fm_fast_tattn_enc (the Triton attention in the encoder alone, where it is most likely to win).
     "main": [
         "hf_eager",
         "fm_fast",
@@ -212,7 +212,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_fast_bf16res",
         "fm_fast_no_ac",
         "fm_fast_mix128",
-        "fm_fast_enc_math",
+        "fm_fast_tattn_enc",
     ],
     "ablations": [
         "hf_eager",
