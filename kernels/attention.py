@@ -48,17 +48,6 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_base, v_base, start, N, stride_n, d, d_ok, ROWS: tl.constexpr):
-    """Key rows [start, start + ROWS) of k and v (0 past N), their indices and which are real."""
-    cols = start + tl.arange(0, ROWS)
-    col_ok = cols < N
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
-    return cols, col_ok, k, v
-
-
-@triton.jit
 def _fwd_step(
     q,
     k_base,
@@ -77,7 +66,11 @@ def _fwd_step(
     EMULATE_RTNE: tl.constexpr,
 ):
     """One key block of the forward's online softmax: the running max, sum and output, updated."""
-    _, col_ok, k, v = _load_kv(k_base, v_base, start_n, N, stride_n, d, d_ok, BLOCK_N)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
     s = tl.where(col_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -219,7 +212,11 @@ def _dq_step(
     EMULATE_RTNE: tl.constexpr,
 ):
     """One key block's share of a query block's dQ."""
-    _, col_ok, k, v = _load_kv(k_base, v_base, start_n, N, stride_n, d, d_ok, BLOCK_N)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), DOT_PRECISION, EMULATE_RTNE) * qk_scale
     # Padded keys (k = v = 0, score 0) must give p = 0: exp2(0 - lse) overflows to inf when a
     # row's real scores are all far below 0, and inf x k = 0 would put NaN into dQ.
@@ -282,9 +279,12 @@ def _attn_bwd_kernel(
 
     # dK, dV of the key block this program owns
     n_start = key0 + pid * OWN_N
+    cols = n_start + tl.arange(0, OWN_N)
+    col_ok = cols < N
     if n_start < key_end:
-        cols, col_ok, k, v = _load_kv(k_base, v_base, n_start, N, stride_n, d, d_ok, OWN_N)
         kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_n + d[None, :], mask=kv_mask, other=0.0)
         dk = tl.zeros([OWN_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([OWN_N, BLOCK_D], dtype=tl.float32)
         m_main = N if TAIL_M == 0 else (N // BLOCK_M) * BLOCK_M
