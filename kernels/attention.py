@@ -65,7 +65,11 @@ def _fwd_step(
     DOT_PRECISION: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
-    """One key block of the forward's online softmax: the running max, sum and output, updated."""
+    """One key block of the forward's online softmax: the running max, sum and output, updated.
+
+    The k / v loads here, in _dq_step and in the backward kernel are written out each time: behind
+    a shared jit helper (a nested call), torch.compile's mutation analysis took the backward kernel
+    for a writer of qkv and would clone it every step (tests/kernels/test_compile_trace.py)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     kv_mask = col_ok[:, None] & d_ok[None, :]
