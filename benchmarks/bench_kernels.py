@@ -450,11 +450,67 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 if args.out:  # after every row: a run stopped by a timeout keeps what it measured
                     _write_json(args.out, report)
 
+    if not args.ops or "masked_mse" in args.ops:
+        report["loss_tile_orders"] = loss_tile_orders(
+            results, models, batch, args.mask_ratio, dtype, device, args.smoke, copy["gbps"], imgs_dtype
+        )
     report["complete"] = True
     if args.out:
         _write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
+
+
+def loss_tile_orders(
+    results: list[dict[str, Any]],
+    models: dict[str, tuple[int, int, int, int]],
+    batch: int,
+    ratio: float,
+    dtype: torch.dtype,
+    device: str,
+    smoke: bool,
+    copy_gbps: float,
+    imgs_dtype: torch.dtype | None,
+) -> list[dict[str, object]]:
+    """masked_mse's forward+backward with its tile in each order of ``kernels.masked_mse.ORDERS``
+    but the launcher's own, at the first model's shapes, against the row of the main table.
+
+    With 3 channels, pred's (p, q, c) order and the image's (c, p, q) one put a stride of 3 elements
+    on one of the two reads unless the tile is reordered on chip; the H200's first run had the op at
+    a third of the copy's bandwidth. A few seconds here answer which order wins before the launch
+    rule picks one (the sweep, ``sweep_kernels.py``, also varies rows and warps).
+    """
+    from benchmarks.sweep_kernels import launch_config  # here: sweep_kernels imports this module
+    from fastmae.kernels.masked_mse import ORDERS
+
+    model, dims = next(iter(models.items()))
+    (b,) = [
+        b for b in build_benches(model, dims, batch, ratio, dtype, device, False, imgs_dtype) if b.op == "masked_mse"
+    ]
+    base = next(
+        (r for r in results if r["op"] == "masked_mse" and r["model"] == model and r["phase"] == "fwd+bwd"), None
+    )
+    rule_loss = b.run["triton"]().float()
+    rows = []
+    for order in ORDERS:
+        with launch_config("masked_mse", knob=order) as chosen:
+            loss = b.run["triton"]().float()
+            if chosen["rule"][2] == order:
+                continue  # the main table's row
+            row: dict[str, object] = {"op": "masked_mse", "model": model, "phase": "fwd+bwd", "order": order}
+            row["rule_order"] = chosen["rule"][2]
+            # the same sums in another order: fp32 rounding apart, the rule's loss
+            row["loss_rel_diff_vs_rule"] = ((loss - rule_loss).abs() / rule_loss.abs().clamp_min(1e-30)).item()
+            row["triton"] = measure(phase_fn(b, "triton", "fwd+bwd"), device, smoke, b.min_bytes["fwd+bwd"], copy_gbps)
+        base_ms = (base or {}).get("triton", {}).get("ms") if base else None
+        row["speedup_vs_rule"] = base_ms / row["triton"]["ms"] if base_ms else None
+        rows.append(row)
+        t = row["triton"]
+        print(
+            f"{model:>18} masked_mse {order:>6} order fwd+bwd | triton {t['ms']:.4f} ms {t['gbps']:.1f} GB/s "
+            f"({t['pct_of_copy']:.0f}%)" + (f" | {row['speedup_vs_rule']:.2f}x the rule's order" if base_ms else "")
+        )
+    return rows
 
 
 def _write_json(path: Path, obj: dict[str, object]) -> None:

@@ -156,6 +156,13 @@ def kernels_markdown(rep: dict[str, Any]) -> str:
             f"| {_f(r.get('speedup_vs_compiled'), '.2f')} | {_f(r.get('speedup_vs_eager'), '.2f')} "
             f"| {_f(t.get('call_ms'), '.4f')} | {t.get('timer', '–')} |"
         )
+    for r in rep.get("loss_tile_orders", []):
+        t = r.get("triton") or {}
+        lines.append(
+            f"\nmasked_mse fwd+bwd ({r.get('model')}) with its tile in {r.get('order')} order: "
+            f"{_f(t.get('ms'), '.4f')} ms, {_f(t.get('pct_of_copy'), '.0f')}% of copy, "
+            f"{_f(r.get('speedup_vs_rule'), '.2f')}x the {r.get('rule_order')} order of the launch rule"
+        )
     return "\n".join(lines)
 
 
@@ -207,7 +214,7 @@ def sweep_markdown(rep: dict[str, Any]) -> str:
         cell = lambda r: (  # noqa: E731
             f"{r['rows']}x{r['warps']}"
             + (f", {r['columns']} cols" if r.get("columns") else "")
-            + (", pred order" if r.get("pred_order") else "")
+            + (f", {r['order']} order" if r.get("order", "image") != "image" else "")
         )
         if rule is None:
             continue

@@ -42,14 +42,16 @@ SWEEP: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
         0, 2, [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 2, 256), (16, 4, 256), (32, 8, 256)],
     ),
     "unshuffle": (0, 2, [(2, 4), (4, 4), (8, 4), (16, 4), (8, 8), (16, 8), (32, 8), (16, 4, 256), (32, 8, 256)]),
-    # the tile in pred's (p, q, c) order instead of the image's: pred and its grad contiguous
+    # the tile in pred's (p, q, c) order instead of the image's: pred and its grad contiguous; or
+    # both read in their own order, the target moved to pred's on chip (tl.gather)
     "masked_mse": (
-        2, 3, [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8), (16, 16), (2, 4, True), (4, 4, True), (4, 8, True),
-               (8, 8, True)],
+        2, 3, [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8), (8, 8), (16, 16), (2, 4, "pred"), (4, 4, "pred"),
+               (4, 8, "pred"), (8, 8, "pred"), (2, 4, "gather"), (4, 4, "gather"), (4, 8, "gather"),
+               (8, 8, "gather")],
     ),
 }  # fmt: skip
 # A third knob of some ops' _launch_config tuple: (its index, its name in the results).
-KNOBS = {"encoder_input": (1, "columns"), "unshuffle": (1, "columns"), "masked_mse": (4, "pred_order")}
+KNOBS = {"encoder_input": (1, "columns"), "unshuffle": (1, "columns"), "masked_mse": (4, "order")}
 
 
 def candidates(op: str) -> list[tuple[int, int, object]]:

@@ -26,6 +26,15 @@ from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
 NORM_PIX_EPS = 1e-6
 
 
+# The tile's column order (a launch knob, swept by benchmarks/sweep_kernels.py). Pred holds a patch in
+# (p, q, c) order, the image in (c, p, q): with C = 3 one of the two is read with a stride of C
+# elements unless the tile is reordered on chip.
+ORDERS = ("image", "pred", "gather")
+IMAGE_ORDER = tl.constexpr(0)  # P contiguous pixels per (c, p) line: image loads vectorize, pred strided
+PRED_ORDER = tl.constexpr(1)  # pred (and its grad) contiguous, the image's C planes interleaved
+GATHER_ORDER = tl.constexpr(2)  # both contiguous, the target moved to pred's order on chip (tl.gather)
+
+
 @triton.jit
 def _load_patch_rows(
     pred_ptr,
@@ -48,10 +57,10 @@ def _load_patch_rows(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
-    PRED_ORDER: tl.constexpr,
+    ORDER: tl.constexpr,
 ):
-    """Rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, CP_PAD*P_PAD], in the image's (c, p, q) order
-    or, with PRED_ORDER, in pred's (p, q, c) order.
+    """Rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, CP_PAD*P_PAD]: in the image's (c, p, q) order
+    (``IMAGE_ORDER``) or in pred's (p, q, c) order (``PRED_ORDER``, ``GATHER_ORDER``).
 
     Returns (diff = pred - target, mask); padding and kept rows hold 0 in diff.
     """
@@ -64,25 +73,24 @@ def _load_patch_rows(
     hi = patch // w
     wi = patch % w
 
-    # By default the tile walks the image in its own order, P contiguous pixels q per (c, p) line,
-    # so image loads vectorize; pred, stored in (p, q, c) order, is read with stride C along q, all
-    # of each row in the same tile, so no byte is fetched twice from DRAM. PRED_ORDER walks pred's
-    # order instead: pred (and, in the backward, its grad) contiguous, the image's C planes
-    # interleaved. Which is faster is the sweep's to say.
+    # IMAGE_ORDER walks the image in its own order, P contiguous pixels q per (c, p) line, so image
+    # loads vectorize; pred, stored in (p, q, c) order, is read with stride C along q, all of each
+    # row in the same tile, so no byte is fetched twice from DRAM. PRED_ORDER walks pred's order
+    # instead: pred (and, in the backward, its grad) contiguous, the image's C planes interleaved.
     j = tl.arange(0, CP_PAD * P_PAD)
-    if PRED_ORDER:
-        col_ok = j < C * P * P
+    if ORDER == PRED_ORDER:
         c = j % C
         q = (j // C) % P
         p = j // (C * P)
         in_row = j
+        col_ok = j < C * P * P
     else:
         cp = j // P_PAD
         q = j % P_PAD
         c = cp // P
         p = cp % P
-        col_ok = (cp < C * P) & (q < P)
         in_row = p * (P * C) + q * C + c
+        col_ok = (cp < C * P) & (q < P)
     ok = removed[:, None] & col_ok[None, :]
     img_off = (
         n[:, None] * stride_n
@@ -100,6 +108,66 @@ def _load_patch_rows(
         var = tl.sum(t * t, axis=1) / (D - 1)  # unbiased, as torch.var's default
         t = t / tl.sqrt(var + EPS)[:, None]
     return x - t, m
+
+
+@triton.jit
+def _load_patch_rows_gathered(
+    pred_ptr,
+    imgs_ptr,
+    mask_ptr,
+    pid,
+    n_rows,
+    L,
+    w,
+    stride_pn,
+    stride_pl,
+    stride_n,
+    stride_c,
+    stride_h,
+    stride_w,
+    C: tl.constexpr,
+    P: tl.constexpr,
+    P_PAD: tl.constexpr,
+    CP_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NORM_PIX: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """``GATHER_ORDER``: rows [pid*BLOCK_R, ...) as fp32 tiles [BLOCK_R, P_PAD, CP_PAD], one line of
+    pixels p a (row, p), both pred and image read contiguously in their own order.
+
+    Along the last axis the image's tile holds u = c*P + q (P contiguous pixels per channel) and
+    pred's v = q*C + c (its C*P contiguous values); the normalized target is moved from the one to
+    the other by tl.gather within each line (C*P values, not the whole patch). Returns (diff =
+    pred - target in pred's order, mask); padding and kept rows hold 0 in diff.
+    """
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    m = tl.load(mask_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+    removed = (row_ok & (m != 0.0))[:, None, None]  # kept rows are neither read nor computed
+    n = (rows // L)[:, None, None]
+    patch = (rows % L)[:, None, None]
+    hi = patch // w
+    wi = patch % w
+    p = tl.arange(0, P_PAD)[None, :, None]
+    k = tl.arange(0, CP_PAD)[None, None, :]
+    line_ok = removed & (p < P) & (k < C * P)
+    c = k // P
+    q = k % P
+    img_off = n * stride_n + c * stride_c + (hi * P + p) * stride_h + (wi * P + q) * stride_w
+    t = tl.load(imgs_ptr + img_off, mask=line_ok, other=0.0).to(tl.float32)
+    if NORM_PIX:  # the statistics do not depend on the order
+        D: tl.constexpr = C * P * P
+        mean = tl.sum(tl.sum(t, axis=2), axis=1) / D
+        t = tl.where(line_ok, t - mean[:, None, None], 0.0)
+        var = tl.sum(tl.sum(t * t, axis=2), axis=1) / (D - 1)  # unbiased, as torch.var's default
+        t = t / tl.sqrt(var + EPS)[:, None, None]
+    # pred's v = q*C + c holds the target the image's line keeps at u = c*P + q
+    src = tl.where(k < C * P, (k % C) * P + k // C, 0)
+    t = tl.gather(t, tl.broadcast_to(src, (BLOCK_R, P_PAD, CP_PAD)), axis=2)
+    pred_off = n * stride_pn + patch * stride_pl + p * (C * P) + k
+    x = tl.load(pred_ptr + pred_off, mask=line_ok, other=0.0).to(tl.float32)
+    return tl.where(line_ok, x - t, 0.0), m
 
 
 @triton.jit
@@ -124,14 +192,21 @@ def _masked_mse_fwd_kernel(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
-    PRED_ORDER: tl.constexpr,
+    ORDER: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    diff, m = _load_patch_rows(
-        pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
-        C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS, PRED_ORDER,
-    )  # fmt: skip
-    row_mse = tl.sum(diff * diff, axis=1) / (C * P * P)
+    if ORDER == GATHER_ORDER:
+        diff, m = _load_patch_rows_gathered(
+            pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h,
+            stride_w, C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
+        )  # fmt: skip
+        row_mse = tl.sum(tl.sum(diff * diff, axis=2), axis=1) / (C * P * P)
+    else:
+        diff, m = _load_patch_rows(
+            pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h,
+            stride_w, C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS, ORDER,
+        )  # fmt: skip
+        row_mse = tl.sum(diff * diff, axis=1) / (C * P * P)
     tl.store(partial_ptr + pid, tl.sum(row_mse * m, axis=0))
 
 
@@ -158,44 +233,55 @@ def _masked_mse_bwd_kernel(
     BLOCK_R: tl.constexpr,
     NORM_PIX: tl.constexpr,
     EPS: tl.constexpr,
-    PRED_ORDER: tl.constexpr,
+    ORDER: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    diff, m = _load_patch_rows(
-        pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h, stride_w,
-        C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS, PRED_ORDER,
-    )  # fmt: skip
     scale = tl.load(scale_ptr) * (2.0 / (C * P * P))
-    g = diff * (m * scale)[:, None]
     # Every element of every row is stored, kept rows included (their diff is 0: an exact zero grad).
-    # The store's offsets are computed here, not taken from _load_patch_rows: torch.compile's
+    # The store's offsets are computed here, not taken from the load helpers: torch.compile's
     # mutation analysis follows a stored pointer's data flow, and through that call it would reach
     # pred, imgs and mask and count them as written (functionalization then clones them, and the
     # partitioner fails on pred, a view of the model's output).
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    j = tl.arange(0, CP_PAD * P_PAD)
-    if PRED_ORDER:
-        in_row = j
-        col_ok = j < C * P * P
+    if ORDER == GATHER_ORDER:
+        diff, m = _load_patch_rows_gathered(
+            pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h,
+            stride_w, C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS,
+        )  # fmt: skip
+        g = diff * (m * scale)[:, None, None]
+        p = tl.arange(0, P_PAD)[None, :, None]
+        k = tl.arange(0, CP_PAD)[None, None, :]
+        store_ok = (rows < n_rows)[:, None, None] & (p < P) & (k < C * P)
+        grad_off = rows[:, None, None] * (C * P * P) + p * (C * P) + k  # grad_pred is contiguous
     else:
-        cp = j // P_PAD
-        q = j % P_PAD
-        in_row = (cp % P) * (P * C) + q * C + cp // P
-        col_ok = (cp < C * P) & (q < P)
-    store_ok = (rows < n_rows)[:, None] & col_ok[None, :]
-    grad_off = rows[:, None] * (C * P * P) + in_row[None, :]  # grad_pred is contiguous
+        diff, m = _load_patch_rows(
+            pred_ptr, imgs_ptr, mask_ptr, pid, n_rows, L, w, stride_pn, stride_pl, stride_n, stride_c, stride_h,
+            stride_w, C, P, P_PAD, CP_PAD, BLOCK_R, NORM_PIX, EPS, ORDER,
+        )  # fmt: skip
+        g = diff * (m * scale)[:, None]
+        j = tl.arange(0, CP_PAD * P_PAD)
+        if ORDER == IMAGE_ORDER:
+            cp = j // P_PAD
+            q = j % P_PAD
+            in_row = (cp % P) * (P * C) + q * C + cp // P
+            col_ok = (cp < C * P) & (q < P)
+        else:
+            in_row = j
+            col_ok = j < C * P * P
+        store_ok = (rows < n_rows)[:, None] & col_ok[None, :]
+        grad_off = rows[:, None] * (C * P * P) + in_row[None, :]  # grad_pred is contiguous
     tl.store(grad_pred_ptr + grad_off, to_output_dtype(g, grad_pred_ptr.dtype.element_ty, EMULATE_RTNE), mask=store_ok)
 
 
-def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int, int, bool]:
-    """(P_PAD, CP_PAD, BLOCK_R, num_warps, PRED_ORDER): a whole patch per row of the tile, ~4K
-    elements a tile, in the image's order (PRED_ORDER is swept: benchmarks/sweep_kernels.py)."""
+def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int, int, str]:
+    """(P_PAD, CP_PAD, BLOCK_R, num_warps, order): a whole patch per row of the tile, ~4K elements a
+    tile, in the image's order (the order, one of ``ORDERS``, is swept: benchmarks/sweep_kernels.py)."""
     p_pad, cp_pad = next_pow2(P), next_pow2(C * P)
     width = p_pad * cp_pad
     if is_interpreter(device):
-        return p_pad, cp_pad, min(64, next_pow2(n_rows)), 1, False
-    return p_pad, cp_pad, max(1, 4096 // width), 8, False
+        return p_pad, cp_pad, min(64, next_pow2(n_rows)), 1, "image"
+    return p_pad, cp_pad, max(1, 4096 // width), 8, "image"
 
 
 def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
@@ -204,7 +290,7 @@ def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_loss, cfg, **constexprs) -> None:
-    p_pad, cp_pad, block_r, num_warps, pred_order = cfg
+    p_pad, cp_pad, block_r, num_warps, order = cfg
     wrap_triton(kernel)[grid](
         pred,
         imgs,
@@ -226,7 +312,7 @@ def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_los
         BLOCK_R=block_r,
         NORM_PIX=norm_pix_loss,
         EPS=NORM_PIX_EPS,
-        PRED_ORDER=pred_order,
+        ORDER=ORDERS.index(order),
         **constexprs,
         num_warps=num_warps,
     )

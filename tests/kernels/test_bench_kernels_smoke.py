@@ -37,6 +37,12 @@ def test_bench_kernels_smoke(tmp_path: Path):
         assert r["triton"]["ms"] > 0 and r["eager"]["ms"] > 0 and r["min_bytes"] > 0
         for impl in ("triton", "eager"):
             assert r[impl]["call_ms"] > 0 and r[impl]["timer"] == "perf_counter"  # CPU: the host's time
+    # the loss's other tile orders, beside the rule's row
+    orders = {r["order"]: r for r in report["loss_tile_orders"]}
+    assert set(orders) == {"pred", "gather"}
+    for r in orders.values():
+        assert r["rule_order"] == "image" and r["triton"]["ms"] > 0 and r["speedup_vs_rule"] > 0
+        assert r["loss_rel_diff_vs_rule"] < 1e-5
 
 
 def _load():

@@ -68,14 +68,16 @@ def test_masked_mse(case, dtype, norm_pix, device, seed, check):
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES[:3], ids=_ids)
-def test_masked_mse_pred_order_tile(case, dtype, norm_pix, device, seed, check):
-    """The tile in pred's (p, q, c) order (a launch knob the kernel sweep times against the image
-    order), with the GPU's rows per program, at patch 16, 14 and 8."""
+@pytest.mark.parametrize("order", ["pred", "gather"])
+def test_masked_mse_tile_orders(order, case, dtype, norm_pix, device, seed, check):
+    """The tile in pred's (p, q, c) order, with the image read in that order or in its own and the
+    target moved over by tl.gather (launch knobs the kernel sweep times against the image order),
+    with the GPU's rows per program, at patch 16, 14 and 8."""
     from benchmarks.sweep_kernels import launch_config
 
     P = case[3]
     pred, imgs, mask = _make(*case, dtype, device, seed)
-    with launch_config("masked_mse", knob=True):
+    with launch_config("masked_mse", knob=order):
         loss, grad = _run(masked_mse, pred, imgs, mask, P, norm_pix)
     ref = _run(masked_mse_ref, pred.float(), imgs.float(), mask, P, norm_pix)
     low = _run(masked_mse_ref, pred, imgs, mask, P, norm_pix) if dtype != torch.float32 else (None, None)

@@ -30,11 +30,11 @@ STRIDES = {"stride_n": I32, "stride_c": I32, "stride_h": I32}
 MSE = {
     "n_rows": I32, "L": I32, "w": I32, "stride_pn": I32, "stride_pl": I32, **STRIDES, "stride_w": "constexpr", "C": "constexpr",
     "P": "constexpr", "P_PAD": "constexpr", "CP_PAD": "constexpr", "BLOCK_R": "constexpr",
-    "NORM_PIX": "constexpr", "EPS": "constexpr", "PRED_ORDER": "constexpr",
+    "NORM_PIX": "constexpr", "EPS": "constexpr", "ORDER": "constexpr",
 }
 MSE_C = {
     "stride_w": 1, "C": 3, "P": 16, "P_PAD": 16, "CP_PAD": 64, "BLOCK_R": 4, "NORM_PIX": True, "EPS": 1e-6,
-    "PRED_ORDER": False,
+    "ORDER": 0,
 }
 # module, kernel, signature, constexprs, ints divisible by 16 at ViT-B shapes, num_warps
 KERNELS = [
@@ -67,9 +67,13 @@ KERNELS = [
       "EMULATE_RTNE": "constexpr"},
      {**MSE_C, "EMULATE_RTNE": False}, {"stride_pn", "stride_pl", *STRIDES}, 8),
 ]
-# the loss's tile in pred's order too (a launch knob, benchmarks/sweep_kernels.py)
+# the loss's tile in pred's order too, and with the target gathered on chip (launch knobs,
+# benchmarks/sweep_kernels.py; kernels.masked_mse.ORDERS)
 KERNELS += [
-    (m, n, sig, {**c, "PRED_ORDER": True}, div, w) for m, n, sig, c, div, w in KERNELS if m == "masked_mse"
+    (m, n, sig, {**c, "ORDER": order}, div, w)
+    for order in (1, 2)
+    for m, n, sig, c, div, w in KERNELS
+    if m == "masked_mse"
 ]
 # attention at MAE's shapes with the launcher's GPU tiles (64 x 64): the decoder's head dim 32
 # (4 warps) and the encoder's 64 (8 warps in the backward); then the decoder with tail blocks
@@ -101,7 +105,7 @@ KERNELS += [
 cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
 report = {}
 for module, kname, sig, constexprs, div16, num_warps in KERNELS:
-    name = kname + ("[pred_order]" if constexprs.get("PRED_ORDER") else "")
+    name = kname + {0: "", 1: "[pred_order]", 2: "[gather_order]"}[constexprs.get("ORDER", 0)]
     if module == "attention":
         name += f"[d{constexprs['BLOCK_D']}]" + ("[tails]" if constexprs["TAIL_N"] else "")
         name += f"[own{constexprs['OWN_M']}]" if constexprs.get("OWN_M") == 16 else ""
@@ -179,6 +183,9 @@ def test_attention_uses_hopper_tensor_cores(codegen, kernel):
         # (the bwd's 16 two-byte stores a thread become 2 vector stores), the image gathered.
         ("_masked_mse_fwd_kernel[pred_order]", True, False),
         ("_masked_mse_bwd_kernel[pred_order]", True, True),
+        # Both in their own order, the target gathered on chip: every load and store 16 bytes wide.
+        ("_masked_mse_fwd_kernel[gather_order]", True, False),
+        ("_masked_mse_bwd_kernel[gather_order]", True, True),
     ],
 )
 def test_vectorized(codegen, kernel, vector_loads, vector_stores):
