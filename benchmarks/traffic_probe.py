@@ -17,8 +17,10 @@ scheduler (what it fuses, in which dtype each buffer lives), so it can be counte
 
 A prediction, not a measurement: CPU inductor fuses differently from CUDA inductor in places (no
 mix-order reduction, other reduction splits), a buffer a kernel reads twice counts once, and
-fastmae's Triton kernels are not counted (the fastmae variants run the reference path, as in
-``memory_probe.py``; those kernels move ~0.4 ms of bytes on the H200). Its use is to rank
+fastmae's Triton kernels are not counted: the fastmae variants run the reference path, as in
+``memory_probe.py``, unless named with ``_fused``: then each of fastmae's ops is one opaque call
+and what is counted is the glue around them (the ops themselves moved ~0.4 ms of bytes on the
+H200; ``bench_kernels.py`` times them). Its use is to rank
 candidates before a lease. Against the H200's profile of 2026-11-27 (ViT-B, batch 256): fastmae's
 compiled step is predicted at 14.1 ms, where inductor's fused + norm kernels took 14.3 ms; HF
 compiled at 13.0 ms, where they took 16.6 ms. HF's compiled encoder attention ran on the GPU as
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -95,6 +98,90 @@ def counting_fused_bytes() -> Iterator[dict[str, int]]:
         sched.Scheduler.codegen = codegen
 
 
+FUSED = "_fused"  # variant-name suffix: fastmae's Triton ops on (the fast path), each one opaque call
+
+
+def _ops_in_plain_pytorch() -> dict[Any, Any]:
+    """fastmae's Triton ops (``torch.library`` ops) -> what each computes, in plain PyTorch, with the
+    op's output dtypes and layouts: the ops' CPU implementations while :func:`fastmae_ops_opaque` is on."""
+    import importlib
+
+    from fastmae import kernels as K
+
+    mod = {n: importlib.import_module(f"fastmae.kernels.{n}") for n in ("patch_gather", "encoder_input", "unshuffle")}
+    mse = importlib.import_module("fastmae.kernels.masked_mse")
+
+    def promoted(*ts: torch.Tensor) -> torch.dtype:
+        return functools.reduce(torch.promote_types, (t.dtype for t in ts))
+
+    def masked_mse_backward(grad_loss, pred, imgs, mask, P, norm_pix):  # autograd is off in an op's kernel
+        N, C, H, W = imgs.shape
+        t = imgs.float().reshape(N, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(pred.shape)
+        if norm_pix:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + mse.NORM_PIX_EPS) ** 0.5
+        scale = mask.float() * (grad_loss.float() * 2.0 / t.shape[-1] / mask.float().sum())
+        return ((pred.float() - t) * scale[..., None]).to(pred.dtype)
+
+    def unshuffle_backward(grad_out, ids_restore, K_, x_dtype, mask_token_dtype):
+        rows = torch.gather(
+            grad_out[:, 1:], 1, torch.argsort(ids_restore, 1)[..., None].expand(-1, -1, grad_out.shape[2])
+        )
+        grad_x = torch.cat([grad_out[:, :1], rows[:, :K_]], 1).to(x_dtype)
+        return grad_x, rows[:, K_:].float().sum((0, 1)).to(mask_token_dtype).reshape(1, 1, -1)
+
+    return {
+        mod["patch_gather"]._patch_gather: lambda imgs, ids, P: K.patch_gather_ref(imgs, ids, P).contiguous(),
+        mod["encoder_input"]._encoder_input: lambda x, cls, pos, ids: K.encoder_input_ref(x, cls, pos, ids).to(
+            promoted(x, cls, pos)
+        ),
+        mod["unshuffle"]._unshuffle: lambda x, mt, ids, pos: K.unshuffle_ref(x, mt, ids, pos).to(promoted(x, mt, pos)),
+        mod["unshuffle"]._unshuffle_backward: unshuffle_backward,
+        mse._masked_mse: lambda pred, imgs, mask, P, norm_pix: K.masked_mse_ref(
+            pred.float(), imgs.float(), mask.float(), P, norm_pix
+        ),
+        mse._masked_mse_backward: masked_mse_backward,
+    }
+
+
+@contextlib.contextmanager
+def fastmae_ops_opaque() -> Iterator[None]:
+    """Within: torch.compile keeps each of fastmae's Triton ops as one extern call, as inductor keeps
+    a user Triton kernel on the GPU (nothing fuses into it), instead of decomposing it into its
+    kernels (which CPU inductor cannot build); on CPU tensors each op computes its result in plain
+    PyTorch. So the count is the fast path's own: the glue inductor generates around the ops, not
+    the reference path's kernels in their place. Needs ``TRITON_INTERPRET`` off (compile cannot
+    trace interpreter kernels); the CPU implementations are swapped back on exit."""
+    import os
+
+    import torch._functorch.config as functorch_config
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the fused variants need TRITON_INTERPRET unset: compile cannot trace interpreter kernels")
+    impls = _ops_in_plain_pytorch()
+    saved = {op: op._backend_fns.get("cpu") for op in impls}
+    for op, fn in impls.items():
+        op.register_kernel("cpu")(fn)
+    try:
+        with functorch_config.patch(decompose_custom_triton_ops=False):
+            yield
+    finally:
+        for op, fn in saved.items():  # the dispatcher entry stays; it calls the op's own function again
+            op._backend_fns["cpu"] = fn if fn is not None else op._backend_fns[None]
+
+
+def parse_variant(name: str) -> tuple[str, bool, bool]:
+    """``name`` -> (memory_probe's table entry, Triton attention stand-in?, fastmae's ops on?); the
+    suffixes ``_fused`` and ``_tattn`` in either order."""
+    tattn = fused = False
+    while True:
+        if name.endswith(TATTN):
+            name, tattn = name.removesuffix(TATTN), True
+        elif name.endswith(FUSED):
+            name, fused = name.removesuffix(FUSED), True
+        else:
+            return name, tattn, fused
+
+
 def step_bytes(call: Any) -> dict[str, Any]:
     """Fused-kernel bytes of one compiled forward + backward of ``call`` (bf16 autocast, CPU)."""
 
@@ -143,19 +230,28 @@ def probe(model_name: str, batch: int, gbps: float, variants: list[str], top: in
     base, table, step_fn, img, L = variant_table(model_name)
     out: dict[str, Any] = {"variants": {}}
     for name in variants:
-        tattn = name.endswith(TATTN)
-        kind, build, about = table[name.removesuffix(TATTN)]
+        entry, tattn, fused = parse_variant(name)
+        kind, build, about = table[entry]
         if kind != "compiled":
             raise ValueError(f"{name} is an eager variant: only compiled ones have inductor kernels to count")
         if tattn:
             about += ", the Triton attention op's layouts (q, k, v read in place, one qkv grad)"
         t0 = time.perf_counter()
         model = build()
+        if fused:
+            if not hasattr(model, "fused"):
+                raise ValueError(f"{name}: only fastmae's model has the fused path")
+            model.fused = True
+            about += ", fastmae's Triton ops on (each one opaque call: the glue around them counted)"
         counts = []
         for n in BATCHES:
             gen = torch.Generator().manual_seed(n)
             imgs, noise = torch.randn(n, 3, img, img, generator=gen), torch.rand(n, L, generator=gen)
-            with standin_triton_attention(model) if tattn else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if tattn:
+                    stack.enter_context(standin_triton_attention(model))
+                if fused:
+                    stack.enter_context(fastmae_ops_opaque())
                 counts.append(step_bytes(step_fn(model, imgs, noise)))
             model.zero_grad(set_to_none=True)
         per_image = (counts[1]["bytes"] - counts[0]["bytes"]) / (BATCHES[1] - BATCHES[0])
@@ -222,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         nargs="+",
         default=DEFAULT_VARIANTS,
-        help=f"compiled variants of memory_probe's table; a name + {TATTN} with the Triton attention's layouts",
+        help=f"compiled variants of memory_probe's table; a name + {TATTN} with the Triton attention's layouts, "
+        f"+ {FUSED} with fastmae's Triton ops (the fast path)",
     )
     p.add_argument("--top", type=int, default=0, help="also list the K kernels (by fused ops) moving the most bytes")
     p.add_argument("--out", type=Path, default=None, help="JSON file")

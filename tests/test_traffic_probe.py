@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -91,3 +96,61 @@ def test_top_kernels_by_fused_ops():
     assert rows[0]["per_image_bytes"] == 20 and rows[0]["bytes_at_batch"] == 2000
     assert rows[1]["per_image_bytes"] == 0 and rows[1]["bytes_at_batch"] == 500
     assert len(top_kernels([counts(2), counts(6)], batch=100, top=1)) == 1
+
+
+def test_variant_suffixes_in_either_order():
+    from benchmarks.traffic_probe import parse_variant
+
+    assert parse_variant("fm_compile_selective") == ("fm_compile_selective", False, False)
+    assert parse_variant("fm_compile_selective_fused_tattn") == ("fm_compile_selective", True, True)
+    assert parse_variant("fm_compile_tattn_fused") == ("fm_compile", True, True)
+    assert parse_variant("fm_compile_bf16res_fused") == ("fm_compile_bf16res", False, True)
+
+
+GLUE_SCRIPT = r"""
+import contextlib, importlib, json
+
+import torch
+
+from benchmarks.memory_probe import variant_table
+from benchmarks.traffic_probe import fastmae_ops_opaque, step_bytes
+
+_, table, step_fn, img, L = variant_table("tiny")
+gen = torch.Generator().manual_seed(0)
+imgs, noise = torch.randn(2, 3, img, img, generator=gen), torch.rand(2, L, generator=gen)
+report = {}
+for fused in (False, True):
+    model = table["fm_compile"][1]()
+    model.fused = fused
+    call, losses = step_fn(model, imgs, noise), []
+    with fastmae_ops_opaque() if fused else contextlib.nullcontext():
+        counts = step_bytes(lambda: losses.append(call()) or losses[-1])
+    report[str(fused)] = {"loss": losses[0].item(), **counts}
+mse = importlib.import_module("fastmae.kernels.masked_mse")
+report["swapped_back"] = mse._masked_mse._backend_fns["cpu"] is mse._masked_mse._backend_fns[None]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_fused_variant_counts_the_glue_around_fastmaes_ops():
+    """The tiny MAE's compiled step with fastmae's ops on, each one opaque call: the same loss as
+    the reference path's compiled step, and none of the kernels inductor generates computes what the
+    ops compute (the norm-pix loss's pow / var, the unshuffle's cat + scatter grad), where the
+    reference path's do; the CPU implementations are swapped back afterwards. In a subprocess: the
+    test bed's TRITON_INTERPRET=1 builds interpreter kernels, which compile cannot trace."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", GLUE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref, fast = report["False"], report["True"]
+    replaced = ("pow", "var", "scatter", "cat")
+    hits = {
+        k: [n for n, _ in r["per_kernel"] if any(op in n for op in replaced)]
+        for k, r in report.items()
+        if k != "swapped_back"
+    }
+    assert fast["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert hits["False"] and not hits["True"], hits["True"]
+    assert fast["kernels"] < ref["kernels"] and fast["bytes"] < ref["bytes"]
+    assert report["swapped_back"]
