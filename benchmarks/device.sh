@@ -9,6 +9,8 @@
 # variables (every JSON records which). Everything is written under $OUT as each stage finishes,
 # so a timeout still returns what finished. At most 8 files come back from $OUT; this writes exactly:
 #     run.log env.json kernels.json attention.json step_vit_base.json train_metrics.jsonl data.json
+# (another profile names its log and environment run_<profile>.log and <profile>_env.json, so that a
+# second call of the same day ingests beside the first without a clash)
 # (the markdown table is printed last; report.py makes it and the chart from the JSON afterwards).
 # As soon as the call returns: `python benchmarks/ingest.py <files_at>` copies them into
 # benchmarks/results/<date>_<gpu>_<name> with the report beside them; commit before anything else.
@@ -40,16 +42,23 @@
 # steps are profiled (--profile: device time by kernel category, how busy the GPU was).
 #
 # Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 550): env 10 | install 20 | step ViT-L 380
-#     | step ViT-L largest batch 130 | report 10  (files: run.log env.json step_vit_large.json
+#     | step ViT-L largest batch 130 | report 10  (files: run_large.log large_env.json step_vit_large.json
 #     step_vit_large_max.json)
 #
 # Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 545, + 45 with .wheels):
 #     env 10 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | kernel launch
-#     configurations 75 | report 10  (files: run.log env.json step_ablations.json step_max_batch.json sweep.json)
+#     configurations 75 | report 10  (files: run_ablations.log ablations_env.json step_ablations.json step_max_batch.json
+#     sweep.json)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead
 #     (the full group holds far more ~45 s compiles than 290 s: pick 4-5, e.g. after the main
 #     profile's bench_attention: "hf_eager fm_fast fm_fast_tattn_enc fm_fast_tattn_dec fm_fast_autotune",
 #     the per-part variants of the backends attention.json found fastest).
+#
+# Profile "kernels" (FASTMAE_DEVICE_PROFILE=kernels; sum 150, ~2 minutes): env 10 | install 20
+#     | kernel launch configurations 110 | report 10  (files: run_kernels.log kernels_env.json sweep.json)
+#     The follow-up call for a lease with ~3 minutes left after "main": call it at once (the machine
+#     is given back after ~30 s idle, and a fresh start costs minutes); bench_kernels' rows of the
+#     rule's configuration came with "main", this says which configuration the rules should pick.
 #
 # Carried wheels: a call that carries .wheels/ (made here by benchmarks/device_wheels.sh: xformers
 # 0.0.35 and nvidia-cuda-runtime-cu12, ~7 MiB) installs them first (+15 s, + a 30 s check that
@@ -67,6 +76,8 @@ mkdir -p "$OUT"
 DRY="${FASTMAE_DEVICE_DRYRUN:-0}"
 PROFILE="${FASTMAE_DEVICE_PROFILE:-main}"
 PY="${PYTHON:-python3}"
+RUN_LOG=run.log ENV_JSON=env.json
+[ "$PROFILE" != main ] && RUN_LOG="run_$PROFILE.log" ENV_JSON="${PROFILE}_env.json"
 export PYTHONUNBUFFERED=1
 
 T0=$SECONDS
@@ -202,18 +213,27 @@ ablations_profile() {
     step step-max-batch 140 "$OUT/step_max_batch.json" --models vit_base_patch16 --batch 256 max \
       --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
   fi
-  # each kernel's launch configurations (rows per program x warps), fwd+bwd GPU time at ViT-B shapes
-  local sargs=(--out "$OUT/sweep.json")
-  [ "$DRY" = 1 ] && sargs+=(--smoke --ops patch_gather)
-  stage sweep 75 "$PY" benchmarks/sweep_kernels.py "${sargs[@]}"
+  sweep 75
   REPORTS=("$OUT/step_ablations.json" "$OUT/step_max_batch.json" "$OUT/sweep.json")
+}
+
+sweep() {  # sweep BUDGET_S: each kernel's launch configurations (rows per program x warps, the
+  # loss's tile order), fwd+bwd GPU time at ViT-B shapes; the JSON is rewritten after each op
+  local sargs=(--out "$OUT/sweep.json")
+  [ "$DRY" = 1 ] && sargs+=(--smoke --ops patch_gather masked_mse)
+  stage sweep "$1" "$PY" benchmarks/sweep_kernels.py "${sargs[@]}"
+}
+
+kernels_profile() {
+  sweep 110
+  REPORTS=("$OUT/sweep.json")
 }
 
 main() {
   echo "fastmae device run: profile $PROFILE, dry run $DRY, OUT=$OUT, $(date -u +%FT%TZ)"
 
   # (1) environment report
-  stage env 10 "$PY" -m benchmarks.common --env-out "$OUT/env.json" "profile=$PROFILE" "dryrun=$DRY"
+  stage env 10 "$PY" -m benchmarks.common --env-out "$OUT/$ENV_JSON" "profile=$PROFILE" "dryrun=$DRY"
 
   # (2) install the checkout (no index is reachable there: no deps, no build isolation)
   if [ "$DRY" = 1 ]; then
@@ -238,7 +258,8 @@ print('xformers', xformers.__version__, xformers_runs('cuda') or 'runs on cuda')
     main) main_profile ;;
     large) large_profile ;;
     ablations) ablations_profile ;;
-    *) echo "unknown FASTMAE_DEVICE_PROFILE=$PROFILE (main | large | ablations)" ;;
+    kernels) kernels_profile ;;
+    *) echo "unknown FASTMAE_DEVICE_PROFILE=$PROFILE (main | large | ablations | kernels)" ;;
   esac
 
   # (7) the short table, last (the run tool returns the end of the output)
@@ -263,5 +284,5 @@ print('xformers', xformers.__version__, xformers_runs('cuda') or 'runs on cuda')
 }
 
 # tee, not exec-redirection: the pipeline ends only when tee has written the last line (the table)
-main 2>&1 | tee "$OUT/run.log"
+main 2>&1 | tee "$OUT/$RUN_LOG"
 exit 0

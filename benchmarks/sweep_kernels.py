@@ -157,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         "env": common.environment(argv, script=__file__),
         "copy": copy,
         "smoke": args.smoke,
-        "rows": sweep(device, args.smoke, copy["gbps"], args.ops),
+        "rows": [],
     }
-    if args.out:
-        common.write_json(args.out, record)
+    for op in args.ops or list(SWEEP):  # written after each op: a run cut short keeps the ops it finished
+        record["rows"] += sweep(device, args.smoke, copy["gbps"], [op])
+        if args.out:
+            common.write_json(args.out, record)
     return 0
 
 
