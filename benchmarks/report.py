@@ -214,6 +214,7 @@ def sweep_markdown(rep: dict[str, Any]) -> str:
         cell = lambda r: (  # noqa: E731
             f"{r['rows']}x{r['warps']}"
             + (f", {r['columns']} cols" if r.get("columns") else "")
+            + (f", {r['stages']} stages" if (r.get("stages") or 1) > 1 else "")
             + (f", {r['order']} order" if r.get("order", "image") != "image" else "")
         )
         if rule is None:

@@ -33,15 +33,20 @@ except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
 from benchmarks import common  # noqa: E402  (after the sys.path fallback above)
 
 # op: (index of rows-per-program, index of num_warps in its _launch_config tuple, candidates:
-# (rows, warps) or (rows, warps, columns per program) where the op tiles its width, see COLUMNS_AT).
-SWEEP: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
+# (rows, warps) or (rows, warps, *knobs): the op's further knobs (KNOBS) in order, None = the rule's).
+SWEEP: dict[str, tuple[int, int, list[tuple[object, ...]]]] = {
     "patch_gather": (0, 2, [(4, 4), (8, 4), (16, 4), (32, 4), (16, 8), (32, 8), (64, 8)]),
     # The rule's one column block pads ViT-B's 768 to 1024 (a quarter of the lanes idle); 256-wide
     # blocks tile 512, 768 and 1024 exactly. The H200 run timed this op at 0.66x inductor's forward.
     "encoder_input": (
         0, 2, [(1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8), (16, 8), (8, 2, 256), (16, 4, 256), (32, 8, 256)],
     ),
-    "unshuffle": (0, 2, [(2, 4), (4, 4), (8, 4), (16, 4), (8, 8), (16, 8), (32, 8), (16, 4, 256), (32, 8, 256)]),
+    # The backward's row loop pipelined (stages > 1): the H200 run put its backward near a quarter
+    # of the copy's bandwidth, each program waiting for one tile's loads at a time.
+    "unshuffle": (
+        0, 2, [(2, 4), (4, 4), (8, 4), (16, 4), (8, 8), (16, 8), (32, 8), (16, 4, 256), (32, 8, 256),
+               (8, 4, None, 2), (8, 4, None, 3), (16, 4, None, 3), (16, 8, None, 3), (32, 8, None, 2)],
+    ),
     # the tile in pred's (p, q, c) order instead of the image's: pred and its grad contiguous; or
     # both read in their own order, the target moved to pred's on chip (tl.gather)
     "masked_mse": (
@@ -50,42 +55,59 @@ SWEEP: dict[str, tuple[int, int, list[tuple[int, ...]]]] = {
                (8, 8, "gather")],
     ),
 }  # fmt: skip
-# A third knob of some ops' _launch_config tuple: (its index, its name in the results).
-KNOBS = {"encoder_input": (1, "columns"), "unshuffle": (1, "columns"), "masked_mse": (4, "order")}
+# Further knobs of some ops' _launch_config tuple: (its index, its name in the results) each.
+KNOBS: dict[str, tuple[tuple[int, str], ...]] = {
+    "encoder_input": ((1, "columns"),),
+    "unshuffle": ((1, "columns"), (3, "stages")),
+    "masked_mse": ((4, "order"),),
+}
 
 
-def candidates(op: str) -> list[tuple[int, int, object]]:
-    """``op``'s swept configurations as (rows, warps, third knob or None: the rule's)."""
-    return [(c[0], c[1], c[2] if len(c) > 2 else None) for c in SWEEP[op][2]]
+def candidates(op: str) -> list[tuple[int, int, tuple[object, ...]]]:
+    """``op``'s swept configurations as (rows, warps, a value or None (the rule's) per knob)."""
+    n = len(KNOBS.get(op, ()))
+    return [(c[0], c[1], tuple(c[2:]) + (None,) * (n - len(c) + 2)) for c in SWEEP[op][2]]
+
+
+def _knob_values(op: str, knob: object) -> tuple[object, ...]:
+    """``knob`` as a value per knob of ``op``: a tuple as is, a single value for the first knob."""
+    n = len(KNOBS.get(op, ()))
+    if knob is None:
+        return (None,) * n
+    values = tuple(knob) if isinstance(knob, tuple) else (knob, *(None,) * (n - 1))
+    if len(values) != n or (n == 0 and not isinstance(knob, tuple)):
+        raise ValueError(f"{op} has {n} launch knob(s) ({', '.join(k for _, k in KNOBS.get(op, ()))}), got {knob!r}")
+    return values
 
 
 @contextlib.contextmanager
 def launch_config(
     op: str, block_r: int | None = None, num_warps: int | None = None, knob: object = None
 ) -> Iterator[dict]:
-    """Within: ``op`` launches with its GPU configuration (on any device), rows / warps / its third
-    knob (:data:`KNOBS`) replaced where given.
+    """Within: ``op`` launches with its GPU configuration (on any device), rows / warps / its further
+    knobs (:data:`KNOBS`; ``knob``: a tuple with a value or None per knob, or the first knob's value)
+    replaced where given.
 
-    Yields a dict that holds, once the op has launched, the (rows, warps, knob or None) its own
-    rule chose.
+    Yields a dict that holds, once the op has launched, the (rows, warps, knob values) its own rule
+    chose.
     """
     module = importlib.import_module(f"fastmae.kernels.{op}")
     r_at, w_at, _ = SWEEP[op]
-    k_at = KNOBS[op][0] if op in KNOBS else None
-    if knob is not None and k_at is None:
-        raise ValueError(f"{op} has no third launch knob to set")
+    knobs = KNOBS.get(op, ())
+    values = _knob_values(op, knob)
     original = module._launch_config
-    seen: dict[str, tuple[int, int, object]] = {}
+    seen: dict[str, tuple[int, int, tuple[object, ...]]] = {}
 
     def gpu_config(*args):  # every _launch_config takes the device last
         cfg = list(original(*args[:-1], torch.device("cuda")))
-        seen.setdefault("rule", (cfg[r_at], cfg[w_at], None if k_at is None else cfg[k_at]))
+        seen.setdefault("rule", (cfg[r_at], cfg[w_at], tuple(cfg[at] for at, _ in knobs)))
         if block_r is not None:
             cfg[r_at] = block_r
         if num_warps is not None:
             cfg[w_at] = num_warps
-        if knob is not None:
-            cfg[k_at] = knob
+        for (at, _), value in zip(knobs, values, strict=True):
+            if value is not None:
+                cfg[at] = value
         return tuple(cfg)
 
     module._launch_config = gpu_config
@@ -110,24 +132,23 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
         if ops and b.op not in ops:
             continue
         rule = None
-        knob_name = KNOBS[b.op][1] if b.op in KNOBS else None
+        names = [name for _, name in KNOBS.get(b.op, ())]
         for cand in [(None, None, None), *candidates(b.op)]:  # the launcher's own rule first
             block_r, num_warps, knob = cand
-            if rule is not None and rule == (block_r, num_warps, rule[2] if knob is None else knob):
-                continue
+            if rule is not None:  # the candidate in full, the rule's values where it has None
+                knob = tuple(r if k is None else k for k, r in zip(knob, rule[2], strict=True))
+                if (block_r, num_warps, knob) == rule:
+                    continue
             row: dict[str, object] = {"op": b.op, "model": name, "shape": b.shape}
             with launch_config(b.op, block_r, num_warps, knob) as chosen:
                 row["rel_err_vs_eager"] = _rel_err(b.run["triton"](), b.run["eager"]())
                 rule = rule or chosen["rule"]
-                if block_r:
-                    block_r, num_warps, knob = block_r, num_warps, rule[2] if knob is None else knob
-                else:
+                if block_r is None:
                     block_r, num_warps, knob = rule
                 row.update(rows=block_r, warps=num_warps, default=rule == (block_r, num_warps, knob))
-                if knob_name:
-                    row[knob_name] = knob
+                row.update(zip(names, knob, strict=True))
                 # fwd+bwd only (the goal's phase; patch_gather's is its forward), GPU time only:
-                # ~30 configurations, each compiled once, fit a minute.
+                # ~50 configurations, each compiled once, fit two minutes.
                 fn = bk.phase_fn(b, "triton", "fwd+bwd")
                 ms = bk.gpu_time_ms(fn) if device == "cuda" else bk.time_ms(fn, device, smoke)
                 gbps = b.min_bytes["fwd+bwd"] / ms / 1e6
@@ -135,8 +156,9 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
             rows.append(row)
             t = row.get("fwd+bwd") or {}
             print(
-                f"{b.op:14s} rows {block_r:3d} warps {num_warps:2d} {knob_name or ''} {'' if knob is None else knob}"
-                f"{' (rule)' if row['default'] else '       '}  "
+                f"{b.op:14s} rows {block_r:3d} warps {num_warps:2d} "
+                + " ".join(f"{n} {v}" for n, v in zip(names, knob, strict=True))
+                + f"{' (rule)' if row['default'] else '       '}  "
                 f"err {row['rel_err_vs_eager']:.1e}  "
                 f"fwd+bwd {t.get('ms', float('nan')):8.4f} ms {t.get('pct_of_copy', float('nan')):5.1f}% of copy",
                 flush=True,

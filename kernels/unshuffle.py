@@ -73,17 +73,21 @@ def _unshuffle_bwd_kernel(
     D,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
     # Each program owns a contiguous range of grad_out rows (not one tile) so that the number of
-    # mask-token partial sums, and the second reduction over them, stays ~ a few per SM.
+    # mask-token partial sums, and the second reduction over them, stays ~ a few per SM. With
+    # STAGES > 1 the loop is software-pipelined: the loads of the next STAGES - 1 tiles are in
+    # flight (cp.async into shared memory at sm_90) while this one is stored, where a plain loop
+    # waits for each tile's loads in turn with ~a tile a warp in flight.
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = pid_r.to(tl.int64) * rows_per_program
-    for r0 in range(0, rows_per_program, BLOCK_R):
+    for r0 in tl.range(0, rows_per_program, BLOCK_R, num_stages=STAGES):
         rows = start + r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
         n = rows // (L + 1)
@@ -103,12 +107,14 @@ def _unshuffle_bwd_kernel(
     tl.store(partial_ptr + pid_r.to(tl.int64) * D + cols, acc, mask=col_ok)
 
 
-def _launch_config(n_rows: int, D: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps): ~4K elements a tile on GPU, fewer bigger tiles on CPU."""
+def _launch_config(n_rows: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps, the backward loop's pipeline stages): ~4K elements a tile on
+    GPU, fewer bigger tiles on CPU; one stage (a plain loop) until the sweep
+    (benchmarks/sweep_kernels.py) has timed more."""
     if is_interpreter(device):
-        return min(128, next_pow2(n_rows)), next_pow2(D), 1
+        return min(128, next_pow2(n_rows)), next_pow2(D), 1, 1
     block_d = min(next_pow2(D), 1024)
-    return max(1, 4096 // block_d), block_d, 4
+    return max(1, 4096 // block_d), block_d, 4, 1
 
 
 @triton_op("fastmae::unshuffle", mutates_args=())
@@ -120,7 +126,7 @@ def _unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Ten
     n_rows = N * (1 + L)
     if n_rows == 0 or D == 0:
         return out
-    block_r, block_d, num_warps = _launch_config(n_rows, D, x.device)
+    block_r, block_d, num_warps, _ = _launch_config(n_rows, D, x.device)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
     wrap_triton(_unshuffle_fwd_kernel)[grid](
         x.contiguous(),
@@ -152,7 +158,7 @@ def _unshuffle_backward(
     grad_out = grad_out.contiguous()  # e.g. the expanded ones of a .sum().backward()
     grad_x = new_output((N, 1 + K, D), x_dtype, grad_out.device)
     n_rows = N * L1
-    block_r, block_d, num_warps = _launch_config(n_rows, D, grad_out.device)
+    block_r, block_d, num_warps, stages = _launch_config(n_rows, D, grad_out.device)
     # A few row ranges per SM: enough programs to fill the GPU, few partial sums to reduce.
     target_programs = max(1, 4 * num_sms(grad_out.device) // triton.cdiv(D, block_d))
     rows_per_program = block_r * max(1, triton.cdiv(triton.cdiv(n_rows, block_r), target_programs))
@@ -172,6 +178,7 @@ def _unshuffle_backward(
             D,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
+            STAGES=stages,
             EMULATE_RTNE=is_interpreter(grad_out.device),
             num_warps=num_warps,
         )

@@ -69,7 +69,11 @@ def _case(op: str, device: str, seed: int):
 @pytest.mark.parametrize(
     "op, rows, warps, knob",
     CONFIGS,
-    ids=[f"{op}-{'rule' if r is None else f'r{r}w{w}' + ('' if k is None else f'k{k}')}" for op, r, w, k in CONFIGS],
+    ids=[
+        f"{op}-{'rule' if r is None else f'r{r}w{w}'}"
+        + "".join(f"k{v}" for v in (k if isinstance(k, tuple) else (k,)) if v is not None)
+        for op, r, w, k in CONFIGS
+    ],
 )
 def test_gpu_launch_configs(op, rows, warps, knob, device, seed, check):
     with launch_config(op, rows, warps, knob) as chosen:
@@ -86,8 +90,27 @@ def test_sweep_harness_smoke(device):
 
     rows = sweep(device, smoke=True, copy_gbps=1.0, ops=["unshuffle"])
     assert [r["default"] for r in rows].count(True) == 1 and rows[0]["default"]
-    rule = (rows[0]["rows"], rows[0]["warps"], rows[0]["columns"])
-    assert len(rows) == 1 + len([c for c in candidates("unshuffle") if (c[0], c[1], c[2] or rule[2]) != rule])
+    rule = (rows[0]["rows"], rows[0]["warps"], (rows[0]["columns"], rows[0]["stages"]))
+    full = [
+        (r, w, tuple(rv if v is None else v for v, rv in zip(k, rule[2], strict=True)))
+        for r, w, k in candidates("unshuffle")
+    ]
+    assert len(rows) == 1 + len([c for c in full if c != rule])
+    assert {(r["rows"], r["warps"], (r["columns"], r["stages"])) for r in rows[1:]} == set(full) - {rule}
     assert all(r["rel_err_vs_eager"] < 1e-2 and r["fwd+bwd"]["ms"] > 0 for r in rows)
     table = sweep_markdown({"rows": rows})
-    assert table.splitlines()[-1].startswith(f"| unshuffle | 64x4, {rule[2]} cols |")
+    assert table.splitlines()[-1].startswith(f"| unshuffle | 64x4, {rule[2][0]} cols |")
+
+
+def test_launch_knobs_by_position_and_errors():
+    """A knob is given as the first knob's value or as a tuple with one value (or None) per knob."""
+    from benchmarks.sweep_kernels import _knob_values
+
+    assert _knob_values("unshuffle", 256) == (256, None)
+    assert _knob_values("unshuffle", (None, 3)) == (None, 3)
+    assert _knob_values("unshuffle", None) == (None, None)
+    assert _knob_values("patch_gather", ()) == ()
+    with pytest.raises(ValueError, match="patch_gather has 0 launch knob"):
+        _knob_values("patch_gather", 4)
+    with pytest.raises(ValueError, match=r"unshuffle has 2 launch knob\(s\) \(columns, stages\)"):
+        _knob_values("unshuffle", (256, 3, 1))

@@ -56,9 +56,9 @@ KERNELS = [
     ("unshuffle", "_unshuffle_bwd_kernel",
      {"grad_out_ptr": BF, "ids_restore_ptr": "*i64", "grad_x_ptr": BF, "partial_ptr": "*fp32",
       "n_rows": I32, "rows_per_program": I32, "K": I32, "L": I32, "D": I32,
-      "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
+      "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "STAGES": "constexpr",
       "EMULATE_RTNE": "constexpr"},
-     {"BLOCK_R": 8, "BLOCK_D": 512, "EMULATE_RTNE": False}, {"D", "rows_per_program"}, 4),
+     {"BLOCK_R": 8, "BLOCK_D": 512, "STAGES": 1, "EMULATE_RTNE": False}, {"D", "rows_per_program"}, 4),
     ("masked_mse", "_masked_mse_fwd_kernel",
      {"pred_ptr": BF, "imgs_ptr": BF, "mask_ptr": "*fp32", "partial_ptr": "*fp32", **MSE},
      MSE_C, {"stride_pn", "stride_pl", *STRIDES}, 8),
@@ -74,6 +74,10 @@ KERNELS += [
     for order in (1, 2)
     for m, n, sig, c, div, w in KERNELS
     if m == "masked_mse"
+]
+# the unshuffle backward's row loop pipelined (a launch knob): its tiles' loads become cp.async
+KERNELS += [
+    (m, n, sig, {**c, "STAGES": 3}, div, w) for m, n, sig, c, div, w in KERNELS if n == "_unshuffle_bwd_kernel"
 ]
 # attention at MAE's shapes with the launcher's GPU tiles (64 x 64): the decoder's head dim 32
 # (4 warps) and the encoder's 64 (8 warps in the backward); then the decoder with tail blocks
@@ -106,6 +110,7 @@ cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backend
 report = {}
 for module, kname, sig, constexprs, div16, num_warps in KERNELS:
     name = kname + {0: "", 1: "[pred_order]", 2: "[gather_order]"}[constexprs.get("ORDER", 0)]
+    name += f"[stages{constexprs['STAGES']}]" if constexprs.get("STAGES", 1) > 1 else ""
     if module == "attention":
         name += f"[d{constexprs['BLOCK_D']}]" + ("[tails]" if constexprs["TAIL_N"] else "")
         name += f"[own{constexprs['OWN_M']}]" if constexprs.get("OWN_M") == 16 else ""
@@ -124,6 +129,7 @@ for module, kname, sig, constexprs, div16, num_warps in KERNELS:
         "loads": collections.Counter(re.findall(r"ld\.global[.\w]*", ptx)),
         "stores": collections.Counter(re.findall(r"st\.global[.\w]*", ptx)),
         "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "cp_async": len(re.findall(r"cp\.async\.", ptx)),
     }
 print(json.dumps(report))
 """
@@ -194,3 +200,9 @@ def test_vectorized(codegen, kernel, vector_loads, vector_stores):
         assert any(".v4" in op for op in r["loads"]), f"{kernel}: no 16-byte loads: {r['loads']}"
     if vector_stores:
         assert any(".v4" in op for op in r["stores"]), f"{kernel}: no 16-byte stores: {r['stores']}"
+
+
+def test_unshuffle_backward_pipelines_its_loop(codegen):
+    # stages 3: the tiles' loads are issued as cp.async ahead of their use; one stage: plain loads
+    assert codegen["_unshuffle_bwd_kernel[stages3]"]["cp_async"] > 0
+    assert codegen["_unshuffle_bwd_kernel"]["cp_async"] == 0
