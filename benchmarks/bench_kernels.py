@@ -450,10 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 if args.out:  # after every row: a run stopped by a timeout keeps what it measured
                     _write_json(args.out, report)
 
-    if not args.ops or "masked_mse" in args.ops:
-        report["loss_tile_orders"] = loss_tile_orders(
-            results, models, batch, args.mask_ratio, dtype, device, args.smoke, copy["gbps"], imgs_dtype
-        )
+    report["launch_alternatives"] = launch_alternatives(
+        results, models, batch, args.mask_ratio, dtype, device, args.smoke, copy["gbps"], imgs_dtype, args.ops
+    )
     report["complete"] = True
     if args.out:
         _write_json(args.out, report)
@@ -461,7 +460,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     return report
 
 
-def loss_tile_orders(
+# Launch knobs whose effect the sweep would find but the main run should already show, each timed
+# beside the rule's row (op, knob values as ``sweep_kernels.launch_config`` takes them, why):
+ALTERNATIVES: list[tuple[str, object, str]] = [
+    # With 3 channels, pred's (p, q, c) order and the image's (c, p, q) one put a stride of 3
+    # elements on one of the loss's two reads unless its tile is reordered on chip; the H200's first
+    # run had the op at a third of the copy's bandwidth.
+    ("masked_mse", "pred", "the loss's tile in pred's order"),
+    ("masked_mse", "gather", "both read in their own order, the target gathered on chip"),
+    # the unshuffle backward at a quarter of the copy's bandwidth there: a loop of dependent tiles
+    ("unshuffle", (None, 3), "the unshuffle backward's row loop pipelined, 3 stages"),
+]
+
+
+def launch_alternatives(
     results: list[dict[str, Any]],
     models: dict[str, tuple[int, int, int, int]],
     batch: int,
@@ -471,45 +483,47 @@ def loss_tile_orders(
     smoke: bool,
     copy_gbps: float,
     imgs_dtype: torch.dtype | None,
+    ops: list[str] | None = None,
 ) -> list[dict[str, object]]:
-    """masked_mse's forward+backward with its tile in each order of ``kernels.masked_mse.ORDERS``
-    but the launcher's own, at the first model's shapes, against the row of the main table.
-
-    With 3 channels, pred's (p, q, c) order and the image's (c, p, q) one put a stride of 3 elements
-    on one of the two reads unless the tile is reordered on chip; the H200's first run had the op at
-    a third of the copy's bandwidth. A few seconds here answer which order wins before the launch
-    rule picks one (the sweep, ``sweep_kernels.py``, also varies rows and warps).
+    """Each of :data:`ALTERNATIVES`: the op's forward+backward at the first model's shapes with the
+    knob set, against the main table's row of the launch rule; the same outputs and grads as the
+    rule's (fp32 rounding apart: another order of the same sums). A few seconds here say which
+    configuration wins before a launch rule changes (``sweep_kernels.py`` also varies rows and warps).
     """
-    from benchmarks.sweep_kernels import launch_config  # here: sweep_kernels imports this module
-    from fastmae.kernels.masked_mse import ORDERS
+    from benchmarks.sweep_kernels import KNOBS, launch_config  # here: sweep_kernels imports this module
 
     model, dims = next(iter(models.items()))
-    (b,) = [
-        b for b in build_benches(model, dims, batch, ratio, dtype, device, False, imgs_dtype) if b.op == "masked_mse"
-    ]
-    base = next(
-        (r for r in results if r["op"] == "masked_mse" and r["model"] == model and r["phase"] == "fwd+bwd"), None
-    )
-    rule_loss = b.run["triton"]().float()
+    benches = {b.op: b for b in build_benches(model, dims, batch, ratio, dtype, device, False, imgs_dtype)}
     rows = []
-    for order in ORDERS:
-        with launch_config("masked_mse", knob=order) as chosen:
-            loss = b.run["triton"]().float()
-            rule_order = chosen["rule"][2][0]
-            if rule_order == order:
-                continue  # the main table's row
-            row: dict[str, object] = {"op": "masked_mse", "model": model, "phase": "fwd+bwd", "order": order}
-            row["rule_order"] = rule_order
-            # the same sums in another order: fp32 rounding apart, the rule's loss
-            row["loss_rel_diff_vs_rule"] = ((loss - rule_loss).abs() / rule_loss.abs().clamp_min(1e-30)).item()
-            row["triton"] = measure(phase_fn(b, "triton", "fwd+bwd"), device, smoke, b.min_bytes["fwd+bwd"], copy_gbps)
+    for op, knob, about in ALTERNATIVES:
+        if ops and op not in ops:
+            continue
+        b = benches[op]
+        base = next((r for r in results if (r["op"], r["model"], r["phase"]) == (op, model, "fwd+bwd")), None)
+        fn = phase_fn(b, "triton", "fwd+bwd")
+        rule_out = [t.float() for t in (b.run["triton"](), *fn())]
+        with launch_config(op, knob=knob) as chosen:
+            out = [t.float() for t in (b.run["triton"](), *fn())]
+            names = [name for _, name in KNOBS[op]]
+            rule_knobs = dict(zip(names, chosen["rule"][2], strict=True))
+            knobs = {
+                n: v for n, v in zip(names, knob if isinstance(knob, tuple) else (knob,), strict=False) if v is not None
+            }
+            row: dict[str, object] = {"op": op, "model": model, "phase": "fwd+bwd", "about": about}
+            row.update(knobs=knobs, rule_knobs=rule_knobs)
+            row["rel_diff_vs_rule"] = max(
+                ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+                for a, e in zip(out, rule_out, strict=True)
+            )
+            row["triton"] = measure(fn, device, smoke, b.min_bytes["fwd+bwd"], copy_gbps)
         base_ms = (base or {}).get("triton", {}).get("ms") if base else None
         row["speedup_vs_rule"] = base_ms / row["triton"]["ms"] if base_ms else None
         rows.append(row)
         t = row["triton"]
         print(
-            f"{model:>18} masked_mse {order:>6} order fwd+bwd | triton {t['ms']:.4f} ms {t['gbps']:.1f} GB/s "
-            f"({t['pct_of_copy']:.0f}%)" + (f" | {row['speedup_vs_rule']:.2f}x the rule's order" if base_ms else "")
+            f"{model:>18} {op:>13} fwd+bwd {knobs} | triton {t['ms']:.4f} ms {t['gbps']:.1f} GB/s "
+            f"({t['pct_of_copy']:.0f}%)"
+            + (f" | {row['speedup_vs_rule']:.2f}x the rule's {rule_knobs}" if base_ms else "")
         )
     return rows
 

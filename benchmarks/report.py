@@ -156,12 +156,14 @@ def kernels_markdown(rep: dict[str, Any]) -> str:
             f"| {_f(r.get('speedup_vs_compiled'), '.2f')} | {_f(r.get('speedup_vs_eager'), '.2f')} "
             f"| {_f(t.get('call_ms'), '.4f')} | {t.get('timer', '–')} |"
         )
-    for r in rep.get("loss_tile_orders", []):
+    for r in rep.get("launch_alternatives", []):
         t = r.get("triton") or {}
+        knobs = ", ".join(f"{k} {v}" for k, v in (r.get("knobs") or {}).items())
+        rule = ", ".join(f"{k} {v}" for k, v in (r.get("rule_knobs") or {}).items())
         lines.append(
-            f"\nmasked_mse fwd+bwd ({r.get('model')}) with its tile in {r.get('order')} order: "
+            f"\n{r.get('op')} fwd+bwd ({r.get('model')}) with {knobs} ({r.get('about')}): "
             f"{_f(t.get('ms'), '.4f')} ms, {_f(t.get('pct_of_copy'), '.0f')}% of copy, "
-            f"{_f(r.get('speedup_vs_rule'), '.2f')}x the {r.get('rule_order')} order of the launch rule"
+            f"{_f(r.get('speedup_vs_rule'), '.2f')}x the launch rule's ({rule})"
         )
     return "\n".join(lines)
 
