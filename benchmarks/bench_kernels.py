@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,9 +450,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 if args.out:  # after every row: a run stopped by a timeout keeps what it measured
                     _write_json(args.out, report)
 
-    report["launch_alternatives"] = launch_alternatives(
+    report["launch_alternatives"] = alternatives = []
+    for row in launch_alternatives(
         results, models, batch, args.mask_ratio, dtype, device, args.smoke, copy["gbps"], imgs_dtype, args.ops
-    )
+    ):
+        alternatives.append(row)
+        if args.out:
+            _write_json(args.out, report)
     report["complete"] = True
     if args.out:
         _write_json(args.out, report)
@@ -484,8 +488,8 @@ def launch_alternatives(
     copy_gbps: float,
     imgs_dtype: torch.dtype | None,
     ops: list[str] | None = None,
-) -> list[dict[str, object]]:
-    """Each of :data:`ALTERNATIVES`: the op's forward+backward at the first model's shapes with the
+) -> Iterator[dict[str, object]]:
+    """Each of :data:`ALTERNATIVES` (yielded row by row): the op's forward+backward at the first model's shapes with the
     knob set, against the main table's row of the launch rule; the same outputs and grads as the
     rule's (fp32 rounding apart: another order of the same sums). A few seconds here say which
     configuration wins before a launch rule changes (``sweep_kernels.py`` also varies rows and warps).
@@ -494,7 +498,6 @@ def launch_alternatives(
 
     model, dims = next(iter(models.items()))
     benches = {b.op: b for b in build_benches(model, dims, batch, ratio, dtype, device, False, imgs_dtype)}
-    rows = []
     for op, knob, about in ALTERNATIVES:
         if ops and op not in ops:
             continue
@@ -518,14 +521,13 @@ def launch_alternatives(
             row["triton"] = measure(fn, device, smoke, b.min_bytes["fwd+bwd"], copy_gbps)
         base_ms = (base or {}).get("triton", {}).get("ms") if base else None
         row["speedup_vs_rule"] = base_ms / row["triton"]["ms"] if base_ms else None
-        rows.append(row)
         t = row["triton"]
         print(
             f"{model:>18} {op:>13} fwd+bwd {knobs} | triton {t['ms']:.4f} ms {t['gbps']:.1f} GB/s "
             f"({t['pct_of_copy']:.0f}%)"
             + (f" | {row['speedup_vs_rule']:.2f}x the rule's {rule_knobs}" if base_ms else "")
         )
-    return rows
+        yield row
 
 
 def _write_json(path: Path, obj: dict[str, object]) -> None:
