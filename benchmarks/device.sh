@@ -54,8 +54,8 @@
 #     profile's bench_attention: "hf_eager fm_fast fm_fast_tattn_enc fm_fast_tattn_dec fm_fast_autotune",
 #     the per-part variants of the backends attention.json found fastest).
 #
-# Profile "kernels" (FASTMAE_DEVICE_PROFILE=kernels; sum 150, ~2 minutes): env 10 | install 20
-#     | kernel launch configurations 110 | report 10  (files: run_kernels.log kernels_env.json sweep.json)
+# Profile "kernels" (FASTMAE_DEVICE_PROFILE=kernels; sum 180, ~3 minutes): env 10 | install 20
+#     | kernel launch configurations 140 | report 10  (files: run_kernels.log kernels_env.json sweep.json)
 #     The follow-up call for a lease with ~3 minutes left after "main": call it at once (the machine
 #     is given back after ~30 s idle, and a fresh start costs minutes); bench_kernels' rows of the
 #     rule's configuration came with "main", this says which configuration the rules should pick.
@@ -218,14 +218,19 @@ ablations_profile() {
 }
 
 sweep() {  # sweep BUDGET_S: each kernel's launch configurations (rows per program x warps, the
-  # loss's tile order), fwd+bwd GPU time at ViT-B shapes; the JSON is rewritten after each op
+  # loss's tile order, the unshuffle backward's stages), fwd+bwd GPU time at ViT-B shapes; the JSON
+  # is rewritten after each op, the ops furthest from their goal first (~2-4 s a configuration)
   local sargs=(--out "$OUT/sweep.json")
-  [ "$DRY" = 1 ] && sargs+=(--smoke --ops patch_gather masked_mse)
+  if [ "$DRY" = 1 ]; then
+    sargs+=(--smoke --ops patch_gather masked_mse)
+  else
+    sargs+=(--ops masked_mse unshuffle encoder_input patch_gather)
+  fi
   stage sweep "$1" "$PY" benchmarks/sweep_kernels.py "${sargs[@]}"
 }
 
 kernels_profile() {
-  sweep 110
+  sweep 140
   REPORTS=("$OUT/sweep.json")
 }
 
