@@ -489,10 +489,11 @@ def launch_alternatives(
     imgs_dtype: torch.dtype | None,
     ops: list[str] | None = None,
 ) -> Iterator[dict[str, object]]:
-    """Each of :data:`ALTERNATIVES` (yielded row by row): the op's forward+backward at the first model's shapes with the
-    knob set, against the main table's row of the launch rule; the same outputs and grads as the
-    rule's (fp32 rounding apart: another order of the same sums). A few seconds here say which
-    configuration wins before a launch rule changes (``sweep_kernels.py`` also varies rows and warps).
+    """Each of :data:`ALTERNATIVES`, yielded row by row: the op's forward+backward at the first
+    model's shapes with the knob set, against the main table's row of the launch rule, and its
+    outputs and grads against the rule's (the same up to fp32 rounding: another order of the same
+    sums). A few seconds here say which configuration wins before a launch rule changes
+    (``sweep_kernels.py`` also varies rows and warps).
     """
     from benchmarks.sweep_kernels import KNOBS, launch_config  # here: sweep_kernels imports this module
 
