@@ -174,3 +174,13 @@ def test_cuda_step_memory_drops_with_checkpointing():
     assert rise["gelu"][0] < 0.9 * rise["none"][0], rise
     assert rise["selective"][0] < 0.8 * rise["none"][0], rise
     assert rise["full"][0] < 0.5 * rise["selective"][0], rise
+
+
+def test_selective_policy_keeps_the_weights_casts():
+    # autocast's cast of a weight or bias (rank <= 2) is kept, as without checkpointing: redone in the
+    # backward it is a pass over the weights every step; an activation's cast (batch, tokens, ...) is
+    # recomputed
+    policy, cast = model_mod._recompute_memory_bound_ops, torch.ops.aten._to_copy.default
+    assert policy(None, cast, torch.zeros(8, 4), dtype=torch.bfloat16) == CheckpointPolicy.MUST_SAVE
+    assert policy(None, cast, torch.zeros(8), dtype=torch.bfloat16) == CheckpointPolicy.MUST_SAVE
+    assert policy(None, cast, torch.zeros(2, 5, 8), dtype=torch.bfloat16) == CheckpointPolicy.PREFER_RECOMPUTE
