@@ -122,6 +122,28 @@ for norm_pix, ac, attn in (
         },
     }
 report["written"] = {k: sorted(v) for k, v in written.items()}
+
+# The loss alone in each of its tile orders (a launch knob): what its kernels write.
+import importlib  # noqa: E402
+
+mse = importlib.import_module("fastmae.kernels.masked_mse")
+rule = mse._launch_config
+report["loss_orders"] = {}
+for order in mse.ORDERS:
+    for name in ("_masked_mse_fwd_kernel", "_masked_mse_bwd_kernel"):
+        written.pop(name, None)
+    mse._launch_config = lambda *args, order=order: (*rule(*args)[:4], order)
+    torch._dynamo.reset()
+    graphs.clear()
+    backend = aot_autograd(fw_compiler=never, bw_compiler=never, partition_fn=partition)
+    loss = torch.compile(lambda p, i, m: mse.masked_mse(p, i, m, 8, True), backend=backend, fullgraph=True)
+    try:
+        loss(torch.randn(2, 16, 192, requires_grad=True), torch.randn(2, 3, 32, 32), torch.ones(2, 16))
+        error = "the compile did not reach the partitioner"
+    except Exception as e:
+        error = None if isinstance(getattr(e, "inner_exception", e), Partitioned) else repr(e)
+    report["loss_orders"][order] = {"error": error, "written": {k: sorted(v) for k, v in written.items() if "mse" in k}}
+mse._launch_config = rule
 json.dump(report, sys.stdout)
 """
 
@@ -148,6 +170,13 @@ def trace_report() -> dict:
 
 def test_each_kernel_writes_only_its_outputs(trace_report):
     assert trace_report["written"] == OUTPUTS
+
+
+@pytest.mark.parametrize("order", ["image", "pred", "gather"])
+def test_each_loss_tile_order_writes_only_its_outputs(trace_report, order):
+    run = trace_report["loss_orders"][order]
+    assert run["error"] is None, run["error"]
+    assert run["written"] == {k: v for k, v in OUTPUTS.items() if "mse" in k}
 
 
 @pytest.mark.parametrize("norm_pix, ac", [(True, "none"), (False, "none"), (True, "gelu"), (True, "selective")])
