@@ -114,20 +114,20 @@ def _ops_in_plain_pytorch() -> dict[Any, Any]:
     def promoted(*ts: torch.Tensor) -> torch.dtype:
         return functools.reduce(torch.promote_types, (t.dtype for t in ts))
 
-    def masked_mse_backward(grad_loss, pred, imgs, mask, P, norm_pix):  # autograd is off in an op's kernel
-        N, C, H, W = imgs.shape
-        t = imgs.float().reshape(N, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(pred.shape)
-        if norm_pix:
-            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + mse.NORM_PIX_EPS) ** 0.5
-        scale = mask.float() * (grad_loss.float() * 2.0 / t.shape[-1] / mask.float().sum())
-        return ((pred.float() - t) * scale[..., None]).to(pred.dtype)
+    # The backwards as the references' vector-Jacobian products (autograd itself is off in an op's
+    # kernel; torch.func is not).
+    def masked_mse_backward(grad_loss, pred, imgs, mask, P, norm_pix):
+        ref = functools.partial(
+            K.masked_mse_ref, imgs=imgs.float(), mask=mask.float(), patch_size=P, norm_pix_loss=norm_pix
+        )
+        return torch.func.vjp(ref, pred.float())[1](grad_loss.float())[0].to(pred.dtype)
 
     def unshuffle_backward(grad_out, ids_restore, K_, x_dtype, mask_token_dtype):
-        rows = torch.gather(
-            grad_out[:, 1:], 1, torch.argsort(ids_restore, 1)[..., None].expand(-1, -1, grad_out.shape[2])
-        )
-        grad_x = torch.cat([grad_out[:, :1], rows[:, :K_]], 1).to(x_dtype)
-        return grad_x, rows[:, K_:].float().sum((0, 1)).to(mask_token_dtype).reshape(1, 1, -1)
+        N, L1, D = grad_out.shape  # the op is linear in x and mask_token: its vjp at zeros is its vjp
+        x, mask_token = grad_out.new_zeros(N, 1 + K_, D), grad_out.new_zeros(1, 1, D)
+        ref = functools.partial(K.unshuffle_ref, ids_restore=ids_restore, pos=grad_out.new_zeros(1, L1, D))
+        grad_x, grad_mask_token = torch.func.vjp(ref, x, mask_token)[1](grad_out)
+        return grad_x.to(x_dtype), grad_mask_token.to(mask_token_dtype)
 
     return {
         mod["patch_gather"]._patch_gather: lambda imgs, ids, P: K.patch_gather_ref(imgs, ids, P).contiguous(),

@@ -94,8 +94,9 @@ class Config:
     activation_checkpointing: str = _f(
         "auto",
         "what the blocks keep for backward: auto (selective when compiled on CUDA, else none), none, "
-        "gelu (recompute the MLP's GELU), selective (recompute norms, GELU, activation casts, adds: no extra matrix "
-        "multiply) or full (recompute each block: least memory, ~1/3 more FLOPs); results do not change",
+        "gelu (recompute the MLP's GELU), selective (recompute norms, GELU, activation casts, adds: no "
+        "extra matrix multiply) or full (recompute each block: least memory, ~1/3 more FLOPs); results "
+        "do not change",
     )
     residual_dtype: str = _f(
         "float32",
