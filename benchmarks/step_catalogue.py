@@ -151,6 +151,13 @@ def _variants() -> dict[str, Variant]:
     )
     vs.append(
         Variant(
+            "fm_fast_combo",
+            about="fast path, inductor's combo kernels (independent small kernels, such as the weight casts, in one launch)",
+            **{**fast, "compile": "combo-kernels"},
+        )
+    )
+    vs.append(
+        Variant(
             "fm_fast_autotune",
             about="fast path, max-autotune-no-cudagraphs",
             **{**fast, "compile": "max-autotune-no-cudagraphs"},
@@ -227,6 +234,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_fast_bf16res",
         "fm_fast_mix128",
         "fm_fast_no_mix",
+        "fm_fast_combo",
         "fm_fast_cdt",
         "fm_fast_cg",
         "fm_ref_compile",
