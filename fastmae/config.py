@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,7 +255,35 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)}")
-    return values
+    return {name: _file_value(p, name, v) for name, v in values.items()}
+
+
+def _file_value(path: Path, name: str, value: Any) -> Any:
+    """A config file's value checked against its field's type, as argparse checks a flag's.
+
+    Ints pass for floats; nothing else converts (``"false"`` is not a bool, ``"2"`` not an int).
+    """
+    f = FIELDS[name]
+    kind = field_type(f)
+    nargs = f.metadata.get("nargs")
+
+    def ok(v: Any) -> bool:
+        if kind is float:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        if kind is int:
+            return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, kind)
+
+    if value is None and "None" in str(f.type):
+        return None
+    if nargs:
+        if isinstance(value, (list, tuple)) and len(value) == nargs and all(map(ok, value)):
+            return tuple(kind(v) for v in value)
+        raise ConfigError(f"{path}: {name} must be a list of {nargs} {kind.__name__}s, got {value!r}")
+    if not ok(value):
+        expected = kind.__name__ + (" or null" if "None" in str(f.type) else "")
+        raise ConfigError(f"{path}: {name} must be {expected}, got {value!r}")
+    return kind(value)
 
 
 def make_config(overrides: dict[str, Any] | None = None) -> Config:
@@ -294,6 +323,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name, choices in CHOICES.items():  # the CLI checks these itself; a config file does not
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    if cfg.patch_size < 1 or cfg.img_size < cfg.patch_size:
+        raise ConfigError(f"need 1 <= patch size <= image size, got patch {cfg.patch_size} and image {cfg.img_size}")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"image size {cfg.img_size} is not divisible by the patch size {cfg.patch_size}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
@@ -306,15 +337,26 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     ):
         if heads < 1 or dim % heads:
             raise ConfigError(f"{name}embed_dim {dim} is not divisible by {name}num_heads {heads}")
-    for name in ("batch_size", "epochs", "log_every", "ckpt_every_steps", "keep_last"):
+    for name in (
+        "embed_dim", "depth", "decoder_embed_dim", "decoder_depth", "batch_size", "epochs", "log_every",
+        "ckpt_every_steps", "keep_last",
+    ):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in (
-        "effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples", "knn_every",
-        "knn_max_images",
+        "seed", "effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples",
+        "knn_every", "knn_max_images", "keep_every_epochs", "vis_every_epochs", "blr", "min_lr", "weight_decay",
     ):  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.mlp_ratio <= 0:
+        raise ConfigError(f"mlp_ratio must be > 0, got {cfg.mlp_ratio}")
+    if cfg.lr is not None and cfg.lr < 0:
+        raise ConfigError(f"lr must be >= 0, got {cfg.lr}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {' '.join(map(str, cfg.betas))}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise ConfigError(f"warmup_epochs must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
     accum_iter(cfg, world_size)

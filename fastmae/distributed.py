@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastmae.config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -42,7 +44,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda but CUDA is not available")
+            raise ConfigError(f"--device {device} but CUDA is not available (torch {torch.__version__})")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _tensorboard_writer(log_dir: Path) -> Any:
+def _tensorboard_writer(log_dir: Path, purge_step: int | None = None) -> Any:
+    """A SummaryWriter, or None without tensorboard; ``purge_step`` hides an interrupted run's events
+    from that step on, as ``metrics.jsonl`` drops its records."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -50,7 +52,8 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
-        self.tb = _tensorboard_writer(Path(run_dir) / "tb") if tensorboard else None
+        purge = resume_step + 1 if resume_step else None  # the resumed run writes steps after resume_step
+        self.tb = _tensorboard_writer(Path(run_dir) / "tb", purge) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

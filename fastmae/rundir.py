@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmae import checkpoint as ckpt
+from fastmae.cli import flag
 from fastmae.config import Config, ConfigError
 from fastmae.data import DataError
 
@@ -49,6 +50,16 @@ def check_resumable(state: dict[str, Any], cfg: Config, eff_batch: int, loader: 
     The world size and the accumulation may change (a step's images and noise depend only on the
     seed, the step and the effective batch), so 8 GPUs can resume on 4 with ``accum_iter`` doubled.
     """
+    shapes = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth")
+    shapes += ("decoder_num_heads", "mlp_ratio")
+    saved_cfg = state.get("config", {})
+    differ = [
+        f"{flag(k)} {saved_cfg[k]} (this run: {getattr(cfg, k)})"
+        for k in shapes
+        if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)
+    ]
+    if differ:
+        raise ConfigError(f"the checkpoint holds another model: {', '.join(differ)}")
     saved = state["loader"]
     if saved["seed"] != cfg.seed or saved["num_samples"] != loader.plan.num_samples:
         raise DataError(

@@ -8,7 +8,8 @@ The loop, in order of what matters for speed: the loaders prefetch (DataLoader w
 pinned memory and non-blocking copies on CUDA); the model runs the fused Triton path under bf16
 autocast and ``torch.compile``; AdamW is fused; the loss is accumulated on the device and read
 back (``.item()``-like host syncs) only at log steps. A non-finite loss is caught at the next log
-step, before any checkpoint could save poisoned weights.
+step (every checkpoint step is one), and the checkpoint whose weights gave it, if one was saved just
+before, is set aside so that ``--resume auto`` starts from a verified one.
 
 Determinism: a step's images and masking noise depend only on (seed, step), not on the number
 of processes or accumulation steps, so ``4 GPUs x 64 x accum 2`` trains on exactly what
@@ -81,6 +82,23 @@ def lr_at(epoch: float, peak_lr: float, cfg: Config) -> float:
     return cfg.min_lr + (peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def set_aside_unverified(run_dir: Path, bad_step: int) -> Path | None:
+    """After a non-finite loss at optimizer step ``bad_step``: the newest checkpoint known to be good.
+
+    The checkpoint of step s holds the weights that step s + 1's forward used, so it is verified once
+    that loss came out finite. Those of step >= bad_step - 1 are not (the one of bad_step - 1 gave the
+    non-finite loss): they are renamed ``*.pt.nonfinite``, kept for a look, and ``--resume auto``
+    starts from the newest verified one instead.
+    """
+    verified = []
+    for s, path in ckpt.list_checkpoints(run_dir):
+        if s >= bad_step - 1:
+            path.rename(path.with_name(path.name + ".nonfinite"))
+        else:
+            verified.append(path)
+    return verified[-1] if verified else None
+
+
 def masking_noise(gen: torch.Generator, seed: int, step: int, rows: int, num_patches: int) -> torch.Tensor:
     """The masking noise ``(rows, L)`` of optimizer step ``step`` for the whole effective batch.
 
@@ -136,6 +154,15 @@ def loader_source(loader: Any) -> Any:
     return source
 
 
+def knn_images(cfg: Config, loader: Any) -> Any:
+    """The kNN monitor's labelled source: ``--knn-data-path``, else the training source if it has labels."""
+    if cfg.knn_data_path:
+        return open_source(cfg.knn_data_path, cfg.knn_data_list or None)
+    if loader_source(loader) is not None:
+        return loader_source(loader)
+    raise ConfigError("--knn-every needs labelled images: --knn-data-path, or a labelled --data-path")
+
+
 def resolve_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtype | None]:
     """(name, autocast dtype): bf16 on CUDA, fp32 (no autocast) on CPU, unless ``cfg.precision`` says otherwise."""
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -153,7 +180,7 @@ def cache_dir() -> Path:
 
 
 def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any, str, list[str]]:
-    """(loader, backend name, paths of the images shown in the reconstruction grids)."""
+    """(loader, backend name, the source's paths on rank 0: the reconstruction grids pick from them)."""
     backend = cfg.data_backend
     if backend == "auto":
         backend = "dali" if env.device.type == "cuda" and dali_available() else "torch"
@@ -178,14 +205,14 @@ def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any
         rank=env.rank,
         world_size=env.world_size,
         device=env.device,
+        # fp32 under bf16 autocast too: the norm-pix targets are read from the images, as the
+        # reference reads them (a bf16 image would round each target by ~0.4%); the patch GEMM casts
+        # its own input, and a batch is ~0.6 MB an image
         dtype=torch.float32,
         num_workers=cfg.num_workers,
-        report_dir=run_dir if env.is_main else None,
+        report_dir=run_dir,  # every rank: each reads its own shard (bad_files.rank<r>.txt)
     )
-    vis_paths = []
-    if source is not None and cfg.vis_samples:
-        n = min(cfg.vis_samples, len(source))
-        vis_paths = [source.samples[i * len(source) // n][0] for i in range(n)]
+    vis_paths = [path for path, _ in source.samples] if source is not None and env.is_main else []
     return loader, backend, vis_paths
 
 
@@ -232,6 +259,18 @@ def train(cfg: Config) -> TrainResult:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
+    # the kNN monitor's labelled images, found by rank 0 (which alone runs it) before anything is
+    # written; every rank gets its error
+    knn_source = None
+    if cfg.knn_every:
+        try:
+            knn_source = knn_images(cfg, loader) if main else None
+        except (ConfigError, DataError) as e:
+            knn_source = e
+        error = distributed.broadcast_object(knn_source if isinstance(knn_source, Exception) else None)
+        if error is not None:
+            raise error
+
     model = build_model(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, cfg.weight_decay),
@@ -249,11 +288,16 @@ def train(cfg: Config) -> TrainResult:
                 raise ConfigError(f"no loadable checkpoint in {run_dir}")
             resume_path, state = loaded
         else:
-            state = ckpt.load_checkpoint(resume_path)
+            try:
+                state = ckpt.load_checkpoint(resume_path)
+            except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
+                first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
+                raise ConfigError(f"cannot load the checkpoint {resume_path}: {type(e).__name__}: {first}") from None
+        check_resumable(state, cfg, eff_batch, loader)  # before loading: a clear error, not a size mismatch
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        check_resumable(state, cfg, eff_batch, loader)
+        if state["scaler"]:  # empty when saved without fp16; a new fp16 run's scaler starts fresh then
+            scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         step = int(state["step"])
         del state
@@ -303,22 +347,18 @@ def train(cfg: Config) -> TrainResult:
         )
 
     knn = None
-    if main and cfg.knn_every:
+    if knn_source is not None:
         from fastmae.knn import KnnMonitor
 
-        if cfg.knn_data_path:
-            knn_source = open_source(cfg.knn_data_path, cfg.knn_data_list or None)
-        elif loader_source(loader) is not None:
-            knn_source = loader_source(loader)
-        else:
-            raise ConfigError("--knn-every needs labelled images: --knn-data-path, or a labelled --data-path")
         knn = KnnMonitor(knn_source, cfg.img_size, device, max_images=cfg.knn_max_images, seed=cfg.seed)
 
     vis_images = None
-    if main and vis_paths:
-        from fastmae.visualize import load_images
+    if main and vis_paths and cfg.vis_samples:
+        from fastmae.visualize import pick_images
 
-        vis_images = load_images(vis_paths, cfg.img_size).to(device)
+        vis_images, vis_paths = pick_images(vis_paths, cfg.vis_samples, cfg.img_size)  # skips unreadable files
+    if vis_images is not None:
+        vis_images = vis_images.to(device)
         vis_noise = torch.rand(len(vis_paths), model.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
 
     def save_pictures(tag: str) -> Path | None:
@@ -356,9 +396,11 @@ def train(cfg: Config) -> TrainResult:
         if not math.isfinite(loss):
             if env.enabled:
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-            last = result.checkpoint
+            bad = int(first_bad.item())
+            bad = bad if bad <= step else step  # every loss finite, their sum not: name the log step
+            last = set_aside_unverified(run_dir, bad) if main else None
             raise NonFiniteLoss(
-                f"non-finite loss at step {int(first_bad.item())} (found at the log step {step}); "
+                f"non-finite loss at step {bad} (found at the log step {step}); "
                 f"last good checkpoint: {last if last else 'none yet'}"
                 f"{' (continue with --resume auto)' if last else ''}. "
                 "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 or --attn-backend math "
@@ -408,7 +450,9 @@ def train(cfg: Config) -> TrainResult:
             for images, _ in loader:
                 j = micro % accum
                 if j == 0:
-                    epoch_f = epoch + micro / len(loader)
+                    # in optimizer steps, not micro-batches: len(loader) rounds per rank, so a fraction of
+                    # it would move the schedule with the world size and the accumulation
+                    epoch_f = step / opt_steps_per_epoch
                     lr = lr_at(epoch_f, peak_lr, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
@@ -436,7 +480,7 @@ def train(cfg: Config) -> TrainResult:
                 epoch_end = step % opt_steps_per_epoch == 0
                 save = step % cfg.ckpt_every_steps == 0 or epoch_end or step == total_steps
                 if save or step % cfg.log_every == 0:
-                    stop = flush_interval(epoch + micro / len(loader), lr)
+                    stop = flush_interval(step / opt_steps_per_epoch, lr)
                     save = save or stop
                 if save:
                     keep = (

@@ -23,21 +23,51 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.data.transforms import load_rgb
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 
 
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """One image center-cropped, resized (bicubic) and ImageNet-normalised, ``(3, size, size)`` float32.
+
+    Decoded as the loaders decode it (:func:`fastmae.data.transforms.load_rgb`: odd modes such as
+    16-bit grayscale or CMYK to RGB); raises on an unreadable file.
+    """
+    im = ImageOps.fit(load_rgb(path), (size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
 def load_images(paths: Sequence[str | os.PathLike], size: int) -> torch.Tensor:
-    """Center-cropped, resized (bicubic), ImageNet-normalised images ``(N, 3, size, size)`` float32."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        out.append((x - mean) / std)
-    return torch.stack(out)
+    """:func:`load_image` of each path, stacked ``(N, 3, size, size)``."""
+    return torch.stack([load_image(p, size) for p in paths])
+
+
+def pick_images(paths: Sequence[str], n: int, size: int) -> tuple[torch.Tensor | None, list[str]]:
+    """Up to ``n`` readable images spread evenly over ``paths`` (the pictures' rows), with their paths.
+
+    An unreadable file (the loaders skip and report it) is replaced by the next readable path after
+    it; None when no path reads.
+    """
+    n = min(n, len(paths))
+    chosen: dict[int, torch.Tensor] = {}
+    tried: set[int] = set()
+    for k in range(n):
+        i = k * len(paths) // n
+        while len(tried) < len(paths):
+            if i not in tried:
+                tried.add(i)
+                try:
+                    chosen[i] = load_image(paths[i], size)
+                    break
+                except Exception:  # any decode failure: PIL raises many kinds
+                    pass
+            i = (i + 1) % len(paths)
+    if not chosen:
+        return None, []
+    order = sorted(chosen)
+    return torch.stack([chosen[i] for i in order]), [paths[i] for i in order]
 
 
 def _patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:

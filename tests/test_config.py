@@ -66,6 +66,36 @@ def test_config_file_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("keep_last", "2", "keep_last must be int, got '2'"),
+        ("compile", "false", "compile must be bool or null, got 'false'"),  # bool("false") would be True
+        ("norm_pix_loss", 0, "norm_pix_loss must be bool, got 0"),
+        ("epochs", True, "epochs must be int, got True"),
+        ("lr", "1e-3", "lr must be float or null, got '1e-3'"),
+        ("betas", 0.9, "betas must be a list of 2 floats, got 0.9"),
+        ("betas", [0.9, "0.95"], "betas must be a list of 2 floats"),
+    ],
+)
+def test_config_file_types_are_checked(tmp_path, field, value, message, capsys):
+    # argparse converts and checks a flag's type; a value from a config file meets the same check
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({field: value}))
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--config", str(path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_config_file_numbers_and_nulls_convert(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"blr": 1, "lr": None, "betas": [0, 0.5], "compile": None, "warmup_epochs": 2}))
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.blr == 1.0 and isinstance(cfg.blr, float) and cfg.lr is None and cfg.compile is None
+    assert cfg.betas == (0.0, 0.5) and isinstance(cfg.warmup_epochs, float)
+
+
+@pytest.mark.parametrize(
     "field, value", [("activation_checkpointing", "some"), ("precision", "fp8"), ("decoder_attn_backend", "flash3")]
 )
 def test_config_file_choices_are_checked(tmp_path, field, value, capsys):
@@ -143,6 +173,19 @@ def test_help_lists_presets_and_fields(capsys):
         (["--activation-checkpointing", "some"], 1, "invalid choice"),
         (["--compile-mode", "fast"], 1, "invalid choice"),
         (["--residual-dtype", "bf16"], 1, "invalid choice"),
+        (["--patch-size", "0"], 1, "need 1 <= patch size <= image size"),
+        (["--img-size", "-32"], 1, "need 1 <= patch size <= image size"),
+        (["--embed-dim", "0"], 1, "embed_dim must be >= 1"),
+        (["--decoder-depth", "0"], 1, "decoder_depth must be >= 1"),
+        (["--mlp-ratio", "0"], 1, "mlp_ratio must be > 0"),
+        (["--lr", "-1"], 1, "lr must be >= 0"),
+        (["--blr=-1e-4"], 1, "blr must be >= 0"),
+        (["--weight-decay", "-0.05"], 1, "weight_decay must be >= 0"),
+        (["--betas", "0.9", "1.5"], 1, "betas must be two numbers in [0, 1)"),
+        (["--seed", "-1"], 1, "seed must be >= 0"),
+        (["--keep-every-epochs", "-1"], 1, "keep_every_epochs must be >= 0"),
+        (["--vis-every-epochs", "-1"], 1, "vis_every_epochs must be >= 0"),
+        (["--device", "foo"], 1, "device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_values_are_one_line_errors(argv, world, message, capsys, monkeypatch):

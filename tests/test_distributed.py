@@ -36,3 +36,44 @@ def test_two_processes_match_one(tiny_data, tmp_path):  # noqa: F811
         == read_metrics(tmp_path / "one" / "metrics.jsonl")[0]["lr"]
     )
     assert (tmp_path / "two" / "ckpt-step000000008.pt").is_file()
+
+
+def test_a_bad_knn_source_is_every_ranks_one_line_error(tiny_data, tmp_path):  # noqa: F811
+    """``--knn-every`` on unlabelled images: rank 0 finds it, every rank exits 2 with the one line
+    (not rank 1 with a lost-peer traceback), before the run directory gets a config or metrics."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted(tiny_data.rglob("*.jpg"))[:32]):
+        (flat / f"{i}.jpg").write_bytes(p.read_bytes())
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["fastmae.train", *tiny_args(flat, run, "--epochs", "1", "--batch-size", "4", "--knn-every", "1")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    err = proc.stderr
+    assert proc.returncode != 0
+    assert err.count("error: --knn-every needs labelled images") == 1  # rank 0 prints it
+    assert err.count("exitcode  : 2") == 2, err[-3000:]  # torchrun's summary: both ranks exit 2
+    assert "Connection closed" not in err and err.count("Traceback") == 1  # torchrun's own only
+    assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
+    """Each rank reads its own shard, so each writes the bad files it met to the run directory."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, p in enumerate(sorted(tiny_data.rglob("*.jpg"))[:30]):
+        (data / f"{i:02d}.jpg").write_bytes(p.read_bytes())
+    (data / "bad_a.jpg").write_bytes(b"")
+    (data / "bad_b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["fastmae.train", *tiny_args(data, run, "--epochs", "2", "--batch-size", "4")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reported = {}
+    for rank in (0, 1):
+        for line in (run / f"bad_files.rank{rank}.txt").read_text().splitlines():
+            reported[line.split("\t")[0]] = rank
+    assert {os.path.basename(p) for p in reported} == {"bad_a.jpg", "bad_b.jpg"}

@@ -100,14 +100,27 @@ def test_tiny_run_learns_and_leaves_its_files(tiny_data, tmp_path, capsys):
         assert what in out
 
 
-def test_gradient_accumulation_changes_nothing(tiny_data, tmp_path):
-    """batch 8 x accum 1 and batch 4 x accum 2 see the same images and masks: the same losses."""
-    main(tiny_args(tiny_data, tmp_path / "a", "--epochs", "2"))
-    main(tiny_args(tiny_data, tmp_path / "b", "--epochs", "2", "--batch-size", "4", "--accum-iter", "2"))
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert [s for s, _ in a] == [s for s, _ in b]
-    for (s, la), (_, lb) in zip(a, b, strict=True):
-        assert la == pytest.approx(lb, rel=1e-5), f"step {s}"
+@pytest.mark.parametrize("n_images", [64, 60])
+def test_gradient_accumulation_changes_nothing(tiny_data, tmp_path, n_images):
+    """batch 8 x accum 1 and batch 4 x accum 2 see the same images and masks: the same losses, and the
+    same schedule. With 60 images the two loaders hold 7 and 15 micro-batches an epoch for the same 7
+    steps: the schedule counts optimizer steps, so the learning rates agree exactly."""
+    data = tiny_data
+    if n_images != 64:
+        data = tmp_path / "data"
+        shutil.copytree(tiny_data, data)
+        for p in sorted(data.rglob("*.jpg"))[n_images:]:
+            p.unlink()
+    main(tiny_args(data, tmp_path / "a", "--epochs", "2"))
+    main(tiny_args(data, tmp_path / "b", "--epochs", "2", "--batch-size", "4", "--accum-iter", "2"))
+    a, b = read_metrics(tmp_path / "a" / "metrics.jsonl"), read_metrics(tmp_path / "b" / "metrics.jsonl")
+    steps_per_epoch = n_images // 8
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 2 * steps_per_epoch + 1))
+    for ra, rb in zip(a, b, strict=True):
+        s = ra["step"]
+        assert ra["lr"] == rb["lr"], f"step {s}"
+        assert ra["epoch"] == rb["epoch"] == round(s / steps_per_epoch, 4), f"step {s}"
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), f"step {s}"
 
 
 RESUME_ARGS = ["--epochs", "4", "--ckpt-every-steps", "3"]
@@ -196,6 +209,27 @@ def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsy
         assert a == pytest.approx(b, rel=1e-5), f"step {s}"
 
 
+def test_resume_errors_are_one_line_and_fp16_can_follow_fp32(tiny_data, tmp_path, capsys):
+    """A file that is no checkpoint, or one of another model, is a one-line error naming it; a run
+    saved without a GradScaler (fp32) continues in fp16 with a fresh one."""
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_data, run, "--epochs", "2", "--max-steps", "2")) == 0
+    capsys.readouterr()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(tiny_args(tiny_data, tmp_path / "other", "--resume", str(garbage))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot load the checkpoint {garbage}: UnpicklingError" in err[0], err
+    assert main(tiny_args(tiny_data, run, "--resume", "auto", "--embed-dim", "64")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another model: --embed-dim 32 (this run: 64)" in err[0], err
+    assert (
+        main(tiny_args(tiny_data, run, "--epochs", "2", "--max-steps", "3", "--resume", "auto", "--precision", "fp16"))
+        == 0
+    )
+    assert [s for s, _ in losses(run)] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "flags, hint",
     [
@@ -229,6 +263,30 @@ def test_nonfinite_loss_stops_the_run_with_a_hint(tiny_data, tmp_path, capsys):
     step = int(err.split("non-finite loss at step ")[1].split()[0])
     assert 1 <= step <= 4  # found within the first log interval
     assert not any(run.glob("ckpt-*.pt"))  # nothing poisoned was saved
+
+
+def test_nonfinite_loss_sets_the_checkpoint_that_caused_it_aside(tiny_data, tmp_path, capsys):
+    """The checkpoint saved right before the non-finite loss holds the weights that gave it: it is
+    renamed out of ``--resume auto``'s way, and the error names the newest verified one.
+
+    Warm-up makes step 1's lr 0, so its checkpoint holds the initial weights; step 2's lr of ~1e29
+    blows the weights up after step 2's (finite) loss, so step 3's loss is the first non-finite one.
+    """
+    run = tmp_path / "run"
+    code = main(tiny_args(tiny_data, run, "--epochs", "2", "--lr", "1e30", "--ckpt-every-steps", "1"))
+    err = capsys.readouterr().err
+    assert code == EXIT_NONFINITE
+    assert "non-finite loss at step 3 " in err and "ckpt-step000000001.pt (continue with --resume auto)" in err
+    assert sorted(p.name for p in run.glob("ckpt-*")) == [
+        "ckpt-step000000001.pt",
+        "ckpt-step000000002.pt.nonfinite",
+    ]
+    from fastmae import checkpoint as ckpt
+
+    path, state = ckpt.load_latest(run)
+    assert path.name == "ckpt-step000000001.pt" and state["step"] == 1
+    bad = ckpt.load_checkpoint(run / "ckpt-step000000002.pt.nonfinite")["model"]
+    assert max(v.abs().max().item() for v in bad.values() if v.is_floating_point()) > 1e20
 
 
 def test_bad_data_is_one_line_without_traceback(tmp_path):

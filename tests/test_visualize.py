@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -78,3 +81,27 @@ def test_grid_restores_the_model_mode_and_loads_images(tmp_path):
     assert imgs[0, 0].mean() > 1.0 and imgs[0, 2].mean() < -1.0  # red, ImageNet-normalised
     reconstruction_grid(model, imgs)
     assert model.training
+
+
+def test_pick_images_skips_unreadable_files_and_decodes_like_the_loaders(tmp_path):
+    """The grid's rows come from readable files only (the loaders skip the others), spread over the
+    source, and odd modes decode as the loaders decode them: a 16-bit grayscale PNG is mid-gray,
+    not white."""
+    from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
+    from fastmae.visualize import pick_images
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        if i in (0, 3):
+            p.write_bytes(b"")  # unreadable: replaced by the next path
+        elif i == 4:
+            Image.fromarray(np.full((40, 40), 32768, dtype=np.uint16)).save(p)  # I;16, half of full scale
+        else:
+            Image.new("RGB", (40, 40), (10 * i, 0, 0)).save(p)
+        paths.append(str(p))
+    imgs, picked = pick_images(paths, 3, 32)
+    assert [Path(p).name for p in picked] == ["1.png", "2.png", "4.png"]  # 0 -> 1, 2, 4 (3 is empty)
+    gray = imgs[2] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert gray.min().item() == pytest.approx(128 / 255, abs=1 / 255) and gray.max() - gray.min() < 1e-5
+    assert pick_images([paths[0], paths[3]], 2, 32) == (None, [])
