@@ -11,10 +11,11 @@ than ``fn.readers.file`` + ``fn.random_resized_crop``) is what gives exact resum
 
 Pipeline: ``external_source`` (bytes, anchor, shape, flip, label) ->
 ``decoders.image_slice`` (``device="mixed"`` on CUDA, ``"cpu"`` otherwise; ROI decode of the
-crop window; RGB; no EXIF rotation, like PIL) -> ``resize`` to S x S (cubic, antialiased) ->
-``crop_mirror_normalize`` (flip, ImageNet mean/std, CHW, float32 or float16) -> torch tensors on
-the training device (``feed_ndarray`` on the current stream: no host round trip on CUDA), cast
-to the training dtype there. ``prefetch_queue_depth`` batches are prepared ahead.
+crop window; RGB; no EXIF rotation, like :func:`~fastmae.data.transforms.load_rgb`) ->
+``resize`` to S x S (cubic, antialiased) -> ``crop_mirror_normalize`` (flip, ImageNet mean/std,
+CHW, float32 or float16) -> torch tensors on the training device (``feed_ndarray`` on the
+current stream: no host round trip on CUDA), cast to the training dtype there.
+``prefetch_queue_depth`` batches are prepared ahead.
 
 Bad files: before feeding, the host reads the bytes and parses the header. An empty file or a
 non-image is skipped at once; a JPEG without its end-of-image marker (truncated) is skipped if
@@ -22,11 +23,13 @@ a full PIL decode fails too. Skipping uses the reference loader's stand-in rule,
 backends give the same batch. A file that passes these checks but still makes DALI fail (e.g.
 corrupt Huffman tables) stops the whole pipeline (DALI has no per-sample error): the loader then
 finds the in-flight files DALI cannot decode (see ``_diagnose``), marks them bad, rebuilds the
-pipeline and resumes at the same step. A file PIL reads but DALI cannot (a GIF named .png) is
-decoded on the host from then on and fed re-encoded as PNG. One difference remains: a JPEG with
-garbled entropy data is decoded by libjpeg-turbo / nvJPEG with a warning (garbage in part of
-the image) where PIL refuses it, so the reference loader skips it and this one uses it. Every
-bad file is reported in the log and in ``report_dir/bad_files.txt``.
+pipeline and resumes at the same step. A file PIL reads but DALI cannot (a GIF named .png), or
+decodes to another size than the header's, is decoded on the host from then on and fed
+re-encoded as PNG; so is, from the start, a PGM/PPM with a maxval other than 255 or 65535, which
+PIL rescales to the full range and DALI does not. One difference remains: a JPEG with garbled
+entropy data is decoded by libjpeg-turbo / nvJPEG with a warning (garbage in part of the image)
+where PIL refuses it, so the reference loader skips it and this one uses it. Every bad file is
+reported in the log and in ``report_dir/bad_files.txt``.
 
 DALI is optional: importing this module works without it; constructing :class:`DaliLoader`
 without it raises a one-line :class:`~fastmae.data.sources.DataError`.
@@ -45,13 +48,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastmae.data.sampling import MAX_ATTEMPTS, EpochPlan, ScheduledLoader, candidates, sample_generator
+from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator, tried_indices
 from fastmae.data.sources import BadFileReport, DataError, Source
 from fastmae.data.transforms import (
     CROP_RATIO,
     CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    header_size,
     load_rgb,
     sample_params,
 )
@@ -128,8 +132,35 @@ def _header_size(data: bytes) -> tuple[int, int]:
     except Image.UnidentifiedImageError:
         raise OSError("cannot identify image file") from None
     with img:
-        w, h = img.size
-    return h, w
+        return header_size(img)
+
+
+_PNM_MAXVAL_MAGIC = (b"P2", b"P3", b"P5", b"P6")  # grey / colour maps, ASCII or binary
+
+
+def _pnm_rescaled(data: bytes) -> bool:
+    """A PGM/PPM whose maxval is not 255 or 65535: PIL scales its samples to the full range,
+    DALI's decoder does not for binary files (a 12-bit PGM comes out nearly black; ASCII ones it
+    scales, with other rounding), so such a file is decoded on the host."""
+    if data[:2] not in _PNM_MAXVAL_MAGIC:
+        return False
+    tokens: list[bytes] = []
+    pos = 2
+    while len(tokens) < 3 and pos < min(len(data), 4096):
+        c = data[pos : pos + 1]
+        if c == b"#":  # comment to end of line
+            end = data.find(b"\n", pos)
+            pos = len(data) if end < 0 else end + 1
+        elif c.isspace():
+            pos += 1
+        else:
+            start = pos
+            while pos < len(data) and not data[pos : pos + 1].isspace() and data[pos : pos + 1] != b"#":
+                pos += 1
+            tokens.append(data[start:pos])
+    if len(tokens) < 3 or not tokens[2].isdigit():
+        return False  # a broken header: the header check and the decoders decide
+    return int(tokens[2]) not in (255, 65535)
 
 
 def _looks_truncated(data: bytes) -> bool:
@@ -299,6 +330,9 @@ class DaliLoader(ScheduledLoader):
                         raise data
                     if _looks_truncated(data):
                         load_rgb(path)  # PIL decides; a clean decode means trailing bytes only
+                    if _pnm_rescaled(data):
+                        self._host_decode.add(j)
+                        data = _png_bytes(path)
                 h, w = _header_size(data)
             except Exception as exc:
                 self._mark_bad(j, _describe(exc))
@@ -306,8 +340,8 @@ class DaliLoader(ScheduledLoader):
             gen = sample_generator(self.plan.seed, epoch, index, attempt)
             return data, sample_params(h, w, gen, self.scale, self.ratio), j
         raise DataError(
-            f"{MAX_ATTEMPTS} unreadable images in a row standing in for {samples[index][0]}; "
-            "the data set looks broken (see the bad-file report)"
+            f"{len(tried_indices(self.plan.seed, epoch, index, len(samples)))} unreadable images in a row "
+            f"standing in for {samples[index][0]}; the data set looks broken (see the bad-file report)"
         )
 
     # ---- pipeline --------------------------------------------------------------------------
@@ -406,24 +440,38 @@ class DaliLoader(ScheduledLoader):
             raise DataError(f"DALI pipeline failed and no input file is to blame: {first[0] if first else error}")
 
     def _dali_decodes(self, path: str) -> bool:
-        """Whether this loader's DALI decoder (CPU, or mixed on the GPU) decodes the file alone."""
+        """Whether this loader's DALI decoder (CPU, or mixed on the GPU) decodes the file alone,
+        unrotated as the pipeline does, to the size the host drew its crop window from.
+
+        A decoded size other than the header's means the crop window can fall outside the image
+        (it did for rotated TIFFs, whose size PIL reports rotated): such a file is not decoded
+        the same way, so it goes to the host decoder rather than stopping the run unexplained.
+        """
         fn, types = self._fn, self._types
         gpu = self.device.type == "cuda"
-        with open(path, "rb") as f:
-            data = np.frombuffer(f.read(), dtype=np.uint8)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            want = _header_size(raw)
+        except Exception:
+            return False
+        data = np.frombuffer(raw, dtype=np.uint8)
 
         @self._pipeline_def(batch_size=1, num_threads=1, device_id=self.device.index if gpu else None)
         def probe():
             encoded = fn.external_source(source=lambda: [data], batch=True)
-            return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            return fn.decoders.image(
+                encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+            )
 
         try:
             p = probe()
             p.build()
-            p.run()
+            (out,) = p.run()
+            decoded = tuple(out.shape()[0][:2])
         except Exception:
             return False
-        return True
+        return decoded == tuple(want)
 
     @property
     def buffered_batches(self) -> int:

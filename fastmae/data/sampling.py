@@ -66,6 +66,13 @@ def candidates(seed: int, epoch: int, index: int, n: int) -> Iterator[tuple[int,
         yield k, substitute_index(seed, epoch, index, k, n)
 
 
+def tried_indices(seed: int, epoch: int, index: int, n: int) -> set[int]:
+    """The distinct dataset indices among a slot's candidates (fewer than ``MAX_ATTEMPTS`` when
+    the stand-ins repeat, as they do in a small source): the count a "data set looks broken"
+    error reports."""
+    return {j for _, j in candidates(seed, epoch, index, n)}
+
+
 class EpochPlan:
     """Which dataset indices rank ``rank`` reads at each (epoch, step).
 

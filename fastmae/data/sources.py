@@ -3,9 +3,11 @@
 Three kinds of source, all giving absolute paths and integer labels:
 
 - ``file_list_source(root, list_file)``: one path per line, relative to ``root``, optionally
-  followed by whitespace and an integer label (the seed's and EasyCV's format). Blank lines and
-  lines starting with ``#`` are ignored. A line with more than one field must end in an integer
-  label ``>= 0``; lines without a label get label ``-1``. Absolute paths are accepted only when
+  followed by whitespace and an integer label (the seed's and EasyCV's format); UTF-8, with or
+  without a byte-order mark. Blank lines and lines starting with ``#`` are ignored. Paths may
+  contain spaces; see :func:`_parse_line` for how a line splits into path and label. Labels are
+  ``0 <= label < 2**63`` (int64, what the loaders deliver); lines without a label get label
+  ``-1``. Absolute paths are accepted only when
   they lie inside ``root``; a path that escapes ``root`` (``../``) is an error. Containment is
   checked on the normalised path, not the resolved one, so symlinks inside the root may point
   anywhere (datasets are often assembled from links).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,25 +94,65 @@ def _is_image(name: str) -> bool:
 
 
 def _scan(folder: str) -> list[str]:
-    """Image files under ``folder``, recursively, sorted by path (follows symlinked folders)."""
+    """Image files under ``folder``, recursively, sorted by path (follows symlinked folders).
+
+    Each folder is entered once, by the first path that reaches it in sorted walk order: a link
+    back up the tree (``imgs/up -> ..``) or to itself would otherwise repeat files without end,
+    and two links to one folder would list its files twice. Folders are told apart by
+    ``(st_dev, st_ino)``.
+    """
     found = []
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return found
+    visited = {(st.st_dev, st.st_ino)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
+        keep = []
+        for name in sorted(dirnames):
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError:  # vanished, or a link loop the OS refuses: nothing to read there
+                continue
+            if (st.st_dev, st.st_ino) not in visited:
+                visited.add((st.st_dev, st.st_ino))
+                keep.append(name)
+        dirnames[:] = keep
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
     return found
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+MAX_LABEL = 2**63 - 1  # labels travel as int64
+
+
 def _parse_line(line: str, where: str) -> tuple[str, int]:
+    """``(relative path, label)`` of a stripped, non-empty list line.
+
+    The line splits at its last run of whitespace:
+
+    - the last field is an integer (ASCII digits, optional sign): the rest is the path and the
+      field its label, which must be ``0 <= label < 2**63`` (else an error);
+    - otherwise, when the rest ends in an image extension and the whole line does not
+      (``a.jpg cat``, ``a.jpg 1.5``), the last field is a bad label: an error;
+    - otherwise the whole line is the path, unlabelled (``my photo.jpg``).
+
+    A path whose last space-separated part is an integer (``scan 001``) therefore reads as a
+    labelled path; give it a label (``scan 001 0``) to keep the whole name.
+    """
     fields = line.rsplit(maxsplit=1)
     if len(fields) == 1:
         return fields[0], UNLABELLED
     rel, label_s = fields
-    try:
-        label = int(label_s)
-    except ValueError:
-        raise DataError(f"{where}: bad label {label_s!r} (expected 'path [integer label]')") from None
+    if _INTEGER.fullmatch(label_s) is None:
+        if _is_image(rel) and not _is_image(line):
+            raise DataError(f"{where}: bad label {label_s!r} (expected 'path [integer label]')")
+        return line, UNLABELLED
+    label = int(label_s)
     if label < 0:
         raise DataError(f"{where}: bad label {label} (labels must be >= 0)")
+    if label > MAX_LABEL:
+        raise DataError(f"{where}: bad label {label} (labels must be < 2**63, they are int64)")
     return rel, label
 
 
@@ -118,7 +161,8 @@ def file_list_source(root: str | os.PathLike, list_file: str | os.PathLike, chec
 
     Args:
         root: folder the listed paths are relative to.
-        list_file: the list (UTF-8 text).
+        list_file: the list (UTF-8 text; a leading byte-order mark is dropped; a path that is not
+            UTF-8 is kept as its bytes, as the file system names it).
         check_files: stat every listed file and move the missing ones to ``Source.missing``.
             With ``False`` a missing file is found when it is read and reported as a bad file.
     """
@@ -128,7 +172,9 @@ def file_list_source(root: str | os.PathLike, list_file: str | os.PathLike, chec
         raise DataError(f"file list {list_s} does not exist")
     samples: list[tuple[str, int]] = []
     missing: list[str] = []
-    with open(list_s, encoding="utf-8") as f:
+    # -sig: a BOM would join the first path; surrogateescape: a name that is not UTF-8 (a Latin-1
+    # file name) keeps its bytes, which the os module gives back when opening it, as os.walk does
+    with open(list_s, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -208,6 +254,8 @@ class BadFileReport:
 
     Each line of ``report_dir/bad_files.txt`` (``bad_files.rank<r>.txt`` when ``world_size > 1``)
     is ``<path>\\t<reason>``; the file is appended to as files are found, so it survives a crash.
+    It is UTF-8 with ``surrogateescape``: a path whose name is not valid UTF-8 (a str with
+    surrogates, as ``os`` gives it) is written as its original bytes and read back unchanged.
     """
 
     def __init__(self, report_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1):
@@ -218,7 +266,7 @@ class BadFileReport:
         self._reasons: dict[str, str] = {}
         self._lock = threading.Lock()
         if self.report_path is not None and self.report_path.is_file():  # a resumed run
-            for line in self.report_path.read_text(encoding="utf-8").splitlines():
+            for line in self.report_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
                 path, _, reason = line.partition("\t")
                 self._reasons.setdefault(path, reason)
 
@@ -232,7 +280,7 @@ class BadFileReport:
             logger.warning("skipping unreadable image %s: %s", path, reason)
             if self.report_path is not None:
                 self.report_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.report_path, "a", encoding="utf-8") as f:
+                with open(self.report_path, "a", encoding="utf-8", errors="surrogateescape") as f:
                     f.write(f"{path}\t{reason}\n")
         return True
 

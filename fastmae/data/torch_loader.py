@@ -8,7 +8,9 @@ sample from its own ``(seed, epoch, index)`` generator, so the batches are the s
 An unreadable file (truncated, corrupt, empty, not an image, vanished) is replaced by the
 deterministic stand-ins of :func:`~fastmae.data.sampling.candidates`; the batch keeps its shape.
 The workers send the bad paths back with the batch and the main process records them in a
-:class:`~fastmae.data.sources.BadFileReport` (log + ``report_dir/bad_files.txt``).
+:class:`~fastmae.data.sources.BadFileReport` (log + ``report_dir/bad_files.txt``). A slot whose
+candidates are all unreadable comes back the same way, as a message with its bad paths: the main
+process records them and raises a one-line :class:`~fastmae.data.sources.DataError`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator
+from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator, tried_indices
 from fastmae.data.sources import BadFileReport, DataError, Source
 from fastmae.data.transforms import CROP_RATIO, CROP_SCALE, augment, load_rgb, sample_params
 
@@ -56,6 +58,10 @@ def read_sample(
 
     Returns:
         image ``(3, S, S)`` float32, its label, and ``[(path, reason), ...]`` of the bad files met.
+
+    Raises:
+        DataError: every candidate is unreadable; its ``bad_files`` attribute holds the
+            ``[(path, reason), ...]`` met, for the report.
     """
     bad: list[tuple[str, str]] = []
     known_bad = set() if known_bad is None else known_bad
@@ -71,10 +77,12 @@ def read_sample(
             continue
         params = sample_params(img.height, img.width, sample_generator(seed, epoch, index, attempt), scale, ratio)
         return augment(img, params, size), label, bad
-    raise DataError(
-        f"{len(bad) + 1}+ unreadable images in a row standing in for {samples[index][0]}; "
-        "the data set looks broken (see the bad-file report)"
+    err = DataError(
+        f"{len(tried_indices(seed, epoch, index, len(samples)))} unreadable images in a row standing in for "
+        f"{samples[index][0]}; the data set looks broken (see the bad-file report)"
     )
+    err.bad_files = bad
+    raise err
 
 
 class _SampleDataset(Dataset):
@@ -90,8 +98,17 @@ class _SampleDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]):
+        """``(image, label, bad files, None)``, or ``(None, None, bad files, message)`` when the slot
+        cannot be filled: raised in a worker, the DataError would reach the main process as a
+        multi-line traceback without its bad files, so it travels as data and is raised there."""
         epoch, index = key
-        return read_sample(self.samples, self.seed, epoch, index, self.size, self.scale, self.ratio, self.known_bad)
+        try:
+            img, label, bad = read_sample(
+                self.samples, self.seed, epoch, index, self.size, self.scale, self.ratio, self.known_bad
+            )
+        except DataError as exc:
+            return None, None, getattr(exc, "bad_files", []), str(exc)
+        return img, label, bad, None
 
 
 class _PlanBatchSampler(Sampler):
@@ -110,10 +127,14 @@ class _PlanBatchSampler(Sampler):
 
 
 def _collate(items):
+    """``(images, labels, bad files, error message or None)``; empty tensors when a slot failed."""
+    bad = [b for it in items for b in it[2]]
+    error = next((it[3] for it in items if it[3] is not None), None)
+    if error is not None:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad, error
     images = torch.stack([it[0] for it in items])
     labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    bad = [b for it in items for b in it[2]]
-    return images, labels, bad
+    return images, labels, bad, None
 
 
 class TorchLoader(ScheduledLoader):
@@ -179,9 +200,11 @@ class TorchLoader(ScheduledLoader):
     def __iter__(self) -> Iterator[Batch]:
         self._pass_steps = self._steps()
         non_blocking = self.device.type == "cuda"
-        for images, labels, bad in self._loader:
+        for images, labels, bad, error in self._loader:
             if bad:
                 self.bad_files.extend(bad)
+            if error is not None:  # recorded first: the message points to the report
+                raise DataError(error)
             images = images.to(self.device, non_blocking=non_blocking).to(self.dtype)
             labels = labels.to(self.device, non_blocking=non_blocking)
             self.step += 1

@@ -10,6 +10,12 @@ here) crop the same window.
 Images are read with PIL and converted to RGB: CMYK, grayscale, palette and RGBA (alpha dropped,
 as torchvision's loader does) via ``Image.convert``; 16-bit grayscale by keeping the top 8 bits
 (``Image.convert`` would clip it to white).
+
+No EXIF rotation: images are used as stored, whatever their Orientation tag says (PIL's loader
+and DALI's decoder with ``adjust_orientation=False`` agree on that for JPEG, PNG and WebP).
+PIL's TIFF plugin is the exception: it reports the rotated size of an Orientation 5-8 TIFF and
+transposes every Orientation 2-8 TIFF when loading it, so :func:`load_rgb` undoes that transpose
+and :func:`header_size` gives the stored size.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,18 +131,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_ORIENTATION = ExifTags.Base.Orientation
+# the transpose that undoes what ImageOps.exif_transpose does for each Orientation value
+_UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Read and fully decode an image file as RGB; raises on anything unreadable or truncated."""
+    """Read and fully decode an image file as RGB, as stored (no EXIF rotation); raises on
+    anything unreadable or truncated."""
     with Image.open(path) as img:
+        orientation = img.getexif().get(_ORIENTATION) if img.format == "TIFF" else None
         img.load()
-        return to_rgb(img)
+        # PIL's TIFF plugin transposes on load and then drops the tag (the Exif object is cached,
+        # so this reads the state after load); undo only a transpose that happened
+        undo = _UNDO_ORIENTATION.get(orientation) if _ORIENTATION not in img.getexif() else None
+        rgb = to_rgb(img)
+    return rgb.transpose(undo) if undo is not None else rgb
+
+
+def header_size(img: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` of an opened, not yet loaded image as stored (no EXIF rotation)."""
+    w, h = img.size
+    if img.format == "TIFF" and img.tag_v2.get(_ORIENTATION) in (5, 6, 7, 8):
+        w, h = h, w  # PIL's TIFF plugin reports the size after its rotation on load
+    return h, w
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` from the header only (no EXIF rotation, like PIL's loader)."""
+    """``(height, width)`` from the header only (no EXIF rotation, like :func:`load_rgb`)."""
     with Image.open(path) as img:
-        w, h = img.size
-    return h, w
+        return header_size(img)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ by the deterministic stand-in, counted and written to ``bad_files.txt``.
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 
 import numpy as np
@@ -15,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+import fastmae.data.dali as dali_module
 from fastmae.data import DaliLoader, DataError, build_loader, dali_available, file_list_source, open_source
 from fastmae.data.sampling import sample_generator
 from fastmae.data.torch_loader import read_sample
-from fastmae.data.transforms import augment, sample_params
+from fastmae.data.transforms import augment, load_rgb, sample_params
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs DALI"))]
 SIZE = 32
@@ -186,3 +189,118 @@ def test_whole_matrix_in_one_epoch(tmp_path, odd_files, backend, batch_size):
     want = sorted(str(odd_files[c]) for c in unreadable)
     assert sorted(loader.bad_files.paths) == want
     assert sorted(line.split("\t")[0] for line in (tmp_path / "bad_files.txt").read_text().splitlines()) == want
+
+
+def _with_references(tmp_path, odd_files, name: str, data: bytes):
+    """A 4-entry list in ``tmp_path``: ``name`` (label 1) plus three copies of the reference PNG."""
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / "reference.png").write_bytes(odd_files["reference"].read_bytes())
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{name} 1\n" + "reference.png 2\n" * 3)
+    return file_list_source(tmp_path, lst)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_rotated_tiff_is_used_as_stored(tmp_path, odd_files, backend, orientation):
+    """No EXIF rotation on either backend, TIFF included (PIL's TIFF plugin rotates on load and
+    reports the rotated size: the DALI crop window then fell outside the decoded image)."""
+    buf = io.BytesIO()
+    Image.open(odd_files["reference"]).save(buf, format="TIFF", tiffinfo={274: orientation})
+    source = _with_references(tmp_path, odd_files, "rotated.tif", buf.getvalue())
+    loader, (x, y) = _run(backend, source, tmp_path / "run")
+    assert loader.bad_files.count == 0
+    if backend == "dali":  # decoded by DALI itself, first time
+        assert loader.rebuilds == 0 and not loader._host_decode
+    slot = _slot(loader, 0)
+    assert y[slot] == 1
+    diff = (x[slot] - _expected(odd_files, "rgb")).abs().mean().item()
+    assert diff < 0.015, diff
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_dali_size_disagreement_is_decoded_on_the_host(tmp_path, odd_files, monkeypatch):
+    """A file DALI decodes to another size than the host's header gives (as rotated TIFFs did)
+    is not a nameless pipeline error: the probe finds it and it is decoded on the host."""
+    real = dali_module._header_size
+
+    def wrong_tiff_size(data: bytes) -> tuple[int, int]:  # too big for any crop window to fit
+        h, w = real(data)
+        return (h + 100, w + 100) if data[:4] == b"II*\x00" else (h, w)
+
+    monkeypatch.setattr(dali_module, "_header_size", wrong_tiff_size)
+    buf = io.BytesIO()
+    Image.open(odd_files["reference"]).save(buf, format="TIFF", tiffinfo={274: 6})
+    source = _with_references(tmp_path, odd_files, "rotated.tif", buf.getvalue())
+    loader, (x, _) = _run("dali", source, tmp_path / "run")
+    assert loader.bad_files.count == 0 and loader.rebuilds == 1
+    assert [source.samples[j][0] for j in loader._host_decode] == [str(tmp_path / "rotated.tif")]
+    assert (x[_slot(loader, 0)] - _expected(odd_files, "rgb")).abs().mean().item() < 0.015
+
+
+def _pnm(magic: bytes, maxval: int, gray: np.ndarray) -> bytes:
+    """A binary PGM (P5) or PPM (P6) of ``gray`` (0..1), scaled to ``maxval``."""
+    a = np.round(gray * maxval)
+    if magic == b"P6":
+        a = np.stack([a, a[:, ::-1], a[::-1]], -1)
+    head = b"%s\n# a comment\n%d %d\n%d\n" % (magic, gray.shape[1], gray.shape[0], maxval)
+    return head + a.astype(">u2" if maxval > 255 else "u1").tobytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magic,maxval", [(b"P5", 4095), (b"P5", 15), (b"P6", 1023)])
+def test_pnm_maxval_is_rescaled(tmp_path, odd_files, backend, magic, maxval):
+    """PIL scales a PGM/PPM's samples from maxval to the full range; DALI's decoder does not,
+    so such files are decoded on the host: both backends give PIL's image."""
+    yy, xx = np.mgrid[0:48, 0:64]
+    data = _pnm(magic, maxval, (xx + yy) / (63 + 47))
+    source = _with_references(tmp_path, odd_files, "deep.pnm", data)
+    loader, (x, y) = _run(backend, source, tmp_path / "run")
+    assert loader.bad_files.count == 0
+    img = Image.open(tmp_path / "deep.pnm")
+    rgb = load_rgb(tmp_path / "deep.pnm")
+    assert np.asarray(rgb).max() >= 250  # full range, whatever the maxval
+    want = augment(rgb, sample_params(img.height, img.width, sample_generator(SEED, 0, 0)), SIZE, use_torchvision=False)
+    slot = _slot(loader, 0)
+    assert y[slot] == 1
+    diff = (x[slot] - want).abs().mean().item()
+    assert diff < 0.015, diff
+
+
+@pytest.mark.parametrize(
+    "backend,num_workers", [("torch", 0), ("torch", 1), pytest.param("dali", 0, marks=BACKENDS[1].marks)]
+)
+def test_giving_up_is_one_line_and_the_report_lists_the_files(tmp_path, backend, num_workers):
+    """All files unreadable: a one-line DataError that counts the distinct files, with every one
+    of them already in the report (also from a DataLoader worker)."""
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+    loader = build_loader(
+        backend,
+        open_source(tmp_path),
+        batch_size=2,
+        image_size=SIZE,
+        num_workers=num_workers,
+        report_dir=tmp_path / "run",
+    )
+    with pytest.raises(DataError, match=r"^4 unreadable images in a row standing in for ") as err:
+        for _ in loader:
+            pass
+    loader.close()
+    assert "\n" not in str(err.value)
+    want = sorted(str(tmp_path / f"{i}.jpg") for i in range(4))
+    assert sorted(loader.bad_files.paths) == want
+    assert sorted(line.split("\t")[0] for line in (tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_file_with_non_utf8_name(tmp_path, odd_files, backend):
+    name = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name: a str with a surrogate
+    (tmp_path / name).write_bytes(b"")
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(odd_files["reference"].read_bytes())
+    source = open_source(tmp_path)
+    loader, (x, _) = _run(backend, source, tmp_path / "run")
+    assert x.shape == (4, 3, SIZE, SIZE)
+    assert loader.bad_files.paths == [str(tmp_path / name)]
+    assert (tmp_path / "run" / "bad_files.txt").read_bytes().startswith(os.fsencode(str(tmp_path / name)) + b"\t")

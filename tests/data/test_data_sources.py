@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,102 @@ def test_bad_file_report_file_dedup_and_resume(tmp_path, caplog):
     assert not resumed.add("/d/a.jpg", "x")
     assert len((tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == 2
     assert BadFileReport(tmp_path, rank=1, world_size=2).report_path.name == "bad_files.rank1.txt"
+
+
+def test_file_list_paths_with_spaces(tmp_path):
+    """The last field is a label only when it is an integer; else the whole line is the path."""
+    _touch_images(tmp_path, ["my photo.jpg", "a b/c  d.png", "x.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text("my photo.jpg\nmy photo.jpg 3\n a b/c  d.png \na b/c  d.png\t+2\nx.jpg 0\n")
+    assert file_list_source(tmp_path, lst).samples == [
+        (str(tmp_path / "my photo.jpg"), -1),
+        (str(tmp_path / "my photo.jpg"), 3),
+        (str(tmp_path / "a b/c  d.png"), -1),
+        (str(tmp_path / "a b/c  d.png"), 2),
+        (str(tmp_path / "x.jpg"), 0),
+    ]
+
+
+@pytest.mark.parametrize("label", ["1.5", "0x3", "\uff15"])
+def test_file_list_non_integer_label_after_an_image_path(tmp_path, label):
+    """``a.jpg <not an integer>`` is a bad label, not a path ``'a.jpg 1.5'`` (ASCII digits only)."""
+    _touch_images(tmp_path, ["a.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"a.jpg 1\na.jpg {label}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"bad label {label!r}") as err:
+        file_list_source(tmp_path, lst)
+    assert ":2:" in _one_line(err)
+
+
+def test_file_list_label_must_fit_int64(tmp_path):
+    _touch_images(tmp_path, ["a.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"a.jpg {2**63 - 1}\n")
+    assert file_list_source(tmp_path, lst).samples == [(str(tmp_path / "a.jpg"), 2**63 - 1)]
+    for big in (2**63, 99999999999999999999):
+        lst.write_text(f"a.jpg 1\na.jpg {big}\n")
+        with pytest.raises(DataError, match=r"labels must be < 2\*\*63") as err:
+            file_list_source(tmp_path, lst)
+        assert f"{lst}:2:" in _one_line(err)
+
+
+def test_file_list_with_byte_order_mark(tmp_path):
+    _touch_images(tmp_path, ["a.jpg", "b.jpg"])
+    lst = tmp_path / "l.txt"
+    lst.write_bytes(b"\xef\xbb\xbfa.jpg 1\r\nb.jpg 2\r\n")  # as Windows editors save it
+    src = file_list_source(tmp_path, lst)
+    assert src.samples == [(str(tmp_path / "a.jpg"), 1), (str(tmp_path / "b.jpg"), 2)]
+    assert src.missing == []
+
+
+def test_file_list_keeps_names_that_are_not_utf8(tmp_path):
+    """A Latin-1 file name in a list (as Linux file systems allow) names the file, not an error."""
+    _touch_images(tmp_path, ["a.jpg"])
+    name = os.fsdecode(b"caf\xe9.jpg")  # a str with a surrogate, as os.listdir gives it
+    (tmp_path / name).write_bytes((tmp_path / "a.jpg").read_bytes())
+    lst = tmp_path / "l.txt"
+    lst.write_bytes(b"a.jpg 0\ncaf\xe9.jpg 1\n")
+    src = file_list_source(tmp_path, lst)
+    assert src.samples == [(str(tmp_path / "a.jpg"), 0), (str(tmp_path / name), 1)] and src.missing == []
+
+
+def test_scan_enters_each_folder_once(tmp_path):
+    """Links back up the tree or to the folder itself are not followed again; links elsewhere are."""
+    _touch_images(tmp_path / "tree", ["imgs/0.jpg", "imgs/1.jpg", "imgs/2.jpg"])
+    os.symlink("..", tmp_path / "tree" / "imgs" / "up")
+    src = open_source(tmp_path / "tree")
+    assert src.kind == "imagefolder"
+    assert [os.path.relpath(p, tmp_path / "tree") for p in src.paths] == ["imgs/0.jpg", "imgs/1.jpg", "imgs/2.jpg"]
+
+    _touch_images(tmp_path / "flat", ["0.jpg"])
+    _touch_images(tmp_path / "elsewhere", ["e.jpg"])
+    os.symlink(".", tmp_path / "flat" / "self")
+    os.symlink("../elsewhere", tmp_path / "flat" / "link1")
+    os.symlink("../elsewhere", tmp_path / "flat" / "link2")  # the same folder again: once
+    assert [os.path.relpath(p, tmp_path / "flat") for p in folder_scan_source(tmp_path / "flat").paths] == [
+        "0.jpg",
+        "link1/e.jpg",
+    ]
+
+
+def test_scan_two_self_links_do_not_hang(tmp_path):
+    """Two links to ``.`` make 2**depth paths to walk without the loop check (a hang)."""
+    _touch_images(tmp_path, ["0.jpg"])
+    os.symlink(".", tmp_path / "self1")
+    os.symlink(".", tmp_path / "self2")
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(folder_scan_source(tmp_path)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "the folder scan did not finish"
+    assert result[0].paths == [str(tmp_path / "0.jpg")]
+
+
+def test_bad_file_report_non_utf8_names(tmp_path):
+    """A file name that is not UTF-8 (a str with surrogates from ``os``) is written as its bytes."""
+    name = os.fsdecode(b"caf\xe9.jpg")
+    report = BadFileReport(tmp_path)
+    assert report.add(f"/d/{name}", f"OSError: cannot identify image file '/d/{name}'")
+    assert (tmp_path / "bad_files.txt").read_bytes().startswith(b"/d/caf\xe9.jpg\t")
+    resumed = BadFileReport(tmp_path)
+    assert resumed.paths == [f"/d/{name}"] and not resumed.add(f"/d/{name}", "again")
