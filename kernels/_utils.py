@@ -23,6 +23,21 @@ def new_output(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: t
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def check_input(t: torch.Tensor, name: str, layout: str, device: torch.device, index: bool = False) -> None:
+    """A clear ValueError for an input of the wrong rank (``layout`` names its dims, one letter or
+    word each), on another device, or, for indices, not an integer tensor (a float would be cast
+    in the kernel where ``torch.gather`` refuses it). Index values are not checked: that would
+    sync with the device every call; like ``gather`` on CUDA, ids outside their range are an error
+    of the caller's."""
+    rank = len(layout.strip("()").split(","))
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the other inputs on {device}")
+    if index and t.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be an int64 or int32 tensor, got {t.dtype}")
+
+
 def is_interpreter(device: torch.device) -> bool:
     """True when kernels run on CPU tensors, i.e. under ``TRITON_INTERPRET=1``."""
     return device.type != "cuda"

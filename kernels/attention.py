@@ -27,6 +27,8 @@ grad element has one writer: no atomics, deterministic. Where the whole sequence
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,7 @@ def _attn_fwd_kernel(
     Dh,
     qk_scale,  # Dh**-0.5 * log2(e)
     row0,  # the first query row of this launch's blocks
+    bh0,  # the first (batch, head) pair of this launch (grid axis 1 holds at most 65535)
     BLOCK_M: tl.constexpr,  # query rows a program
     BLOCK_N: tl.constexpr,  # key rows a step
     TAIL_N: tl.constexpr,  # 0, or the last step's key rows (the keys past the last whole BLOCK_N)
@@ -103,7 +106,7 @@ def _attn_fwd_kernel(
     EMULATE_RTNE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = bh0 + tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     stride_n = 3 * H * Dh  # one token's q, k, v
@@ -247,6 +250,7 @@ def _attn_bwd_kernel(
     key_end,  # (... up to here)
     row0,  # and its first query row
     row_end,
+    bh0,  # the first (batch, head) pair of this launch (grid axis 1 holds at most 65535)
     OWN_M: tl.constexpr,  # the query rows a program owns (dQ)
     OWN_N: tl.constexpr,  # the key rows a program owns (dK, dV)
     BLOCK_M: tl.constexpr,  # query rows a step of the dK, dV loop
@@ -263,7 +267,7 @@ def _attn_bwd_kernel(
     # encoder: 50 tokens) the one program's scores serve all three grads, so the second pass,
     # which would recompute them, is left out.
     pid = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = bh0 + tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     stride_n = 3 * H * Dh
@@ -354,6 +358,16 @@ def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int
     return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 2, False
 
 
+# CUDA's limit on grid axis 1, which holds the (batch, head) pairs: past it (batch 4096 at 16 heads)
+# the launch would fail, so larger batches are launched in chunks of pairs
+MAX_GRID_Y = 65535
+
+
+def _bh_chunks(bh: int) -> list[tuple[int, int]]:
+    """``[(first pair, pairs), ...]`` covering ``bh`` (batch, head) pairs, each within the grid's limit."""
+    return [(start, min(MAX_GRID_Y, bh - start)) for start in range(0, bh, MAX_GRID_Y)]
+
+
 def _tail(N: int, block: int, tails: bool) -> int:
     """The tail block for ``N`` tokens in blocks of ``block``: 0 where it would not be smaller than a
     whole block (or tails are off, or one block holds everything)."""
@@ -381,8 +395,8 @@ def _attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tail_m, tail_n = _tail(N, bm, tails), _tail(N, bn, tails)
     # (first row, programs, rows a program): the whole blocks, then the query tail block
     launches = [(0, N // bm, bm), ((N // bm) * bm, 1, tail_m)] if tail_m else [(0, triton.cdiv(N, bm), bm)]
-    for row0, programs, rows in launches:
-        wrap_triton(_attn_fwd_kernel)[(programs, B * H)](
+    for (row0, programs, rows), (bh0, bh) in itertools.product(launches, _bh_chunks(B * H)):
+        wrap_triton(_attn_fwd_kernel)[(programs, bh)](
             qkv,
             out,
             lse,
@@ -391,6 +405,7 @@ def _attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             Dh,
             Dh**-0.5 * LOG2E,
             row0,
+            bh0,
             BLOCK_M=rows,
             BLOCK_N=bn,
             TAIL_N=tail_n,
@@ -420,9 +435,9 @@ def _attention_backward(
     launches = [(0, key_main, 0, row_main, bn, bm)]
     if tail_n or tail_m:
         launches.append((key_main, N, row_main, N, tail_n or bn, tail_m or bm))
-    for key0, key_end, row0, row_end, own_n, own_m in launches:
+    for (key0, key_end, row0, row_end, own_n, own_m), (bh0, bh) in itertools.product(launches, _bh_chunks(B * H)):
         programs = max(triton.cdiv(key_end - key0, own_n), triton.cdiv(row_end - row0, own_m))
-        wrap_triton(_attn_bwd_kernel)[(programs, B * H)](
+        wrap_triton(_attn_bwd_kernel)[(programs, bh)](
             qkv,
             out,
             grad_out,
@@ -437,6 +452,7 @@ def _attention_backward(
             key_end,
             row0,
             row_end,
+            bh0,
             OWN_M=own_m,
             OWN_N=own_n,
             BLOCK_M=bm,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
+from ._utils import check_input, is_interpreter, new_output, next_pow2, to_output_dtype
 
 
 @triton.jit
@@ -126,6 +126,10 @@ def encoder_input(
     Returns:
         (N, 1 + K, D) in the promoted dtype of x, cls_token and pos_embed (as the reference's adds).
     """
+    check_input(x, "x", "(N, K, D)", x.device)
+    for t, name, layout in ((cls_token, "cls_token", "(1, 1, D)"), (pos_embed, "pos_embed", "(1, 1+L, D)")):
+        check_input(t, name, layout, x.device)
+    check_input(ids_keep, "ids_keep", "(N, K)", x.device, index=True)
     N, K, D = x.shape
     if cls_token.shape != (1, 1, D) or pos_embed.dim() != 3 or pos_embed.shape[::2] != (1, D):
         raise ValueError(

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
+from ._utils import check_input, is_interpreter, new_output, next_pow2, to_output_dtype
 
 NORM_PIX_EPS = 1e-6
 
@@ -394,6 +394,9 @@ def masked_mse(
     Returns:
         fp32 scalar; NaN when mask.sum() == 0, as the reference.
     """
+    check_input(imgs, "imgs", "(N, C, H, W)", pred.device)
+    check_input(pred, "pred", "(N, L, P*P*C)", pred.device)
+    check_input(mask, "mask", "(N, L)", pred.device)
     N, C, H, W = imgs.shape
     P = patch_size
     if H % P or W % P:

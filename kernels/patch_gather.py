@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2
+from ._utils import check_input, is_interpreter, new_output, next_pow2
 
 
 @triton.jit
@@ -128,10 +128,12 @@ def patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) ->
         raise ValueError(
             "patch_gather has no backward into imgs (MAE's images are data); pass imgs.detach() or use patch_gather_ref"
         )
+    check_input(imgs, "imgs", "(N, C, H, W)", imgs.device)
+    check_input(ids_keep, "ids_keep", "(N, K)", imgs.device, index=True)
     N, C, H, W = imgs.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"image {H}x{W} is not a multiple of patch_size {patch_size}")
-    if ids_keep.dim() != 2 or ids_keep.shape[0] != N:
+    if ids_keep.shape[0] != N:
         raise ValueError(f"ids_keep must be (N={N}, K), got {tuple(ids_keep.shape)}")
     return _patch_gather(imgs, ids_keep, patch_size)
 

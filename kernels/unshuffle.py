@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._utils import is_interpreter, new_output, next_pow2, num_sms, to_output_dtype
+from ._utils import check_input, is_interpreter, new_output, next_pow2, num_sms, to_output_dtype
 
 
 @triton.jit
@@ -211,14 +211,19 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
     Args:
         x: (N, 1 + K, D) decoder-embedded tokens, cls first, then the K kept patches in shuffled order.
         mask_token: (1, 1, D).
-        ids_restore: (N, L) int64, a permutation of [0, L) per sample (MAE's ``argsort(ids_shuffle)``).
+        ids_restore: (N, L) int64 (or int32), a permutation of [0, L) per sample (MAE's
+            ``argsort(ids_shuffle)``); not checked (a device sync): any other ids give wrong grads.
         pos: (1, 1 + L, D) the decoder's fixed pos-embed (no grad flows into it).
 
     Returns:
         (N, 1 + L, D) in the promoted dtype of x, mask_token and pos (as the reference's cat + add).
     """
+    check_input(x, "x", "(N, 1+K, D)", x.device)
+    for t, name, layout in ((mask_token, "mask_token", "(1, 1, D)"), (pos, "pos", "(1, 1+L, D)")):
+        check_input(t, name, layout, x.device)
+    check_input(ids_restore, "ids_restore", "(N, L)", x.device, index=True)
     N, K1, D = x.shape
-    L = ids_restore.shape[1] if ids_restore.dim() == 2 else -1
+    L = ids_restore.shape[1]
     if K1 < 1 or ids_restore.shape != (N, L) or K1 - 1 > L:
         raise ValueError(
             f"expected x (N, 1+K, D) and ids_restore (N, L >= K), got {tuple(x.shape)}, {tuple(ids_restore.shape)}"

@@ -125,6 +125,18 @@ def test_attention_far_negative_scores(tiling, device, close, monkeypatch):
         close(a, b, atol=1e-5 * b.abs().max().item(), name=name)
 
 
+def test_batch_head_pairs_past_the_grid_limit_launch_in_chunks(device, seed, check, monkeypatch):
+    """CUDA's grid axis 1 holds at most 65535 (batch, head) pairs (batch 4096 at 16 heads); more are
+    launched in chunks. Here the limit is lowered to 3 so that B x H = 8 takes three launches of
+    each kernel, and the results must be the one launch's (with the GPU's tiling and tails: the
+    chunks and the row / key launches combine)."""
+    assert attention_module.MAX_GRID_Y == 65535
+    assert attention_module._bh_chunks(65536 * 2) == [(0, 65535), (65535, 65535), (131070, 2)]
+    monkeypatch.setattr(attention_module, "MAX_GRID_Y", 3)
+    monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (64, 64, 4, 64, 64, 4, 2, True))
+    _check((4, 70, 2, 16), torch.float32, device, seed, check)
+
+
 def test_attention_sum_backward(device, close):
     """``.sum().backward()`` hands the op an expanded (stride-0) grad; it must not be read as dense."""
     qkv, _ = _make(2, 20, 2, 16, torch.float32, device, seed=3)

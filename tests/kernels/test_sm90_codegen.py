@@ -83,11 +83,11 @@ KERNELS += [
 # (4 warps) and the encoder's 64 (8 warps in the backward); then the decoder with tail blocks
 # (3 x 64 + 16 tokens): its forward, its backward's whole-block launch and its tail launch
 ATTN_FWD = {"qkv_ptr": BF, "out_ptr": BF, "lse_ptr": "*fp32", "N": I32, "H": I32, "Dh": I32, "qk_scale": "fp32",
-            "row0": I32, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "TAIL_N": "constexpr",
+            "row0": I32, "bh0": I32, "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "TAIL_N": "constexpr",
             "BLOCK_D": "constexpr", "DOT_PRECISION": "constexpr", "EMULATE_RTNE": "constexpr"}
 ATTN_BWD = {"qkv_ptr": BF, "out_ptr": BF, "grad_out_ptr": BF, "lse_ptr": "*fp32", "grad_qkv_ptr": BF, "N": I32,
             "H": I32, "Dh": I32, "qk_scale": "fp32", "sm_scale": "fp32", "key0": I32, "key_end": I32, "row0": I32,
-            "row_end": I32, "OWN_M": "constexpr", "OWN_N": "constexpr", "BLOCK_M": "constexpr",
+            "row_end": I32, "bh0": I32, "OWN_M": "constexpr", "OWN_N": "constexpr", "BLOCK_M": "constexpr",
             "BLOCK_N": "constexpr", "TAIL_M": "constexpr", "TAIL_N": "constexpr", "BLOCK_D": "constexpr",
             "DOT_PRECISION": "constexpr", "EMULATE_RTNE": "constexpr", "ONE_BLOCK": "constexpr"}
 ATTN_C = {"BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32", "EMULATE_RTNE": False}
