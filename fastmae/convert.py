@@ -14,6 +14,7 @@ Checkpoint files here are for weights; the trainer's resumable checkpoints live 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ _HF_STYLES = {
     "v4": {
         "encoder_prefix": "vit.encoder.layer.{i}.",
         "decoder_prefix": "decoder.decoder_layers.{i}.",
+        # read as well: transformers 5.x save_pretrained writes the 4.x names, and its reverse of the
+        # 'encoder.layer.' -> 'layers.' renaming turns decoder_layers into decoder_encoder.layer
+        "decoder_aliases": ("decoder.decoder_encoder.layer.{i}.",),
         "qkv": ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
         "names": {
             "norm1": "layernorm_before",
@@ -116,12 +120,10 @@ def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     inverse_global = {v: k for k, v in _GLOBAL.items()}
     inverse_names = {v: k for k, v in spec["names"].items()}
     qkv_index = {name: j for j, name in enumerate(spec["qkv"])}
+    decoder_prefixes = (spec["decoder_prefix"], *spec.get("decoder_aliases", ()))
     prefixes = [
-        ("blocks", re.compile("^" + re.escape(spec["encoder_prefix"]).replace(r"\{i\}", r"(\d+)") + "(.+)$")),
-        (
-            "decoder_blocks",
-            re.compile("^" + re.escape(spec["decoder_prefix"]).replace(r"\{i\}", r"(\d+)") + "(.+)$"),
-        ),
+        (part, re.compile("^" + re.escape(prefix).replace(r"\{i\}", r"(\d+)") + "(.+)$"))
+        for part, prefix in [("blocks", spec["encoder_prefix"])] + [("decoder_blocks", p) for p in decoder_prefixes]
     ]
     out: StateDict = {}
     qkv_parts: dict[str, list[torch.Tensor | None]] = {}
@@ -283,15 +285,31 @@ def _abbrev(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """The object in a checkpoint file: a ``.safetensors`` file's tensors, else ``torch.load`` with
+    ``weights_only=True``.
+
+    A file that is neither (or a folder) raises a one-line ``ValueError`` naming it: torch's own
+    errors run to several lines, and for a file that is not a checkpoint at all the weights-only one
+    suggests ``weights_only=False``, which would not help and can run arbitrary code.
+    """
+    try:
+        if os.fspath(path).endswith(".safetensors"):
+            return load_safetensors(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling, zip, safetensors-header and OS errors all mean: cannot read it
+        if isinstance(e, pickle.UnpicklingError):
+            why = "not a torch checkpoint, or it holds more than tensors and plain containers (weights_only=True)"
+        else:
+            lines = str(e).strip().splitlines()
+            why = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        raise ValueError(f"cannot read {os.fspath(path)}: {why}") from e
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
     """The weights of a checkpoint: ``{'model': sd}``, ``{'state_dict': sd}`` or ``sd``; a ``.pth`` file
     (loaded with ``weights_only=True``), a ``.safetensors`` file, or an object in memory."""
-    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
-        return load_safetensors(source)
-    if isinstance(source, (str, os.PathLike)):
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    else:
-        obj = source
+    obj = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(obj, Mapping):
         raise ValueError(f"a checkpoint must be a dict of tensors, got {type(obj).__name__}")
     for wrapper in ("model", "state_dict"):
@@ -316,6 +334,42 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: tuple[str, 
                 key = key[len(prefix) :]
         out[key] = value
     return out
+
+
+# the keys of a fastmae / official MAE pretraining model and of its timm-named classifier
+_FASTMAE_KEY = re.compile(
+    r"^(cls_token|pos_embed|mask_token|decoder_pos_embed"
+    r"|(patch_embed\.proj|norm|fc_norm|decoder_embed|decoder_norm|decoder_pred)\.(weight|bias)"
+    r"|(blocks|decoder_blocks)\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+    r"|head\.(weight|bias|0\.(running_mean|running_var|num_batches_tracked)|1\.(weight|bias)))$"
+)
+_ENCODER_CORE = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight")
+ACCEPTED_LAYOUTS = (
+    "fastmae / official MAE / timm ViT keys (also module.-, encoder.- or backbone.-prefixed) "
+    "or Hugging Face ViTMAEForPreTraining keys"
+)
+
+
+def fastmae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """``state_dict`` in fastmae (= official MAE, timm ViT) names, whatever accepted layout it came in.
+
+    Wrapper prefixes are stripped (DDP, EasyCV) and Hugging Face ViTMAE keys converted. Anything else
+    raises a one-line ``ValueError``: writers that copy tensors as they are (timm, MAE exports) would
+    otherwise produce a file under the wrong names that only fails, or worse, where it is loaded.
+    """
+    sd = strip_prefixes(state_dict)
+    if any(k.startswith("vit.") for k in sd):
+        try:
+            sd = from_hf_state_dict(sd)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"a Hugging Face layout fastmae does not read ({e.args[0]})") from e
+    unknown = [k for k in sd if not _FASTMAE_KEY.match(k)]
+    if unknown:
+        raise ValueError(f"unknown keys {_abbrev(unknown, 3)}: accepted are {ACCEPTED_LAYOUTS}")
+    lacking = [k for k in _ENCODER_CORE if k not in sd]
+    if lacking:
+        raise ValueError(f"not a ViT / MAE state dict (no {', '.join(lacking)}): accepted are {ACCEPTED_LAYOUTS}")
+    return sd
 
 
 def load_official(
@@ -359,6 +413,10 @@ def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor], global_pool: bool
       final ``norm`` becomes ``fc_norm``, applied after pooling the patch tokens.
     - ``global_pool=False`` (timm ``global_pool='token'``): ``norm`` stays; features are the cls token.
 
+    A cls-token classifier (``norm`` and ``head``, no ``fc_norm``: a linear probe, or fine-tuned
+    without global pool) is refused with ``global_pool=True``: as ``fc_norm`` under an average pool
+    its head would read other features than it was trained on, with no error anywhere.
+
     A linear-probe head (``BatchNorm1d`` without affine + ``Linear``) is folded into one ``head``
     Linear, so timm's plain head computes the same logits. Load the result with ``num_classes=0``
     when it has no ``head.*`` keys.
@@ -366,6 +424,11 @@ def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor], global_pool: bool
     from fastmae.vit import encoder_state_dict
 
     sd = encoder_state_dict(state_dict)
+    if global_pool and any(k.startswith("head.") for k in sd) and "norm.weight" in sd and "fc_norm.weight" not in sd:
+        raise ValueError(
+            "a cls-token classifier (norm + head, no fc_norm) would be average-pooled as timm global_pool='avg', "
+            "another function: export it with --to timm-cls (global_pool='token')"
+        )
     out: StateDict = {}
     for key, value in sd.items():
         if global_pool and key.startswith("norm."):

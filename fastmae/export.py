@@ -7,8 +7,11 @@ Formats:
     mae       the official MAE layout ``{'model': state_dict}`` (encoder and decoder)
     hf        a Hugging Face ``ViTMAEForPreTraining`` folder (``save_pretrained``); needs transformers
 
-``CHECKPOINT``: a fastmae run checkpoint, an official MAE or EasyCV checkpoint, or a
-``.safetensors`` file. ``--out`` ending in ``.safetensors`` writes safetensors, else a torch file.
+``CHECKPOINT``: a fastmae run checkpoint, an official MAE, EasyCV or DDP checkpoint, a fine-tuned
+classifier, or a ``.safetensors`` file (fastmae / timm names, or a Hugging Face ViTMAE
+``model.safetensors``, converted); other layouts are refused. ``--out`` ending in ``.safetensors``
+writes safetensors, else a torch file. A cls-token classifier (a linear probe) exports only as
+``timm-cls``: ``timm``'s average pool would feed its head other features.
 """
 
 from __future__ import annotations
@@ -19,56 +22,102 @@ from pathlib import Path
 
 import torch
 
-from fastmae.convert import read_state_dict, save_safetensors, strip_prefixes, to_hf, to_timm_state_dict
+from fastmae.convert import (
+    fastmae_state_dict,
+    load_checkpoint,
+    load_official,
+    read_state_dict,
+    save_safetensors,
+    to_hf,
+    to_timm_state_dict,
+)
 from fastmae.model import MaskedAutoencoderViT
 
 FORMATS = ("timm", "timm-cls", "mae", "hf")
 
 
-def mae_architecture(checkpoint: str | Path, sd: dict[str, torch.Tensor]) -> dict:
-    """Constructor arguments: a fastmae run checkpoint's config, else read off the weights' shapes
-    (heads: 64-d for the encoder as ViT-B/L, 16 in the decoder as every reference model)."""
-    obj = (
-        {}
-        if str(checkpoint).endswith(".safetensors")
-        else torch.load(checkpoint, map_location="cpu", weights_only=True)
-    )
+def mae_architecture(
+    checkpoint: str | Path,
+    sd: dict[str, torch.Tensor],
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+) -> dict:
+    """Constructor arguments: a fastmae run checkpoint's config, else read off the weights' shapes.
+
+    Head counts are not in the weights: ``num_heads`` / ``decoder_num_heads`` when given, else the
+    config's, else a guess (64-d encoder heads as ViT-B/L, ViT-H's 16; 16 in the decoder as every
+    reference model). A guess is printed (one line): a wrong one exports another function, silently.
+    """
+    obj = {} if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
     c = obj.get("config") if isinstance(obj, dict) else None
+    c = c if isinstance(c, dict) else {}
     names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
              "decoder_num_heads", "mlp_ratio", "norm_pix_loss")  # fmt: skip
-    if isinstance(c, dict) and all(n in c for n in names):
-        return {n: c[n] for n in names}
-    if "mask_token" not in sd:
+    if all(n in c for n in names):
+        arch = {n: c[n] for n in names}
+    elif "mask_token" not in sd:
         raise ValueError("an encoder-only checkpoint has no decoder to export to Hugging Face ViTMAE")
-    w = sd["patch_embed.proj.weight"]
-    dim, patch = w.shape[0], w.shape[-1]
-    dec = sd["mask_token"].shape[-1]
-    return dict(
-        img_size=round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch,
-        patch_size=patch,
-        embed_dim=dim,
-        depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-        num_heads={1280: 16}.get(dim, max(1, dim // 64)),
-        decoder_embed_dim=dec,
-        decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")),
-        decoder_num_heads=16 if dec % 16 == 0 else 1,
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-    )
+    else:
+        w = sd["patch_embed.proj.weight"]
+        dim, patch = w.shape[0], w.shape[-1]
+        arch = dict(
+            img_size=round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+            num_heads=c.get("num_heads"),
+            decoder_embed_dim=sd["mask_token"].shape[-1],
+            decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")),
+            decoder_num_heads=c.get("decoder_num_heads"),
+            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        )
+    guessed = []
+    for name, given, guess in (
+        ("num_heads", num_heads, {1280: 16}.get(arch["embed_dim"], max(1, arch["embed_dim"] // 64))),
+        ("decoder_num_heads", decoder_num_heads, 16 if arch["decoder_embed_dim"] % 16 == 0 else 1),
+    ):
+        if given is not None:
+            arch[name] = given
+        elif arch[name] is None:
+            arch[name] = guess
+            guessed.append(f"{name}={guess}")
+    if guessed:
+        print(
+            f"guessed {', '.join(guessed)} (the checkpoint does not say; --num-heads / --decoder-num-heads if wrong)",
+            flush=True,
+        )
+    return arch
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
-    """Write ``checkpoint``'s weights in ``fmt`` to ``out``; returns the path written."""
+def export(
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+) -> Path:
+    """Write ``checkpoint``'s weights in ``fmt`` to ``out``; returns the path written.
+
+    ``num_heads`` / ``decoder_num_heads``: for ``hf``, where the checkpoint does not say them.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     out = Path(out)
-    raw = read_state_dict(checkpoint)
+    if fmt == "hf" and out.exists() and not out.is_dir():
+        # save_pretrained would only log this and return: the export would seem to have worked
+        raise ValueError(f"--out {out} exists and is not a folder (--to hf writes a save_pretrained folder)")
+    raw = read_state_dict(checkpoint)  # a file that is no checkpoint: a one-line error naming it
+    try:
+        sd = fastmae_state_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: {e}") from e
     if fmt in ("timm", "timm-cls"):
-        sd = to_timm_state_dict(raw, global_pool=fmt == "timm")
-    else:
-        sd = strip_prefixes(raw)
+        sd = to_timm_state_dict(sd, global_pool=fmt == "timm")
     if fmt == "hf":
-        mae = MaskedAutoencoderViT(**mae_architecture(checkpoint, sd))
-        mae.load_state_dict(sd, strict=True)
+        mae = MaskedAutoencoderViT(**mae_architecture(checkpoint, sd, num_heads, decoder_num_heads))
+        report = load_official(mae, sd)  # one-line errors for unexpected keys or shapes
+        if report.missing:  # the whole model is exported: nothing may stay at its init
+            raise KeyError(f"the checkpoint lacks {', '.join(report.missing[:6])}")
         to_hf(mae).save_pretrained(out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="fastmae run checkpoint, official MAE / EasyCV .pth, or .safetensors")
     parser.add_argument("--to", choices=FORMATS, default="timm", help="target format (default: timm)")
     parser.add_argument("--out", required=True, help="output file (.safetensors or .pth), or folder for hf")
+    parser.add_argument("--num-heads", type=int, help="hf: encoder heads, where the checkpoint does not say")
+    parser.add_argument("--decoder-num-heads", type=int, help="hf: decoder heads, where the checkpoint does not say")
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist")
+    for name in ("num_heads", "decoder_num_heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
-        path = export(args.checkpoint, args.to, args.out)
+        path = export(args.checkpoint, args.to, args.out, args.num_heads, args.decoder_num_heads)
     except (KeyError, ValueError) as e:
         parser.error(str(e).strip("'\""))
     print(f"wrote {path} ({args.to})")

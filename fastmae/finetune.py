@@ -8,12 +8,17 @@ The three evaluations of the MAE paper, plus kNN on frozen features:
              trained.
     linear   linear probing: cls token, ``BatchNorm1d(affine=False, eps=1e-6)`` + Linear head, LARS,
              no weight decay, the encoder frozen (``main_linprobe``).
-    knn      no training: cosine kNN (k = 20, T = 0.07, as DINO) on frozen features.
+    knn      no training: cosine kNN (k = 20, T = 0.07, as DINO) on frozen features: the pretrained
+             final norm of the mean patch token, the features of the trainer's ``--knn-every``.
 
 ``--pretrained`` takes a fastmae run checkpoint (its architecture comes with it), an official MAE
-checkpoint, an EasyCV one (``encoder.``-prefixed keys) or a ``.safetensors`` file; empty means a
-random init (the baseline). Data: labelled ImageFolder trees or file lists with labels;
-``--val-fraction`` splits one source per class when there is no ``--val-path``.
+checkpoint, an EasyCV (``encoder.``) or DDP (``module.``) one, a Hugging Face ViTMAE or timm
+``.safetensors`` file, or a fine-tuned classifier (fastmae's or timm-named): its encoder is the init,
+its head is dropped; a global-pool one's trained ``fc_norm`` is kept, so it cannot start a cls-token
+model (``--mode linear``). Empty means a random init (the baseline). Head counts are not in the
+weights: without a fastmae config they are guessed by width (``--num-heads`` to say). Data:
+labelled ImageFolder trees or file lists with labels; ``--val-fraction`` splits one source per class
+when there is no ``--val-path``.
 
 It runs on the trainer's machinery: the torchrun process group, bf16 autocast and
 ``torch.compile`` on CUDA, DDP, the loaders, the lr schedule, atomic checkpoints and the metrics
@@ -41,7 +46,7 @@ from fastmae import distributed
 from fastmae.attention import AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
-from fastmae.convert import read_state_dict
+from fastmae.convert import fastmae_state_dict, load_checkpoint, read_state_dict
 from fastmae.data import DataError, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source
 from fastmae.knn import extract_features, knn_accuracy
@@ -164,38 +169,108 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"unknown model {cfg.model!r} (auto, {', '.join(ARCHS)})")
     if cfg.model == "auto" and not cfg.pretrained:
         raise ConfigError("--model auto needs a --pretrained fastmae checkpoint; name a model for a random init")
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"--pretrained {cfg.pretrained} is not a file")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    for name in ("img_size", "num_heads"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
 
 
 # ------------------------------------------------------------------------------------------ model
 
 
+ARCH_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+def load_pretrained(cfg: FinetuneConfig) -> Any:
+    """``--pretrained``'s contents; a file that is not a checkpoint is a one-line ``ConfigError``."""
+    try:
+        return load_checkpoint(cfg.pretrained)
+    except ValueError as e:
+        raise ConfigError(f"--pretrained: {e}") from e
+
+
+def pretrained_weights(cfg: FinetuneConfig, checkpoint: Any) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights in fastmae names: wrapper prefixes (DDP ``module.``, EasyCV
+    ``encoder.``) stripped and Hugging Face keys converted, as every reader below expects."""
+    try:
+        return fastmae_state_dict(read_state_dict(checkpoint))
+    except ValueError as e:
+        raise ConfigError(f"--pretrained {cfg.pretrained}: {e}") from e
+
+
+def weights_shape(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Patch size, width, depth and patch grid side of an encoder's weights."""
+    w = sd["patch_embed.proj.weight"]
+    return dict(
+        patch_size=w.shape[-1],
+        embed_dim=w.shape[0],
+        depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+        grid=round((sd["pos_embed"].shape[1] - 1) ** 0.5),
+    )
+
+
 def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
-    """The encoder's constructor arguments: a fastmae checkpoint's config, else ``--model`` / the weights."""
+    """The encoder's constructor arguments: a fastmae checkpoint's config, else ``--model`` / the weights.
+
+    A fastmae fine-tuning checkpoint carries its ``architecture``; its ``config`` is the fine-tuning
+    one, without the encoder's, so older ones are read off the weights like any other. The result is
+    checked here, before anything is built, so that a bad combination is a one-line error.
+    """
+    c, saved = (checkpoint.get("config"), checkpoint.get("architecture")) if isinstance(checkpoint, dict) else (0, 0)
     if cfg.model != "auto":
         patch, dim, depth, heads = ARCHS[cfg.model]
         arch = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, img_size=224)
-    elif checkpoint is not None and isinstance(checkpoint.get("config"), dict):
-        c = checkpoint["config"]
-        arch = {k: c[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
+    elif isinstance(saved, dict):
+        arch = dict(saved)
+    elif isinstance(c, dict) and all(k in c for k in ARCH_KEYS):
+        arch = {k: c[k] for k in ARCH_KEYS}
     elif checkpoint is not None:  # weights only: read the shapes
-        sd = read_state_dict(checkpoint)
-        dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+        shape = weights_shape(pretrained_weights(cfg, checkpoint))
+        dim, patch = shape["embed_dim"], shape["patch_size"]
         heads = {768: 12, 1024: 16, 1280: 16}.get(dim, max(1, dim // 64))
-        arch = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, img_size=grid * patch)
+        arch = dict(patch_size=patch, embed_dim=dim, depth=shape["depth"], num_heads=heads,
+                    img_size=shape["grid"] * patch)  # fmt: skip
     else:
         raise ConfigError("no architecture: pass --model or a --pretrained checkpoint")
     if cfg.img_size:
         arch["img_size"] = cfg.img_size
     if cfg.num_heads:
         arch["num_heads"] = cfg.num_heads
+    if arch["img_size"] % arch["patch_size"]:
+        raise ConfigError(f"--img-size {arch['img_size']} is not a multiple of the patch size {arch['patch_size']}")
+    if arch["embed_dim"] % arch["num_heads"]:
+        raise ConfigError(f"{arch['num_heads']} heads do not divide the width {arch['embed_dim']} (--num-heads)")
+    if cfg.mode == "partial" and not 0 <= cfg.trainable_blocks <= arch["depth"]:
+        raise ConfigError(f"--trainable-blocks must be in [0, {arch['depth']}] (the depth), got {cfg.trainable_blocks}")
     return arch
 
 
 def build_classifier(cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, weights: Any) -> VisionTransformer:
+    """The classifier, with ``weights``' encoder when given (checked to fit before the model is built).
+
+    kNN reads frozen features with nothing trained after them, so its ``fc_norm`` is the pretrained
+    final norm (the trainer's kNN monitor's features), not the fresh one that fine-tuning trains.
+    """
+    sd = None
+    if weights is not None:
+        sd = pretrained_weights(cfg, weights)
+        have = weights_shape(sd)
+        want = dict(arch, grid=arch["img_size"] // arch["patch_size"])
+        for name in ("patch_size", "embed_dim", "depth"):
+            if have[name] != want[name]:
+                raise ConfigError(
+                    f"--pretrained {cfg.pretrained} has {name} {have[name]} where the model"
+                    + (f" (--model {cfg.model})" if cfg.model != "auto" else "")
+                    + f" has {want[name]}"
+                )
+        if have["grid"] != want["grid"]:
+            raise ConfigError(
+                f"the checkpoint's patch grid {have['grid']}x{have['grid']} differs from --img-size / patch size "
+                f"({want['grid']}x{want['grid']}; no interpolation)"
+            )
     torch.manual_seed(cfg.seed)
     vit = VisionTransformer(
         **arch,
@@ -205,11 +280,11 @@ def build_classifier(cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int
         linear_probe=cfg.mode == "linear",
         attn_backend=cfg.attn_backend,
     )
-    if weights is not None:
-        sd = read_state_dict(weights)
-        if arch["img_size"] // arch["patch_size"] != round((sd["pos_embed"].shape[1] - 1) ** 0.5):
-            raise ConfigError("the checkpoint's patch grid differs from --img-size / patch size (no interpolation)")
-        load_pretrained_encoder(vit, sd)
+    if sd is not None:
+        try:
+            load_pretrained_encoder(vit, sd, pretrained_fc_norm=cfg.mode == "knn")
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"--pretrained {cfg.pretrained} does not load: {e.args[0]}") from e
     vit.freeze_for("linear" if cfg.mode in ("linear", "knn") else cfg.mode, cfg.trainable_blocks)
     return vit
 
@@ -274,11 +349,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
     env = distributed.init_distributed(cfg.device)
     device, main = env.device, env.is_main
-    checkpoint = None
-    if cfg.pretrained.endswith(".safetensors"):
-        checkpoint = read_state_dict(cfg.pretrained)
-    elif cfg.pretrained:
-        checkpoint = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+    checkpoint = load_pretrained(cfg) if cfg.pretrained else None
     arch = architecture(cfg, checkpoint)
     cfg = recipe(cfg, arch["depth"])
     run_dir = Path(cfg.run_dir or f"runs/finetune-{cfg.mode}")
@@ -390,7 +461,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         pbar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{metrics.get('top1', 0):.1f}", refresh=False)
                 if main and (step % steps_per_epoch == 0 or step == total):
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg)}  # fmt: skip
+                             "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg),
+                             "architecture": arch}  # fmt: skip
                     ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
                 if step == total:
                     break

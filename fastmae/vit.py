@@ -164,16 +164,30 @@ def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return {k: v for k, v in strip_prefixes(state_dict).items() if not k.startswith(DECODER_KEYS)}
 
 
-def load_pretrained_encoder(vit: VisionTransformer, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+def load_pretrained_encoder(
+    vit: VisionTransformer, state_dict: Mapping[str, torch.Tensor], pretrained_fc_norm: bool = False
+) -> list[str]:
     """Load a pretraining checkpoint's encoder into ``vit``, as MAE's ``main_finetune`` does.
 
     The pretrained final ``norm`` goes to ``norm`` (cls-token model) and is dropped for a global
     pool model, whose fresh ``fc_norm`` and head keep their init. Returns the keys left at init;
     anything else missing, or a shape mismatch, is an error.
+
+    ``pretrained_fc_norm=True`` (global pool): the pretrained ``norm`` becomes ``fc_norm`` instead,
+    for frozen features with nothing trained after them (kNN): a fresh ``fc_norm`` would be an
+    untrained identity, and these are the features of the trainer's kNN monitor and the timm export.
+
+    A fine-tuned classifier's state dict loads too: its head is dropped (the head keeps its init), a
+    global-pool one's trained ``fc_norm`` is kept, and it cannot make a cls-token model (no ``norm``).
     """
     sd = encoder_state_dict(state_dict)
     if vit.global_pool:
+        norm = {k: v for k, v in sd.items() if k.startswith("norm.")}
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+        if pretrained_fc_norm and not any(k.startswith("fc_norm.") for k in sd):
+            sd.update({"fc_norm." + k[len("norm.") :]: v for k, v in norm.items()})
+    elif "fc_norm.weight" in sd and "norm.weight" not in sd:
+        raise KeyError("a global-pool model's weights (fc_norm, no final norm) cannot make a cls-token model")
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     expected = vit.state_dict()
     unexpected = [k for k in sd if k not in expected]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmae.convert import LoadReport, from_hf, load_official, read_state_dict, to_hf
+from fastmae.convert import (
+    LoadReport,
+    from_hf,
+    from_hf_state_dict,
+    load_official,
+    load_safetensors,
+    read_state_dict,
+    to_hf,
+)
 from fastmae.model import MaskedAutoencoderViT
 
 pytest.importorskip("transformers")
@@ -78,3 +86,19 @@ def test_bad_checkpoints_raise():
         load_official(dst, wrong)
     with pytest.raises(ValueError, match="no tensors"):
         read_state_dict({"model": {"epoch": 1}})
+
+
+def test_save_pretrained_file_reads_as_the_loaded_model(tmp_path):
+    """The ``model.safetensors`` save_pretrained writes (transformers 5.x writes 4.x names, the decoder's
+    as ``decoder.decoder_encoder.layer.N``) converts to the state dict that from_pretrained gives."""
+    from transformers import ViTMAEForPreTraining
+
+    torch.manual_seed(0)
+    m = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    to_hf(m).save_pretrained(tmp_path)
+    from_file = from_hf_state_dict(load_safetensors(tmp_path / "model.safetensors"))
+    loaded = from_hf(ViTMAEForPreTraining.from_pretrained(tmp_path)).state_dict()
+    expected = m.state_dict()
+    assert from_file.keys() == loaded.keys() == expected.keys()
+    assert all(torch.equal(from_file[k], expected[k]) and torch.equal(loaded[k], expected[k]) for k in expected)

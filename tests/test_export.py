@@ -62,3 +62,98 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.pth")])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def _one_line_error(capsys) -> str:
+    """The error line of a ``parser.error`` exit (usage lines before it, no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(junk), "--out", str(tmp_path / "x.pth")])
+    line = _one_line_error(capsys)
+    assert e.value.code == 2 and line.startswith("python -m fastmae.export: error: cannot read") and str(junk) in line
+
+
+def test_cls_token_classifier_is_refused_as_timm_avg(tmp_path, capsys):
+    """A linear probe reads the normed cls token: as timm's avg-pool model (fc_norm) it would compute
+    another function, so ``--to timm`` is refused and ``--to timm-cls`` keeps its logits."""
+    torch.manual_seed(0)
+    probe = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                              global_pool=False, linear_probe=True).eval()  # fmt: skip
+    path = tmp_path / "probe.pt"
+    torch.save({"model": probe.state_dict()}, path)
+    with pytest.raises(SystemExit) as e:
+        main([str(path), "--to", "timm", "--out", str(tmp_path / "avg.safetensors")])
+    assert e.value.code == 2 and "--to timm-cls" in _one_line_error(capsys)
+    assert not (tmp_path / "avg.safetensors").exists()
+    assert main([str(path), "--to", "timm-cls", "--out", str(tmp_path / "cls.safetensors")]) == 0
+    timm = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                             global_pool=False).eval()  # fmt: skip
+    timm.load_state_dict(load_safetensors(tmp_path / "cls.safetensors"), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(timm(x), probe(x))
+
+
+def test_hugging_face_input_is_converted_and_unknown_layouts_refused(run_checkpoint, tmp_path, capsys):
+    """HF ``model.safetensors`` (as save_pretrained writes it) exports under fastmae / timm names, the
+    same tensors as the fastmae checkpoint's export; a layout that is neither is an error."""
+    pytest.importorskip("transformers")
+    from fastmae.convert import to_hf
+
+    mae, path = run_checkpoint
+    to_hf(mae).save_pretrained(tmp_path / "hf")
+    for fmt, name in (("timm", "t.safetensors"), ("mae", "m.pth")):
+        assert (
+            main([str(tmp_path / "hf" / "model.safetensors"), "--to", fmt, "--out", str(tmp_path / ("hf-" + name))])
+            == 0
+        )
+        assert main([str(path), "--to", fmt, "--out", str(tmp_path / ("ours-" + name))]) == 0
+    a, b = load_safetensors(tmp_path / "hf-t.safetensors"), load_safetensors(tmp_path / "ours-t.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "hf-m.pth", weights_only=True)["model"]
+    assert a.keys() == mae.state_dict().keys() and all(torch.equal(a[k], v) for k, v in mae.state_dict().items())
+    other = tmp_path / "other.pt"
+    torch.save({"model": {"features.0.weight": torch.zeros(2, 2)}}, other)
+    with pytest.raises(SystemExit) as e:
+        main([str(other), "--out", str(tmp_path / "o.pth")])
+    assert e.value.code == 2 and "unknown keys features.0.weight: accepted are" in _one_line_error(capsys)
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_hf_out_that_is_a_file_is_refused(run_checkpoint, tmp_path, capsys):
+    _, path = run_checkpoint
+    out = tmp_path / "taken"
+    out.write_text("keep me\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(path), "--to", "hf", "--out", str(out)])
+    assert e.value.code == 2 and "exists and is not a folder" in _one_line_error(capsys)
+    assert out.read_text() == "keep me\n"
+
+
+def test_hf_head_counts_are_given_or_the_guess_is_printed(tmp_path, capsys):
+    """Head counts are not in the weights: an official-layout checkpoint (no config) says them by
+    --num-heads / --decoder-num-heads, else the guess is printed."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=2).eval()  # fmt: skip
+    path = tmp_path / "official.pth"
+    torch.save({"model": mae.state_dict()}, path)
+    assert main([str(path), "--to", "hf", "--out", str(tmp_path / "guessed")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("guessed num_heads=1, decoder_num_heads=16 (the checkpoint does not say; "
+                      "--num-heads / --decoder-num-heads if wrong)")  # fmt: skip
+    argv = [str(path), "--to", "hf", "--out", str(tmp_path / "given"), "--num-heads", "2", "--decoder-num-heads", "2"]
+    assert main(argv) == 0
+    assert "guessed" not in capsys.readouterr().out
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "given").eval()
+    assert (hf.config.num_attention_heads, hf.config.decoder_num_attention_heads) == (2, 2)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=imgs, noise=noise).logits, mae(imgs, noise=noise)[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ from fastmae import finetune as ft
 from fastmae.data import make_demo_dataset
 from fastmae.data.eval import center_crop_params, split_source
 from fastmae.data.sources import open_source
+from fastmae.knn import KnnMonitor
 from fastmae.log import read_metrics
 from fastmae.model import MaskedAutoencoderViT
+from fastmae.vit import VisionTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
@@ -131,6 +134,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ft.parse_args(["--train-path", str(tmp_path), "--pretrained", str(tmp_path / "nope.pt")])
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ft.parse_args(["--train-path", str(tmp_path), "--pretrained", str(tmp_path)])
+    assert f"--pretrained {tmp_path} is not a file" in capsys.readouterr().err
 
 
 def test_unlabelled_source_is_refused(tmp_path):
@@ -204,3 +210,106 @@ def test_two_processes_match_one(tmp_path, labelled):
     a = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
     b = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-5)
+
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A width-32, 1-block MAE with a non-trivial final norm, in the layouts ``--pretrained`` takes,
+    and files it refuses."""
+    root = tmp_path_factory.mktemp("small")
+    data = _color_classes(root / "data", per_class=8, size=32)
+    torch.manual_seed(0)
+    mae = MaskedAutoencoderViT(**{k: v for k, v in SMALL.items() if k != "mlp_ratio"}, decoder_embed_dim=32,
+                               decoder_depth=1, decoder_num_heads=2).eval()  # fmt: skip
+    with torch.no_grad():
+        mae.norm.weight.uniform_(0.5, 1.5)
+        mae.norm.bias.uniform_(-0.5, 0.5)
+    sd = mae.state_dict()
+    enc = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
+    paths = {name: root / f"{name}.pt" for name in ("run", "easycv", "ddp", "wide224", "finetuned_gp", "junk")}
+    torch.save({"model": sd, "config": SMALL, "step": 1}, paths["run"])
+    torch.save({"state_dict": {"encoder." + k: v for k, v in enc.items()}}, paths["easycv"])
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}}, paths["ddp"])
+    # ViT-B/16's patch grid at 224 px, but 32 wide
+    wide = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                                decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    torch.save({"model": wide.state_dict()}, paths["wide224"])
+    classifier = VisionTransformer(**SMALL, num_classes=4, global_pool=True)  # a fine-tuned global-pool model
+    torch.save({"model": classifier.state_dict(), "config": ft.to_dict(ft.FinetuneConfig())}, paths["finetuned_gp"])
+    paths["junk"].write_text("not a checkpoint\n")
+    return mae, data, paths
+
+
+@pytest.mark.parametrize("layout", ["easycv", "ddp"])
+def test_prefixed_checkpoints_give_the_architecture_and_weights(small, layout):
+    """EasyCV (``encoder.``) and DDP (``module.``) keys: the shapes are read and the weights load."""
+    mae, _, paths = small
+    checkpoint = torch.load(paths[layout], weights_only=True)
+    cfg = ft.recipe(ft.FinetuneConfig(pretrained=str(paths[layout]), train_path="x", num_heads=2), depth=1)
+    arch = ft.architecture(cfg, checkpoint)
+    assert arch == dict(patch_size=8, embed_dim=32, depth=1, num_heads=2, img_size=32)
+    vit = ft.build_classifier(cfg, arch, 4, checkpoint)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    assert torch.equal(vit.pos_embed, mae.pos_embed)
+
+
+def test_knn_features_are_the_trainer_monitors(small):
+    """``--mode knn`` and the trainer's ``--knn-every`` see the same features of one checkpoint: the
+    pretrained final norm of the mean patch token (not a fresh, untrained fc_norm)."""
+    mae, _, paths = small
+    checkpoint = torch.load(paths["run"], weights_only=True)
+    cfg = ft.recipe(ft.FinetuneConfig(mode="knn", pretrained=str(paths["run"]), train_path="x"), depth=1)
+    vit = ft.build_classifier(cfg, ft.architecture(cfg, checkpoint), 4, checkpoint).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        # the same operations on the same weights: equal, not just close
+        torch.testing.assert_close(vit.forward_features(x), KnnMonitor.features(mae, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name,extra,message",
+    [
+        ("junk", [], "--pretrained: cannot read"),
+        ("run", ["--img-size", "36"], "--img-size 36 is not a multiple of the patch size 8"),
+        ("run", ["--num-heads", "3"], "3 heads do not divide the width 32"),
+        ("run", ["--mode", "partial", "--trainable-blocks", "5"], "--trainable-blocks must be in [0, 1]"),
+        ("wide224", ["--model", "vit_base_patch16"], "embed_dim 32 where the model (--model vit_base_patch16) has 768"),
+        ("finetuned_gp", ["--mode", "linear"], "fc_norm, no final norm) cannot make a cls-token model"),
+    ],
+)
+def test_bad_pretrained_or_architecture_is_a_one_line_error(tmp_path, small, capsys, name, extra, message):
+    _, data, paths = small
+    argv = ["--mode", "knn", "--pretrained", str(paths[name]), "--train-path", str(data), "--run-dir",
+            str(tmp_path / "run"), "--num-workers", "0", "--no-progress", *extra]  # fmt: skip
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{ft.PROG}: error: ") and message in err[0], err
+
+
+def test_a_finetuned_checkpoint_is_a_pretrained_init(tmp_path, small):
+    """A fine-tuning checkpoint as ``--pretrained``: its encoder (and global-pool fc_norm) are the init,
+    its head is dropped; the architecture comes with it, or from the shapes for one that lacks it."""
+    mae, data, paths = small
+    common = ["--pretrained", str(paths["run"]), "--train-path", str(data), "--num-workers", "0", "--no-progress",
+              "--batch-size", "16", "--lr", "1e-2", "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "1"]  # fmt: skip
+    ft.finetune(ft.parse_args(["--mode", "full", *common, "--run-dir", str(tmp_path / "full")]))
+    path = next((tmp_path / "full").glob("ckpt-*.pt"))
+    checkpoint = torch.load(path, weights_only=True)
+    tuned = checkpoint["model"]
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], mae.blocks[0].attn.qkv.weight)  # it trained
+    cfg = ft.recipe(ft.FinetuneConfig(mode="knn", pretrained=str(path), train_path="x"), depth=1)
+    assert ft.architecture(cfg, checkpoint) == SMALL
+    without = {k: v for k, v in checkpoint.items() if k != "architecture"}  # written before it was saved
+    assert ft.architecture(dataclasses.replace(cfg, num_heads=2), without) == {
+        k: SMALL[k] for k in SMALL if k != "mlp_ratio"
+    }
+    vit = ft.build_classifier(cfg, SMALL, 4, checkpoint)
+    for key in ("blocks.0.attn.qkv.weight", "fc_norm.weight", "fc_norm.bias", "pos_embed"):
+        assert torch.equal(vit.state_dict()[key], tuned[key]), key
+    assert not torch.equal(vit.head.weight, tuned["head.weight"])  # a fresh head
+    result = ft.finetune(ft.parse_args(["--mode", "knn", *common, "--pretrained", str(path), "--knn-k", "5",
+                                        "--run-dir", str(tmp_path / "knn")]))  # fmt: skip
+    assert result["mode"] == "knn"

@@ -59,6 +59,19 @@ def test_global_pool_features_are_fc_norm_of_mean_patch_tokens():
     assert vit(x).shape == (4, 5)
 
 
+def test_pretrained_fc_norm_is_the_pretrained_final_norm():
+    """For frozen features (kNN): the global-pool model's fc_norm is the pretrained norm, not a fresh one;
+    a global-pool model's weights (fc_norm, no norm) cannot make a cls-token model."""
+    mae, x = _mae_and_input()
+    vit = vit_from_mae(mae, num_classes=0, global_pool=True).eval()
+    assert load_pretrained_encoder(vit, mae.state_dict(), pretrained_fc_norm=True) == []
+    tokens = mae.forward_features(x, norm=False)
+    assert_close_rel(vit.forward_features(x), mae.norm(tokens[:, 1:].mean(1)), 1e-6, "avg features")
+    cls_model = vit_from_mae(mae, num_classes=0, global_pool=False)
+    with pytest.raises(KeyError, match="cannot make a cls-token model"):
+        load_pretrained_encoder(cls_model, vit.state_dict())
+
+
 def test_easycv_prefixed_encoder_loads():
     mae, x = _mae_and_input()
     easycv = {"encoder." + k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
