@@ -77,7 +77,10 @@ class Config:
 
     # speed
     device: str = _f("auto", "'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'")
-    precision: str = _f("auto", "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+ GradScaler) or fp32")
+    precision: str = _f(
+        "auto",
+        "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+ GradScaler) or fp32 (full fp32 matmuls: no TF32)",
+    )
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off for CPU)")
     compile_mode: str = _f(
         "default",

@@ -415,6 +415,11 @@ class MaskedAutoencoderViT(nn.Module):
         expected = (self.in_chans, *self.patch_embed.img_size)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
+        if self._fused and torch.float64 in (imgs.dtype, self.cls_token.dtype):
+            # the kernels compute in fp32: a float64 model would silently get fp32 results
+            raise ValueError(
+                f"the fused ops ({', '.join(sorted(self._fused))}) compute in fp32: use fused=False for float64"
+            )
 
     # ------------------------------------------------------------------ encoder
 

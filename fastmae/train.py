@@ -226,10 +226,9 @@ def train(cfg: Config) -> TrainResult:
     accum = accum_iter(cfg, env.world_size)
     eff_batch = cfg.batch_size * env.world_size * accum
     peak_lr = learning_rate(cfg, env.world_size)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     precision, dtype = resolve_precision(cfg, device)
+    if device.type == "cuda":  # the few fp32 matmuls left under autocast; --precision fp32 means fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     if cfg.residual_dtype == "autocast" and precision != "bf16":
         raise ConfigError(
             f"--residual-dtype autocast keeps the residual stream in bf16 and needs --precision bf16 "
@@ -403,8 +402,8 @@ def train(cfg: Config) -> TrainResult:
                 f"non-finite loss at step {bad} (found at the log step {step}); "
                 f"last good checkpoint: {last if last else 'none yet'}"
                 f"{' (continue with --resume auto)' if last else ''}. "
-                "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 or --attn-backend math "
-                "(fp32 attention), or --no-compile"
+                "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 (no autocast, no TF32), "
+                "--attn-backend math (the reference's attention), or --no-compile"
             )
         now = time.perf_counter()
         img_s = (step - step_interval) * eff_batch / max(now - t_interval, 1e-9)

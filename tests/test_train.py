@@ -332,6 +332,16 @@ def test_cuda_compiled_bf16_run_and_resume(tiny_data, tmp_path, fused):
         assert a == pytest.approx(b, rel=2e-2), f"step {s}"
 
 
+@pytest.mark.gpu
+def test_cuda_fp32_precision_turns_tf32_off(tiny_data, tmp_path):
+    """``--precision fp32`` (the non-finite hint's fallback) means fp32 matmuls, not TF32."""
+    args = ["--max-steps", "1", "--device", "cuda", "--no-compile", "--no-fused"]
+    assert main(tiny_args(tiny_data, tmp_path / "a", *args, "--precision", "fp32")) == 0
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert main(tiny_args(tiny_data, tmp_path / "b", *args, "--precision", "bf16")) == 0
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
 def test_selective_checkpoint_notice_is_dropped_and_nothing_else(caplog):
     """Dynamo's in-place notice would print on every compiled CUDA run (selective is the default there)."""
     import logging
