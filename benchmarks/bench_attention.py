@@ -28,10 +28,11 @@ attention matmuls (forward 4·B·H·N²·Dh, forward + backward 3x that). JSON o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,18 @@ def triton_config_name(config: tuple[int | bool | None, ...]) -> str:
 
 
 def triton_with_config(config: tuple[int | bool | None, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``attention_triton`` launched with ``config``'s knobs in place of its rule's, at every call."""
+    """``attention_triton`` launched with ``config``'s knobs in place of its rule's.
+
+    The backward reads the launch configuration again when autograd runs it, after the forward
+    call has returned: the callable's ``launch_context`` holds the knobs in place across both, and
+    ``run_shape`` times forward + backward within it.
+    """
     import importlib
 
     module = importlib.import_module("fastmae.kernels.attention")
 
-    def run(qkv: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def launch_context() -> Iterator[None]:
         original = module._launch_config
 
         def patched(N: int, Dh: int, device: torch.device) -> tuple[int, ...]:
@@ -119,10 +126,15 @@ def triton_with_config(config: tuple[int | bool | None, ...]) -> Callable[[torch
 
         module._launch_config = patched
         try:
-            return attention_triton(qkv)
+            yield
         finally:
             module._launch_config = original
 
+    def run(qkv: torch.Tensor) -> torch.Tensor:
+        with launch_context():
+            return attention_triton(qkv)
+
+    run.launch_context = launch_context
     return run
 
 
@@ -278,6 +290,7 @@ def run_shape(
             row["impls"][name] = {"status": "skipped", "reason": "time budget"}
             continue
         leaves = [qkv]
+        context = getattr(call, "launch_context", contextlib.nullcontext)  # a tiling's, over fwd and bwd
         if call is _hf_layout:
             call, leaves = functools.partial(_hf_layout, heads=H), sep
         rec: dict[str, Any] = {}
@@ -285,11 +298,13 @@ def run_shape(
             out = call(*leaves)
             rec["max_abs_err_vs_fp32_math"] = (out.float() - ref.float()).abs().max().item()
 
-            def fwd(call=call, leaves=leaves):
-                return call(*leaves)
+            def fwd(call=call, leaves=leaves, context=context):
+                with context():
+                    return call(*leaves)
 
-            def fwd_bwd(call=call, leaves=leaves):
-                return torch.autograd.grad(call(*leaves), leaves, grad_out)
+            def fwd_bwd(call=call, leaves=leaves, context=context):
+                with context():
+                    return torch.autograd.grad(call(*leaves), leaves, grad_out)
 
             rec["kernels"] = kernels_launched(fwd_bwd, device)
             for phase, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):

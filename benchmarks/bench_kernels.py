@@ -378,9 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
         "--imgs-dtype",
-        default=None,
+        default="float32",
         choices=["bfloat16", "float16", "float32"],
-        help="images' dtype (default: --dtype)",
+        help="images' dtype (default float32: what the trainer's loaders deliver and bench_step feeds)",
     )
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--ops", nargs="*", default=None, help="only these ops (default: all)")

@@ -35,6 +35,7 @@ DATASHEET_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.4),  # SXM5 (HBM3), the card the project's goal names
+    ("H200 NVL", 835.0),
     ("H200", 989.4),
     ("A100", 312.0),
 )

@@ -35,11 +35,15 @@ REPORTED = (".json", ".jsonl")
 
 
 def gpu_tag(name: str | None) -> str:
-    """A short file-name tag for a device name: ``NVIDIA H100 80GB HBM3`` -> ``h100``."""
+    """A short file-name tag for a device name: ``NVIDIA H100 80GB HBM3`` -> ``h100``; the PCIe and
+    NVL cards, whose peaks differ from the SXM's, keep their form factor (``h100-pcie``, ``h200-nvl``)."""
     if not name:
         return "gpu"
     m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))[:24].lower()
+    if not m:
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24]
+    form = re.search(r"\b(PCIe|NVL)\b", name, flags=re.IGNORECASE)
+    return (m.group(1) + (f"-{form.group(1)}" if form else "")).lower()
 
 
 def prefix_of(src: Path) -> str:

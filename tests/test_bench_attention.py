@@ -79,8 +79,10 @@ def test_each_timed_triton_tiling_is_right(config, N, Dh):
     g = torch.Generator().manual_seed(N + Dh)
     qkv = torch.randn(1, N, 3, 1, Dh, generator=g).bfloat16().requires_grad_()
     grad_out = torch.randn(1, N, Dh, generator=g).bfloat16()
-    out = bench_attention.triton_with_config(config)(qkv)
-    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    fn = bench_attention.triton_with_config(config)
+    with fn.launch_context():  # the backward reads the tiling when autograd runs it
+        out = fn(qkv)
+        (grad,) = torch.autograd.grad(out, qkv, grad_out)
     ref_in = qkv.detach().float().requires_grad_()
     ref = attention_math(ref_in)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, grad_out.float())
@@ -89,6 +91,24 @@ def test_each_timed_triton_tiling_is_right(config, N, Dh):
     (low_grad,) = torch.autograd.grad(low, low_in, grad_out)
     assert rel_err(out, ref) <= 2 * rel_err(low, ref)
     assert rel_err(grad, ref_grad) <= 3 * rel_err(low_grad, ref_grad)
+
+
+def test_a_tilings_backward_is_timed_with_it(monkeypatch):
+    """run_shape times forward + backward inside the tiling's launch context: the backward, which
+    reads the launch configuration when autograd runs it, gets the tiling's blocks (16 x 32 here),
+    not the rule's 64 x 64."""
+    import importlib
+
+    module = importlib.import_module("fastmae.kernels.attention")
+    blocks = []
+    tail = module._tail
+    monkeypatch.setattr(module, "_tail", lambda N, block, tails: blocks.append(block) or tail(N, block, tails))
+    config = (None, None, None, 16, 32, None, None, None)
+    shape = {"B": 1, "N": 20, "H": 1, "Dh": 16, "calls_per_step": 1}
+    calls = {"t": bench_attention.triton_with_config(config)}
+    row = bench_attention.run_shape(shape, calls, "cpu", torch.float32, smoke=True)
+    assert row["impls"]["t"]["status"] == "done", row
+    assert {16, 32} <= set(blocks) and set(blocks) <= {16, 32, 64}
 
 
 def test_triton_config_names():

@@ -35,6 +35,8 @@ def test_ingest_names_copies_and_reports(tmp_path):
 def test_gpu_tags():
     assert gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_tag("NVIDIA H200") == "h200"
+    assert gpu_tag("NVIDIA H100 PCIe") == "h100-pcie" and gpu_tag("NVIDIA H100 NVL") == "h100-nvl"
+    assert gpu_tag("NVIDIA H200 NVL") == "h200-nvl"
     assert gpu_tag("NVIDIA A100-SXM4-80GB") == "a100"
     assert gpu_tag(None) == "gpu"
 
@@ -59,3 +61,12 @@ def test_a_second_call_joins_the_first_calls_report(tmp_path):
         ingest(src, dest)
     md = (dest / "2026-11-27_h200_report.md").read_text()
     assert "2026-11-27_h200_data.json" in md and "2026-11-27_h200_kernels.json" in md
+
+
+def test_datasheet_peaks_tell_the_form_factors_apart():
+    from benchmarks.common import H100_SXM_BF16_TFLOPS, datasheet_bf16_tflops
+
+    assert datasheet_bf16_tflops("NVIDIA H100 80GB HBM3") == H100_SXM_BF16_TFLOPS == 989.4
+    assert datasheet_bf16_tflops("NVIDIA H100 PCIe") == 756.0 and datasheet_bf16_tflops("NVIDIA H100 NVL") == 835.0
+    assert datasheet_bf16_tflops("NVIDIA H200") == 989.4 and datasheet_bf16_tflops("NVIDIA H200 NVL") == 835.0
+    assert datasheet_bf16_tflops("Some GPU") is None
