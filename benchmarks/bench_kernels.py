@@ -329,19 +329,14 @@ def copy_bandwidth(device: str, smoke: bool) -> dict[str, object]:
     return out
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment(device: str, argv: list[str]) -> dict[str, object]:
     import triton
 
+    git = common.git_info()  # FASTMAE_COMMIT / FASTMAE_DIRTY where the tree came without .git
     env: dict[str, object] = {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "kernels", "benchmarks")),
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "git": git,
         "command": shlex.join([sys.executable, str(Path(__file__).relative_to(REPO)), *argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,

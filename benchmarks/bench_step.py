@@ -221,8 +221,11 @@ class Setting:
             batch, inputs = self.batch, self.shared_inputs
         else:
             batch, inputs = self._search_batch(v, r, vr)
-            if batch is None:
-                vr.update(status="oom", reason="no batch size fit")
+            if batch is None:  # every try ran out of memory, or the time ran out before any
+                if vr.get("max_batch_tries"):
+                    vr.update(status="oom", reason="no batch size fit")
+                else:
+                    vr.update(status="skipped", reason="time budget (no batch size tried)")
                 return
         vr["batch"] = batch
 

@@ -15,12 +15,13 @@
 # As soon as the call returns: `python benchmarks/ingest.py <files_at>` copies them into
 # benchmarks/results/<date>_<gpu>_<name> with the report beside them; commit before anything else.
 #
-# Budget, profile "main" (seconds; each stage has its own `timeout`; sum 640 + 70; run timeout_s 600;
-# the H200 run of 2026-11-27 took 408 s of its 575 then, the tests' stage the only one to time out;
-# install, kernels and data end well before their budgets, so the rest fits; data and the report are
-# last because the JSON of every stage before them comes back even if the call is cut short):
-#     env 10 | install 20 | device-fixture tests on CUDA 90 | gpu-marked tests 60 | kernels 60
-#     | attention 70 | step ViT-B 280 | data 40 | trainer ViT-B 70, only if it still fits | report 10
+# Budget, profile "main" (seconds; each stage has its own `timeout`, cut to what is left of the
+# call: FASTMAE_CALL_LIMIT, default 540, the run's timeout_s; the table's 15 s are always kept):
+#     env 20 | install 20 | device-fixture tests on CUDA 90 | gpu-marked tests 60 | kernels 60
+#     | attention 70 | step ViT-B: up to 280, what is left less data's 40 | data 40
+#     | trainer ViT-B 70, only if it still fits | report 10
+# On the H200 run of 2026-11-27 env, install, kernels and data ended far below their budgets and the
+# device tests at theirs; at those times the step stage gets ~250 s (4-5 compiles) of a 540 s call.
 # The step stage holds the compiles (~35-60 s each on the H200: fm_fast, hf_compile, then the
 # candidates of the performance push), three eager variants, 5 timed rounds and the profile; the
 # trainer compiles once more (its metrics come back even if its stage times out after the compile);
@@ -41,12 +42,12 @@
 # so 5 variants x (3 + 50) steps fit in the reserve. After the timing, fm_fast's and hf_compile's
 # steps are profiled (--profile: device time by kernel category, how busy the GPU was).
 #
-# Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 550): env 10 | install 20 | step ViT-L 380
+# Profile "large" (FASTMAE_DEVICE_PROFILE=large; sum 560, cut to the call): env 20 | install 20 | step ViT-L 380
 #     | step ViT-L largest batch 130 | report 10  (files: run_large.log large_env.json step_vit_large.json
 #     step_vit_large_max.json)
 #
-# Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 545, + 45 with .wheels):
-#     env 10 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | kernel launch
+# Profile "ablations" (FASTMAE_DEVICE_PROFILE=ablations, for a later lease; sum 555, + 45 with .wheels; cut to the call):
+#     env 20 | install 20 | step ViT-B ablations 290 | step ViT-B largest batch 140 | kernel launch
 #     configurations 75 | report 10  (files: run_ablations.log ablations_env.json step_ablations.json step_max_batch.json
 #     sweep.json)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead
@@ -54,7 +55,8 @@
 #     profile's bench_attention: "hf_eager fm_fast fm_fast_tattn_enc fm_fast_tattn_dec fm_fast_autotune",
 #     the per-part variants of the backends attention.json found fastest).
 #
-# Profile "kernels" (FASTMAE_DEVICE_PROFILE=kernels; sum 180, ~3 minutes): env 10 | install 20
+# Profile "kernels" (FASTMAE_DEVICE_PROFILE=kernels; sum 190, ~3 minutes; FASTMAE_CALL_LIMIT=the
+#     call's timeout_s, e.g. 190): env 20 | install 20
 #     | kernel launch configurations 140 | report 10  (files: run_kernels.log kernels_env.json sweep.json)
 #     The follow-up call for a lease with ~3 minutes left after "main": call it at once (the machine
 #     is given back after ~30 s idle, and a fresh start costs minutes); bench_kernels' rows of the
@@ -82,11 +84,29 @@ export PYTHONUNBUFFERED=1
 
 T0=$SECONDS
 SUMMARY=()
+# The run's timeout_s (../shared/device.md: near 540). Every stage's budget is cut to what is left
+# of it, less REPORT_S for the table that comes last, so a long stage shortens the later ones
+# instead of the call being killed with them (and the table) unrun.
+CALL_LIMIT="${FASTMAE_CALL_LIMIT:-540}"
+REPORT_S=15
 
-# stage NAME BUDGET_S CMD...: run CMD under `timeout`; a failure is recorded, the next stage runs.
+# fit BUDGET_S RESERVE_S: the budget, cut so that RESERVE_S seconds (the stages after it, the
+# table's included) and a 5 s margin stay within the call
+fit() {
+  local left=$((CALL_LIMIT - (SECONDS - T0) - $2 - 5))
+  echo $(($1 < left ? $1 : left))
+}
+
+# stage NAME BUDGET_S CMD...: run CMD under `timeout` (the budget cut by `fit` to keep the table's
+# time); a failure is recorded, the next stage runs; under 10 s left the stage is skipped.
 stage() {
   local name=$1 budget=$2
   shift 2
+  [ "$name" != report ] && budget=$(fit "$budget" "$REPORT_S")
+  if [ "$budget" -lt 10 ]; then
+    skip "$name" "$((SECONDS - T0)) s of the ${CALL_LIMIT} s call gone"
+    return
+  fi
   local t=$SECONDS
   echo
   echo "=== [$name] budget ${budget} s, at ${SECONDS}s since start: $*"
@@ -94,6 +114,7 @@ stage() {
   local rc=$?
   local note=""
   [ "$rc" = 124 ] && note=" TIMEOUT"
+  [ "$rc" = 137 ] && note=" KILLED (ignored the timeout's SIGTERM)"
   echo "=== [$name] rc=$rc$note in $((SECONDS - t)) s"
   SUMMARY+=("$(printf '%-22s rc=%-3s %4d s / %4d s%s' "$name" "$rc" $((SECONDS - t)) "$budget" "$note")")
 }
@@ -103,9 +124,14 @@ skip() {
   SUMMARY+=("$(printf '%-22s skipped: %s' "$1" "$2")")
 }
 
-step() {  # step NAME BUDGET_S OUT_JSON BENCH_STEP_ARGS...
-  local name=$1 budget=$2 out=$3
-  shift 3
+step() {  # step NAME BUDGET_S RESERVE_S OUT_JSON BENCH_STEP_ARGS...: the budget cut to keep RESERVE_S
+  local name=$1 budget out=$4
+  budget=$(fit "$2" "$3")
+  shift 4
+  if [ "$budget" -lt 30 ]; then
+    skip "$name" "$((SECONDS - T0)) s of the ${CALL_LIMIT} s call gone"
+    return
+  fi
   stage "$name" "$budget" "$PY" -m benchmarks.bench_step "$@" --time-budget $((budget - 15)) --out "$out"
 }
 
@@ -147,9 +173,10 @@ main_profile() {
 
   # (5) step benchmark, ViT-B
   if [ "$DRY" = 1 ]; then
-    step step-vit-base 240 "$OUT/step_vit_base.json" --tiny --variants main --profile fm_ref
+    step step-vit-base 240 55 "$OUT/step_vit_base.json" --tiny --variants main --profile fm_ref
   else
-    step step-vit-base 280 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
+    # what the stages before left, less the data stage's 40 s and the table's
+    step step-vit-base 280 55 "$OUT/step_vit_base.json" --models vit_base_patch16 --batch 256 \
       --variants main --warmup 3 --steps 10 --rounds 5 --timing-reserve 25 --profile fm_fast hf_compile
   fi
 
@@ -173,12 +200,12 @@ main_profile() {
   if [ "$DRY" = 1 ]; then
     stage train-vit-base 100 "$PY" -m fastmae.train --preset demo --data-backend synthetic --max-steps 12 \
       --log-every 4 --no-progress --run-dir "$train_dir" --vis-every-epochs 0
-  elif (( SECONDS - T0 + 70 + 10 <= 590 )); then
+  elif (( SECONDS - T0 + 70 + REPORT_S + 5 <= CALL_LIMIT )); then
     stage train-vit-base 70 "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend synthetic \
       --batch-size 256 --effective-batch 256 --max-steps 60 --log-every 10 --no-progress \
       --run-dir "$train_dir" --vis-every-epochs 0
   else
-    skip train-vit-base "$((SECONDS - T0)) s gone: 70 s more would not fit the 600 s call"
+    skip train-vit-base "$((SECONDS - T0)) s gone: 70 s more would not fit the ${CALL_LIMIT} s call"
   fi
   # the resolved config first (a line without img/s), so the report compares like with like
   if [ -f "$train_dir/metrics.jsonl" ]; then
@@ -192,12 +219,12 @@ main_profile() {
 
 large_profile() {
   if [ "$DRY" = 1 ]; then
-    step step-vit-large 380 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
-    step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --tiny --batch 4 max --variants hf_eager fm_ref
+    step step-vit-large 380 145 "$OUT/step_vit_large.json" --tiny --variants hf_eager fm_ref
+    step step-vit-large-max 130 15 "$OUT/step_vit_large_max.json" --tiny --batch 4 max --variants hf_eager fm_ref
   else
-    step step-vit-large 380 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
+    step step-vit-large 380 145 "$OUT/step_vit_large.json" --models vit_large_patch16 --batch 256 \
       --variants main --warmup 3 --steps 8 --rounds 4 --timing-reserve 30 --profile fm_fast hf_compile
-    step step-vit-large-max 130 "$OUT/step_vit_large_max.json" --models vit_large_patch16 --batch 256 max \
+    step step-vit-large-max 130 15 "$OUT/step_vit_large_max.json" --models vit_large_patch16 --batch 256 max \
       --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
   fi
   REPORTS=("$OUT/step_vit_large.json" "$OUT/step_vit_large_max.json")
@@ -205,14 +232,14 @@ large_profile() {
 
 ablations_profile() {
   if [ "$DRY" = 1 ]; then
-    step step-ablations 290 "$OUT/step_ablations.json" --tiny --variants ablations
-    step step-max-batch 140 "$OUT/step_max_batch.json" --tiny --batch 4 max --variants hf_eager fm_ref
+    step step-ablations 290 230 "$OUT/step_ablations.json" --tiny --variants ablations
+    step step-max-batch 140 90 "$OUT/step_max_batch.json" --tiny --batch 4 max --variants hf_eager fm_ref
   else
     # shellcheck disable=SC2086  # word splitting wanted: a list of variant names
-    step step-ablations 290 "$OUT/step_ablations.json" --models vit_base_patch16 --batch 256 \
+    step step-ablations 290 230 "$OUT/step_ablations.json" --models vit_base_patch16 --batch 256 \
       --variants ${FASTMAE_STEP_VARIANTS:-ablations} --warmup 3 --steps 8 --rounds 4 --timing-reserve 25
     # the largest batch: 256 first (its memory per image predicts where the search starts), then max
-    step step-max-batch 140 "$OUT/step_max_batch.json" --models vit_base_patch16 --batch 256 max \
+    step step-max-batch 140 90 "$OUT/step_max_batch.json" --models vit_base_patch16 --batch 256 max \
       --variants hf_eager fm_fast --warmup 2 --steps 5 --rounds 2 --max-batch-seconds 45
   fi
   sweep 75
@@ -240,7 +267,7 @@ main() {
   echo "fastmae device run: profile $PROFILE, dry run $DRY, OUT=$OUT, $(date -u +%FT%TZ)"
 
   # (1) environment report
-  stage env 10 "$PY" -m benchmarks.common --env-out "$OUT/$ENV_JSON" "profile=$PROFILE" "dryrun=$DRY"
+  stage env 20 "$PY" -m benchmarks.common --env-out "$OUT/$ENV_JSON" "profile=$PROFILE" "dryrun=$DRY"
 
   # (2) install the checkout (no index is reachable there: no deps, no build isolation)
   if [ "$DRY" = 1 ]; then

@@ -47,16 +47,18 @@ def gpu_tag(name: str | None) -> str:
 
 
 def prefix_of(src: Path) -> str:
-    """``<date>_<gpu>_`` from the run's environment: ``src/env.json`` (device.sh's report), else the
-    ``env`` block every benchmark JSON carries (a run that called one benchmark directly)."""
+    """``<date>_<gpu>_`` from the run's environment: device.sh's report (``env.json``, or
+    ``<profile>_env.json`` for another profile), else the ``env`` block every benchmark JSON carries
+    (a run that called one benchmark directly)."""
     date, gpu = datetime.date.today().isoformat(), "gpu"
-    candidates = [src / "env.json", *sorted(p for p in src.glob("*.json") if p.name != "env.json")]
+    reports = sorted(src.glob("*env.json"), key=lambda p: p.name != "env.json")
+    candidates = [*reports, *sorted(p for p in src.glob("*.json") if p not in reports)]
     for path in candidates:
         try:
             env = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        env = env if path.name == "env.json" else env.get("env") if isinstance(env, dict) else None
+        env = env if path in reports else env.get("env") if isinstance(env, dict) else None
         if not isinstance(env, dict) or not isinstance(env.get("device"), dict):
             continue
         date = str(env.get("date_utc", date))[:10]
@@ -72,14 +74,13 @@ def ingest(src: Path, dest: Path = RESULTS, force: bool = False) -> list[Path]:
         raise SystemExit(f"ingest: no files under {src}")
     prefix = prefix_of(src)
     dest.mkdir(parents=True, exist_ok=True)
-    out = []
-    for f in files:
-        target = dest / (prefix + "_".join(f.relative_to(src).parts))
-        if target.exists() and not force:
-            raise SystemExit(f"ingest: {target} exists (pass --force to overwrite)")
+    targets = [dest / (prefix + "_".join(f.relative_to(src).parts)) for f in files]
+    clash = [t.name for t in targets if t.exists()]
+    if clash and not force:  # checked before anything is copied: a refusal leaves dest as it was
+        raise SystemExit(f"ingest: {', '.join(clash)} exist(s) in {dest} (pass --force to overwrite)")
+    for f, target in zip(files, targets, strict=True):
         shutil.copyfile(f, target)
-        out.append(target)
-    return out + write_report(dest, prefix)
+    return targets + write_report(dest, prefix)
 
 
 def write_report(dest: Path, prefix: str) -> list[Path]:

@@ -131,7 +131,7 @@ def test_xformers_matches_math_fp32():
     assert_close_rel(attention(qkv, "xformers").float(), attention_math(qkv.float()), 2e-3, "xformers fp16")
 
 
-def test_model_with_each_backend_agrees():
+def test_model_with_each_backend_agrees(device):
     kw = dict(
         img_size=32,
         patch_size=8,
@@ -143,7 +143,8 @@ def test_model_with_each_backend_agrees():
         decoder_num_heads=2,
         norm_pix_loss=True,
     )
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    # on CUDA there (Triton compiled for the GPU; TRITON_INTERPRET is only set without CUDA)
+    imgs, noise = torch.randn(2, 3, 32, 32).to(device), torch.rand(2, 16).to(device)
     outs = {}
     # (encoder, decoder): the decoder's may differ (its head dim here is 16: sdpa_pad64 pads it)
     cases = [
@@ -152,12 +153,12 @@ def test_model_with_each_backend_agrees():
         ("auto", None),
         ("sdpa_pad64", None),
         ("math", "sdpa_pad64"),
-        ("triton", None),  # the Triton kernel, under the interpreter here
+        ("triton", None),  # the Triton kernel, under the interpreter on CPU
         ("sdpa", "triton"),
     ]
     for enc, dec in cases:
         torch.manual_seed(0)
-        m = MaskedAutoencoderViT(**kw, attn_backend=enc, decoder_attn_backend=dec)
+        m = MaskedAutoencoderViT(**kw, attn_backend=enc, decoder_attn_backend=dec).to(device)
         assert m.attn_backend == resolve_backend(enc) and m.blocks[0].attn.backend == m.attn_backend
         assert m.decoder_attn_backend == resolve_backend(dec or enc)
         assert m.decoder_blocks[0].attn.backend == m.decoder_attn_backend

@@ -98,6 +98,15 @@ def test_smoke_tiny_largest_batch(tmp_path: Path):
     assert "batch max" in table.read_text()
 
 
+def test_largest_batch_out_of_time_is_skipped_not_oom(tmp_path: Path):
+    """A search the time budget left no room for tried nothing: "skipped", not "oom"."""
+    rep, _, _ = _run(tmp_path, "--variants", "fm_ref", "--batch", "4", "max", "--no-ceilings",
+                     "--time-budget", "3", "--timing-reserve", "2.9")  # fmt: skip
+    (largest,) = [s for s in rep["settings"] if s["batch"] == "max"]
+    v = largest["variants"]["fm_ref"]
+    assert v["status"] == "skipped" and v["reason"] == "time budget (no batch size tried)", v
+
+
 def test_flop_count_matches_the_model_ops():
     """The shape-derived count = PyTorch's FLOP counter on the reference path's forward (math attention).
 

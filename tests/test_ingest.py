@@ -27,7 +27,7 @@ def test_ingest_names_copies_and_reports(tmp_path):
     ]
     assert (dest / "2026-11-28_h100_run.log").read_text() == "=== stages\n"
     assert "data.json" in (dest / "2026-11-28_h100_report.md").read_text()
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(SystemExit, match=r"exist\(s\)"):
         ingest(src, dest)  # never overwrites a committed result unless told to
     ingest(src, dest, force=True)
 
@@ -49,6 +49,31 @@ def test_prefix_from_a_benchmark_json_when_there_is_no_env_json(tmp_path):
     (src / "step_vit_large.json").write_text(json.dumps({"benchmark": "step", "env": env}))
     (src / "notes.json").write_text(json.dumps([1, 2]))  # not a dict: passed over
     assert prefix_of(src) == "2026-11-27_h200_"
+
+
+def test_a_profiles_env_names_a_run_without_benchmark_json(tmp_path):
+    """A "kernels" call whose sweep wrote nothing still has ``kernels_env.json``: it names the GPU."""
+    src = tmp_path / "files_at"
+    src.mkdir()
+    env = {"date_utc": "2026-11-29T00:00:00+00:00", "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}}
+    (src / "kernels_env.json").write_text(json.dumps(env))
+    (src / "run_kernels.log").write_text("=== stages\n")
+    assert prefix_of(src) == "2026-11-29_h100_"
+
+
+def test_a_clash_copies_nothing(tmp_path):
+    """A name already in results/ stops the ingest before any file is copied."""
+    src, dest = tmp_path / "files_at", tmp_path / "results"
+    src.mkdir()
+    dest.mkdir()
+    env = {"date_utc": "2026-11-29T00:00:00+00:00", "device": {"type": "cuda", "name": "NVIDIA H200"}}
+    (src / "env.json").write_text(json.dumps(env))
+    (src / "data_dali.json").write_text("{}")
+    (src / "run.log").write_text("new")
+    (dest / "2026-11-29_h200_run.log").write_text("old")
+    with pytest.raises(SystemExit, match="2026-11-29_h200_run.log exist"):
+        ingest(src, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["2026-11-29_h200_run.log"]
 
 
 def test_a_second_call_joins_the_first_calls_report(tmp_path):

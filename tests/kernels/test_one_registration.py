@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
@@ -37,8 +39,9 @@ hub = is_kernels_available()
 import kernels
 import kernels.masked_mse
 
-imgs = torch.randn(2, 3, 16, 16)
-ids = torch.tensor([[0, 3], [2, 1]])
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+imgs = torch.randn(2, 3, 16, 16, device=dev)
+ids = torch.tensor([[0, 3], [2, 1]], device=dev)
 out = [torch.equal(patch_gather(imgs, ids, 8), patch_gather_ref(imgs, ids, 8)) for _ in range(20)]
 json.dump({
     "top_level_is_canonical": kernels is fk and sys.modules["kernels"] is fk,
@@ -51,7 +54,9 @@ json.dump({
 
 
 def test_kernels_imported_under_two_names_register_once():
-    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    # the interpreter for CPU tensors only: on a GPU machine the subprocess runs the compiled kernels
+    interpret = "0" if torch.cuda.is_available() else "1"
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", interpret)}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
