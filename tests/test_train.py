@@ -120,7 +120,7 @@ def test_gradient_accumulation_changes_nothing(tiny_data, tmp_path, n_images):
         s = ra["step"]
         assert ra["lr"] == rb["lr"], f"step {s}"
         assert ra["epoch"] == rb["epoch"] == round(s / steps_per_epoch, 4), f"step {s}"
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), f"step {s}"
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), f"step {s}"  # measured 1e-7: the sums' order
 
 
 RESUME_ARGS = ["--epochs", "4", "--ckpt-every-steps", "3"]
@@ -163,7 +163,7 @@ def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_pat
     assert (run / f"ckpt-step{stopped_at:09d}.pt").is_file()  # saved where it stopped, not at an epoch end
     assert main(tiny_args(tiny_data, run, *RESUME_ARGS, "--resume", "auto")) == 0
     for (s, a), (_, b) in zip(losses(run), uninterrupted, strict=True):
-        assert a == pytest.approx(b, rel=1e-6, abs=0), f"step {s} (stopped after {stopped_at})"
+        assert a == b, f"step {s} (stopped after {stopped_at})"  # bitwise: the same ops in the same order
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path, uninterrupted):
@@ -188,7 +188,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path, uninterr
     resumed = losses(run)
     assert [s for s, _ in resumed] == [s for s, _ in reference]
     for (s, la), (_, lb) in zip(resumed, reference, strict=True):
-        assert la == pytest.approx(lb, rel=1e-6, abs=0), f"step {s} (killed after {seen} steps)"
+        assert la == lb, f"step {s} (killed after {seen} steps)"  # bitwise: the same ops in the same order
 
 
 def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsys):
@@ -206,7 +206,7 @@ def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsy
     resumed, reference = losses(run), losses(tmp_path / "ref")
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, 17))
     for (s, a), (_, b) in zip(resumed, reference, strict=True):
-        assert a == pytest.approx(b, rel=1e-5), f"step {s}"
+        assert a == pytest.approx(b, rel=1e-6), f"step {s}"  # measured 1e-7: accumulation sums in another order
 
 
 def test_resume_errors_are_one_line_and_fp16_can_follow_fp32(tiny_data, tmp_path, capsys):

@@ -4,8 +4,10 @@ The trainer runs as users run it (``main``: real loader, AdamW groups, per-step 
 CPU). Hugging Face's ``ViTMAEForPreTraining``, converted from the trainer's initial weights with
 ``fastmae.convert.to_hf`` (sdpa attention), is trained in a hand-written loop on the same batches
 and masking noise, with AdamW built by the same grouping rule on HF's own parameter names (split
-q/k/v changes nothing for an element-wise optimizer). The per-step losses must agree within 1e-4
-relative: what the trainer adds to the model (accumulation, schedule, noise slicing) is faithful.
+q/k/v changes nothing for an element-wise optimizer). The per-step losses must agree within 2e-6
+relative (the issue asks 1e-4; measured 2e-7, float32 rounding in another order): what the trainer
+adds to the model (accumulation, schedule, noise slicing, weight-decay groups) is faithful. At 1e-4
+an AdamW eps of 1e-7, or three weight-decay groups wrong, passed.
 """
 
 from __future__ import annotations
@@ -68,4 +70,4 @@ def test_fifty_steps_match_hugging_face(tiny_data, tmp_path):  # noqa: F811
 
     assert trainer_losses[-1] < 0.9 * trainer_losses[0]  # the runs moved
     for s, (a, b) in enumerate(zip(trainer_losses, hf_losses, strict=True), start=1):
-        assert a == pytest.approx(b, rel=1e-4), f"step {s}: fastmae {a:.8f} vs HF {b:.8f}"
+        assert a == pytest.approx(b, rel=2e-6), f"step {s}: fastmae {a:.8f} vs HF {b:.8f}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import importlib
 import zlib
 from collections.abc import Callable
 
@@ -99,3 +101,20 @@ def close() -> Callable[..., None]:
 def seed(request: pytest.FixtureRequest) -> int:
     """A seed of its own for every test case, reproducible across runs (unlike ``hash`` of a str)."""
     return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+    """Launches per op (``counts["masked_mse"]``), counted where each launcher reads its launch
+    configuration: a test that asserts them fails if the op handed back its reference instead of
+    running its kernel. Not autouse: a counter in a compiled region would break its graph."""
+    counts: collections.Counter = collections.Counter()
+    for op in ("patch_gather", "encoder_input", "unshuffle", "masked_mse", "attention"):
+        module = importlib.import_module(f"fastmae.kernels.{op}")
+
+        def counting(*args, _op=op, _rule=module._launch_config):
+            counts[_op] += 1
+            return _rule(*args)
+
+        monkeypatch.setattr(module, "_launch_config", counting)
+    return counts

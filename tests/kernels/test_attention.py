@@ -61,8 +61,9 @@ def _check(case, dtype, device, seed, check):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_attention(case, dtype, device, seed, check):
+def test_attention(case, dtype, device, seed, check, launched):
     _check(case, dtype, device, seed, check)
+    assert launched["attention"] == 2  # the kernels ran: forward and backward
 
 
 # (fwd BLOCK_M, fwd BLOCK_N, bwd BLOCK_M, bwd BLOCK_N, tails): the GPU's tiles, under the
@@ -84,8 +85,12 @@ TILINGS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attention_tilings(case, tiling, dtype, device, seed, check, monkeypatch):
     fbm, fbn, bbm, bbn, tails = tiling
-    monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (fbm, fbn, 4, bbm, bbn, 4, 2, tails))
+    used = []
+    monkeypatch.setattr(
+        attention_module, "_launch_config", lambda N, Dh, dev: used.append(N) or (fbm, fbn, 4, bbm, bbn, 4, 2, tails)
+    )
     _check(case, dtype, device, seed, check)
+    assert used == [case[1], case[1]]  # forward and backward ran at this tiling
 
 
 def test_tail_blocks():
@@ -134,7 +139,11 @@ def test_batch_head_pairs_past_the_grid_limit_launch_in_chunks(device, seed, che
     assert attention_module._bh_chunks(65536 * 2) == [(0, 65535), (65535, 65535), (131070, 2)]
     monkeypatch.setattr(attention_module, "MAX_GRID_Y", 3)
     monkeypatch.setattr(attention_module, "_launch_config", lambda N, Dh, dev: (64, 64, 4, 64, 64, 4, 2, True))
+    chunks = []
+    bh_chunks = attention_module._bh_chunks
+    monkeypatch.setattr(attention_module, "_bh_chunks", lambda bh: chunks.append(bh_chunks(bh)) or chunks[-1])
     _check((4, 70, 2, 16), torch.float32, device, seed, check)
+    assert chunks == [[(0, 3), (3, 3), (6, 2)]] * 2  # forward and backward, in three launches each
 
 
 def test_attention_sum_backward(device, close):

@@ -24,7 +24,7 @@ def _ids(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_encoder_input(case, dtype, device, seed, check, close):
+def test_encoder_input(case, dtype, device, seed, check, close, launched):
     N, L, D, ratio = case
     K = int(L * (1 - ratio))
     g = torch.Generator().manual_seed(seed)
@@ -41,6 +41,7 @@ def test_encoder_input(case, dtype, device, seed, check, close):
         return out, x.grad, cls.grad
 
     out, gx, gcls = run(encoder_input, x, cls, pos)
+    assert launched["encoder_input"] == 1  # the kernel ran (its backward is a gather in PyTorch)
     ref = run(encoder_input_ref, x.float(), cls.float(), pos.float())
     low = run(encoder_input_ref, x, cls, pos) if dtype != torch.float32 else (None, None, None)
     assert out.dtype == dtype and gx.dtype == dtype and gcls.dtype == dtype

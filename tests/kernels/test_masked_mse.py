@@ -53,10 +53,11 @@ def _run(fn, pred, imgs, mask, P, norm_pix):
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_masked_mse(case, dtype, norm_pix, device, seed, check):
+def test_masked_mse(case, dtype, norm_pix, device, seed, check, launched):
     P = case[3]
     pred, imgs, mask = _make(*case, dtype, device, seed)
     loss, grad = _run(masked_mse, pred, imgs, mask, P, norm_pix)
+    assert launched["masked_mse"] == 2  # the kernels ran: forward and backward
     ref = _run(masked_mse_ref, pred.float(), imgs.float(), mask, P, norm_pix)
     low = _run(masked_mse_ref, pred, imgs, mask, P, norm_pix) if dtype != torch.float32 else (None, None)
     assert loss.dtype == torch.float32 and loss.dim() == 0 and grad.dtype == dtype

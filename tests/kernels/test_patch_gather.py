@@ -34,10 +34,11 @@ def _make(N: int, H: int, W: int, P: int, ratio: float, dtype: torch.dtype, devi
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_patch_gather(case, dtype, device, seed, close):
+def test_patch_gather(case, dtype, device, seed, close, launched):
     N, H, W, P, ratio = case
     imgs, ids_keep = _make(N, H, W, P, ratio, dtype, device, seed=seed)
     out = patch_gather(imgs, ids_keep, P)
+    assert launched["patch_gather"] == (1 if out.numel() else 0)  # the kernel ran
     assert out.dtype == dtype
     close(out, patch_gather_ref(imgs, ids_keep, P), atol=0.0, name="patch_gather")
 

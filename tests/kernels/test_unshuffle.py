@@ -45,9 +45,10 @@ def _run(fn, x, mask_token, pos, ids_restore, grad_out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_unshuffle(case, dtype, device, seed, check, close):
+def test_unshuffle(case, dtype, device, seed, check, close, launched):
     x, mask_token, pos, ids_restore, grad_out = _make(*case, dtype, device, seed)
     out, gx, gmask = _run(unshuffle, x, mask_token, pos, ids_restore, grad_out)
+    assert launched["unshuffle"] == 2  # the kernels ran: forward and backward
     ref = _run(unshuffle_ref, x.float(), mask_token.float(), pos.float(), ids_restore, grad_out.float())
     low = [None] * 3
     if dtype != torch.float32:
