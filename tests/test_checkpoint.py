@@ -98,11 +98,42 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    random.random(), np.random.randn(), torch.rand(1)
+    # one gauss / randn each: both generators hold the pair's second normal back for the next call
+    random.random(), random.gauss(0.0, 1.0), np.random.randn(), torch.rand(1)
     ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
-    expected = (random.random(), np.random.randn(), torch.rand(3))
+    expected = (random.gauss(0.0, 1.0), random.random(), np.random.randn(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "rng.pt")["rng"])  # weights_only=True
-    assert random.random() == expected[0]
-    assert np.random.randn() == expected[1]
-    assert torch.equal(torch.rand(3), expected[2])
+    assert random.gauss(0.0, 1.0) == expected[0]  # the held-back normal (random's gauss_next)
+    assert random.random() == expected[1]
+    assert np.random.randn() == expected[2]
+    assert torch.equal(torch.rand(3), expected[3])
+
+
+class _FakeCuda:
+    """torch.cuda's RNG-state calls on a machine with ``n`` GPUs, each state a distinct tensor."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int, offset: int = 0):
+        self.states = [torch.arange(16, dtype=torch.uint8) + 16 * i + offset for i in range(n)]
+        self.restored: list[list[torch.Tensor]] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in self.states])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: self.restored.append(list(states)))
+
+
+def test_cuda_rng_state_round_trips(tmp_path, monkeypatch):
+    """The CPU twin of a GPU resume: every device's CUDA RNG state saved is the one restored (a
+    saved state is only restored onto as many devices as it was saved from)."""
+    saved = _FakeCuda(monkeypatch, n=2)
+    ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    state = ckpt.load_checkpoint(tmp_path / "rng.pt")["rng"]  # weights_only=True
+    now = _FakeCuda(monkeypatch, n=2, offset=100)  # another process: other states, nothing restored yet
+    ckpt.set_rng_state(state)
+    assert len(now.restored) == 1 and len(now.restored[0]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(now.restored[0], saved.states, strict=True))
+    other = _FakeCuda(monkeypatch, n=1)  # resumed on another GPU count: CUDA's RNG left alone
+    ckpt.set_rng_state(state)
+    assert other.restored == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # saved without CUDA: no "cuda" entry
+    assert "cuda" not in ckpt.rng_state()

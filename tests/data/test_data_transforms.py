@@ -11,6 +11,7 @@ from PIL import Image
 
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, rrc_params, sample_params
 from fastmae.data.transforms import CropParams, augment, to_rgb
+from tests.data.conftest import translucent
 
 try:
     import torchvision.transforms as T
@@ -113,6 +114,11 @@ def test_to_rgb_modes(mode):
         a = np.asarray(rgb.convert("L"), dtype=np.uint16) * 256
         img = Image.fromarray(a) if mode == "I;16" else Image.fromarray(a.astype(np.int32), mode="I")
         want = np.repeat(np.asarray(rgb.convert("L"))[..., None], 3, -1)
+    elif mode in ("RGBA", "LA"):  # transparent to nearly opaque: alpha dropped, as torchvision's loader does
+        img = translucent(rgb).convert(mode)
+        want = np.asarray(rgb.convert(mode[:-1]).convert("RGB"))
+        alpha = np.asarray(img)[..., -1]
+        assert alpha.min() == 0 and len(np.unique(alpha)) == 64
     else:
         img = rgb.convert(mode)
         want = np.asarray(img.convert("RGB"))

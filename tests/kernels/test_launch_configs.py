@@ -9,6 +9,8 @@ widths are not powers of two. (num_warps changes nothing under the interpreter; 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -114,3 +116,18 @@ def test_launch_knobs_by_position_and_errors():
         _knob_values("patch_gather", 4)
     with pytest.raises(ValueError, match=r"unshuffle has 2 launch knob\(s\) \(columns, stages\)"):
         _knob_values("unshuffle", (256, 3, 1))
+
+
+@pytest.mark.parametrize("P", [16, 14])
+def test_patch_gather_gpu_rule_column_blocks(P, device, seed, close):
+    """ViT's patch sizes at the GPU rule: 3 column blocks of 16 (c, p) lines each (48 lines at patch
+    16, 42 at 14: the last block ragged) and 2 row blocks (18 rows: the last ragged). The sweep's
+    patch 8 fits in one column block, where a wrong column-block offset goes unseen."""
+    rule = importlib.import_module("fastmae.kernels.patch_gather")._launch_config
+    block_r, block_cp, _ = rule(18, 3, P, torch.device("cuda"))
+    assert (-(-18 // block_r), -(-3 * P // block_cp)) == (2, 3), "the GPU rule changed: pick other shapes"
+    imgs, ids_keep = gather_cases._make(3, 3 * P, 4 * P, P, 0.5, torch.float32, device, seed)  # 12 patches, 6 kept
+    with launch_config("patch_gather") as chosen:
+        out = patch_gather(imgs, ids_keep, P)
+    assert chosen["rule"][0] == block_r, "the launcher did not ask for its GPU configuration"
+    close(out, patch_gather_ref(imgs, ids_keep, P), atol=0.0, name=f"patch_gather P{P} at the GPU rule")
