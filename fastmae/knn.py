@@ -7,10 +7,13 @@ during pretraining, with no training of its own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger("fastmae.knn")
 
 
 @torch.no_grad()
@@ -141,13 +144,22 @@ class KnnMonitor:
 
     @torch.no_grad()
     def evaluate(self, model, autocast=None) -> dict[str, float]:
-        """Top-1 / top-5 (%) of the weighted kNN; the model is put back in its previous mode."""
+        """Top-1 / top-5 (%) of the weighted kNN; the model is put back in its previous mode.
+
+        A monitor, not the run: when a split has no readable image left (the loaders skip and
+        report unreadable files), the accuracies are NaN, logged, and training goes on.
+        """
         from contextlib import nullcontext
 
         was_training = model.training
         model.eval()
-        with autocast if autocast is not None else nullcontext():
-            train_f, train_y = extract_features(lambda x: self.features(model, x), self.train)
-            val_f, val_y = extract_features(lambda x: self.features(model, x), self.val)
-        model.train(was_training)
+        try:
+            with autocast if autocast is not None else nullcontext():
+                train_f, train_y = extract_features(lambda x: self.features(model, x), self.train)
+                val_f, val_y = extract_features(lambda x: self.features(model, x), self.val)
+        except ValueError as e:  # no batches: every image of a split unreadable
+            logger.warning("kNN monitor skipped: %s (see the bad-file report)", e)
+            return {"top1": float("nan"), "top5": float("nan")}
+        finally:
+            model.train(was_training)
         return knn_accuracy(train_f, train_y, val_f, val_y, self.num_classes, self.k, self.temperature)

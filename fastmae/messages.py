@@ -66,16 +66,23 @@ def quiet_selective_checkpoint_notice() -> None:
         log.addFilter(_DropMessage("context_fn is passed to torch.utils.checkpoint under torch.compile"))
 
 
+def _smaller_batch(cfg: Config) -> str:
+    """The largest per-process batch of at most half the current one that keeps the effective batch
+    (so the recipe, and the results), with the accumulation that does; 1 always qualifies."""
+    B, world = cfg.batch_size, int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.effective_batch and not cfg.accum_iter:  # the accumulation is derived from the effective batch
+        b = max(d for d in range(1, B // 2 + 1) if cfg.effective_batch % (d * world) == 0)
+        return f"--batch-size {b} (the effective batch {cfg.effective_batch} and so the recipe stay the same)"
+    accum = cfg.accum_iter or 1
+    b = max(d for d in range(1, B // 2 + 1) if (B * accum) % d == 0)
+    return f"--batch-size {b} --accum-iter {B * accum // b} (the same effective batch {B * accum * world})"
+
+
 def out_of_memory_hint(cfg: Config) -> str:
     """One line: what ran out, and the ways to fit that keep the run's results."""
     ways = []
     if cfg.batch_size > 1:
-        keep = (
-            f"the effective batch {cfg.effective_batch} and so the recipe stay the same"
-            if cfg.effective_batch and not cfg.accum_iter
-            else "double --accum-iter to keep the effective batch"
-        )
-        ways.append(f"--batch-size {cfg.batch_size // 2} ({keep})")
+        ways.append(_smaller_batch(cfg))
     # what the run used (out of memory happens on CUDA, where compile is on unless turned off)
     used = resolve_activation_checkpointing(cfg.activation_checkpointing, "cuda", cfg.compile is not False)
     if used != "full":

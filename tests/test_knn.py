@@ -70,3 +70,26 @@ def test_knn_monitor_needs_labels(tmp_path):
         Image.new("RGB", (40, 40), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
     with pytest.raises(DataError, match="labelled"):
         KnnMonitor(open_source(tmp_path), 32, torch.device("cpu"))
+
+
+def test_knn_monitor_with_nothing_readable_logs_nan_and_restores_the_mode(tmp_path, caplog):
+    """The monitor never stops a pretraining run: a split with no readable image left gives NaN
+    accuracies and a warning, and the model goes back to training mode."""
+    from PIL import Image
+
+    from fastmae.data.sources import open_source
+    from fastmae.knn import KnnMonitor
+    from fastmae.model import MaskedAutoencoderViT
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(4):
+            Image.new("RGB", (40, 40), (60 * c, 30 * i, 0)).save(tmp_path / f"c{c}" / f"{i}.png")
+    monitor = KnnMonitor(open_source(tmp_path), 32, torch.device("cpu"), num_workers=0)
+    for path, _ in monitor.val.samples:
+        open(path, "wb").close()  # every val image unreadable from now on
+    model = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).train()  # fmt: skip
+    acc = monitor.evaluate(model)
+    assert math.isnan(acc["top1"]) and math.isnan(acc["top5"]) and model.training
+    assert "kNN monitor skipped" in caplog.text

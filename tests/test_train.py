@@ -238,8 +238,13 @@ def test_resume_errors_are_one_line_and_fp16_can_follow_fp32(tiny_data, tmp_path
         (["--activation-checkpointing", "none"], "--batch-size 8 (the effective batch 64 and so the recipe "
          "stay the same), or --activation-checkpointing selective (recomputes norms and GELU) or full"),
         (["--activation-checkpointing", "selective", "--accum-iter", "2"],
-         "--batch-size 8 (double --accum-iter to keep the effective batch), or --activation-checkpointing full"),
+         "--batch-size 8 --accum-iter 4 (the same effective batch 32), or --activation-checkpointing full"),
         (["--activation-checkpointing", "full", "--batch-size", "1"], "full activation checkpointing: this model"),
+        # half of 5 does not divide 15: the largest batch that keeps it is 1; a fixed accumulation
+        # of 2 at batch 3 becomes 6 at batch 1; no effective batch (the demo's): accumulate 2
+        (["--batch-size", "5", "--effective-batch", "15"], "--batch-size 1 (the effective batch 15 and so"),
+        (["--batch-size", "3", "--accum-iter", "2"], "--batch-size 1 --accum-iter 6 (the same effective batch 6)"),
+        (["--effective-batch", "0"], "--batch-size 8 --accum-iter 2 (the same effective batch 16)"),
     ],
 )  # fmt: skip
 def test_out_of_memory_is_one_line_with_the_ways_to_fit(monkeypatch, capsys, flags, hint):

@@ -1,8 +1,10 @@
 """Evaluation data: a deterministic center crop, every image once, sharded over ranks.
 
-The evaluation transform of the MAE fine-tuning recipe is ``Resize(S / 0.875, bicubic)`` +
-``CenterCrop(S)``: the central ``0.875`` of the shorter side, scaled to ``S``. Here the same window
-is cut first and then resized (one bicubic resample instead of two), the same field of view.
+The evaluation transform of the MAE fine-tuning recipe (``util/datasets.py``) is
+``Resize(S / crop_pct, bicubic)`` + ``CenterCrop(S)`` with ``crop_pct = 224 / 256`` for ``S <= 224``
+and ``1.0`` above: the central ``0.875`` of the shorter side (the whole of it above 224 px), scaled
+to ``S``. Here the same window is cut first and then resized (one bicubic resample instead of two),
+the same field of view.
 
 Rank ``r`` of ``w`` evaluates samples ``r, r + w, r + 2w, ...``: each image exactly once across the
 ranks, so summing correct counts over ranks gives the exact accuracy. Unreadable images are left
@@ -26,20 +28,27 @@ from fastmae.data.transforms import CropParams, augment, load_rgb
 EVAL_CROP = 0.875  # 224 / 256
 
 
+def eval_crop(size: int) -> float:
+    """The reference's ``crop_pct`` for a ``size`` px evaluation: 224 / 256 up to 224, else 1.0."""
+    return EVAL_CROP if size <= 224 else 1.0
+
+
 def center_crop_params(height: int, width: int, crop: float = EVAL_CROP) -> CropParams:
     """The square window of side ``crop * min(height, width)`` at the image's center, unflipped."""
     side = max(1, round(min(height, width) * crop))
     return CropParams(top=(height - side) // 2, left=(width - side) // 2, height=side, width=side, flip=False)
 
 
-def eval_transform(path: str, size: int, crop: float = EVAL_CROP) -> torch.Tensor:
-    """``(3, size, size)`` float32, ImageNet-normalised center crop of the image at ``path``."""
+def eval_transform(path: str, size: int, crop: float | None = None) -> torch.Tensor:
+    """``(3, size, size)`` float32, ImageNet-normalised center crop of the image at ``path``
+    (``crop``: the share of the shorter side kept; None: the reference's for ``size``)."""
     img = load_rgb(path)
+    crop = eval_crop(size) if crop is None else crop
     return augment(img, center_crop_params(img.height, img.width, crop), size)
 
 
 class _EvalDataset(Dataset):
-    def __init__(self, samples: list[tuple[str, int]], size: int, crop: float):
+    def __init__(self, samples: list[tuple[str, int]], size: int, crop: float | None):
         self.samples, self.size, self.crop = samples, size, crop
 
     def __len__(self) -> int:
@@ -79,7 +88,7 @@ class EvalLoader:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         num_workers: int = 2,
-        crop: float = EVAL_CROP,
+        crop: float | None = None,
         report_dir: str | os.PathLike | None = None,
     ):
         if len(source) == 0:
@@ -119,17 +128,24 @@ def split_source(source: Source, val_fraction: float, seed: int = 0) -> tuple[So
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val fraction must be in (0, 1), got {val_fraction}")
-    labels = np.array([y for _, y in source.samples])
+    # split distinct files (a list that names one file twice must not put it on both sides)
+    first: dict[str, int] = {}
+    for i, (path, _) in enumerate(source.samples):
+        first.setdefault(path, i)
+    files = sorted(first.values())
+    labels = np.array([source.samples[i][1] for i in files])
     rng = np.random.default_rng(seed)
-    val_idx: list[int] = []
+    val_paths: set[str] = set()
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)
         n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx)))) if len(idx) > 1 else 0
-        val_idx.extend(rng.permutation(idx)[:n_val].tolist())
-    val_set = set(val_idx)
-    train = [s for i, s in enumerate(source.samples) if i not in val_set]
-    val = [s for i, s in enumerate(source.samples) if i in val_set]
+        val_paths.update(source.samples[files[j]][0] for j in rng.permutation(idx)[:n_val])
+    train = [s for s in source.samples if s[0] not in val_paths]
+    val = [source.samples[i] for i in files if source.samples[i][0] in val_paths]
     if not val:
         raise DataError("the val split is empty: use a larger --val-fraction or a --val-path")
-    make = lambda samples: Source(root=source.root, samples=samples, kind=source.kind, classes=source.classes)
-    return make(train), make(val)
+    make = lambda samples, missing=(): Source(
+        root=source.root, samples=samples, kind=source.kind, classes=source.classes, missing=list(missing)
+    )
+    # the listed-but-missing files go with the training half, whose loader reports them
+    return make(train, source.missing), make(val)

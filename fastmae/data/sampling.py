@@ -133,6 +133,8 @@ class EpochPlan:
                 )
         saved_global = int(state.get("global_batch", state.get("batch_size", 0) * state.get("world_size", 1)))
         position = int(state["step"]) * (saved_global or self.global_batch)
+        if position + (saved_global or self.global_batch) > self.num_samples:
+            return self.steps_per_epoch  # the saved epoch was used up: the next pass starts the next one
         if position % self.global_batch:
             raise DataError(
                 f"cannot resume the data order exactly: {position} images into the epoch is not a whole "

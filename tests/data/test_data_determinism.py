@@ -189,3 +189,13 @@ def test_torch_loader_and_synthetic_on_cuda(demo_root):
     syn = build_loader("synthetic", None, batch_size=2, image_size=16, steps_per_epoch=2, device="cuda")
     x, y = next(iter(syn))
     assert x.is_cuda and y.is_cuda
+
+
+def test_resume_step_of_a_used_up_epoch_under_another_global_batch():
+    """A state saved at the end of an epoch (step == len) continues with the next epoch, whatever
+    the new global batch; mid-epoch, a position off the new batches' grid is refused."""
+    plan = EpochPlan(10, 4)
+    assert plan.resume_step({"num_samples": 10, "seed": 0, "step": 5, "global_batch": 2}) == plan.steps_per_epoch
+    assert plan.resume_step({"num_samples": 10, "seed": 0, "step": 2, "global_batch": 2}) == 1
+    with pytest.raises(DataError, match="not a whole number of global batches of 4"):
+        plan.resume_step({"num_samples": 10, "seed": 0, "step": 1, "global_batch": 2})
