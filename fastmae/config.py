@@ -1,7 +1,8 @@
 """The trainer's configuration: one typed dataclass, presets, a JSON config file and the CLI.
 
 Resolution order, later wins: the dataclass defaults (the paper's recipe), the preset, the config
-file (``--config run.json``), then each ``--field value`` on the command line. Every field is a
+file (``--config run.json``; with ``--run-dir R --resume ...`` and no ``--config``, R's saved
+``config.json``), then each ``--field value`` on the command line. Every field is a
 flag (``embed_dim`` -> ``--embed-dim``; booleans as ``--flag`` / ``--no-flag``). Bad values raise
 :class:`ConfigError`, whose message is one line fit for ``parser.error`` (exit code 2).
 
@@ -304,12 +305,22 @@ def make_config(overrides: dict[str, Any] | None = None) -> Config:
     return Config(**values)
 
 
+# fields that belong to one invocation, not to the run it continues
+PER_INVOCATION = ("max_steps", "resume", "run_dir")
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
     """The config from the command line (``argv=None``: ``sys.argv[1:]``); exits 2 with one line on a bad value."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     try:
         file_values = read_config_file(args.pop("config")) if "config" in args else {}
+        saved = Path(args.get("run_dir", "")) / "config.json"
+        if not file_values and args.get("resume") and args.get("run_dir") and saved.is_file():
+            # `--run-dir R --resume ...` continues R's own run: its saved config (preset, data,
+            # recipe) under the flags given, as the stop messages' short command promises; what
+            # only limited that invocation (--max-steps) is not carried over
+            file_values = {k: v for k, v in read_config_file(saved).items() if k not in PER_INVOCATION}
         if "preset" in args:
             file_values.pop("preset", None)
         cfg = make_config({**file_values, **args})

@@ -397,3 +397,14 @@ def test_triton_attention_on_cpu_runs_interpreted(monkeypatch):
     model = train_mod.build_model(cfg, torch.device("cpu"))
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert model.blocks[0].attn.backend == "triton" and model.decoder_blocks[0].attn.backend == "sdpa"
+
+
+def test_resume_from_the_run_dir_alone_continues_that_run(tiny_data, tmp_path, capsys):
+    """`--run-dir R --resume auto` (what the stop messages print) takes R's saved config: the tiny
+    model and its data, not the demo preset's; --max-steps of the first invocation is not carried."""
+    main(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "2"))
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_data, run, "--epochs", "2", "--max-steps", "5")) == 0
+    assert main(["--run-dir", str(run), "--resume", "auto"]) == 0, capsys.readouterr().err
+    assert [s for s, _ in losses(run)] == list(range(1, 17))
+    assert losses(run) == losses(tmp_path / "ref")
