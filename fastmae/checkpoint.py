@@ -57,6 +57,14 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint's file name carries (``ckpt-[epochE-]stepS.pt``)."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a checkpoint name: {Path(path).name}")
+    return int(m.group(2))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``[(step, path), ...]`` of the complete checkpoints in ``run_dir``, oldest first."""
     run_dir = Path(run_dir)

@@ -306,7 +306,7 @@ def make_config(overrides: dict[str, Any] | None = None) -> Config:
 
 
 # fields that belong to one invocation, not to the run it continues
-PER_INVOCATION = ("max_steps", "resume", "run_dir")
+PER_INVOCATION = ("max_steps", "resume", "run_dir", "device")  # device: the machine's, not the run's
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -352,13 +352,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if heads < 1 or dim % heads:
             raise ConfigError(f"{name}embed_dim {dim} is not divisible by {name}num_heads {heads}")
     for name in (
-        "embed_dim", "depth", "decoder_embed_dim", "decoder_depth", "batch_size", "epochs", "log_every",
-        "ckpt_every_steps", "keep_last",
+        "embed_dim", "depth", "decoder_embed_dim", "batch_size", "epochs", "log_every", "ckpt_every_steps",
+        "keep_last",
     ):  # fmt: skip
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in (
-        "seed", "effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples",
+        "decoder_depth", "seed", "effective_batch", "accum_iter", "max_steps", "num_workers", "demo_images", "vis_samples",
         "knn_every", "knn_max_images", "keep_every_epochs", "vis_every_epochs", "blr", "min_lr", "weight_decay",
     ):  # fmt: skip
         if getattr(cfg, name) < 0:

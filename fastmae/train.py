@@ -82,21 +82,25 @@ def lr_at(epoch: float, peak_lr: float, cfg: Config) -> float:
     return cfg.min_lr + (peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_aside_unverified(run_dir: Path, bad_step: int) -> Path | None:
-    """After a non-finite loss at optimizer step ``bad_step``: the newest checkpoint known to be good.
+def set_aside_unverified(run_dir: Path, bad_step: int, written: list[Path]) -> Path | None:
+    """After a non-finite loss at optimizer step ``bad_step``: set aside what this run wrote from
+    the weights that gave it, and return the checkpoint ``--resume auto`` will now pick.
 
     The checkpoint of step s holds the weights that step s + 1's forward used, so it is verified once
-    that loss came out finite. Those of step >= bad_step - 1 are not (the one of bad_step - 1 gave the
-    non-finite loss): they are renamed ``*.pt.nonfinite``, kept for a look, and ``--resume auto``
-    starts from the newest verified one instead.
+    that loss came out finite. Those this invocation wrote (``written``) at step >= bad_step - 1 are
+    not: they are renamed ``*.pt.nonfinite`` (kept for a look; an earlier one of the name is not
+    overwritten). Checkpoints of earlier invocations are left alone: a run resumed from an older
+    one, with other settings, must not erase the timeline it branched from.
     """
-    verified = []
+    mine = {p.resolve() for p in written}
     for s, path in ckpt.list_checkpoints(run_dir):
-        if s >= bad_step - 1:
-            path.rename(path.with_name(path.name + ".nonfinite"))
-        else:
-            verified.append(path)
-    return verified[-1] if verified else None
+        if s >= bad_step - 1 and path.resolve() in mine:
+            target, n = path.with_name(path.name + ".nonfinite"), 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}.nonfinite{n}"), n + 1
+            path.rename(target)
+    remaining = ckpt.list_checkpoints(run_dir)
+    return remaining[-1][1] if remaining else None
 
 
 def masking_noise(gen: torch.Generator, seed: int, step: int, rows: int, num_patches: int) -> torch.Tensor:
@@ -258,15 +262,20 @@ def train(cfg: Config) -> TrainResult:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    # the kNN monitor's labelled images, found by rank 0 (which alone runs it) before anything is
-    # written; every rank gets its error
-    knn_source = None
+    # the kNN monitor, built by rank 0 (which alone runs it) before anything is written; every rank
+    # gets its error
+    knn = None
     if cfg.knn_every:
         try:
-            knn_source = knn_images(cfg, loader) if main else None
-        except (ConfigError, DataError) as e:
-            knn_source = e
-        error = distributed.broadcast_object(knn_source if isinstance(knn_source, Exception) else None)
+            if main:
+                from fastmae.knn import KnnMonitor
+
+                knn = KnnMonitor(
+                    knn_images(cfg, loader), cfg.img_size, device, max_images=cfg.knn_max_images, seed=cfg.seed
+                )
+        except (ConfigError, DataError) as e:  # no labels, an empty val split, ...
+            knn = e
+        error = distributed.broadcast_object(knn if isinstance(knn, Exception) else None)
         if error is not None:
             raise error
 
@@ -345,12 +354,6 @@ def train(cfg: Config) -> TrainResult:
             flush=True,
         )
 
-    knn = None
-    if knn_source is not None:
-        from fastmae.knn import KnnMonitor
-
-        knn = KnnMonitor(knn_source, cfg.img_size, device, max_images=cfg.knn_max_images, seed=cfg.seed)
-
     vis_images = None
     if main and vis_paths and cfg.vis_samples:
         from fastmae.visualize import pick_images
@@ -371,6 +374,7 @@ def train(cfg: Config) -> TrainResult:
         return path
 
     result = TrainResult(run_dir=run_dir, step=step, checkpoint=resume_path, metrics=run_dir / "metrics.jsonl")
+    written: list[Path] = []  # the checkpoints this invocation saved (rank 0)
     noise_gen = torch.Generator(device=device)
     num_patches = model.num_patches
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -397,7 +401,10 @@ def train(cfg: Config) -> TrainResult:
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
             bad = int(first_bad.item())
             bad = bad if bad <= step else step  # every loss finite, their sum not: name the log step
-            last = set_aside_unverified(run_dir, bad) if main else None
+            last = set_aside_unverified(run_dir, bad, written) if main else None
+            if last is not None and resume_path is not None and last.resolve() == Path(resume_path).resolve():
+                if ckpt.checkpoint_step(last) == bad - 1:  # this run started from the weights that gave it
+                    last = f"{last} (its weights gave this loss: resume it with other settings)"
             raise NonFiniteLoss(
                 f"non-finite loss at step {bad} (found at the log step {step}); "
                 f"last good checkpoint: {last if last else 'none yet'}"
@@ -501,6 +508,7 @@ def train(cfg: Config) -> TrainResult:
                             effective_batch=eff_batch,
                         )
                         result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
+                        written.append(result.checkpoint)
                     else:
                         result.checkpoint = run_dir / ckpt.checkpoint_name(step, keep)
                 if knn is not None and (

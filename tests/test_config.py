@@ -176,7 +176,8 @@ def test_help_lists_presets_and_fields(capsys):
         (["--patch-size", "0"], 1, "need 1 <= patch size <= image size"),
         (["--img-size", "-32"], 1, "need 1 <= patch size <= image size"),
         (["--embed-dim", "0"], 1, "embed_dim must be >= 1"),
-        (["--decoder-depth", "0"], 1, "decoder_depth must be >= 1"),
+        (["--decoder-depth=-1"], 1, "decoder_depth must be >= 0"),  # 0: a linear decoder, allowed
+        (["--depth", "0"], 1, "depth must be >= 1"),
         (["--mlp-ratio", "0"], 1, "mlp_ratio must be > 0"),
         (["--lr", "-1"], 1, "lr must be >= 0"),
         (["--blr=-1e-4"], 1, "blr must be >= 0"),

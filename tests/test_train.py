@@ -294,6 +294,22 @@ def test_nonfinite_loss_sets_the_checkpoint_that_caused_it_aside(tiny_data, tmp_
     assert max(v.abs().max().item() for v in bad.values() if v.is_floating_point()) > 1e20
 
 
+def test_nonfinite_loss_leaves_an_earlier_runs_checkpoints_alone(tiny_data, tmp_path, capsys):
+    """A run reached step 6 (checkpoints 4 and 6 kept); resumed from step 2 with a huge lr, it
+    blows up: what it wrote is set aside, the earlier timeline's 4 and 6 stay where they were."""
+    run = tmp_path / "run"
+    args = ["--epochs", "2", "--ckpt-every-steps", "2", "--keep-last", "3"]
+    assert main(tiny_args(tiny_data, run, *args, "--max-steps", "6")) == 0
+    assert [p.name for p in sorted(run.glob("ckpt-*"))] == [f"ckpt-step00000000{s}.pt" for s in (2, 4, 6)]
+    capsys.readouterr()
+    code = main(tiny_args(tiny_data, run, *args, "--resume", str(run / "ckpt-step000000002.pt"), "--lr", "1e30",
+                          "--warmup-epochs", "0"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == EXIT_NONFINITE and "non-finite loss at step 4 " in err, err
+    assert sorted(p.name for p in run.glob("ckpt-*")) == [f"ckpt-step00000000{s}.pt" for s in (2, 4, 6)]
+    assert "ckpt-step000000006.pt (its weights are" not in err and "ckpt-step000000006.pt" in err
+
+
 def test_bad_data_is_one_line_without_traceback(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
