@@ -12,6 +12,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 from benchmarks.memory_probe import held_bytes
+from fastmae import activation_checkpointing as ac_mod
 from fastmae import model as model_mod
 from fastmae.model import ACTIVATION_CHECKPOINTING, MaskedAutoencoderViT
 from tests.helpers import TINY_MAE
@@ -88,7 +89,8 @@ def test_no_checkpointing_without_grad(mode, monkeypatch):
     def no_checkpoint(*args, **kwargs):
         raise AssertionError("checkpoint called without grad")
 
-    monkeypatch.setattr(model_mod, "checkpoint", no_checkpoint)
+    monkeypatch.setattr(model_mod, "checkpoint", no_checkpoint)  # the MLP's GELU recompute
+    monkeypatch.setattr(ac_mod, "checkpoint", no_checkpoint)  # run_blocks' per-block checkpoint
     model = MaskedAutoencoderViT(**TINY_MAE, activation_checkpointing=mode).eval()
     with torch.no_grad():
         nbytes, _ = held_bytes(lambda: model(torch.randn(2, 3, 32, 32), 0.75)[0])
@@ -127,7 +129,7 @@ def test_unknown_mode_is_an_error():
 def test_selective_policy_never_recomputes_a_matmul_or_attention(op):
     # The promise of "selective": no extra FLOPs beyond element-wise work. CUDA's attention ops are
     # checked by name here, since CPU runs only meet the CPU one.
-    policy = model_mod._recompute_memory_bound_ops
+    policy = ac_mod._recompute_memory_bound_ops
     overload = getattr(torch.ops.aten, op.split(".")[0]).default
     assert policy(None, overload) == CheckpointPolicy.MUST_SAVE
 
@@ -137,7 +139,7 @@ def test_selective_policy_never_recomputes_a_matmul_or_attention(op):
 )
 def test_selective_policy_recomputes_memory_bound_ops(op):
     name, overload = op.split(".")
-    assert model_mod._recompute_memory_bound_ops(None, getattr(getattr(torch.ops.aten, name), overload)) == (
+    assert ac_mod._recompute_memory_bound_ops(None, getattr(getattr(torch.ops.aten, name), overload)) == (
         CheckpointPolicy.PREFER_RECOMPUTE
     )
 
@@ -146,7 +148,7 @@ def test_selective_policy_keeps_an_op_it_cannot_classify():
     # A higher-order op (e.g. a wrapped Triton kernel) has no tags: saved, never recomputed.
     from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
 
-    assert model_mod._recompute_memory_bound_ops(None, triton_kernel_wrapper_functional) == CheckpointPolicy.MUST_SAVE
+    assert ac_mod._recompute_memory_bound_ops(None, triton_kernel_wrapper_functional) == CheckpointPolicy.MUST_SAVE
 
 
 @pytest.mark.gpu
@@ -180,7 +182,7 @@ def test_selective_policy_keeps_the_weights_casts():
     # autocast's cast of a weight or bias (rank <= 2) is kept, as without checkpointing: redone in the
     # backward it is a pass over the weights every step; an activation's cast (batch, tokens, ...) is
     # recomputed
-    policy, cast = model_mod._recompute_memory_bound_ops, torch.ops.aten._to_copy.default
+    policy, cast = ac_mod._recompute_memory_bound_ops, torch.ops.aten._to_copy.default
     assert policy(None, cast, torch.zeros(8, 4), dtype=torch.bfloat16) == CheckpointPolicy.MUST_SAVE
     assert policy(None, cast, torch.zeros(8), dtype=torch.bfloat16) == CheckpointPolicy.MUST_SAVE
     assert policy(None, cast, torch.zeros(2, 5, 8), dtype=torch.bfloat16) == CheckpointPolicy.PREFER_RECOMPUTE

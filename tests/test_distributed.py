@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,11 +22,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):  # noqa: F811
     per rank and micro-step, so it does not depend on the world size.
     """
     assert main(tiny_args(tiny_data, tmp_path / "one", "--epochs", "2", "--batch-size", "16")) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    cmd += ["fastmae.train", *tiny_args(tiny_data, tmp_path / "two", "--epochs", "2")]
-    cmd += ["--batch-size", "4", "--accum-iter", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    proc = _torchrun(*tiny_args(tiny_data, tmp_path / "two", "--epochs", "2"), "--batch-size", "4", "--accum-iter", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("done: step 8") == 1  # rank 0 reports
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -42,15 +39,9 @@ def test_two_processes_match_one(tiny_data, tmp_path):  # noqa: F811
 def test_a_bad_knn_source_is_every_ranks_one_line_error(tiny_data, tmp_path):  # noqa: F811
     """``--knn-every`` on unlabelled images: rank 0 finds it, every rank exits 2 with the one line
     (not rank 1 with a lost-peer traceback), before the run directory gets a config or metrics."""
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i, p in enumerate(sorted(tiny_data.rglob("*.jpg"))[:32]):
-        (flat / f"{i}.jpg").write_bytes(p.read_bytes())
+    flat = _flat_copy(tiny_data, tmp_path / "flat", 32)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    cmd += ["fastmae.train", *tiny_args(flat, run, "--epochs", "1", "--batch-size", "4", "--knn-every", "1")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    proc = _torchrun(*tiny_args(flat, run, "--epochs", "1", "--batch-size", "4", "--knn-every", "1"))
     err = proc.stderr
     assert proc.returncode != 0
     assert err.count("error: --knn-every needs labelled images") == 1  # rank 0 prints it
@@ -61,17 +52,11 @@ def test_a_bad_knn_source_is_every_ranks_one_line_error(tiny_data, tmp_path):  #
 
 def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
     """Each rank reads its own shard, so each writes the bad files it met to the run directory."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, p in enumerate(sorted(tiny_data.rglob("*.jpg"))[:30]):
-        (data / f"{i:02d}.jpg").write_bytes(p.read_bytes())
+    data = _flat_copy(tiny_data, tmp_path / "data", 30)
     (data / "bad_a.jpg").write_bytes(b"")
     (data / "bad_b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    cmd += ["fastmae.train", *tiny_args(data, run, "--epochs", "2", "--batch-size", "4")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    proc = _torchrun(*tiny_args(data, run, "--epochs", "2", "--batch-size", "4"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     reported = {}
     for rank in (0, 1):
@@ -83,16 +68,10 @@ def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
 def test_a_knn_path_without_labels_is_every_ranks_one_line_error(tiny_data, tmp_path):  # noqa: F811
     """The same with --knn-data-path naming unlabelled images: the monitor itself (its label and
     split checks) is built by rank 0 before the broadcast, so rank 1 does not run into DDP alone."""
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i, p in enumerate(sorted(tiny_data.rglob("*.jpg"))[:12]):
-        (flat / f"{i}.jpg").write_bytes(p.read_bytes())
+    flat = _flat_copy(tiny_data, tmp_path / "flat", 12)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    cmd += ["fastmae.train", *tiny_args(tiny_data, run, "--epochs", "1", "--batch-size", "4")]
-    cmd += ["--knn-every", "1", "--knn-data-path", str(flat)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    train_args = tiny_args(tiny_data, run, "--epochs", "1", "--batch-size", "4")
+    proc = _torchrun(*train_args, "--knn-every", "1", "--knn-data-path", str(flat))
     err = proc.stderr
     assert proc.returncode != 0
     _ranks_exit_2(err)
@@ -105,3 +84,19 @@ def _ranks_exit_2(err: str) -> None:
     torchrun's SIGTERM once the other had (which of the two exits first is a race)."""
     codes = re.findall(r"exitcode\s*: (-?\d+)", err)
     assert codes and set(codes) <= {"2", "-15"} and "2" in codes, err[-3000:]
+
+
+def _torchrun(*train_args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m fastmae.train ARGS`` on CPU (gloo), one thread a process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, "fastmae.train", *train_args], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=REPO)  # fmt: skip
+
+
+def _flat_copy(src: Path, dst: Path, n: int) -> Path:
+    """The first ``n`` JPEGs under ``src`` in one folder, unlabelled."""
+    dst.mkdir()
+    for i, p in enumerate(sorted(src.rglob("*.jpg"))[:n]):
+        (dst / f"{i:02d}.jpg").write_bytes(p.read_bytes())
+    return dst
