@@ -60,6 +60,12 @@ class Config:
     preset: str = _f("demo", "preset applied before the config file and the flags")
     run_dir: str = _f("", "run directory; '' = runs/<preset> (runs/<preset>-2, ... when that one holds a run)")
     resume: str = _f("", "'' = fresh run, 'auto' = latest checkpoint of the run directory, or a checkpoint path")
+    init_from: str = _f(
+        "",
+        "start from these weights (continued pretraining; fresh optimizer and schedule): an official MAE, "
+        "EasyCV, Hugging Face ViTMAE (file or folder), safetensors or fastmae checkpoint; the encoder "
+        "must match, a decoder of another shape keeps its init; ignored once the run has a checkpoint",
+    )
     seed: int = _f(0, "seed of the initialisation, data order, augmentation and masking noise")
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = the whole schedule); the schedule is unchanged")
 
@@ -376,7 +382,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     accum_iter(cfg, world_size)
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
         raise ConfigError(f"resume checkpoint {cfg.resume} does not exist (use --resume auto for the latest)")
-    for name in ("data_path", "data_list", "knn_data_path", "knn_data_list"):
+    for name in ("data_path", "data_list", "knn_data_path", "knn_data_list", "init_from"):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
             raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")

@@ -287,12 +287,19 @@ def _abbrev(keys: list[str], n: int = 6) -> str:
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """The object in a checkpoint file: a ``.safetensors`` file's tensors, else ``torch.load`` with
-    ``weights_only=True``.
+    ``weights_only=True``. A folder is read as Hugging Face writes one: its ``model.safetensors``
+    (else ``pytorch_model.bin``).
 
     A file that is neither (or a folder) raises a one-line ``ValueError`` naming it: torch's own
     errors run to several lines, and for a file that is not a checkpoint at all the weights-only one
     suggests ``weights_only=False``, which would not help and can run arbitrary code.
     """
+    if os.path.isdir(path):  # a Hugging Face folder (save_pretrained, a hub snapshot)
+        inside = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
+        found = [f for f in inside if os.path.isfile(f)]
+        if not found:
+            raise ValueError(f"{os.fspath(path)} is a folder without model.safetensors or pytorch_model.bin")
+        path = found[0]
     try:
         if os.fspath(path).endswith(".safetensors"):
             return load_safetensors(path)
@@ -398,6 +405,114 @@ def load_official(
             raise ValueError(f"{k}: checkpoint shape {tuple(sd[k].shape)} != model shape {tuple(expected[k].shape)}")
     model.load_state_dict({k: sd[k] for k in report.loaded}, strict=not missing)
     return report
+
+
+def weights_shape(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Patch size, width, depth and patch grid side of an encoder's weights (fastmae names)."""
+    w = sd["patch_embed.proj.weight"]
+    return dict(
+        patch_size=w.shape[-1],
+        embed_dim=w.shape[0],
+        depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+        grid=round((sd["pos_embed"].shape[1] - 1) ** 0.5),
+    )
+
+
+def _decoder_shape(sd: Mapping[str, torch.Tensor]) -> str:
+    depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+    width = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else "?"
+    return f"width {width}, {depth} blocks"
+
+
+# the fixed sin-cos tables: a function of the patch grid, made by the model for its own
+_POS_EMBEDS = ("pos_embed", "decoder_pos_embed")
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_weights` took from a checkpoint."""
+
+    loaded: list[str]
+    decoder: str  # "loaded", or why the decoder keeps its init
+    regenerated: list[str]  # pos embeds of another grid, left as the model made them
+    ignored: list[str]  # keys a pretraining model has no use for (a classifier's head, fc_norm)
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.loaded)} tensors", f"decoder {self.decoder}"]
+        if self.regenerated:
+            parts.append(f"{', '.join(self.regenerated)} the model's own for its patch grid")
+        if self.ignored:
+            parts.append(f"ignored {_abbrev(self.ignored, 3)}")
+        return "; ".join(parts)
+
+
+def init_weights(
+    model: MaskedAutoencoderViT,
+    source: str | os.PathLike | Mapping[str, Any],
+    num_heads: tuple[int, int] | None = None,
+) -> InitReport:
+    """Start ``model`` from another run's weights (continued pretraining): its encoder, and its decoder
+    where the checkpoint has one of the same shape.
+
+    ``source``: an official MAE checkpoint (full or encoder-only), an EasyCV / DDP-prefixed one, a
+    Hugging Face ``ViTMAEForPreTraining`` file or folder, a safetensors file, or a fastmae checkpoint
+    (training, or an export). The encoder must match the model (width, depth, patch size; with a
+    fastmae checkpoint's config, the heads too): anything else raises a one-line ``ValueError``
+    naming both shapes. The decoder is often changed for a continued run (MAE's ablations vary it),
+    so one of another shape, or none, leaves the model's own init, and the report says which. The
+    fixed sin-cos pos embeds of another image size are not loaded: the model made its own for its
+    grid.
+    """
+    obj = load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    sd = fastmae_state_dict(read_state_dict(obj))
+    expected = model.state_dict()
+    have, want = weights_shape(sd), weights_shape(expected)
+    mismatch = [k for k in ("embed_dim", "depth", "patch_size") if have[k] != want[k]]
+    saved = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) else {}
+    if num_heads is not None and isinstance(saved.get("num_heads"), int) and saved["num_heads"] != num_heads[0]:
+        mismatch.append("num_heads")
+        have["num_heads"], want["num_heads"] = saved["num_heads"], num_heads[0]
+    if mismatch:
+        raise ValueError(
+            "its encoder has "
+            + ", ".join(f"{k} {have[k]}" for k in mismatch)
+            + " where this run's has "
+            + ", ".join(f"{k} {want[k]}" for k in mismatch)
+        )
+    encoder = [k for k in expected if not _is_decoder_key(k)]
+    lacking = [k for k in encoder if k not in sd]
+    if lacking:
+        raise ValueError(f"it lacks encoder weights: {_abbrev(lacking, 3)}")
+    wrong = [k for k in encoder if k not in _POS_EMBEDS and sd[k].shape != expected[k].shape]
+    if wrong:  # widths, depth and patch agree, so this is a variant (e.g. mlp_ratio)
+        k = wrong[0]
+        raise ValueError(f"{k} has shape {tuple(sd[k].shape)} where this run's has {tuple(expected[k].shape)}")
+
+    take = list(encoder)
+    decoder_model = [k for k in expected if _is_decoder_key(k)]
+    decoder_ckpt = [k for k in sd if _is_decoder_key(k)]
+    if not decoder_ckpt:
+        decoder = "kept its init (the checkpoint has no decoder)"
+    elif (
+        set(decoder_ckpt) != set(decoder_model)
+        or any(sd[k].shape != expected[k].shape for k in decoder_model if k not in _POS_EMBEDS)
+        or (
+            num_heads is not None
+            and isinstance(saved.get("decoder_num_heads"), int)
+            and saved["decoder_num_heads"] != num_heads[1]
+        )
+    ):
+        decoder = (
+            f"kept its init (the checkpoint's, {_decoder_shape(sd)}, is not this run's, {_decoder_shape(expected)})"
+        )
+    else:
+        decoder = "loaded"
+        take += decoder_model
+    regenerated = [k for k in _POS_EMBEDS if k in take and sd[k].shape != expected[k].shape]
+    take = [k for k in take if k not in regenerated]
+    model.load_state_dict({k: sd[k] for k in take}, strict=False)
+    ignored = [k for k in sd if k not in expected and not _is_decoder_key(k)]  # a decoder's: in `decoder`
+    return InitReport(loaded=take, decoder=decoder, regenerated=regenerated, ignored=ignored)
 
 
 # ---------------------------------------------------------------------- timm and safetensors

@@ -46,7 +46,7 @@ from fastmae import distributed
 from fastmae.attention import AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
-from fastmae.convert import fastmae_state_dict, load_checkpoint, read_state_dict
+from fastmae.convert import fastmae_state_dict, load_checkpoint, read_state_dict, weights_shape
 from fastmae.data import DataError, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source
 from fastmae.knn import extract_features, knn_accuracy
@@ -199,17 +199,6 @@ def pretrained_weights(cfg: FinetuneConfig, checkpoint: Any) -> dict[str, torch.
         return fastmae_state_dict(read_state_dict(checkpoint))
     except ValueError as e:
         raise ConfigError(f"--pretrained {cfg.pretrained}: {e}") from e
-
-
-def weights_shape(sd: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Patch size, width, depth and patch grid side of an encoder's weights."""
-    w = sd["patch_embed.proj.weight"]
-    return dict(
-        patch_size=w.shape[-1],
-        embed_dim=w.shape[0],
-        depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-        grid=round((sd["pos_embed"].shape[1] - 1) ** 0.5),
-    )
 
 
 def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict[str, Any]:

@@ -311,6 +311,16 @@ def train(cfg: Config) -> TrainResult:
         del state
     elif cfg.resume == "auto" and main:
         print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
+    init = None
+    if resume_path is None and cfg.init_from:  # every rank reads it (DDP would broadcast rank 0's anyway)
+        from fastmae.convert import init_weights
+
+        try:
+            init = init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
+        except ValueError as e:
+            raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+    elif resume_path is not None and cfg.init_from and main:
+        print(f"--init-from {cfg.init_from} not read: resuming, the checkpoint holds the weights", flush=True)
 
     compiled = compiles(cfg, device)
     if compiled and model.activation_checkpointing == "selective":
@@ -343,6 +353,8 @@ def train(cfg: Config) -> TrainResult:
         (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
         log = MetricsLog(run_dir, resume_step=step if resume_path else None)
         what = f"resuming {resume_path} at step {step}" if resume_path else "fresh run"
+        if init is not None:
+            what += f" from {cfg.init_from} ({init})"
         print(
             f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
             f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "

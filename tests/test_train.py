@@ -424,3 +424,32 @@ def test_resume_from_the_run_dir_alone_continues_that_run(tiny_data, tmp_path, c
     assert main(["--run-dir", str(run), "--resume", "auto"]) == 0, capsys.readouterr().err
     assert [s for s, _ in losses(run)] == list(range(1, 17))
     assert losses(run) == losses(tmp_path / "ref")
+
+
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tiny_data, tmp_path, capsys):
+    """Continued pretraining: a new run starts from an earlier run's weights (with lr 0 its first
+    checkpoint holds them unchanged), with its own optimizer and schedule from step 1; once it has a
+    checkpoint of its own, resuming reads that instead; an encoder of another shape is a one-line error."""
+    main(tiny_args(tiny_data, tmp_path / "a", "--epochs", "1", "--max-steps", "3", "--lr", "3e-3"))
+    source = tmp_path / "a" / "ckpt-step000000003.pt"
+    capsys.readouterr()
+    run = tmp_path / "b"
+    args = tiny_args(tiny_data, run, "--epochs", "1", "--init-from", str(source), "--lr", "0")
+    assert main([*args, "--max-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"fresh run from {source} (" in out and "decoder loaded" in out
+    a = torch.load(source, weights_only=True)["model"]
+    b = torch.load(run / "ckpt-step000000001.pt", weights_only=True)
+    assert b["step"] == 1 and a.keys() == b["model"].keys()
+    assert all(torch.equal(a[k], b["model"][k]) for k in a)
+    assert main([*args, "--max-steps", "2", "--resume", "auto"]) == 0
+    assert "not read: resuming" in capsys.readouterr().out
+    assert [s for s, _ in losses(run)] == [1, 2]
+
+    assert main(tiny_args(tiny_data, tmp_path / "c", "--init-from", str(source), "--embed-dim", "64")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its encoder has embed_dim 32 where this run's has embed_dim 64" in err[0], err
+    with pytest.raises(SystemExit) as e:  # argparse's one-line usage error, before anything runs
+        main(tiny_args(tiny_data, tmp_path / "d", "--init-from", str(tmp_path / "none.pt")))
+    assert e.value.code == 2 and not (tmp_path / "d").exists()
+    assert f"--init-from {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err
