@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # Tests flip this on (tests/kernels/conftest.py) so that every launcher allocates its outputs filled
 # with NaN: an element a kernel forgot to write then fails the comparison instead of passing by luck
@@ -41,6 +43,19 @@ def check_input(t: torch.Tensor, name: str, layout: str, device: torch.device, i
 def is_interpreter(device: torch.device) -> bool:
     """True when kernels run on CPU tensors, i.e. under ``TRITON_INTERPRET=1``."""
     return device.type != "cuda"
+
+
+def launcher(kernel: Any) -> Any:
+    """``wrap_triton(kernel)``: the launch ``torch.compile`` can trace. Under ``TRITON_INTERPRET=1``
+    ``@triton.jit`` makes an ``InterpretedFunction``, which runs eagerly and is never traced (the fast
+    path compiles on CUDA only): torch 2.12+'s ``wrap_triton`` hands it back as it is, torch 2.11's
+    refuses it, so it is handed back here."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(kernel, (JITFunction, Autotuner)):
+        return kernel
+    return wrap_triton(kernel)
 
 
 @functools.cache

@@ -32,9 +32,9 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._utils import is_interpreter, new_output, next_pow2, to_output_dtype
+from ._utils import is_interpreter, launcher, new_output, next_pow2, to_output_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -396,7 +396,7 @@ def _attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # (first row, programs, rows a program): the whole blocks, then the query tail block
     launches = [(0, N // bm, bm), ((N // bm) * bm, 1, tail_m)] if tail_m else [(0, triton.cdiv(N, bm), bm)]
     for (row0, programs, rows), (bh0, bh) in itertools.product(launches, _bh_chunks(B * H)):
-        wrap_triton(_attn_fwd_kernel)[(programs, bh)](
+        launcher(_attn_fwd_kernel)[(programs, bh)](
             qkv,
             out,
             lse,
@@ -437,7 +437,7 @@ def _attention_backward(
         launches.append((key_main, N, row_main, N, tail_n or bn, tail_m or bm))
     for (key0, key_end, row0, row_end, own_n, own_m), (bh0, bh) in itertools.product(launches, _bh_chunks(B * H)):
         programs = max(triton.cdiv(key_end - key0, own_n), triton.cdiv(row_end - row0, own_m))
-        wrap_triton(_attn_bwd_kernel)[(programs, bh)](
+        launcher(_attn_bwd_kernel)[(programs, bh)](
             qkv,
             out,
             grad_out,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, new_output, next_pow2, to_output_dtype
+from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _encoder_input(
         return out
     block_r, block_d, num_warps = _launch_config(n_rows, D, x.device)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
-    wrap_triton(_encoder_input_kernel)[grid](
+    launcher(_encoder_input_kernel)[grid](
         x.contiguous(),
         cls_token.contiguous(),
         pos_embed.contiguous(),

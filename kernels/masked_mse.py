@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, new_output, next_pow2, to_output_dtype
+from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
 
 NORM_PIX_EPS = 1e-6
 
@@ -291,7 +291,7 @@ def _rows_contiguous(pred: torch.Tensor) -> torch.Tensor:
 
 def _launch(kernel, grid, pred, imgs, mask, extra, n_rows, L, C, P, norm_pix_loss, cfg, **constexprs) -> None:
     p_pad, cp_pad, block_r, num_warps, order = cfg
-    wrap_triton(kernel)[grid](
+    launcher(kernel)[grid](
         pred,
         imgs,
         mask,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, new_output, next_pow2
+from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -
         return out
     block_r, block_cp, num_warps = _launch_config(n_rows, C, P, imgs.device)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(C * P, block_cp))
-    wrap_triton(_patch_gather_kernel)[grid](
+    launcher(_patch_gather_kernel)[grid](
         imgs,
         ids_keep,
         out,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, new_output, next_pow2, num_sms, to_output_dtype
+from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2, num_sms, to_output_dtype
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def _unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Ten
         return out
     block_r, block_d, num_warps, _ = _launch_config(n_rows, D, x.device)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
-    wrap_triton(_unshuffle_fwd_kernel)[grid](
+    launcher(_unshuffle_fwd_kernel)[grid](
         x.contiguous(),
         mask_token.contiguous(),
         ids_restore.contiguous(),
@@ -166,7 +166,7 @@ def _unshuffle_backward(
     partial = new_output((n_programs, D), torch.float32, grad_out.device)
     if n_rows > 0 and D > 0:
         grid = (n_programs, triton.cdiv(D, block_d))
-        wrap_triton(_unshuffle_bwd_kernel)[grid](
+        launcher(_unshuffle_bwd_kernel)[grid](
             grad_out,
             ids_restore.contiguous(),
             grad_x,
