@@ -418,6 +418,71 @@ def weights_shape(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
     )
 
 
+# the official MAE models' encoder heads (the weights do not tell them): ViT-B, ViT-L, ViT-H
+OFFICIAL_HEADS = {768: 12, 1024: 16, 1280: 16}
+MAE_ARCH_KEYS = (
+    "img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
+    "decoder_num_heads", "mlp_ratio", "norm_pix_loss",
+)  # fmt: skip
+
+
+def mae_architecture(
+    checkpoint: Any,
+    sd: Mapping[str, torch.Tensor],
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    hf_config: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """``MaskedAutoencoderViT`` arguments for a full (encoder + decoder) checkpoint, and the guesses made.
+
+    Read from a fastmae checkpoint's saved config, else from a Hugging Face ``config.json``
+    (``hf_config``), else off the weights (``sd``, fastmae names; no ``norm_pix_loss`` then). Head
+    counts are not in the weights: ``num_heads`` / ``decoder_num_heads`` when given, else the
+    config's, else a guess (64-d encoder heads as ViT-B/L, ViT-H's 16; 16 in the decoder as every
+    reference model), returned as ``["num_heads=12", ...]``: a wrong guess is another function,
+    silently, so callers print it.
+    """
+    c = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    c = c if isinstance(c, Mapping) else {}
+    if all(n in c for n in MAE_ARCH_KEYS):
+        arch = {n: c[n] for n in MAE_ARCH_KEYS}
+    elif hf_config is not None:
+        h = hf_config
+        arch = dict(
+            img_size=h["image_size"], patch_size=h["patch_size"], embed_dim=h["hidden_size"],
+            depth=h["num_hidden_layers"], num_heads=h["num_attention_heads"],
+            decoder_embed_dim=h["decoder_hidden_size"], decoder_depth=h["decoder_num_hidden_layers"],
+            decoder_num_heads=h["decoder_num_attention_heads"], mlp_ratio=h["intermediate_size"] / h["hidden_size"],
+            norm_pix_loss=bool(h.get("norm_pix_loss", False)),
+        )  # fmt: skip
+    elif "mask_token" not in sd:
+        raise ValueError("an encoder-only checkpoint: no decoder")
+    else:
+        shape = weights_shape(sd)
+        arch = dict(
+            img_size=shape["grid"] * shape["patch_size"],
+            patch_size=shape["patch_size"],
+            embed_dim=shape["embed_dim"],
+            depth=shape["depth"],
+            num_heads=c.get("num_heads"),
+            decoder_embed_dim=sd["mask_token"].shape[-1],
+            decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")),
+            decoder_num_heads=c.get("decoder_num_heads"),
+            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / shape["embed_dim"],
+        )
+    guessed = []
+    for name, given, guess in (
+        ("num_heads", num_heads, OFFICIAL_HEADS.get(arch["embed_dim"], max(1, arch["embed_dim"] // 64))),
+        ("decoder_num_heads", decoder_num_heads, 16 if arch["decoder_embed_dim"] % 16 == 0 else 1),
+    ):
+        if given is not None:
+            arch[name] = given
+        elif arch[name] is None:
+            arch[name] = guess
+            guessed.append(f"{name}={guess}")
+    return arch, guessed
+
+
 def _decoder_shape(sd: Mapping[str, torch.Tensor]) -> str:
     depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
     width = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else "?"

@@ -31,6 +31,7 @@ from fastmae.convert import (
     to_hf,
     to_timm_state_dict,
 )
+from fastmae.convert import mae_architecture as read_architecture
 from fastmae.model import MaskedAutoencoderViT
 
 FORMATS = ("timm", "timm-cls", "mae", "hf")
@@ -42,45 +43,11 @@ def mae_architecture(
     num_heads: int | None = None,
     decoder_num_heads: int | None = None,
 ) -> dict:
-    """Constructor arguments: a fastmae run checkpoint's config, else read off the weights' shapes.
-
-    Head counts are not in the weights: ``num_heads`` / ``decoder_num_heads`` when given, else the
-    config's, else a guess (64-d encoder heads as ViT-B/L, ViT-H's 16; 16 in the decoder as every
-    reference model). A guess is printed (one line): a wrong one exports another function, silently.
-    """
+    """:func:`fastmae.convert.mae_architecture` of a checkpoint file; a guess is printed (one line)."""
     obj = {} if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
-    c = obj.get("config") if isinstance(obj, dict) else None
-    c = c if isinstance(c, dict) else {}
-    names = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth",
-             "decoder_num_heads", "mlp_ratio", "norm_pix_loss")  # fmt: skip
-    if all(n in c for n in names):
-        arch = {n: c[n] for n in names}
-    elif "mask_token" not in sd:
+    if "mask_token" not in sd:
         raise ValueError("an encoder-only checkpoint has no decoder to export to Hugging Face ViTMAE")
-    else:
-        w = sd["patch_embed.proj.weight"]
-        dim, patch = w.shape[0], w.shape[-1]
-        arch = dict(
-            img_size=round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch,
-            patch_size=patch,
-            embed_dim=dim,
-            depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-            num_heads=c.get("num_heads"),
-            decoder_embed_dim=sd["mask_token"].shape[-1],
-            decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")),
-            decoder_num_heads=c.get("decoder_num_heads"),
-            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-        )
-    guessed = []
-    for name, given, guess in (
-        ("num_heads", num_heads, {1280: 16}.get(arch["embed_dim"], max(1, arch["embed_dim"] // 64))),
-        ("decoder_num_heads", decoder_num_heads, 16 if arch["decoder_embed_dim"] % 16 == 0 else 1),
-    ):
-        if given is not None:
-            arch[name] = given
-        elif arch[name] is None:
-            arch[name] = guess
-            guessed.append(f"{name}={guess}")
+    arch, guessed = read_architecture(obj, sd, num_heads, decoder_num_heads)
     if guessed:
         print(
             f"guessed {', '.join(guessed)} (the checkpoint does not say; --num-heads / --decoder-num-heads if wrong)",

@@ -46,7 +46,7 @@ from fastmae import distributed
 from fastmae.attention import AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
-from fastmae.convert import fastmae_state_dict, load_checkpoint, read_state_dict, weights_shape
+from fastmae.convert import OFFICIAL_HEADS, fastmae_state_dict, load_checkpoint, read_state_dict, weights_shape
 from fastmae.data import DataError, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source
 from fastmae.knn import extract_features, knn_accuracy
@@ -219,7 +219,7 @@ def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict
     elif checkpoint is not None:  # weights only: read the shapes
         shape = weights_shape(pretrained_weights(cfg, checkpoint))
         dim, patch = shape["embed_dim"], shape["patch_size"]
-        heads = {768: 12, 1024: 16, 1280: 16}.get(dim, max(1, dim // 64))
+        heads = OFFICIAL_HEADS.get(dim, max(1, dim // 64))
         arch = dict(patch_size=patch, embed_dim=dim, depth=shape["depth"], num_heads=heads,
                     img_size=shape["grid"] * patch)  # fmt: skip
     else:

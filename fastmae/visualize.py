@@ -1,5 +1,8 @@
 """Reconstruction grids: what the MAE sees and what it fills in, as a PNG (PIL only).
 
+``python -m fastmae.visualize CHECKPOINT IMAGE_OR_FOLDER ...`` draws the grid for any full MAE
+checkpoint (a fastmae run's, an official MAE one, a Hugging Face ViTMAE folder) on your images.
+
 One row per image, four columns: original | masked (the visible patches) | reconstruction (the
 prediction at every patch) | reconstruction with the visible patches pasted in.
 
@@ -14,7 +17,10 @@ sees. Visible patches keep their own statistics (the model sees them).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,3 +191,111 @@ def save_reconstruction_grid(
     reconstruction_grid(model, imgs, mask_ratio, noise, title=title).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------- python -m fastmae.visualize
+
+
+def image_paths(inputs: Sequence[str]) -> list[str]:
+    """Image files: each input a file, or a folder scanned recursively (sorted), as the loaders scan."""
+    from fastmae.data.sources import folder_scan_source
+
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += [p for p, _ in folder_scan_source(item).samples]
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ValueError(f"{item} does not exist")
+    return paths
+
+
+def load_mae(
+    checkpoint: str,
+    num_heads: int | None = None,
+    decoder_num_heads: int | None = None,
+    norm_pix_loss: bool | None = None,
+    img_size: int | None = None,
+) -> tuple[torch.nn.Module, list[str]]:
+    """A full MAE from ``checkpoint`` (reference path, eval mode) and the notes on what was assumed."""
+    from fastmae.convert import fastmae_state_dict, init_weights, load_checkpoint, mae_architecture, read_state_dict
+    from fastmae.model import MaskedAutoencoderViT
+
+    obj = load_checkpoint(checkpoint)
+    sd = fastmae_state_dict(read_state_dict(obj))
+    if "mask_token" not in sd:
+        raise ValueError(
+            f"{checkpoint} is encoder-only: a reconstruction needs the decoder (a full checkpoint, e.g. the "
+            "official mae_visualize_* ones, or a fastmae run's)"
+        )
+    hf_file = os.path.join(checkpoint, "config.json")
+    hf_config = json.loads(Path(hf_file).read_text()) if os.path.isdir(checkpoint) and os.path.isfile(hf_file) else None
+    arch, notes = mae_architecture(obj, sd, num_heads, decoder_num_heads, hf_config)
+    if norm_pix_loss is not None:
+        arch["norm_pix_loss"] = norm_pix_loss
+    elif "norm_pix_loss" not in arch:
+        arch["norm_pix_loss"] = True
+        notes.append("norm_pix_loss=True (--no-norm-pix-loss for a model trained on plain pixels, as mae_visualize_*)")
+    if img_size:
+        arch["img_size"] = img_size
+    model = MaskedAutoencoderViT(**arch, fused=False)
+    report = init_weights(model, obj, num_heads=(arch["num_heads"], arch["decoder_num_heads"]))
+    if report.decoder != "loaded":
+        raise ValueError(f"the decoder was not loaded: {report.decoder}")
+    return model.eval(), notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmae.visualize",
+        description="Reconstructions of your images by a pretrained MAE, as a PNG grid: original | masked | "
+        "reconstruction | reconstruction + visible patches (one row per image).",
+    )
+    parser.add_argument("checkpoint", help="a full MAE checkpoint: fastmae run, official MAE .pth, HF folder/file")
+    parser.add_argument("images", nargs="+", help="image files or folders (scanned recursively)")
+    parser.add_argument("--out", default="", help="PNG to write (default: <checkpoint name>_recon.png here)")
+    parser.add_argument("--max-images", type=int, default=8, help="rows, spread over the images (default: 8)")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default: 0.75)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    parser.add_argument("--img-size", type=int, default=0, help="input side (default: the checkpoint's)")
+    parser.add_argument("--num-heads", type=int, help="encoder heads, where the checkpoint does not say")
+    parser.add_argument("--decoder-num-heads", type=int, help="decoder heads, where the checkpoint does not say")
+    parser.add_argument(
+        "--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+        help="whether the model predicts normalised patches (default: the checkpoint's, else on)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        parser.error(f"checkpoint {args.checkpoint} does not exist")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    for name in ("max_images", "num_heads", "decoder_num_heads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        paths = image_paths(args.images)
+        model, notes = load_mae(
+            args.checkpoint, args.num_heads, args.decoder_num_heads, args.norm_pix_loss, args.img_size or None
+        )
+    except Exception as e:  # unreadable checkpoint, another layout, no images: one line
+        parser.error(str(e).strip("'\""))
+    if notes:
+        print(f"assumed {', '.join(notes)} (the checkpoint does not say)", flush=True)
+    size = model.patch_embed.img_size[0]
+    imgs, used = pick_images(paths, args.max_images, size)
+    if imgs is None:
+        parser.error(f"none of the {len(paths)} images decodes")
+    noise = torch.rand(len(used), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    name = Path(args.checkpoint.rstrip("/")).name
+    out = Path(args.out or f"{Path(name).stem}_recon.png")
+    title = f"{name}, mask ratio {args.mask_ratio}, seed {args.seed}"
+    save_reconstruction_grid(model, imgs, out, args.mask_ratio, noise, title=title)
+    print(
+        f"wrote {out} ({len(used)} images: {', '.join(os.path.basename(p) for p in used[:4])}{', ...' if len(used) > 4 else ''})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -105,3 +105,90 @@ def test_pick_images_skips_unreadable_files_and_decodes_like_the_loaders(tmp_pat
     gray = imgs[2] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     assert gray.min().item() == pytest.approx(128 / 255, abs=1 / 255) and gray.max() - gray.min() < 1e-5
     assert pick_images([paths[0], paths[3]], 2, 32) == (None, [])
+
+
+# ---------------------------------------------------------------------- python -m fastmae.visualize
+
+
+@pytest.fixture
+def some_images(tmp_path) -> list[Path]:
+    from fastmae.data import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "imgs", n_images=6, size=40, seed=0)
+    return sorted(root.rglob("*.jpg"))
+
+
+def _expected_grid(model: MaskedAutoencoderViT, paths: list[Path], checkpoint: Path) -> np.ndarray:
+    """The grid the CLI should draw: the same model weights, images and masks (seed 0), drawn directly."""
+    imgs = load_images(paths, 32)
+    noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(0))
+    title = f"{checkpoint.name}, mask ratio 0.75, seed 0"
+    return np.asarray(reconstruction_grid(model, imgs, 0.75, noise, title=title))
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_cli_draws_a_fastmae_runs_checkpoint(tmp_path, some_images, capsys, monkeypatch):
+    from fastmae.config import make_config
+    from fastmae.convert import model_config
+    from fastmae.visualize import main
+
+    model = _tiny()
+    ckpt = tmp_path / "ckpt-step000000010.pt"
+    torch.save({"model": model.state_dict(), "config": {**make_config({}).to_dict(), **model_config(model)}}, ckpt)
+    out = tmp_path / "grid.png"
+    assert main([str(ckpt), str(some_images[0]), str(some_images[1]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "assumed" not in printed and f"wrote {out} (2 images" in printed
+    np.testing.assert_array_equal(_png(out), _expected_grid(model, some_images[:2], ckpt))
+    # a folder: its images spread over --max-images rows; the default name is the checkpoint's
+    monkeypatch.chdir(tmp_path / "imgs")
+    assert main([str(ckpt), str(some_images[0].parents[1]), "--max-images", "3"]) == 0
+    default = tmp_path / "imgs" / f"{ckpt.stem}_recon.png"
+    assert Image.open(default).size[0] == Image.open(out).size[0]  # four columns of the same width
+    assert "(3 images" in capsys.readouterr().out
+
+
+def test_cli_reads_official_and_hugging_face_layouts(tmp_path, some_images, capsys):
+    from fastmae.convert import to_hf
+    from fastmae.visualize import main
+
+    model = _tiny()
+    official = tmp_path / "mae_visualize_tiny.pth"
+    torch.save({"model": model.state_dict()}, official)  # no config: the heads are not in the weights
+    out = tmp_path / "official.png"
+    args = [str(official), *map(str, some_images[:2]), "--out", str(out)]
+    assert main([*args, "--num-heads", "2", "--decoder-num-heads", "2"]) == 0
+    assert "assumed norm_pix_loss=True" in capsys.readouterr().out
+    expected = _expected_grid(model, some_images[:2], official)
+    np.testing.assert_array_equal(_png(out), expected)
+    assert main(args) == 0  # guessed heads: another function, and the guess is printed
+    assert "num_heads=1" in capsys.readouterr().out
+    assert not np.array_equal(_png(out), expected)
+
+    pytest.importorskip("transformers")
+    to_hf(model).save_pretrained(tmp_path / "hf")  # its config.json says everything
+    assert main([str(tmp_path / "hf"), *map(str, some_images[:2]), "--out", str(out)]) == 0
+    assert "assumed" not in capsys.readouterr().out
+    np.testing.assert_array_equal(_png(out), _expected_grid(model, some_images[:2], tmp_path / "hf"))
+
+
+def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
+    from fastmae.visualize import main
+
+    model = _tiny()
+    encoder_only = {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": encoder_only}, tmp_path / "enc.pth")
+    torch.save({"model": model.state_dict()}, tmp_path / "full.pth")
+    for args, message in (
+        ([str(tmp_path / "enc.pth"), str(some_images[0])], "is encoder-only"),
+        ([str(tmp_path / "full.pth"), str(tmp_path / "nothing.jpg")], "nothing.jpg does not exist"),
+        ([str(tmp_path / "none.pth"), str(some_images[0])], "none.pth does not exist"),
+        ([str(tmp_path / "full.pth"), str(some_images[0]), "--mask-ratio", "1"], "--mask-ratio must be in [0, 1)"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1], err
