@@ -285,6 +285,17 @@ def _abbrev(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hf_weights_file(folder: str | os.PathLike) -> str:
+    """The weights file of a Hugging Face model folder; a one-line ``ValueError`` when it has none."""
+    for name in HF_WEIGHT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise ValueError(f"{os.fspath(folder)} is a folder without {' or '.join(HF_WEIGHT_FILES)}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """The object in a checkpoint file: a ``.safetensors`` file's tensors, else ``torch.load`` with
     ``weights_only=True``. A folder is read as Hugging Face writes one: its ``model.safetensors``
@@ -295,11 +306,7 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     suggests ``weights_only=False``, which would not help and can run arbitrary code.
     """
     if os.path.isdir(path):  # a Hugging Face folder (save_pretrained, a hub snapshot)
-        inside = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin")]
-        found = [f for f in inside if os.path.isfile(f)]
-        if not found:
-            raise ValueError(f"{os.fspath(path)} is a folder without model.safetensors or pytorch_model.bin")
-        path = found[0]
+        path = hf_weights_file(path)
     try:
         if os.fspath(path).endswith(".safetensors"):
             return load_safetensors(path)

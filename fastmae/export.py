@@ -17,6 +17,7 @@ writes safetensors, else a torch file. A cls-token classifier (a linear probe) e
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def mae_architecture(
     obj = {} if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
     if "mask_token" not in sd:
         raise ValueError("an encoder-only checkpoint has no decoder to export to Hugging Face ViTMAE")
-    arch, guessed = read_architecture(obj, sd, num_heads, decoder_num_heads)
+    hf_file = Path(checkpoint) / "config.json"  # a Hugging Face folder says its architecture
+    hf_config = json.loads(hf_file.read_text()) if hf_file.is_file() else None
+    arch, guessed = read_architecture(obj, sd, num_heads, decoder_num_heads, hf_config)
     if guessed:
         print(
             f"guessed {', '.join(guessed)} (the checkpoint does not say; --num-heads / --decoder-num-heads if wrong)",
@@ -100,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fastmae.export", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("checkpoint", help="fastmae run checkpoint, official MAE / EasyCV .pth, or .safetensors")
+    parser.add_argument(
+        "checkpoint", help="fastmae run checkpoint, official MAE / EasyCV .pth, .safetensors, or a Hugging Face folder"
+    )
     parser.add_argument("--to", choices=FORMATS, default="timm", help="target format (default: timm)")
     parser.add_argument("--out", required=True, help="output file (.safetensors or .pth), or folder for hf")
     parser.add_argument("--num-heads", type=int, help="hf: encoder heads, where the checkpoint does not say")
     parser.add_argument("--decoder-num-heads", type=int, help="hf: decoder heads, where the checkpoint does not say")
     args = parser.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():
         parser.error(f"checkpoint {args.checkpoint} does not exist")
     for name in ("num_heads", "decoder_num_heads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

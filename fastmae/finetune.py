@@ -46,7 +46,14 @@ from fastmae import distributed
 from fastmae.attention import AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
-from fastmae.convert import OFFICIAL_HEADS, fastmae_state_dict, load_checkpoint, read_state_dict, weights_shape
+from fastmae.convert import (
+    OFFICIAL_HEADS,
+    fastmae_state_dict,
+    hf_weights_file,
+    load_checkpoint,
+    read_state_dict,
+    weights_shape,
+)
 from fastmae.data import DataError, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source
 from fastmae.knn import extract_features, knn_accuracy
@@ -75,7 +82,8 @@ class FinetuneConfig:
 
     mode: str = _f("full", "full | partial | linear | knn", choices=MODES)
     pretrained: str = _f(
-        "", "checkpoint to start from (fastmae run, official MAE, EasyCV, .safetensors); '' = random init"
+        "",
+        "checkpoint to start from (fastmae run, official MAE, EasyCV, .safetensors, a Hugging Face folder); '' = random init",
     )
     init: str = _f("pretrained", "pretrained, or random: --pretrained's architecture at random init (the baseline)",
                    choices=("pretrained", "random"))  # fmt: skip
@@ -169,8 +177,11 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"unknown model {cfg.model!r} (auto, {', '.join(ARCHS)})")
     if cfg.model == "auto" and not cfg.pretrained:
         raise ConfigError("--model auto needs a --pretrained fastmae checkpoint; name a model for a random init")
-    if cfg.pretrained and not Path(cfg.pretrained).is_file():
-        raise ConfigError(f"--pretrained {cfg.pretrained} is not a file")
+    if cfg.pretrained and Path(cfg.pretrained).is_dir():
+        try:
+            hf_weights_file(cfg.pretrained)
+        except ValueError as e:
+            raise ConfigError(f"--pretrained {e}") from None
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
     for name in ("img_size", "num_heads"):

@@ -113,9 +113,12 @@ def test_hugging_face_input_is_converted_and_unknown_layouts_refused(run_checkpo
             main([str(tmp_path / "hf" / "model.safetensors"), "--to", fmt, "--out", str(tmp_path / ("hf-" + name))])
             == 0
         )
+        assert main([str(tmp_path / "hf"), "--to", fmt, "--out", str(tmp_path / ("folder-" + name))]) == 0
         assert main([str(path), "--to", fmt, "--out", str(tmp_path / ("ours-" + name))]) == 0
     a, b = load_safetensors(tmp_path / "hf-t.safetensors"), load_safetensors(tmp_path / "ours-t.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_safetensors(tmp_path / "folder-t.safetensors")
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in c)
     a = torch.load(tmp_path / "hf-m.pth", weights_only=True)["model"]
     assert a.keys() == mae.state_dict().keys() and all(torch.equal(a[k], v) for k, v in mae.state_dict().items())
     other = tmp_path / "other.pt"
@@ -157,3 +160,8 @@ def test_hf_head_counts_are_given_or_the_guess_is_printed(tmp_path, capsys):
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=imgs, noise=noise).logits, mae(imgs, noise=noise)[1])
+    # a Hugging Face folder says its heads in its config.json: nothing is guessed
+    assert main([str(tmp_path / "given"), "--to", "hf", "--out", str(tmp_path / "again")]) == 0
+    assert "guessed" not in capsys.readouterr().out
+    again = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "again")
+    assert (again.config.num_attention_heads, again.config.decoder_num_attention_heads) == (2, 2)

@@ -136,7 +136,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ft.parse_args(["--train-path", str(tmp_path), "--pretrained", str(tmp_path)])
-    assert f"--pretrained {tmp_path} is not a file" in capsys.readouterr().err
+    assert (
+        f"--pretrained {tmp_path} is a folder without model.safetensors or pytorch_model.bin" in capsys.readouterr().err
+    )
 
 
 def test_unlabelled_source_is_refused(tmp_path):
