@@ -382,7 +382,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     accum_iter(cfg, world_size)
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
         raise ConfigError(f"resume checkpoint {cfg.resume} does not exist (use --resume auto for the latest)")
-    for name in ("data_path", "data_list", "knn_data_path", "knn_data_list", "init_from"):
+    # --init-from is read only by a run with no checkpoint yet: a resumed one does not need the file
+    for name in ("data_path", "data_list", "knn_data_path", "knn_data_list", *(() if cfg.resume else ("init_from",))):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
             raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")
