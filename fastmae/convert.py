@@ -13,6 +13,7 @@ Checkpoint files here are for weights; the trainer's resumable checkpoints live 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -296,6 +297,15 @@ def hf_weights_file(folder: str | os.PathLike) -> str:
     raise ValueError(f"{os.fspath(folder)} is a folder without {' or '.join(HF_WEIGHT_FILES)}")
 
 
+def hf_folder_config(path: Any) -> dict[str, Any] | None:
+    """The ``config.json`` of a Hugging Face model folder (it says what the weights do not: the heads,
+    ``norm_pix_loss``); None for anything else."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """The object in a checkpoint file: a ``.safetensors`` file's tensors, else ``torch.load`` with
     ``weights_only=True``. A folder is read as Hugging Face writes one: its ``model.safetensors``
@@ -455,6 +465,11 @@ def mae_architecture(
         arch = {n: c[n] for n in MAE_ARCH_KEYS}
     elif hf_config is not None:
         h = hf_config
+        if h["intermediate_size"] * h["decoder_hidden_size"] != h["decoder_intermediate_size"] * h["hidden_size"]:
+            raise ValueError(
+                f"its config.json gives the encoder and the decoder other MLP ratios ({h['intermediate_size']} / "
+                f"{h['hidden_size']}, {h['decoder_intermediate_size']} / {h['decoder_hidden_size']}); fastmae has one"
+            )
         arch = dict(
             img_size=h["image_size"], patch_size=h["patch_size"], embed_dim=h["hidden_size"],
             depth=h["num_hidden_layers"], num_heads=h["num_attention_heads"],
@@ -490,10 +505,11 @@ def mae_architecture(
     return arch, guessed
 
 
-def _decoder_shape(sd: Mapping[str, torch.Tensor]) -> str:
+def _decoder_shape(sd: Mapping[str, torch.Tensor], heads: int | None) -> str:
     depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
     width = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else "?"
-    return f"width {width}, {depth} blocks"
+    mlp = sd["decoder_blocks.0.mlp.fc1.weight"].shape[0] if "decoder_blocks.0.mlp.fc1.weight" in sd else "?"
+    return f"width {width}, {depth} blocks, MLP {mlp}" + (f", {heads} heads" if heads is not None else "")
 
 
 # the fixed sin-cos tables: a function of the patch grid, made by the model for its own
@@ -528,8 +544,8 @@ def init_weights(
 
     ``source``: an official MAE checkpoint (full or encoder-only), an EasyCV / DDP-prefixed one, a
     Hugging Face ``ViTMAEForPreTraining`` file or folder, a safetensors file, or a fastmae checkpoint
-    (training, or an export). The encoder must match the model (width, depth, patch size; with a
-    fastmae checkpoint's config, the heads too): anything else raises a one-line ``ValueError``
+    (training, or an export). The encoder must match the model (width, depth, patch size; the heads
+    too where a fastmae checkpoint's config or a Hugging Face folder's says them): anything else raises a one-line ``ValueError``
     naming both shapes. The decoder is often changed for a continued run (MAE's ablations vary it),
     so one of another shape, or none, leaves the model's own init, and the report says which. The
     fixed sin-cos pos embeds of another image size are not loaded: the model made its own for its
@@ -541,6 +557,8 @@ def init_weights(
     have, want = weights_shape(sd), weights_shape(expected)
     mismatch = [k for k in ("embed_dim", "depth", "patch_size") if have[k] != want[k]]
     saved = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) else {}
+    if not saved and (hf := hf_folder_config(source)) is not None:  # a Hugging Face folder says its heads
+        saved = {"num_heads": hf.get("num_attention_heads"), "decoder_num_heads": hf.get("decoder_num_attention_heads")}
     if num_heads is not None and isinstance(saved.get("num_heads"), int) and saved["num_heads"] != num_heads[0]:
         mismatch.append("num_heads")
         have["num_heads"], want["num_heads"] = saved["num_heads"], num_heads[0]
@@ -563,19 +581,20 @@ def init_weights(
     take = list(encoder)
     decoder_model = [k for k in expected if _is_decoder_key(k)]
     decoder_ckpt = [k for k in sd if _is_decoder_key(k)]
+    saved_heads = saved.get("decoder_num_heads") if isinstance(saved.get("decoder_num_heads"), int) else None
     if not decoder_ckpt:
         decoder = "kept its init (the checkpoint has no decoder)"
     elif (
         set(decoder_ckpt) != set(decoder_model)
         or any(sd[k].shape != expected[k].shape for k in decoder_model if k not in _POS_EMBEDS)
-        or (
-            num_heads is not None
-            and isinstance(saved.get("decoder_num_heads"), int)
-            and saved["decoder_num_heads"] != num_heads[1]
-        )
+        or (num_heads is not None and saved_heads is not None and saved_heads != num_heads[1])
     ):
+        theirs, ours = (
+            (saved_heads, num_heads[1]) if num_heads is not None and saved_heads is not None else (None, None)
+        )
         decoder = (
-            f"kept its init (the checkpoint's, {_decoder_shape(sd)}, is not this run's, {_decoder_shape(expected)})"
+            f"kept its init (the checkpoint's, {_decoder_shape(sd, theirs)}, is not this run's, "
+            f"{_decoder_shape(expected, ours)})"
         )
     else:
         decoder = "loaded"

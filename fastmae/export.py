@@ -17,7 +17,6 @@ writes safetensors, else a torch file. A cls-token classifier (a linear probe) e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from fastmae.convert import (
     fastmae_state_dict,
+    hf_folder_config,
     load_checkpoint,
     load_official,
     read_state_dict,
@@ -48,9 +48,7 @@ def mae_architecture(
     obj = {} if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
     if "mask_token" not in sd:
         raise ValueError("an encoder-only checkpoint has no decoder to export to Hugging Face ViTMAE")
-    hf_file = Path(checkpoint) / "config.json"  # a Hugging Face folder says its architecture
-    hf_config = json.loads(hf_file.read_text()) if hf_file.is_file() else None
-    arch, guessed = read_architecture(obj, sd, num_heads, decoder_num_heads, hf_config)
+    arch, guessed = read_architecture(obj, sd, num_heads, decoder_num_heads, hf_folder_config(checkpoint))
     if guessed:
         print(
             f"guessed {', '.join(guessed)} (the checkpoint does not say; --num-heads / --decoder-num-heads if wrong)",

@@ -49,6 +49,7 @@ from fastmae.config import ConfigError
 from fastmae.convert import (
     OFFICIAL_HEADS,
     fastmae_state_dict,
+    hf_folder_config,
     hf_weights_file,
     load_checkpoint,
     read_state_dict,
@@ -230,7 +231,8 @@ def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict
     elif checkpoint is not None:  # weights only: read the shapes
         shape = weights_shape(pretrained_weights(cfg, checkpoint))
         dim, patch = shape["embed_dim"], shape["patch_size"]
-        heads = OFFICIAL_HEADS.get(dim, max(1, dim // 64))
+        hf = hf_folder_config(cfg.pretrained)  # a Hugging Face folder says its heads
+        heads = hf["num_attention_heads"] if hf else OFFICIAL_HEADS.get(dim, max(1, dim // 64))
         arch = dict(patch_size=patch, embed_dim=dim, depth=shape["depth"], num_heads=heads,
                     img_size=shape["grid"] * patch)  # fmt: skip
     else:

@@ -18,7 +18,6 @@ sees. Visible patches keep their own statistics (the model sees them).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -219,7 +218,14 @@ def load_mae(
     img_size: int | None = None,
 ) -> tuple[torch.nn.Module, list[str]]:
     """A full MAE from ``checkpoint`` (reference path, eval mode) and the notes on what was assumed."""
-    from fastmae.convert import fastmae_state_dict, init_weights, load_checkpoint, mae_architecture, read_state_dict
+    from fastmae.convert import (
+        fastmae_state_dict,
+        hf_folder_config,
+        init_weights,
+        load_checkpoint,
+        mae_architecture,
+        read_state_dict,
+    )
     from fastmae.model import MaskedAutoencoderViT
 
     obj = load_checkpoint(checkpoint)
@@ -229,9 +235,7 @@ def load_mae(
             f"{checkpoint} is encoder-only: a reconstruction needs the decoder (a full checkpoint, e.g. the "
             "official mae_visualize_* ones, or a fastmae run's)"
         )
-    hf_file = os.path.join(checkpoint, "config.json")
-    hf_config = json.loads(Path(hf_file).read_text()) if os.path.isdir(checkpoint) and os.path.isfile(hf_file) else None
-    arch, notes = mae_architecture(obj, sd, num_heads, decoder_num_heads, hf_config)
+    arch, notes = mae_architecture(obj, sd, num_heads, decoder_num_heads, hf_folder_config(checkpoint))
     if norm_pix_loss is not None:
         arch["norm_pix_loss"] = norm_pix_loss
     elif "norm_pix_loss" not in arch:

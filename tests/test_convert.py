@@ -149,7 +149,10 @@ def test_init_weights_keeps_the_decoders_init_where_the_checkpoint_has_none_or_a
     encoder_only = {k: v for k, v in src.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     for source, why in (
         ({"model": encoder_only}, "has no decoder"),
-        ({"model": src.state_dict()}, "the checkpoint's, width 32, 3 blocks, is not this run's, width 32, 2 blocks"),
+        (
+            {"model": src.state_dict()},
+            "the checkpoint's, width 32, 3 blocks, MLP 128, is not this run's, width 32, 2 blocks, MLP 128",
+        ),
     ):
         dst, fresh = _mae(2), _mae(2)
         report = init_weights(dst, source)
@@ -212,3 +215,40 @@ def test_a_folder_reads_as_hugging_face_writes_one(tmp_path):
         load_checkpoint(tmp_path)
     torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
     assert torch.equal(load_checkpoint(tmp_path)["w"], torch.ones(2))
+
+
+def test_init_weights_reads_the_heads_where_the_checkpoint_says_them(tmp_path):
+    """The weights do not fix the heads: a fastmae checkpoint's config and a Hugging Face folder's
+    config.json do. Other encoder heads are an error; other decoder heads keep the decoder's init."""
+    from fastmae.convert import init_weights
+
+    src = _mae(1)  # 4 heads in the encoder and the decoder
+    with pytest.raises(ValueError, match="its encoder has num_heads 4 where this run's has num_heads 2"):
+        init_weights(_mae(2, num_heads=2), {"model": src.state_dict(), "config": {"num_heads": 4}}, num_heads=(2, 4))
+    config = {"model": src.state_dict(), "config": {"num_heads": 4, "decoder_num_heads": 4}}
+    dst, fresh = _mae(2, decoder_num_heads=2), _mae(2, decoder_num_heads=2)
+    report = init_weights(dst, config, num_heads=(4, 2))
+    assert report.decoder == (
+        "kept its init (the checkpoint's, width 32, 2 blocks, MLP 128, 4 heads, is not this run's, "
+        "width 32, 2 blocks, MLP 128, 2 heads)"
+    )
+    assert torch.equal(dst.decoder_pred.weight, fresh.decoder_pred.weight)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+    pytest.importorskip("transformers")
+    to_hf(src).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="its encoder has num_heads 4 where this run's has num_heads 2"):
+        init_weights(_mae(2, num_heads=2), tmp_path / "hf", num_heads=(2, 4))
+    assert init_weights(_mae(2), tmp_path / "hf", num_heads=(4, 4)).decoder == "loaded"
+
+
+def test_architecture_of_a_hugging_face_config_with_two_mlp_ratios_is_refused():
+    from fastmae.convert import hf_config, mae_architecture
+
+    config = hf_config(_mae(1)).to_dict()
+    sd = _mae(1).state_dict()
+    arch, guessed = mae_architecture({}, sd, hf_config=config)
+    assert not guessed and arch["mlp_ratio"] == 4.0 and arch["num_heads"] == 4
+    config["decoder_intermediate_size"] = 64
+    with pytest.raises(ValueError, match=r"other MLP ratios \(192 / 48, 64 / 32\); fastmae has one"):
+        mae_architecture({}, sd, hf_config=config)

@@ -127,6 +127,19 @@ def test_architecture_from_weights_alone():
     assert arch == dict(patch_size=16, embed_dim=64, depth=3, num_heads=1, img_size=64)
 
 
+def test_a_hugging_face_folder_says_its_heads(tmp_path):
+    """The weights of a 64-wide model do not say 4 heads (the guess by width is 1); its folder's
+    config.json does."""
+    pytest.importorskip("transformers")
+    from fastmae.convert import load_checkpoint, to_hf
+
+    mae = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4)
+    to_hf(mae).save_pretrained(tmp_path / "hf")
+    cfg = ft.FinetuneConfig(train_path="x", pretrained=str(tmp_path / "hf"))
+    arch = ft.architecture(cfg, load_checkpoint(tmp_path / "hf"))
+    assert arch == dict(patch_size=16, embed_dim=64, depth=3, num_heads=4, img_size=64)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ft.parse_args(["--mode", "linear"])

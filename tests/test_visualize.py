@@ -175,6 +175,31 @@ def test_cli_reads_official_and_hugging_face_layouts(tmp_path, some_images, caps
     np.testing.assert_array_equal(_png(out), _expected_grid(model, some_images[:2], tmp_path / "hf"))
 
 
+@pytest.mark.parametrize("layout", ["fastmae", "hugging_face"])
+def test_cli_draws_a_plain_pixel_model_as_one(tmp_path, some_images, capsys, layout):
+    """A model trained on plain pixels (norm_pix_loss off, as the official mae_visualize_* ones) is
+    drawn as one where its checkpoint says so: its predictions are pixels, not un-normalised."""
+    from fastmae.config import make_config
+    from fastmae.convert import model_config
+    from fastmae.visualize import main
+
+    model = _tiny(norm_pix=False)
+    if layout == "fastmae":
+        ckpt = tmp_path / "plain.pt"
+        torch.save({"model": model.state_dict(), "config": {**make_config({}).to_dict(), **model_config(model)}}, ckpt)
+    else:
+        pytest.importorskip("transformers")
+        from fastmae.convert import to_hf
+
+        ckpt = tmp_path / "hf"
+        to_hf(model).save_pretrained(ckpt)
+    out = tmp_path / "grid.png"
+    assert main([str(ckpt), *map(str, some_images[:2]), "--out", str(out)]) == 0
+    assert "assumed" not in capsys.readouterr().out
+    np.testing.assert_array_equal(_png(out), _expected_grid(model, some_images[:2], ckpt))
+    assert not np.array_equal(_png(out), _expected_grid(_tiny(norm_pix=True), some_images[:2], ckpt))
+
+
 def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
     from fastmae.visualize import main
 
@@ -182,11 +207,20 @@ def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
     encoder_only = {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": encoder_only}, tmp_path / "enc.pth")
     torch.save({"model": model.state_dict()}, tmp_path / "full.pth")
+    from fastmae.config import make_config
+    from fastmae.convert import model_config
+
+    torch.save(
+        {"model": model.state_dict(), "config": {**make_config({}).to_dict(), **model_config(model)}},
+        tmp_path / "run.pt",
+    )
     for args, message in (
         ([str(tmp_path / "enc.pth"), str(some_images[0])], "is encoder-only"),
         ([str(tmp_path / "full.pth"), str(tmp_path / "nothing.jpg")], "nothing.jpg does not exist"),
         ([str(tmp_path / "none.pth"), str(some_images[0])], "none.pth does not exist"),
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--mask-ratio", "1"], "--mask-ratio must be in [0, 1)"),
+        # heads given that differ from the checkpoint's: its decoder would be another function
+        ([str(tmp_path / "run.pt"), str(some_images[0]), "--decoder-num-heads", "1"], "the decoder was not loaded"),
     ):
         with pytest.raises(SystemExit) as e:
             main(args)
