@@ -248,6 +248,18 @@ def train(cfg: Config) -> TrainResult:
     if isinstance(decided, ConfigError):
         raise decided
     run_dir, resume_path = decided
+
+    # the model (seeded: the same on every rank) and its --init-from weights before the data, whose
+    # scan can take minutes on a large folder: a checkpoint that does not fit is a one-line error first
+    model = build_model(cfg, device)
+    init = None
+    if resume_path is None and cfg.init_from:  # every rank reads it (DDP would broadcast rank 0's anyway)
+        from fastmae.convert import init_weights
+
+        try:
+            init = init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
+        except ValueError as e:
+            raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -279,7 +291,6 @@ def train(cfg: Config) -> TrainResult:
         if error is not None:
             raise error
 
-    model = build_model(cfg, device)
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, cfg.weight_decay),
         lr=peak_lr,
@@ -311,15 +322,7 @@ def train(cfg: Config) -> TrainResult:
         del state
     elif cfg.resume == "auto" and main:
         print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
-    init = None
-    if resume_path is None and cfg.init_from:  # every rank reads it (DDP would broadcast rank 0's anyway)
-        from fastmae.convert import init_weights
-
-        try:
-            init = init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
-        except ValueError as e:
-            raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
-    elif resume_path is not None and cfg.init_from and main:
+    if resume_path is not None and cfg.init_from and main:
         print(f"--init-from {cfg.init_from} not read: resuming, the checkpoint holds the weights", flush=True)
 
     compiled = compiles(cfg, device)

@@ -451,6 +451,7 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tiny_data, tmp_p
     assert main(tiny_args(tiny_data, tmp_path / "c", "--init-from", str(source), "--embed-dim", "64")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "its encoder has embed_dim 32 where this run's has embed_dim 64" in err[0], err
+    assert not (tmp_path / "c").exists()  # checked before the data is opened or anything is written
     assert main(tiny_args(tiny_data, tmp_path / "c", "--init-from", str(source), "--num-heads", "4")) == 2
     err = capsys.readouterr().err.strip().splitlines()  # the heads are in the checkpoint's config
     assert len(err) == 1 and "its encoder has num_heads 2 where this run's has num_heads 4" in err[0], err
