@@ -521,9 +521,13 @@ class InitReport:
     """What :func:`init_weights` took from a checkpoint."""
 
     loaded: list[str]
-    decoder: str  # "loaded", or why the decoder keeps its init
+    decoder: str  # "loaded" (and a note), or why the decoder keeps its init
     regenerated: list[str]  # pos embeds of another grid, left as the model made them
     ignored: list[str]  # keys a pretraining model has no use for (a classifier's head, fc_norm)
+
+    @property
+    def decoder_loaded(self) -> bool:
+        return self.decoder.startswith("loaded")
 
     def __str__(self) -> str:
         parts = [f"{len(self.loaded)} tensors", f"decoder {self.decoder}"]
@@ -558,7 +562,11 @@ def init_weights(
     mismatch = [k for k in ("embed_dim", "depth", "patch_size") if have[k] != want[k]]
     saved = obj.get("config") if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) else {}
     if not saved and (hf := hf_folder_config(source)) is not None:  # a Hugging Face folder says its heads
-        saved = {"num_heads": hf.get("num_attention_heads"), "decoder_num_heads": hf.get("decoder_num_attention_heads")}
+        saved = {
+            "num_heads": hf.get("num_attention_heads"),
+            "decoder_num_heads": hf.get("decoder_num_attention_heads"),
+            "norm_pix_loss": hf.get("norm_pix_loss"),
+        }
     if num_heads is not None and isinstance(saved.get("num_heads"), int) and saved["num_heads"] != num_heads[0]:
         mismatch.append("num_heads")
         have["num_heads"], want["num_heads"] = saved["num_heads"], num_heads[0]
@@ -599,6 +607,13 @@ def init_weights(
     else:
         decoder = "loaded"
         take += decoder_model
+    if (
+        decoder == "loaded"
+        and isinstance(saved.get("norm_pix_loss"), bool)
+        and saved["norm_pix_loss"] != model.norm_pix_loss
+    ):
+        # the decoder learnt the other target: allowed (a domain run may change it), but said
+        decoder += f" (trained with norm_pix_loss={saved['norm_pix_loss']}, this run has {model.norm_pix_loss})"
     regenerated = [k for k in _POS_EMBEDS if k in take and sd[k].shape != expected[k].shape]
     take = [k for k in take if k not in regenerated]
     model.load_state_dict({k: sd[k] for k in take}, strict=False)

@@ -245,7 +245,7 @@ def load_mae(
         arch["img_size"] = img_size
     model = MaskedAutoencoderViT(**arch, fused=False)
     report = init_weights(model, obj, num_heads=(arch["num_heads"], arch["decoder_num_heads"]))
-    if report.decoder != "loaded":
+    if not report.decoder_loaded:
         raise ValueError(f"the decoder was not loaded: {report.decoder}")
     return model.eval(), notes
 

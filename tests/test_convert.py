@@ -240,6 +240,9 @@ def test_init_weights_reads_the_heads_where_the_checkpoint_says_them(tmp_path):
     with pytest.raises(ValueError, match="its encoder has num_heads 4 where this run's has num_heads 2"):
         init_weights(_mae(2, num_heads=2), tmp_path / "hf", num_heads=(2, 4))
     assert init_weights(_mae(2), tmp_path / "hf", num_heads=(4, 4)).decoder == "loaded"
+    # the folder says its target too: a run with the other one is told (its decoder learnt the other)
+    report = init_weights(_mae(2, norm_pix_loss=True), tmp_path / "hf", num_heads=(4, 4))
+    assert report.decoder_loaded and report.decoder == "loaded (trained with norm_pix_loss=False, this run has True)"
 
 
 def test_architecture_of_a_hugging_face_config_with_two_mlp_ratios_is_refused():
