@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import textwrap
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Field values from a JSON (or, with pyyaml installed, YAML) file; a saved ``config.json`` works."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     text = p.read_text()
@@ -369,6 +372,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     ):  # fmt: skip
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for f in dataclasses.fields(cfg):  # nan passes every comparison below, inf most of them
+        values = getattr(cfg, f.name) if isinstance(getattr(cfg, f.name), (tuple, list)) else [getattr(cfg, f.name)]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{f.name} must be a finite number, got {getattr(cfg, f.name)!r}")
     if cfg.mlp_ratio <= 0:
         raise ConfigError(f"mlp_ratio must be > 0, got {cfg.mlp_ratio}")
     if cfg.lr is not None and cfg.lr < 0:
@@ -380,13 +387,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise ConfigError(f"warmup_epochs must be in [0, epochs={cfg.epochs}], got {cfg.warmup_epochs}")
     accum_iter(cfg, world_size)
+    if cfg.resume not in ("", "auto") and os.path.isdir(cfg.resume):
+        raise ConfigError(
+            f"--resume {cfg.resume} is a folder: pass --run-dir {cfg.resume} --resume auto, or a checkpoint file"
+        )
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
         raise ConfigError(f"resume checkpoint {cfg.resume} does not exist (use --resume auto for the latest)")
+    if cfg.run_dir and os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+        raise ConfigError(f"--run-dir {cfg.run_dir} is a file, not a folder")
+    if cfg.data_list and not cfg.data_path:
+        raise ConfigError("--data-list needs --data-path, the root its paths are relative to")
     # --init-from is read only by a run with no checkpoint yet: a resumed one does not need the file
     for name in ("data_path", "data_list", "knn_data_path", "knn_data_list", *(() if cfg.resume else ("init_from",))):
         path = getattr(cfg, name)
         if path and not os.path.exists(path):
             raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist")
+        if path and name.endswith("_list") and os.path.isdir(path):
+            raise ConfigError(f"--{name.replace('_', '-')} {path} is a folder, not a file list")
     if not cfg.data_path and cfg.data_backend != "synthetic" and cfg.preset != "demo":
         raise ConfigError(f"preset {cfg.preset} needs --data-path (only the demo preset generates its own images)")
 

@@ -71,6 +71,8 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} ({', '.join(FORMATS)})")
     out = Path(out)
+    if fmt != "hf" and out.is_dir():  # before anything is read: a one-line error
+        raise ValueError(f"--out {out} is a folder; --to {fmt} writes a file (e.g. {out / 'encoder.safetensors'})")
     if fmt == "hf" and out.exists() and not out.is_dir():
         # save_pretrained would only log this and return: the export would seem to have worked
         raise ValueError(f"--out {out} exists and is not a folder (--to hf writes a save_pretrained folder)")

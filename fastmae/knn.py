@@ -129,7 +129,8 @@ class KnnMonitor:
                 kind=source.kind,
                 classes=source.classes,
             )
-        train, val = split_source(source, val_fraction, seed)
+        hint = "every class has one image: use a larger --knn-max-images, or a --knn-data-path with more"
+        train, val = split_source(source, val_fraction, seed, empty_hint=hint)
         self.num_classes = 1 + max(y for _, y in source.samples)
         self.k, self.temperature = k, temperature
         kw = dict(device=device, num_workers=num_workers)

@@ -32,7 +32,8 @@ def summary(result: TrainResult, seconds: float) -> str:
             f"  pictures    {result.pictures[-1]}"
             + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
         )
-    lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto --epochs N")
+    more = " --epochs N (more epochs than this schedule's)" if result.schedule_done else ""
+    lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto{more}")
     return "\n".join(lines)
 
 

@@ -66,6 +66,7 @@ class TrainResult:
     pictures: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stopped: bool = False  # by SIGTERM / SIGUSR1, after a checkpoint
+    schedule_done: bool = False  # every epoch of the schedule ran (continuing means more --epochs)
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -230,6 +231,11 @@ def train(cfg: Config) -> TrainResult:
     accum = accum_iter(cfg, env.world_size)
     eff_batch = cfg.batch_size * env.world_size * accum
     peak_lr = learning_rate(cfg, env.world_size)
+    if cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
+        raise ConfigError(
+            f"min_lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, or --lr); "
+            "lower --min-lr"
+        )
     precision, dtype = resolve_precision(cfg, device)
     if device.type == "cuda":  # the few fp32 matmuls left under autocast; --precision fp32 means fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
@@ -536,7 +542,8 @@ def train(cfg: Config) -> TrainResult:
                     step == total_steps
                     or (epoch_end and cfg.vis_every_epochs and (epoch + 1) % cfg.vis_every_epochs == 0)
                 ):
-                    pic = save_pictures(f"epoch{epoch:04d}" if epoch_end else f"step{step:09d}")
+                    # epochs counted as the metrics count them: the picture after the 3rd is epoch0003
+                    pic = save_pictures(f"epoch{epoch + 1:04d}" if epoch_end else f"step{step:09d}")
                     if pic:
                         result.pictures.append(pic)
                 if epoch_end or step == total_steps or stop:
@@ -552,6 +559,7 @@ def train(cfg: Config) -> TrainResult:
             loader.close()
     result.step = step
     result.stopped = stop
+    result.schedule_done = step >= cfg.epochs * opt_steps_per_epoch
     return result
 
 

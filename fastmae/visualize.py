@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.exists(args.checkpoint):
         parser.error(f"checkpoint {args.checkpoint} does not exist")
+    if args.out and os.path.isdir(args.out):
+        parser.error(
+            f"--out {args.out} is a folder; name the PNG to write (e.g. {os.path.join(args.out, 'recon.png')})"
+        )
     if not 0.0 <= args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     for name in ("max_images", "num_heads", "decoder_num_heads"):
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     name = Path(args.checkpoint.rstrip("/")).name
     out = Path(args.out or f"{Path(name).stem}_recon.png")
     title = f"{name}, mask ratio {args.mask_ratio}, seed {args.seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_reconstruction_grid(model, imgs, out, args.mask_ratio, noise, title=title)
     print(
         f"wrote {out} ({len(used)} images: {', '.join(os.path.basename(p) for p in used[:4])}{', ...' if len(used) > 4 else ''})"

@@ -187,6 +187,16 @@ def test_help_lists_presets_and_fields(capsys):
         (["--keep-every-epochs", "-1"], 1, "keep_every_epochs must be >= 0"),
         (["--vis-every-epochs", "-1"], 1, "vis_every_epochs must be >= 0"),
         (["--device", "foo"], 1, "device must be auto, cpu, cuda or cuda:N"),
+        (["--blr", "nan"], 1, "blr must be a finite number, got nan"),
+        (["--lr", "inf"], 1, "lr must be a finite number, got inf"),
+        (["--mlp-ratio", "nan"], 1, "mlp_ratio must be a finite number"),
+        (["--weight-decay", "nan"], 1, "weight_decay must be a finite number"),
+        (["--betas", "0.9", "nan"], 1, "betas must be a finite number"),
+        (["--data-list", "README.md"], 1, "--data-list needs --data-path"),
+        (["--data-path", ".", "--data-list", "tests"], 1, "--data-list tests is a folder, not a file list"),
+        (["--resume", "tests"], 1, "--resume tests is a folder: pass --run-dir tests --resume auto"),
+        (["--run-dir", "README.md"], 1, "--run-dir README.md is a file, not a folder"),
+        (["--config", "tests"], 1, "config file tests is a folder"),
     ],
 )
 def test_bad_values_are_one_line_errors(argv, world, message, capsys, monkeypatch):

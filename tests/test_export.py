@@ -137,6 +137,10 @@ def test_hf_out_that_is_a_file_is_refused(run_checkpoint, tmp_path, capsys):
         main([str(path), "--to", "hf", "--out", str(out)])
     assert e.value.code == 2 and "exists and is not a folder" in _one_line_error(capsys)
     assert out.read_text() == "keep me\n"
+    with pytest.raises(SystemExit) as e:  # and a folder where a file format goes
+        main([str(path), "--to", "timm", "--out", str(tmp_path)])
+    assert e.value.code == 2 and f"--out {tmp_path} is a folder; --to timm writes a file" in _one_line_error(capsys)
+    assert out.read_text() == "keep me\n"
 
 
 def test_hf_head_counts_are_given_or_the_guess_is_printed(tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_tiny_run_learns_and_leaves_its_files(tiny_data, tmp_path, capsys):
     assert last < 0.85 * first, f"loss did not fall: {first:.4f} -> {last:.4f}"
     ckpts = sorted(run.glob("ckpt-*.pt"))
     assert ckpts and ckpts[-1].name == "ckpt-step000000048.pt"
-    assert sorted(p.name for p in run.glob("recon-*.png")) == ["recon-epoch0002.png", "recon-epoch0005.png"]
+    assert sorted(p.name for p in run.glob("recon-*.png")) == ["recon-epoch0003.png", "recon-epoch0006.png"]
     assert '"lr": ' in (run / "config.json").read_text()
     for what in ("checkpoint", "metrics", "pictures", str(ckpts[-1])):
         assert what in out
@@ -463,3 +463,15 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tiny_data, tmp_p
     assert main(tiny_args(tiny_data, tmp_path / "e", "--init-from", str(tmp_path / "none.pt"), "--resume", "auto")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--init-from {tmp_path / 'none.pt'}: cannot read" in err[0], err
+
+
+def test_a_floor_above_the_peak_lr_and_the_continue_hint(tiny_data, tmp_path, capsys):
+    """A --min-lr above the peak would make the cosine climb: a one-line error. A run stopped by
+    --max-steps continues with --resume auto alone; one whose schedule ran out needs more --epochs."""
+    assert main(tiny_args(tiny_data, tmp_path / "a", "--lr", "1e-3", "--min-lr", "1e-2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "min_lr 0.01 is above the peak lr 0.001" in err[0], err
+    assert main(tiny_args(tiny_data, tmp_path / "b", "--epochs", "1", "--max-steps", "2")) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"--run-dir {tmp_path / 'b'} --resume auto")
+    assert main(tiny_args(tiny_data, tmp_path / "b", "--epochs", "1", "--resume", "auto")) == 0
+    assert "--resume auto --epochs N" in capsys.readouterr().out.strip().splitlines()[-1]

@@ -138,7 +138,7 @@ def test_cli_draws_a_fastmae_runs_checkpoint(tmp_path, some_images, capsys, monk
     model = _tiny()
     ckpt = tmp_path / "ckpt-step000000010.pt"
     torch.save({"model": model.state_dict(), "config": {**make_config({}).to_dict(), **model_config(model)}}, ckpt)
-    out = tmp_path / "grid.png"
+    out = tmp_path / "new" / "grid.png"  # its folder is made
     assert main([str(ckpt), str(some_images[0]), str(some_images[1]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "assumed" not in printed and f"wrote {out} (2 images" in printed
@@ -219,6 +219,7 @@ def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
         ([str(tmp_path / "full.pth"), str(tmp_path / "nothing.jpg")], "nothing.jpg does not exist"),
         ([str(tmp_path / "none.pth"), str(some_images[0])], "none.pth does not exist"),
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--mask-ratio", "1"], "--mask-ratio must be in [0, 1)"),
+        ([str(tmp_path / "full.pth"), str(some_images[0]), "--out", str(tmp_path)], "is a folder; name the PNG"),
         # heads given that differ from the checkpoint's: its decoder would be another function
         ([str(tmp_path / "run.pt"), str(some_images[0]), "--decoder-num-heads", "1"], "the decoder was not loaded"),
     ):

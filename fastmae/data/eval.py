@@ -120,7 +120,9 @@ class EvalLoader:
             )
 
 
-def split_source(source: Source, val_fraction: float, seed: int = 0) -> tuple[Source, Source]:
+def split_source(
+    source: Source, val_fraction: float, seed: int = 0, empty_hint: str = "use a larger --val-fraction or a --val-path"
+) -> tuple[Source, Source]:
     """A deterministic, per-class (stratified) train / val split of one labelled source.
 
     Each class keeps ``round(val_fraction * n_class)`` images for validation (at least one when the
@@ -143,7 +145,7 @@ def split_source(source: Source, val_fraction: float, seed: int = 0) -> tuple[So
     train = [s for s in source.samples if s[0] not in val_paths]
     val = [source.samples[i] for i in files if source.samples[i][0] in val_paths]
     if not val:
-        raise DataError("the val split is empty: use a larger --val-fraction or a --val-path")
+        raise DataError(f"the val split is empty: {empty_hint}")
     make = lambda samples, missing=(): Source(
         root=source.root, samples=samples, kind=source.kind, classes=source.classes, missing=list(missing)
     )
