@@ -29,10 +29,11 @@ mixup and cutmix of the full ImageNet recipe are not applied.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from fastmae import checkpoint as ckpt
 from fastmae import distributed
-from fastmae.attention import AttentionBackendError
+from fastmae.attention import BACKENDS, AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
 from fastmae.convert import (
@@ -185,9 +186,28 @@ def validate(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"--pretrained {e}") from None
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    for name in ("img_size", "num_heads"):
+    for name in ("img_size", "num_heads", "epochs", "knn_k", "log_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for f in fields(cfg):  # nan passes every comparison below
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
+    for name in ("max_steps", "num_classes", "trainable_blocks", "num_workers", "seed", "warmup_epochs", "blr", "lr",
+                 "min_lr", "layer_decay", "weight_decay"):  # fmt: skip
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("drop_path", "smoothing"):
+        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.knn_t <= 0:
+        raise ConfigError(f"--knn-t must be > 0, got {cfg.knn_t}")
+    for name, choices in (("precision", ("auto", "bf16", "fp16", "fp32")), ("attn_backend", BACKENDS)):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -233,6 +253,8 @@ def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict
         dim, patch = shape["embed_dim"], shape["patch_size"]
         hf = hf_folder_config(cfg.pretrained)  # a Hugging Face folder says its heads
         heads = hf["num_attention_heads"] if hf else OFFICIAL_HEADS.get(dim, max(1, dim // 64))
+        if not hf and cfg.num_heads is None:  # a wrong guess is another function, silently: say it
+            print(f"guessed num_heads={heads} (the checkpoint does not say; --num-heads if wrong)", flush=True)
         arch = dict(patch_size=patch, embed_dim=dim, depth=shape["depth"], num_heads=heads,
                     img_size=shape["grid"] * patch)  # fmt: skip
     else:
@@ -303,8 +325,12 @@ def open_splits(cfg: FinetuneConfig):
     for name, src in (("training", train), ("validation", val)):
         if min(y for _, y in src.samples) < 0:
             raise DataError(f"the {name} source has unlabelled images: use an ImageFolder tree or a list with labels")
-    num_classes = cfg.num_classes or 1 + max(y for _, y in train.samples + val.samples)
-    return train, val, num_classes
+    labels = 1 + max(y for _, y in train.samples + val.samples)
+    if cfg.num_classes and cfg.num_classes < labels:
+        raise ConfigError(
+            f"--num-classes {cfg.num_classes} but the labels go up to {labels - 1}; leave it 0 (from the labels)"
+        )
+    return train, val, cfg.num_classes or labels
 
 
 @torch.no_grad()
@@ -355,6 +381,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     arch = architecture(cfg, checkpoint)
     cfg = recipe(cfg, arch["depth"])
     run_dir = Path(cfg.run_dir or f"runs/finetune-{cfg.mode}")
+    if cfg.mode != "knn" and cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs} (the recipe's "
+                          f"warm-up for {cfg.mode} is {recipe(FinetuneConfig(mode=cfg.mode), arch['depth']).warmup_epochs:g})")  # fmt: skip
+    if cfg.resume != "auto" and ((run_dir / "results.json").is_file() or ckpt.list_checkpoints(run_dir)):
+        raise ConfigError(
+            f"{run_dir} already holds a run: pass another --run-dir"
+            + (", or --resume auto to continue it" if cfg.mode != "knn" else "")
+        )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     train_src, val_src, num_classes = open_splits(cfg)
@@ -492,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, AttentionBackendError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a diverged run: the step and a hint, not a traceback
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue from the last checkpoint with --resume auto", file=sys.stderr)
+        return 130
     finally:
         distributed.cleanup()
     return 0

@@ -383,3 +383,60 @@ def test_a_finetuned_checkpoint_is_a_pretrained_init(tmp_path, small):
     result = ft.finetune(ft.parse_args(["--mode", "knn", *common, "--pretrained", str(path), "--knn-k", "5",
                                         "--run-dir", str(tmp_path / "knn")]))  # fmt: skip
     assert result["mode"] == "knn"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--max-steps", "-3"], "--max-steps must be >= 0"),
+        (["--lr", "-1"], "--lr must be >= 0"),
+        (["--blr", "nan"], "--blr must be a finite number, got nan"),
+        (["--layer-decay", "nan"], "--layer-decay must be a finite number"),
+        (["--knn-k", "0"], "--knn-k must be >= 1"),
+        (["--knn-t", "0"], "--knn-t must be > 0"),
+        (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+        (["--precision", "bf17"], "--precision must be one of auto, bf16, fp16, fp32"),
+        (["--attn-backend", "flash"], "--attn-backend must be one of"),
+        (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+    ],
+)
+def test_bad_values_are_one_line_errors(tmp_path, extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ft.parse_args(["--train-path", str(tmp_path), "--model", "vit_base_patch16", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and message in err[-1], err
+
+
+def test_run_time_errors_are_one_line(tmp_path, labelled, capsys, monkeypatch):
+    """Too few classes for the labels, a warm-up longer than the run, a run directory that holds a
+    run (never overwritten), a diverged run and Ctrl-C: one line each, no traceback."""
+    data, pre = labelled
+    base = ["--pretrained", str(pre), "--train-path", str(data), "--num-workers", "0", "--no-progress"]
+    assert ft.main([*base, "--mode", "knn", "--num-classes", "2", "--run-dir", str(tmp_path / "a")]) == 2
+    assert "--num-classes 2 but the labels go up to 3" in capsys.readouterr().err
+    assert ft.main([*base, "--mode", "linear", "--epochs", "3", "--run-dir", str(tmp_path / "b")]) == 2
+    assert "--warmup-epochs 10 is longer than --epochs 3" in capsys.readouterr().err
+    assert ft.main([*base, "--mode", "knn", "--run-dir", str(tmp_path / "c")]) == 0
+    before = (tmp_path / "c" / "results.json").read_text()
+    assert ft.main([*base, "--mode", "knn", "--init", "random", "--run-dir", str(tmp_path / "c")]) == 2
+    assert f"{tmp_path / 'c'} already holds a run: pass another --run-dir" in capsys.readouterr().err
+    assert (tmp_path / "c" / "results.json").read_text() == before
+    for raised, code, message in (
+        (FloatingPointError("non-finite training loss at step 4: lower --blr / --lr"), 1, "non-finite training loss"),
+        (KeyboardInterrupt(), 130, "interrupted; continue from the last checkpoint with --resume auto"),
+    ):
+        monkeypatch.setattr(ft, "finetune", lambda cfg, e=raised: (_ for _ in ()).throw(e))
+        assert ft.main([*base, "--run-dir", str(tmp_path / "d")]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_a_guessed_head_count_is_said(tmp_path, capsys):
+    """Official-layout weights do not say their heads: the guess by width is printed."""
+    mae = MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=64, depth=3, num_heads=4)
+    checkpoint = {"model": mae.state_dict()}
+    ft.architecture(ft.FinetuneConfig(train_path="x"), checkpoint)
+    assert "guessed num_heads=1 (the checkpoint does not say; --num-heads if wrong)" in capsys.readouterr().out
+    ft.architecture(ft.FinetuneConfig(train_path="x", num_heads=4), checkpoint)
+    assert "guessed" not in capsys.readouterr().out
