@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -72,6 +74,17 @@ ARCHS = {
     "vit_large_patch16": (16, 1024, 24, 16),
     "vit_huge_patch14": (14, 1280, 32, 16),
 }
+
+
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint, as the trainer
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGUSR1 stopped the run at a log step, after a checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"stopped by a signal at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -461,6 +474,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     model.train()
+    # a scheduler's SIGTERM (or SLURM's --signal=USR1@90) stops the run at the next log step, after a
+    # checkpoint, as the trainer does; the ranks agree on it in the log step's all-reduce
+    stop_signals: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
     try:
         while step < total:
             epoch = step // steps_per_epoch
@@ -479,8 +499,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 n_loss += 1
                 step += 1
                 pbar.update(1)
+                stopping = False
                 if step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total:
-                    train_loss = distributed.all_reduce_sum(loss_sum.clone()).item() / (n_loss * env.world_size)
+                    stop_flag = torch.tensor(float(bool(stop_signals)), device=device)
+                    summed, stop = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag])).tolist()
+                    stopping = bool(stop)
+                    train_loss = summed / (n_loss * env.world_size)
                     if not torch.isfinite(torch.tensor(train_loss)):
                         raise FloatingPointError(f"non-finite training loss at step {step}: lower --blr / --lr")
                     loss_sum.zero_()
@@ -495,14 +519,19 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     if main:
                         log.write(record)
                         pbar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{metrics.get('top1', 0):.1f}", refresh=False)
-                if main and (step % steps_per_epoch == 0 or step == total):
+                saved = None
+                if main and (step % steps_per_epoch == 0 or step == total or stopping):
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg),
                              "architecture": arch}  # fmt: skip
-                    ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
+                    saved = ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
+                if stopping:
+                    raise Stopped(step, saved)
                 if step == total:
                     break
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         pbar.close()
         if log is not None:
             log.close()
@@ -532,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue from the last checkpoint with --resume auto", file=sys.stderr)
         return 130
+    except Stopped as e:
+        run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"
+        print(f"{PROG}: {e}; continue with the same command and --resume auto (--run-dir {run_dir})", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
         distributed.cleanup()
     return 0

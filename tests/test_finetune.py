@@ -440,3 +440,38 @@ def test_a_guessed_head_count_is_said(tmp_path, capsys):
     assert "guessed num_heads=1 (the checkpoint does not say; --num-heads if wrong)" in capsys.readouterr().out
     ft.architecture(ft.FinetuneConfig(train_path="x", num_heads=4), checkpoint)
     assert "guessed" not in capsys.readouterr().out
+
+
+def test_sigterm_saves_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, labelled, capsys, monkeypatch):
+    """A scheduler's SIGTERM mid-epoch: the run stops at the next log step after a checkpoint, with
+    one line and exit 143; --resume auto then gives the uninterrupted run's records, bit for bit."""
+    import os
+    import signal
+
+    data, pre = labelled
+    argv = ["--mode", "full", "--pretrained", str(pre), "--train-path", str(data), "--batch-size", "16",
+            "--num-workers", "0", "--no-progress", "--log-every", "1", "--lr", "1e-3", "--warmup-epochs", "1",
+            "--drop-path", "0", "--epochs", "2"]  # fmt: skip
+    assert ft.main([*argv, "--run-dir", str(tmp_path / "whole")]) == 0
+    calls = []
+    lr_at = ft.lr_at
+
+    def lr_at_then_sigterm(*a, **kw):  # the signal arrives during the 2nd step of 4 in the first epoch
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(*a, **kw)
+
+    monkeypatch.setattr(ft, "lr_at", lr_at_then_sigterm)
+    run = tmp_path / "stopped"
+    assert ft.main([*argv, "--run-dir", str(run)]) == ft.EXIT_STOPPED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped by a signal at step 2; checkpoint" in err[0], err
+    assert [p.name for p in run.glob("ckpt-*.pt")] == ["ckpt-step000000002.pt"]
+    assert not (run / "results.json").exists()
+    monkeypatch.setattr(ft, "lr_at", lr_at)
+    assert ft.main([*argv, "--run-dir", str(run), "--resume", "auto"]) == 0
+    keys = ("step", "epoch", "loss", "lr", "val_top1", "val_top5")
+    resumed, whole = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
