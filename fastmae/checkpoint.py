@@ -113,6 +113,28 @@ def save_checkpoint(
     return path
 
 
+def set_aside_unverified(run_dir: str | os.PathLike, bad_step: int, written: list[Path]) -> Path | None:
+    """After a non-finite loss at optimizer step ``bad_step``: set aside what this run wrote from
+    the weights that gave it, and return the checkpoint ``--resume auto`` will now pick.
+
+    The checkpoint of step s holds the weights that step s + 1's forward used, so it is verified once
+    that loss came out finite. Those this invocation wrote (``written``) at step >= bad_step - 1 are
+    not: they are renamed ``*.pt.nonfinite`` (kept for a look; an earlier one of the name is not
+    overwritten). Checkpoints of earlier invocations are left alone: a run resumed from an older
+    one, with other settings, must not erase the timeline it branched from.
+    """
+    run_dir = Path(run_dir)
+    mine = {p.resolve() for p in written}
+    for s, path in list_checkpoints(run_dir):
+        if s >= bad_step - 1 and path.resolve() in mine:
+            target, n = path.with_name(path.name + ".nonfinite"), 1
+            while target.exists():
+                target, n = path.with_name(f"{path.name}.nonfinite{n}"), n + 1
+            path.rename(target)
+    remaining = list_checkpoints(run_dir)
+    return remaining[-1][1] if remaining else None
+
+
 # ---------------------------------------------------------------------------------------- RNG state
 
 

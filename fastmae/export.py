@@ -32,8 +32,8 @@ from fastmae.convert import (
     to_hf,
     to_timm_state_dict,
 )
-from fastmae.convert import mae_architecture as read_architecture
 from fastmae.model import MaskedAutoencoderViT
+from fastmae.pretrained import mae_architecture as read_architecture
 
 FORMATS = ("timm", "timm-cls", "mae", "hf")
 
@@ -44,7 +44,7 @@ def mae_architecture(
     num_heads: int | None = None,
     decoder_num_heads: int | None = None,
 ) -> dict:
-    """:func:`fastmae.convert.mae_architecture` of a checkpoint file; a guess is printed (one line)."""
+    """:func:`fastmae.pretrained.mae_architecture` of a checkpoint file; a guess is printed (one line)."""
     obj = {} if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
     if "mask_token" not in sd:
         raise ValueError("an encoder-only checkpoint has no decoder to export to Hugging Face ViTMAE")

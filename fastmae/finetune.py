@@ -49,20 +49,13 @@ from fastmae import distributed
 from fastmae.attention import BACKENDS, AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
-from fastmae.convert import (
-    OFFICIAL_HEADS,
-    fastmae_state_dict,
-    hf_folder_config,
-    hf_weights_file,
-    load_checkpoint,
-    read_state_dict,
-    weights_shape,
-)
+from fastmae.convert import fastmae_state_dict, hf_folder_config, hf_weights_file, load_checkpoint, read_state_dict
 from fastmae.data import DataError, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source
 from fastmae.knn import extract_features, knn_accuracy
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog
+from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.train import lr_at, resolve_precision
 from fastmae.vit import VisionTransformer, load_pretrained_encoder, param_groups_lrd
 

@@ -83,27 +83,6 @@ def lr_at(epoch: float, peak_lr: float, cfg: Config) -> float:
     return cfg.min_lr + (peak_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_aside_unverified(run_dir: Path, bad_step: int, written: list[Path]) -> Path | None:
-    """After a non-finite loss at optimizer step ``bad_step``: set aside what this run wrote from
-    the weights that gave it, and return the checkpoint ``--resume auto`` will now pick.
-
-    The checkpoint of step s holds the weights that step s + 1's forward used, so it is verified once
-    that loss came out finite. Those this invocation wrote (``written``) at step >= bad_step - 1 are
-    not: they are renamed ``*.pt.nonfinite`` (kept for a look; an earlier one of the name is not
-    overwritten). Checkpoints of earlier invocations are left alone: a run resumed from an older
-    one, with other settings, must not erase the timeline it branched from.
-    """
-    mine = {p.resolve() for p in written}
-    for s, path in ckpt.list_checkpoints(run_dir):
-        if s >= bad_step - 1 and path.resolve() in mine:
-            target, n = path.with_name(path.name + ".nonfinite"), 1
-            while target.exists():
-                target, n = path.with_name(f"{path.name}.nonfinite{n}"), n + 1
-            path.rename(target)
-    remaining = ckpt.list_checkpoints(run_dir)
-    return remaining[-1][1] if remaining else None
-
-
 def masking_noise(gen: torch.Generator, seed: int, step: int, rows: int, num_patches: int) -> torch.Tensor:
     """The masking noise ``(rows, L)`` of optimizer step ``step`` for the whole effective batch.
 
@@ -260,7 +239,7 @@ def train(cfg: Config) -> TrainResult:
     model = build_model(cfg, device)
     init = None
     if resume_path is None and cfg.init_from:  # every rank reads it (DDP would broadcast rank 0's anyway)
-        from fastmae.convert import init_weights
+        from fastmae.pretrained import init_weights
 
         try:
             init = init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
@@ -422,7 +401,7 @@ def train(cfg: Config) -> TrainResult:
                 torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
             bad = int(first_bad.item())
             bad = bad if bad <= step else step  # every loss finite, their sum not: name the log step
-            last = set_aside_unverified(run_dir, bad, written) if main else None
+            last = ckpt.set_aside_unverified(run_dir, bad, written) if main else None
             if last is not None and resume_path is not None and last.resolve() == Path(resume_path).resolve():
                 if ckpt.checkpoint_step(last) == bad - 1:  # this run started from the weights that gave it
                     last = f"{last} (its weights gave this loss: resume it with other settings)"

@@ -218,15 +218,9 @@ def load_mae(
     img_size: int | None = None,
 ) -> tuple[torch.nn.Module, list[str]]:
     """A full MAE from ``checkpoint`` (reference path, eval mode) and the notes on what was assumed."""
-    from fastmae.convert import (
-        fastmae_state_dict,
-        hf_folder_config,
-        init_weights,
-        load_checkpoint,
-        mae_architecture,
-        read_state_dict,
-    )
+    from fastmae.convert import fastmae_state_dict, hf_folder_config, load_checkpoint, read_state_dict
     from fastmae.model import MaskedAutoencoderViT
+    from fastmae.pretrained import init_weights, mae_architecture
 
     obj = load_checkpoint(checkpoint)
     sd = fastmae_state_dict(read_state_dict(obj))

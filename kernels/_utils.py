@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 # Tests flip this on (tests/kernels/conftest.py) so that every launcher allocates its outputs filled
 # with NaN: an element a kernel forgot to write then fails the comparison instead of passing by luck
@@ -50,9 +52,6 @@ def launcher(kernel: Any) -> Any:
     ``@triton.jit`` makes an ``InterpretedFunction``, which runs eagerly and is never traced (the fast
     path compiles on CUDA only): torch 2.12+'s ``wrap_triton`` hands it back as it is, torch 2.11's
     refuses it, so it is handed back here."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-
     if not isinstance(kernel, (JITFunction, Autotuner)):
         return kernel
     return wrap_triton(kernel)
