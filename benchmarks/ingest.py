@@ -10,7 +10,8 @@ the date and GPU come from the run's ``env.json``, else from the ``env`` block o
 (else today and ``gpu``). The report (``report.py``'s markdown and bar chart) is written beside them
 as ``<prefix>report.md`` / ``.png`` and covers every result with that prefix, so a second call on
 the same day and GPU adds to the first's report. Result files already there are not overwritten
-(``--force`` does).
+(``--force`` does); a second run of the same day and GPU at another commit takes ``--tag`` instead
+(``--tag 5ac384b`` -> ``2026-11-27-5ac384b_h200_``), so the first run's files and report stay.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ def gpu_tag(name: str | None) -> str:
     return (m.group(1) + (f"-{form.group(1)}" if form else "")).lower()
 
 
-def prefix_of(src: Path) -> str:
+def prefix_of(src: Path, tag: str | None = None) -> str:
     """``<date>_<gpu>_`` from the run's environment: device.sh's report (``env.json``, or
     ``<profile>_env.json`` for another profile), else the ``env`` block every benchmark JSON carries
-    (a run that called one benchmark directly)."""
+    (a run that called one benchmark directly); ``tag`` goes after the date."""
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9.]+", tag):
+        raise SystemExit(f"ingest: --tag {tag!r}: letters, digits and dots only (it goes into file names)")
     date, gpu = datetime.date.today().isoformat(), "gpu"
     reports = sorted(src.glob("*env.json"), key=lambda p: p.name != "env.json")
     candidates = [*reports, *sorted(p for p in src.glob("*.json") if p not in reports)]
@@ -63,21 +66,25 @@ def prefix_of(src: Path) -> str:
             continue
         date = str(env.get("date_utc", date))[:10]
         dev = env["device"]
-        return f"{date}_{gpu_tag(dev.get('name') if dev.get('type') == 'cuda' else 'cpu')}_"
-    return f"{date}_{gpu}_"
+        gpu = gpu_tag(dev.get("name") if dev.get("type") == "cuda" else "cpu")
+        break
+    return f"{date}{'-' + tag if tag else ''}_{gpu}_"
 
 
-def ingest(src: Path, dest: Path = RESULTS, force: bool = False) -> list[Path]:
+def ingest(src: Path, dest: Path = RESULTS, force: bool = False, tag: str | None = None) -> list[Path]:
     """Copy every file of ``src`` to ``dest`` with the run's prefix; write the report; return the new paths."""
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
     if not files:
         raise SystemExit(f"ingest: no files under {src}")
-    prefix = prefix_of(src)
+    prefix = prefix_of(src, tag)
     dest.mkdir(parents=True, exist_ok=True)
     targets = [dest / (prefix + "_".join(f.relative_to(src).parts)) for f in files]
     clash = [t.name for t in targets if t.exists()]
     if clash and not force:  # checked before anything is copied: a refusal leaves dest as it was
-        raise SystemExit(f"ingest: {', '.join(clash)} exist(s) in {dest} (pass --force to overwrite)")
+        raise SystemExit(
+            f"ingest: {', '.join(clash)} exist(s) in {dest} (a second run of the day: --tag <commit>; "
+            "the same run again: --force overwrites)"
+        )
     for f, target in zip(files, targets, strict=True):
         shutil.copyfile(f, target)
     return targets + write_report(dest, prefix)
@@ -109,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", type=Path, help="the device tool's files_at folder (or any folder of result files)")
     p.add_argument("--dest", type=Path, default=RESULTS)
     p.add_argument("--force", action="store_true", help="overwrite files already in --dest")
+    p.add_argument("--tag", help="after the date in the names, for a second run of the day (e.g. the commit)")
     args = p.parse_args(argv)
-    for path in ingest(args.src, args.dest, args.force):
+    for path in ingest(args.src, args.dest, args.force, args.tag):
         print(path)
     print(f"next: git add {args.dest} && git commit -m 'Results: <what ran, on which GPU>'")
     return 0

@@ -95,3 +95,22 @@ def test_datasheet_peaks_tell_the_form_factors_apart():
     assert datasheet_bf16_tflops("NVIDIA H100 PCIe") == 756.0 and datasheet_bf16_tflops("NVIDIA H100 NVL") == 835.0
     assert datasheet_bf16_tflops("NVIDIA H200") == 989.4 and datasheet_bf16_tflops("NVIDIA H200 NVL") == 835.0
     assert datasheet_bf16_tflops("Some GPU") is None
+
+
+def test_a_tag_keeps_a_second_run_of_the_day_apart(tmp_path):
+    """A second run of the same day and GPU (another commit) ingests beside the first with --tag:
+    the first's files and report stay as they were, the second gets its own report."""
+    dest = tmp_path / "results"
+    env = {"date_utc": "2026-11-27T20:44:00+00:00", "device": {"type": "cuda", "name": "NVIDIA H200"}}
+    for call, tag in (("first", None), ("second", "5ac384b")):
+        src = tmp_path / call
+        src.mkdir()
+        (src / "env.json").write_text(json.dumps(env))
+        (src / "data.json").write_text(json.dumps({"benchmark": "data", "env": env, "results": [], "call": call}))
+        ingest(src, dest, tag=tag)
+    assert json.loads((dest / "2026-11-27_h200_data.json").read_text())["call"] == "first"
+    assert json.loads((dest / "2026-11-27-5ac384b_h200_data.json").read_text())["call"] == "second"
+    assert "5ac384b" not in (dest / "2026-11-27_h200_report.md").read_text()
+    assert "2026-11-27-5ac384b_h200_data.json" in (dest / "2026-11-27-5ac384b_h200_report.md").read_text()
+    with pytest.raises(SystemExit, match="--tag"):
+        ingest(tmp_path / "second", dest, tag="../x")
