@@ -256,6 +256,11 @@ def measure(fn: Callable[[], object], device: str, smoke: bool, min_bytes: int, 
     return out
 
 
+def stream_of(t: torch.Tensor) -> object:
+    """The stream work on ``t`` is queued on now (None on CPU)."""
+    return torch.cuda.current_stream(t.device) if t.is_cuda else None
+
+
 def phase_fn(b: Bench, impl: str, phase: str) -> Callable[[], object] | None:
     run, leaves, grad_out = b.run[impl], b.leaves[impl], b.grad_out
     if phase == "fwd" or (phase == "fwd+bwd" and grad_out is None):
@@ -268,11 +273,17 @@ def phase_fn(b: Bench, impl: str, phase: str) -> Callable[[], object] | None:
         # on the stream the caller is on when it changes (gpu_time_ms warms up on its capture
         # stream before capturing). Made on the default stream, the first H200 run's captures all
         # failed (cudaErrorStreamCaptureInvalidated) and its bwd rows fell back to host timing.
+        # The old forward's graph is dropped before the new one is built: the leaves' AccumulateGrad
+        # nodes live as long as a graph holds them, and keep the stream they were made on; the new
+        # graph would take them over, and the capture would wait on the default stream
+        # (cudaErrorStreamCaptureImplicit; every bwd row of the second H200 run fell back to host
+        # timing so).
         made: dict[str, Any] = {}
 
         def bwd():
-            stream = torch.cuda.current_stream() if grad_out.is_cuda else None
+            stream = stream_of(grad_out)
             if "out" not in made or made["stream"] != stream:
+                made.clear()
                 made.update(out=run(), stream=stream)
             out = made["out"]
             return torch.autograd.grad(out, leaves, grad_out.to(out.dtype), retain_graph=True)
@@ -472,6 +483,15 @@ ALTERNATIVES: list[tuple[str, object, str]] = [
 ]
 
 
+def detached_outputs(b: Bench, impl: str = "triton") -> list[torch.Tensor]:
+    """The op's output and, where it has a backward, its input grads: fp32, detached. Kept with its
+    graph, the output would keep the leaves' AccumulateGrad nodes on the default stream, and every
+    later CUDA graph capture of the op's backward would fail (see ``phase_fn``)."""
+    out = b.run[impl]()
+    grads = () if b.grad_out is None else phase_fn(b, impl, "fwd+bwd")()
+    return [t.detach().float() for t in (out, *grads)]
+
+
 def launch_alternatives(
     results: list[dict[str, Any]],
     models: dict[str, tuple[int, int, int, int]],
@@ -500,9 +520,9 @@ def launch_alternatives(
         b = benches[op]
         base = next((r for r in results if (r["op"], r["model"], r["phase"]) == (op, model, "fwd+bwd")), None)
         fn = phase_fn(b, "triton", "fwd+bwd")
-        rule_out = [t.float() for t in (b.run["triton"](), *fn())]
+        rule_out = detached_outputs(b)
         with launch_config(op, knob=knob) as chosen:
-            out = [t.float() for t in (b.run["triton"](), *fn())]
+            out = detached_outputs(b)
             names = [name for _, name in KNOBS[op]]
             rule_knobs = dict(zip(names, chosen["rule"][2], strict=True))
             knobs = {

@@ -122,14 +122,6 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _outputs(b: bk.Bench, impl: str) -> list[torch.Tensor]:
-    """The op's output and, where it has a backward, its input grads: what a configuration must get
-    right (``stages`` changes the unshuffle's backward alone, and masked_mse's output is one number)."""
-    out = b.run[impl]()
-    grads = () if b.grad_out is None else bk.phase_fn(b, impl, "fwd+bwd")()
-    return [out, *grads]
-
-
 def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = None) -> list[dict]:
     """Rows of (op, rows, warps, default?, error vs eager, fwd / bwd / fwd+bwd timings)."""
     name, dims = next(iter((bk.SMOKE_MODELS if smoke else {"vit_base_patch16": bk.MODELS["vit_base_patch16"]}).items()))
@@ -144,7 +136,7 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
             continue
         rule = None
         names = [name for _, name in KNOBS.get(b.op, ())]
-        want = _outputs(b, "eager")
+        want = bk.detached_outputs(b, "eager")
         for cand in [(None, None, None), *candidates(b.op)]:  # the launcher's own rule first
             block_r, num_warps, knob = cand
             if rule is not None:  # the candidate in full, the rule's values where it has None
@@ -155,7 +147,7 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
             with launch_config(b.op, block_r, num_warps, knob) as chosen:
                 # forward output and grads: the interpreter does not pipeline, so a backward at
                 # several stages is checked here, on the GPU, or nowhere
-                got = _outputs(b, "triton")
+                got = bk.detached_outputs(b, "triton")
                 row["rel_err_vs_eager"] = max(_rel_err(a, e) for a, e in zip(got, want, strict=True))
                 rule = rule or chosen["rule"]
                 if block_r is None:

@@ -105,6 +105,9 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
+    # torch.compile passes a Python float argument as fp64 (inductor's _use_fp64_for_unbacked_floats):
+    # an fp64 scale would make the scores, and the loop-carried row max, fp64 (a compile error)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     pid_bh = bh0 + tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -266,6 +269,8 @@ def _attn_bwd_kernel(
     # j (OWN_M rows from row0); the grid has enough programs for both. With ONE_BLOCK (MAE's
     # encoder: 50 tokens) the one program's scores serve all three grads, so the second pass,
     # which would recompute them, is left out.
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under torch.compile, as in the forward
+    sm_scale = tl.cast(sm_scale, tl.float32)
     pid = tl.program_id(0)
     pid_bh = bh0 + tl.program_id(1).to(tl.int64)
     b = pid_bh // H

@@ -116,7 +116,12 @@ def test_attention_gpu_rule_covers_mae_shapes():
 @pytest.mark.parametrize("tiling", [(16, 16, 16, 16), None], ids=["ragged-tiles", "rule"])
 def test_attention_far_negative_scores(tiling, device, close, monkeypatch):
     """A query whose every score is ~ -150 (lse ~ -216 in base 2): a padded key's score 0 would
-    weigh 2^216 = inf unless masked, and inf times its zero k would make the query's grad NaN."""
+    weigh 2^216 = inf unless masked, and inf times its zero k would make the query's grad NaN.
+
+    Scores this large lose digits in fp32 (an ulp of 216 is 1.5e-5), and query 0's q of 37.5 carries
+    that into the keys' grads: plain PyTorch in fp32 is 4.8e-5 off the fp64 truth there (1.3e-5 of
+    the grads' scale), the interpreted kernel 5.8e-5, the H200's (exp2.approx) 6.6e-5 off PyTorch's
+    fp32. So the kernel is held to the fp64 truth by the three-way rule, as low precision is."""
     if tiling:
         monkeypatch.setattr(
             attention_module, "_launch_config", lambda N, Dh, dev: (*tiling[:2], 4, *tiling[2:], 4, 2, False)
@@ -125,9 +130,12 @@ def test_attention_far_negative_scores(tiling, device, close, monkeypatch):
     k0 = torch.full((16,), 1.0, device=device)
     qkv[:, :, 1, 0] = k0 + 0.01 * qkv[:, :, 1, 0]  # every key ~ k0
     qkv[:, 0, 0, 0] = -37.5 * k0  # q . k / sqrt(16) ~ -150 for query 0
-    got, want = _run(attention, qkv, grad_out), _run(attention_ref, qkv, grad_out)
-    for a, b, name in zip(got, want, ("out", "grad qkv"), strict=True):
-        close(a, b, atol=1e-5 * b.abs().max().item(), name=name)
+    got = _run(attention, qkv, grad_out)
+    truth = _run(_math_low, qkv.double(), grad_out.double())
+    plain = _run(_math_low, qkv, grad_out)  # PyTorch's own fp32 error: the yardstick
+    for a, t, p, factor, name in zip(got, truth, plain, (2, 3), ("out", "grad qkv"), strict=True):
+        floor = torch.finfo(torch.float32).eps / 8 * t.abs().max().item()
+        close(a, t, atol=max(factor * (p - t).abs().max().item(), floor), name=name)
 
 
 def test_batch_head_pairs_past_the_grid_limit_launch_in_chunks(device, seed, check, monkeypatch):

@@ -82,6 +82,48 @@ def test_backward_phase_runs_its_forward_once_per_stream():
     assert len(calls) == 1 and all(g[0].shape == b.leaves["eager"][0].shape for g in grads)
 
 
+def test_backward_phase_drops_the_old_forward_before_the_new_stream_runs_it(monkeypatch):
+    """On another stream the forward runs again, and the old forward's graph is gone by then: it held
+    the leaves' AccumulateGrad nodes, which keep the stream they were made on (the default one), and
+    a graph built beside it takes them over; its capture then fails (every bwd row of the second
+    H200 run fell back to host timing so). Here a stand-in stream changes on every call."""
+    import weakref
+
+    import torch
+
+    bench = _load()
+    (b,) = [b for b in bench.build_benches("t", (32, 32, 4, 16), 2, 0.75, torch.float32, "cpu", False)
+            if b.op == "masked_mse"]  # fmt: skip
+    streams = iter(range(100))
+    monkeypatch.setattr(bench, "stream_of", lambda t: next(streams))
+    previous: list[weakref.ref] = []
+    alive_when_rerun = []
+    run = b.run["eager"]
+
+    def tracked():
+        alive_when_rerun.append(any(r() is not None for r in previous))
+        out = run()
+        previous.append(weakref.ref(out))  # the output holds its graph
+        return out
+
+    b.run["eager"] = tracked
+    fn = bench.phase_fn(b, "eager", "bwd")
+    for _ in range(3):
+        fn()
+    assert alive_when_rerun == [False, False, False]
+
+
+def test_detached_outputs_hold_no_graph():
+    """What the sweep and the launch alternatives keep to compare with: no graph (see above)."""
+    import torch
+
+    bench = _load()
+    for b in bench.build_benches("t", (32, 32, 4, 16), 2, 0.75, torch.bfloat16, "cpu", False):
+        outs = bench.detached_outputs(b, "eager")
+        assert len(outs) == 1 + (0 if b.grad_out is None else len(b.leaves["eager"]))
+        assert all(t.grad_fn is None and not t.requires_grad and t.dtype == torch.float32 for t in outs), b.op
+
+
 @pytest.mark.gpu
 def test_backward_phase_is_captured_in_a_cuda_graph():
     """On CUDA the bwd rows are GPU time from a CUDA graph, not the host's call time (the first

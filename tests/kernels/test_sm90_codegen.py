@@ -106,6 +106,13 @@ KERNELS += [
     ("attention", "_attn_bwd_kernel", ATTN_BWD, {**TAILS, "ONE_BLOCK": False, "OWN_M": 16, "OWN_N": 16, "TAIL_M": 16},
      {"Dh"}, 4),
 ]  # fmt: skip
+# torch.compile's launches: inductor passes the scales (Python floats) as fp64 arguments
+FP64_SCALES = {"qk_scale": "fp64", "sm_scale": "fp64"}
+KERNELS += [
+    (m, n, {a: FP64_SCALES.get(a, t) for a, t in sig.items()}, c, div, w)
+    for m, n, sig, c, div, w in KERNELS
+    if m == "attention" and c["BLOCK_D"] == 64
+]
 cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__), "bin", "cuobjdump")
 report = {}
 for module, kname, sig, constexprs, div16, num_warps in KERNELS:
@@ -114,6 +121,7 @@ for module, kname, sig, constexprs, div16, num_warps in KERNELS:
     if module == "attention":
         name += f"[d{constexprs['BLOCK_D']}]" + ("[tails]" if constexprs["TAIL_N"] else "")
         name += f"[own{constexprs['OWN_M']}]" if constexprs.get("OWN_M") == 16 else ""
+        name += "[fp64 scale]" if sig["qk_scale"] == "fp64" else ""
     fn = getattr(importlib.import_module("fastmae.kernels." + module), kname)
     assert list(sig) == fn.arg_names, (name, fn.arg_names)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(sig) if sig[a].startswith("*") or a in div16}
