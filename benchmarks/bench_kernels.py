@@ -343,7 +343,7 @@ def copy_bandwidth(device: str, smoke: bool) -> dict[str, object]:
 def environment(device: str, argv: list[str]) -> dict[str, object]:
     import triton
 
-    git = common.git_info()  # FASTMAE_COMMIT / FASTMAE_DIRTY where the tree came without .git
+    git = common.git_info()  # FASTMAE_COMMIT / FASTMAE_DIRTY where set (the device copy), else git
     env: dict[str, object] = {
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],

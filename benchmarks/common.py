@@ -64,23 +64,30 @@ def _run(cmd: Sequence[str], timeout: float = 30.0) -> str | None:
 def git_info() -> dict[str, Any]:
     """Commit and dirty flag of the checkout.
 
-    The device machine's copy of the tree may have no ``.git``; then the commit comes from
-    ``FASTMAE_COMMIT`` (and the dirty flag from ``FASTMAE_DIRTY``: ``0``/``1``), set by whoever
-    sent the tree, and ``source`` says which.
+    ``FASTMAE_COMMIT`` (and the dirty flag from ``FASTMAE_DIRTY``: ``0``/``1``), set by whoever sent
+    the tree to the device machine, wins over the copy's own ``.git``: that copy may have none, or
+    one older than the tree (on 2026-11-27 the H200's said 5ac384b + 8 changed files of a tree that
+    was e01e201 exactly). What git saw there is kept as ``git_seen``; ``source`` says which counts.
     """
     commit = (_run(["git", "rev-parse", "HEAD"]) or "").strip()
+    seen = None
     if commit:
         status = _run(["git", "status", "--porcelain", "--untracked-files=no"]) or ""
         changed = [line[3:] for line in status.splitlines() if line.strip()]  # "XY path"
-        return {"commit": commit, "dirty": bool(changed), "changed": changed[:50], "source": "git"}
+        seen = {"commit": commit, "dirty": bool(changed), "changed": changed[:50], "source": "git"}
     env_commit = os.environ.get("FASTMAE_COMMIT")
+    if not env_commit:
+        return seen or {"commit": "unknown", "dirty": None, "changed": [], "source": "none"}
     dirty_env = os.environ.get("FASTMAE_DIRTY")
-    return {
-        "commit": env_commit or "unknown",
+    out = {
+        "commit": env_commit,
         "dirty": None if dirty_env is None else dirty_env not in ("0", "", "false"),
         "changed": [],
-        "source": "FASTMAE_COMMIT" if env_commit else "none",
+        "source": "FASTMAE_COMMIT",
     }
+    if seen is not None:
+        out["git_seen"] = seen
+    return out
 
 
 def package_versions(

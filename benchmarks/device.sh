@@ -5,8 +5,8 @@
 #
 #     FASTMAE_COMMIT=<sha of `git rev-parse HEAD` here> FASTMAE_DIRTY=<0|1> bash benchmarks/device.sh
 #
-# The device copy of the tree may have no .git: the commit and dirty flag then come from those two
-# variables (every JSON records which). Everything is written under $OUT as each stage finishes,
+# The device copy of the tree may have no .git, or an older one than the tree: the commit and dirty
+# flag come from those two variables (every JSON records them, and what git saw there as git_seen). Everything is written under $OUT as each stage finishes,
 # so a timeout still returns what finished. At most 8 files come back from $OUT; this writes exactly:
 #     run.log env.json kernels.json attention.json step_vit_base.json train_metrics.jsonl data.json
 # (another profile names its log and environment run_<profile>.log and <profile>_env.json, so that a

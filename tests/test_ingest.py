@@ -114,3 +114,17 @@ def test_a_tag_keeps_a_second_run_of_the_day_apart(tmp_path):
     assert "2026-11-27-5ac384b_h200_data.json" in (dest / "2026-11-27-5ac384b_h200_report.md").read_text()
     with pytest.raises(SystemExit, match="--tag"):
         ingest(tmp_path / "second", dest, tag="../x")
+
+
+def test_the_senders_commit_wins_over_the_device_copys_git(monkeypatch):
+    """The device copy's .git can be older than the tree sent (the H200's said 5ac384b + 8 changed
+    files of a tree that was e01e201): FASTMAE_COMMIT names the tree, git's view is kept beside it."""
+    from benchmarks import common
+
+    monkeypatch.setenv("FASTMAE_COMMIT", "e01e2014ffeb")
+    monkeypatch.setenv("FASTMAE_DIRTY", "0")
+    info = common.git_info()
+    assert (info["commit"], info["dirty"], info["source"]) == ("e01e2014ffeb", False, "FASTMAE_COMMIT")
+    assert info["git_seen"]["source"] == "git" and len(info["git_seen"]["commit"]) == 40  # this checkout's
+    monkeypatch.delenv("FASTMAE_COMMIT")
+    assert common.git_info()["commit"] == info["git_seen"]["commit"]
