@@ -30,8 +30,9 @@
 # specialisation on a fresh machine), ViT-L's two compiles did not fit beside ViT-B's, and the
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
-# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, then fm_fast_tattn,
-# fm_fast_tattn_bf16res, fm_fast_bf16res, fm_fast_no_ac, fm_fast_mix128 and fm_fast_tattn_enc);
+# priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, then fm_fast_sdpa (fm_fast
+# without the Triton decoder attention auto picks on Hopper), fm_fast_bf16res, fm_fast_tattn_bf16res,
+# fm_fast_no_ac and fm_fast_mix128);
 # the first compile is always tried, a
 # later one is skipped (and recorded so in the JSON) when the longest compile measured so far
 # would run into the 25 s kept for timing (on the H200, 2026-11-27, three compiles fit in 225 s:
@@ -52,7 +53,7 @@
 #     sweep.json)
 #     FASTMAE_STEP_VARIANTS="hf_eager fm_fast fm_fast_cudnn ..." picks the ablation variants instead
 #     (the full group holds far more ~45 s compiles than 290 s: pick 4-5, e.g. after the main
-#     profile's bench_attention: "hf_eager fm_fast fm_fast_tattn_enc fm_fast_tattn_dec fm_fast_autotune",
+#     profile's bench_attention: "hf_eager fm_fast fm_fast_sdpa fm_fast_tattn fm_fast_autotune",
 #     the per-part variants of the backends attention.json found fastest).
 #
 # Profile "kernels" (FASTMAE_DEVICE_PROFILE=kernels; sum 190, ~3 minutes; FASTMAE_CALL_LIMIT=the

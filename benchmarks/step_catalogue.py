@@ -85,7 +85,11 @@ def _variants() -> dict[str, Variant]:
         ),
         Variant("fm_fast_cg", about="fast path + CUDA graphs", **{**fast, "compile": "reduce-overhead"}),
         Variant("fm_ref_compile", about="fast path, all kernels off", **{**fast, "fused": False}),
-        Variant("fm_fast_sdpa", about="fast path, sdpa attention", **{**fast, "attn": "sdpa"}),
+        Variant(
+            "fm_fast_sdpa",
+            about="fast path, sdpa attention in encoder and decoder (fm_fast before auto took Triton for the decoder)",
+            **{**fast, "attn": "sdpa"},
+        ),
         Variant("fm_fast_math", about="fast path, math attention", **{**fast, "attn": "math"}),
         # the two calls differ (encoder: 50 tokens, head dim 64; decoder: 197 tokens, head dim 32):
         # bench_attention.py times each alone, these the step with one part changed
@@ -108,12 +112,13 @@ def _variants() -> dict[str, Variant]:
         Variant(
             "fm_fast_tattn_enc",
             about="fast path, fastmae's Triton attention in the encoder only (50 tokens: one tile, one backward pass)",
-            **{**fast, "attn": "triton", "decoder_attn": "auto"},
+            **{**fast, "attn": "triton", "decoder_attn": "sdpa"},
         ),
         Variant(
             "fm_fast_tattn_dec",
-            about="fast path, fastmae's Triton attention in the decoder only (197 tokens, head dim 32)",
-            **{**fast, "decoder_attn": "triton"},
+            about="fast path, fastmae's Triton attention in the decoder only (197 tokens, head dim 32; "
+            "what auto picks on Hopper, named so on any GPU)",
+            **{**fast, "attn": "sdpa", "decoder_attn": "triton"},
         ),
         Variant(
             "fm_fast_tattn_bf16res",
@@ -201,25 +206,25 @@ def _variants() -> dict[str, Variant]:
 VARIANTS = _variants()
 GROUPS: dict[str, list[str]] = {
     # The performance push's candidates come last, compiled only while the time budget holds them
-    # (~35-60 s a compile on the H200; 3-4 fit), the largest predicted gain first: fm_fast_tattn
-    # (attention was 8.3 ms of the 49 ms ViT-B step, at ~90 TFLOP/s; -1.9 ms of copies around it by
-    # the traffic probe), the same + the bf16 residual stream (-4.6 ms of copies together; the
-    # difference of the two rows is the stream's own share), fm_fast_bf16res alone (-2.8 ms),
-    # fm_fast_no_ac (what the default's selective checkpointing costs: ~0.5 ms predicted),
-    # fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the H200 step) and
-    # fm_fast_tattn_enc (the Triton attention in the encoder alone, where it is most likely to win).
+    # (~35-60 s a compile on the H200; 3-4 fit). First fm_fast_sdpa: fm_fast as it was before
+    # ``auto`` took the Triton kernel for the decoder's attention on Hopper (measured in two calls a
+    # minute apart on one H200, 2026-11-27: 5370 against 5181 img/s; this times the two in one run).
+    # Then the largest predicted gains: the bf16 residual stream (-2.8 ms of copies by the traffic
+    # probe), with the Triton attention in the encoder too (fm_fast_tattn_bf16res; the encoder's
+    # call alone ran at half SDPA's speed, bench_attention), fm_fast_no_ac (what the default's
+    # selective checkpointing costs: ~0.5 ms predicted) and fm_fast_mix128 (the LayerNorm grads'
+    # final sums, 1.08 ms of the H200 step).
     "main": [
         "hf_eager",
         "fm_fast",
         "hf_compile",
         "fm_ref",
         "fm_fused_eager",
-        "fm_fast_tattn",
-        "fm_fast_tattn_bf16res",
+        "fm_fast_sdpa",
         "fm_fast_bf16res",
+        "fm_fast_tattn_bf16res",
         "fm_fast_no_ac",
         "fm_fast_mix128",
-        "fm_fast_tattn_enc",
     ],
     "ablations": [
         "hf_eager",

@@ -14,7 +14,9 @@ Backends:
                   the tensors are on CUDA. Asking for it where it cannot run is an error.
     ``math``      plain ``softmax(q k^T / sqrt(d)) v``, written as the reference MAE's timm ``Attention``
                   does it. The reference every other backend is tested against.
-    ``auto``      ``xformers`` when it works on the tensors' device, else ``sdpa``.
+    ``auto``      ``triton`` where it was measured faster in the training step (:data:`TRITON_AUTO`:
+                  head dim 32, MAE's decoder, on Hopper), else ``xformers`` when it works on the
+                  tensors' device, else ``sdpa``.
 
 All take the packed projection ``qkv: (B, N, 3, H, Dh)`` (the layout ``Linear(dim, 3 * dim)``
 produces) and return ``(B, N, H * Dh)``, so each backend picks its own best memory layout.
@@ -67,11 +69,28 @@ def xformers_runs(device: str) -> str | None:
     return None
 
 
-def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+# Where ``auto`` takes fastmae's Triton kernel: (compute capability, head dim) pairs at which it
+# made the whole training step faster. The MAE decoder's call (197 tokens, head dim 32) on an H200:
+# 0.71 ms forward + backward against SDPA's (cuDNN) 1.20 ms (benchmarks/results/
+# 2026-11-27-5ac384b_h200_attention.json), and the ViT-B step at batch 256 1.55x HF eager with it
+# in the decoder against 1.49x without (5370 / 5181 img/s, ..._e01e201_h200_step_tattn_dec*.json).
+# The encoder's (50 tokens, head dim 64) ran at half SDPA's speed there, so it is not listed.
+TRITON_AUTO = frozenset({((9, 0), 32)})
+
+
+def triton_auto(device: torch.device, head_dim: int | None) -> bool:
+    """Whether ``auto`` picks ``triton`` for ``head_dim`` on ``device`` (see :data:`TRITON_AUTO`)."""
+    if head_dim is None or device.type != "cuda":
+        return False
+    return (tuple(torch.cuda.get_device_capability(device)), head_dim) in TRITON_AUTO
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None, head_dim: int | None = None) -> str:
     """The concrete backend ``backend`` means on ``device``; raises if it cannot run there.
 
-    ``device=None`` means where training will run: CUDA when it is available, else CPU. Models
-    resolve their backend once, at construction, so nothing in the (compiled) forward probes imports.
+    ``device=None`` means where training will run: CUDA when it is available, else CPU. ``head_dim``
+    (the call's, where known) lets ``auto`` pick the kernel measured fastest at it. Models resolve
+    their backends once, at construction, so nothing in the (compiled) forward probes imports.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -79,6 +98,8 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if backend == "auto":
+        if triton_auto(device, head_dim):
+            return "triton"
         if device.type != "cuda" or not xformers_available():
             return "sdpa"
         why = xformers_runs(str(device))
@@ -172,5 +193,5 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
         ``(B, N, H * Dh)``.
     """
     if backend not in _IMPLS:
-        backend = resolve_backend(backend, qkv.device)
+        backend = resolve_backend(backend, qkv.device, qkv.shape[-1])
     return _IMPLS[backend](qkv)

@@ -186,7 +186,8 @@ class MaskedAutoencoderViT(nn.Module):
         attn_backend: ``sdpa`` | ``sdpa_pad64`` | ``triton`` | ``xformers`` | ``math`` | ``auto`` (see
             :mod:`fastmae.attention`).
         decoder_attn_backend: the decoder's, when it should differ (its head dim and token count
-            are not the encoder's); None = ``attn_backend``.
+            are not the encoder's); None = ``attn_backend``, resolved at the decoder's head dim
+            (``auto`` can differ between the two).
         fused: use the Triton kernels of :mod:`fastmae.kernels` for the memory-bound steps: True for
             all, False for none, or a subset of :data:`FUSED_OPS` (for ablations).
         activation_checkpointing: what the blocks keep for backward during training, one of
@@ -221,9 +222,12 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"unknown residual_dtype {residual_dtype!r}; choose from {', '.join(RESIDUAL_DTYPES)}")
         self.residual_dtype = residual_dtype
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
-        self.attn_backend = resolve_backend(attn_backend)
-        self.decoder_attn_backend = (
-            self.attn_backend if decoder_attn_backend is None else resolve_backend(decoder_attn_backend)
+        # each part's own head dim: ``auto`` may pick another kernel for the decoder's (32 at every
+        # preset) than for the encoder's (64, 80 at ViT-H)
+        self.attn_backend = resolve_backend(attn_backend, head_dim=embed_dim // num_heads)
+        self.decoder_attn_backend = resolve_backend(
+            attn_backend if decoder_attn_backend is None else decoder_attn_backend,
+            head_dim=decoder_embed_dim // decoder_num_heads,
         )
         self.fused = fused  # type: ignore[assignment]  # the setter normalises it
         self.norm_pix_loss = norm_pix_loss

@@ -99,6 +99,16 @@ def compiles(cfg: Config, device: torch.device) -> bool:
     return cfg.compile if cfg.compile is not None else device.type == "cuda"
 
 
+def attention_backends(cfg: Config, device: torch.device) -> dict[str, str]:
+    """The encoder's and the decoder's attention on ``device``, each resolved at its own head dim
+    (``auto`` gives the decoder's 32 fastmae's Triton kernel on Hopper, see fastmae.attention)."""
+    decoder = cfg.attn_backend if cfg.decoder_attn_backend == "same" else cfg.decoder_attn_backend
+    return {
+        "attn_backend": resolve_backend(cfg.attn_backend, device, cfg.embed_dim // cfg.num_heads),
+        "decoder_attn_backend": resolve_backend(decoder, device, cfg.decoder_embed_dim // cfg.decoder_num_heads),
+    }
+
+
 def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
     """The MAE of ``cfg``, initialised from ``cfg.seed`` (the same on every rank)."""
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
@@ -117,10 +127,7 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
         decoder_num_heads=cfg.decoder_num_heads,
         mlp_ratio=cfg.mlp_ratio,
         norm_pix_loss=cfg.norm_pix_loss,
-        attn_backend=resolve_backend(cfg.attn_backend, device),
-        decoder_attn_backend=(
-            None if cfg.decoder_attn_backend == "same" else resolve_backend(cfg.decoder_attn_backend, device)
-        ),
+        **attention_backends(cfg, device),
         fused=fused,
         activation_checkpointing=resolve_activation_checkpointing(
             cfg.activation_checkpointing, device, compiles(cfg, device)

@@ -72,6 +72,52 @@ def test_backend_resolution_and_errors():
         MaskedAutoencoderViT(img_size=32, patch_size=8, attn_backend="nope")
 
 
+@pytest.fixture
+def hopper(monkeypatch):
+    """A stand-in CUDA device of compute capability (9, 0) (the rule reads nothing else), no xformers."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention_mod, "xformers_available", lambda: False)
+
+
+def test_auto_takes_triton_where_it_was_measured_faster(hopper, monkeypatch):
+    """On Hopper ``auto`` gives head dim 32 (MAE's decoder) fastmae's Triton kernel, which made the
+    H200's step faster; the encoder's 64, an unknown head dim, other GPUs and CPU keep sdpa."""
+    assert resolve_backend("auto", "cuda", head_dim=32) == "triton"
+    assert resolve_backend("auto", "cuda", head_dim=64) == "sdpa"
+    assert resolve_backend("auto", "cuda") == "sdpa"
+    assert resolve_backend("sdpa", "cuda", head_dim=32) == "sdpa"  # a named backend is kept
+    assert resolve_backend("auto", "cpu", head_dim=32) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_backend("auto", "cuda", head_dim=32) == "sdpa"
+
+
+def test_each_part_resolves_auto_at_its_own_head_dim(hopper):
+    """The model and the trainer: ViT-B's encoder (head dim 64) sdpa, its decoder (32) triton under
+    ``auto``; a backend named for the decoder, or for both, is what runs."""
+    from fastmae.config import make_config
+    from fastmae.train import attention_backends
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=128, depth=1, num_heads=2, decoder_embed_dim=64,
+              decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    m = MaskedAutoencoderViT(**kw, attn_backend="auto")
+    assert (m.attn_backend, m.decoder_attn_backend) == ("sdpa", "triton")
+    assert m.blocks[0].attn.backend == "sdpa" and m.decoder_blocks[0].attn.backend == "triton"
+    m = MaskedAutoencoderViT(**kw, attn_backend="auto", decoder_attn_backend="sdpa")
+    assert (m.attn_backend, m.decoder_attn_backend) == ("sdpa", "sdpa")
+    cuda = torch.device("cuda")
+    cases = {
+        ("auto", "same"): ("sdpa", "triton"),
+        ("sdpa", "same"): ("sdpa", "sdpa"),
+        ("auto", "sdpa"): ("sdpa", "sdpa"),
+        ("triton", "same"): ("triton", "triton"),
+    }
+    for (enc, dec), want in cases.items():
+        cfg = make_config({"preset": "mae_vit_base_patch16", "attn_backend": enc, "decoder_attn_backend": dec})
+        got = attention_backends(cfg, cuda)
+        assert (got["attn_backend"], got["decoder_attn_backend"]) == want, (enc, dec)
+
+
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", "cpu") == "triton"
