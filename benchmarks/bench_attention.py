@@ -295,7 +295,9 @@ def run_shape(
             call, leaves = functools.partial(_hf_layout, heads=H), sep
         rec: dict[str, Any] = {}
         try:
-            out = call(*leaves)
+            # detached: kept with its graph, it would hold the leaves' AccumulateGrad nodes on the
+            # default stream, and every fwd+bwd capture would fail (as all did on the H200, 2026-11-27)
+            out = call(*leaves).detach()
             rec["max_abs_err_vs_fp32_math"] = (out.float() - ref.float()).abs().max().item()
 
             def fwd(call=call, leaves=leaves, context=context):

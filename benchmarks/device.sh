@@ -31,7 +31,7 @@
 # fused compile failed (fixed since): ViT-L now has its own profile, "large".
 # The step stages end themselves 15 s before their timeout (--time-budget). Variants are set up in
 # priority order (hf_eager, fm_fast, hf_compile, fm_ref, fm_fused_eager, then fm_fast_sdpa (fm_fast
-# without the Triton decoder attention auto picks on Hopper), fm_fast_bf16res, fm_fast_tattn_bf16res,
+# without the Triton decoder attention auto picks on Hopper), fm_fast_tattn, fm_fast_bf16res, fm_fast_tattn_bf16res,
 # fm_fast_no_ac and fm_fast_mix128);
 # the first compile is always tried, a
 # later one is skipped (and recorded so in the JSON) when the longest compile measured so far

@@ -360,6 +360,7 @@ def attention_markdown(report: dict[str, Any]) -> str:
         "| × sdpa | kernels |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    host_timed = False
     for row in report["results"]:
         base = row["impls"].get("sdpa", {}).get("fwd+bwd", {}).get("ms")
         shape = f"{row['B']}×{row['H']}×{row['N']}×{row['Dh']}"
@@ -373,10 +374,16 @@ def attention_markdown(report: dict[str, Any]) -> str:
             ratio = f"{base / fb['ms']:.2f}" if base else "–"
             kern = ", ".join(k[:40] for k in rec["kernels"][:2])
             pct = f"{fb['pct_of_copy']:.0f}" if "pct_of_copy" in fb else "–"
+            fwd_ms, fb_ms = (
+                f"{rec[p]['ms']:.3f}{HOST_MARK if _host_timed(rec[p]) else ''}" for p in ("fwd", "fwd+bwd")
+            )
+            host_timed = host_timed or _host_timed(rec["fwd"]) or _host_timed(fb)
             lines.append(
-                f"| {row['model']} | {row['part']} | {shape} | {name} | {rec['fwd']['ms']:.3f} | {fb['ms']:.3f} "
+                f"| {row['model']} | {row['part']} | {shape} | {name} | {fwd_ms} | {fb_ms} "
                 f"| {fb['tflops']:.0f} | {pct} | {ratio} | {kern} |"
             )
+    if host_timed:
+        lines += ["", HOST_NOTE]
     best = attention_best(report)
     if best:
         lines += ["", "Fastest forward + backward per call, against sdpa (what fastmae runs by default):"]
@@ -384,8 +391,21 @@ def attention_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"- {b['model']} {b['part']}: `{b['impl']}` {b['ms']:.3f} ms vs sdpa {b['sdpa_ms']:.3f} ms; "
                 f"x {b['calls_per_step']} calls a step = {b['step_ms_saved']:+.2f} ms of the step"
+                + (f" ({HOST_MARK} host-timed: not a GPU-time comparison)" if b["host_timed"] else "")
             )
     return "\n".join(lines)
+
+
+HOST_MARK = "†"
+HOST_NOTE = (
+    f"{HOST_MARK} timed by CUDA events around calls from the host, launch overhead in: the CUDA graph "
+    "capture failed (``graph_error`` in the JSON); not comparable with the rows timed in a graph."
+)
+
+
+def _host_timed(timing: dict[str, Any]) -> bool:
+    """A CUDA timing that fell back from the CUDA graph to events around host calls."""
+    return timing.get("timer") == "do_bench"
 
 
 def attention_best(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -406,6 +426,7 @@ def attention_best(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "sdpa_ms": done["sdpa"],
                 "calls_per_step": row["calls_per_step"],
                 "step_ms_saved": row["calls_per_step"] * (done["sdpa"] - done[impl]),
+                "host_timed": any(_host_timed(row["impls"][k]["fwd+bwd"]) for k in {impl, "sdpa"}),
             }
         )
     return out

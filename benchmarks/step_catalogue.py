@@ -209,11 +209,12 @@ GROUPS: dict[str, list[str]] = {
     # (~35-60 s a compile on the H200; 3-4 fit). First fm_fast_sdpa: fm_fast as it was before
     # ``auto`` took the Triton kernel for the decoder's attention on Hopper (measured in two calls a
     # minute apart on one H200, 2026-11-27: 5370 against 5181 img/s; this times the two in one run).
-    # Then the largest predicted gains: the bf16 residual stream (-2.8 ms of copies by the traffic
-    # probe), with the Triton attention in the encoder too (fm_fast_tattn_bf16res; the encoder's
-    # call alone ran at half SDPA's speed, bench_attention), fm_fast_no_ac (what the default's
-    # selective checkpointing costs: ~0.5 ms predicted) and fm_fast_mix128 (the LayerNorm grads'
-    # final sums, 1.08 ms of the H200 step).
+    # Then fm_fast_tattn, the Triton kernel in the encoder too (its forward alone took half cuDNN's
+    # time; its forward + backward was not timed cleanly), and the largest predicted gains: the
+    # bf16 residual stream (-2.8 ms of copies by the traffic probe), with the Triton attention in
+    # both parts (fm_fast_tattn_bf16res), fm_fast_no_ac (what the default's selective checkpointing
+    # costs: ~0.5 ms predicted) and fm_fast_mix128 (the LayerNorm grads' final sums, 1.08 ms of the
+    # H200 step).
     "main": [
         "hf_eager",
         "fm_fast",
@@ -221,6 +222,7 @@ GROUPS: dict[str, list[str]] = {
         "fm_ref",
         "fm_fused_eager",
         "fm_fast_sdpa",
+        "fm_fast_tattn",
         "fm_fast_bf16res",
         "fm_fast_tattn_bf16res",
         "fm_fast_no_ac",

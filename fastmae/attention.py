@@ -70,11 +70,13 @@ def xformers_runs(device: str) -> str | None:
 
 
 # Where ``auto`` takes fastmae's Triton kernel: (compute capability, head dim) pairs at which it
-# made the whole training step faster. The MAE decoder's call (197 tokens, head dim 32) on an H200:
-# 0.71 ms forward + backward against SDPA's (cuDNN) 1.20 ms (benchmarks/results/
-# 2026-11-27-5ac384b_h200_attention.json), and the ViT-B step at batch 256 1.55x HF eager with it
-# in the decoder against 1.49x without (5370 / 5181 img/s, ..._e01e201_h200_step_tattn_dec*.json).
-# The encoder's (50 tokens, head dim 64) ran at half SDPA's speed there, so it is not listed.
+# made the whole training step faster. The MAE decoder's (197 tokens, head dim 32) on an H200: the
+# ViT-B step at batch 256 1.55x HF eager with it in the decoder against 1.49x without (5370 / 5181
+# img/s, benchmarks/results/2026-11-27-e01e201_h200_step_tattn_dec*.json); the call alone 0.18 ms
+# forward against cuDNN's 0.23 (CUDA-graph timed; ...-5ac384b_h200_attention.json). The encoder's
+# (50 tokens, head dim 64) is not listed: its forward took 0.03 against 0.06 ms, but its forward +
+# backward was timed with the host's launch overhead in (its capture failed, fixed since), and
+# the step with it (fm_fast_tattn) has not been timed.
 TRITON_AUTO = frozenset({((9, 0), 32)})
 
 

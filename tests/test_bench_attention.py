@@ -46,6 +46,13 @@ def test_report_names_the_fastest_call_and_its_step_saving():
     md = report_md.attention_markdown({**report, "env": {}})
     assert "- m decoder: `triton` 0.300 ms vs sdpa 0.500 ms; x 8 calls a step = +1.60 ms of the step" in md
     assert "| m | decoder | 2×16×197×32 | triton | 0.100 | 0.300 | 1 | – | 1.67 | k |" in md
+    assert "†" not in md
+    # a fwd+bwd that fell back to host timing (the H200's, 2026-11-27) is marked, and so is its verdict
+    report["results"][0]["impls"]["triton"]["fwd+bwd"]["timer"] = "do_bench"
+    md = report_md.attention_markdown({**report, "env": {}})
+    assert "| m | decoder | 2×16×197×32 | triton | 0.100 | 0.300† | 1 | – | 1.67 | k |" in md
+    assert "+1.60 ms of the step († host-timed: not a GPU-time comparison)" in md
+    assert "launch overhead in" in md and md.count("host-timed") == 1  # the encoder's verdict is clean
 
 
 def test_smoke_run_records_every_backend(tmp_path):
@@ -109,6 +116,34 @@ def test_a_tilings_backward_is_timed_with_it(monkeypatch):
     row = bench_attention.run_shape(shape, calls, "cpu", torch.float32, smoke=True)
     assert row["impls"]["t"]["status"] == "done", row
     assert {16, 32} <= set(blocks) and set(blocks) <= {16, 32, 64}
+
+
+def test_no_graph_is_alive_when_a_call_is_timed(monkeypatch):
+    """Every output made before a timing is gone by then: one kept with its graph holds the leaves'
+    AccumulateGrad nodes on the default stream, and on CUDA each fwd+bwd capture fails (the H200's
+    did on 2026-11-27: its rows fell back to host timing, launch overhead included)."""
+    import gc
+    import weakref
+
+    made: list[weakref.ref] = []
+    alive = []
+
+    def call(qkv):
+        out = attention_math(qkv)
+        made.append(weakref.ref(out))
+        return out
+
+    def timed(fn, device, smoke):
+        gc.collect()
+        alive.append(sum(r() is not None for r in made))
+        fn()
+        return {"ms": 1.0, "timer": "stand-in"}
+
+    monkeypatch.setattr(bench_attention, "time_call", timed)
+    shape = {"B": 1, "N": 8, "H": 2, "Dh": 16, "calls_per_step": 1}
+    row = bench_attention.run_shape(shape, {"m": call}, "cpu", torch.float32, smoke=True)
+    assert row["impls"]["m"]["status"] == "done", row
+    assert alive == [0, 0]  # fwd and fwd+bwd
 
 
 def test_triton_config_names():
