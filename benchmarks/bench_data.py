@@ -71,7 +71,8 @@ def _environment() -> dict[str, Any]:
         env = {
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "git": {"commit": run(["git", "rev-parse", "HEAD"]) or os.environ.get("FASTMAE_COMMIT", "unknown")},
+            # the sender's commit first, as common.git_info: the device copy's .git may be older
+            "git": {"commit": os.environ.get("FASTMAE_COMMIT") or run(["git", "rev-parse", "HEAD"]) or "unknown"},
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),

@@ -128,7 +128,12 @@ def _variants() -> dict[str, Variant]:
     ]
     for kernel in ("flash", "cudnn", "efficient"):
         vs.append(
-            Variant(f"fm_fast_{kernel}", about=f"fast path, SDPA {kernel} kernel forced", sdpa_kernel=kernel, **fast)
+            Variant(
+                f"fm_fast_{kernel}",
+                about=f"fast path, SDPA {kernel} kernel forced in both parts (against fm_fast_sdpa)",
+                sdpa_kernel=kernel,
+                **{**fast, "attn": "sdpa"},
+            )
         )
     for op in OPS:
         ops = frozenset(OPS) - {op}

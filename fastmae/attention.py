@@ -15,8 +15,8 @@ Backends:
     ``math``      plain ``softmax(q k^T / sqrt(d)) v``, written as the reference MAE's timm ``Attention``
                   does it. The reference every other backend is tested against.
     ``auto``      ``triton`` where it was measured faster in the training step (:data:`TRITON_AUTO`:
-                  head dim 32, MAE's decoder, on Hopper), else ``xformers`` when it works on the
-                  tensors' device, else ``sdpa``.
+                  MAE's decoder, head dim 32, at compute capability 9.0, measured on an H200), else
+                  ``xformers`` when it works on the tensors' device, else ``sdpa``.
 
 All take the packed projection ``qkv: (B, N, 3, H, Dh)`` (the layout ``Linear(dim, 3 * dim)``
 produces) and return ``(B, N, H * Dh)``, so each backend picks its own best memory layout.
@@ -69,38 +69,51 @@ def xformers_runs(device: str) -> str | None:
     return None
 
 
-# Where ``auto`` takes fastmae's Triton kernel: (compute capability, head dim) pairs at which it
-# made the whole training step faster. The MAE decoder's (197 tokens, head dim 32) on an H200: the
-# ViT-B step at batch 256 1.55x HF eager with it in the decoder against 1.49x without (5370 / 5181
-# img/s, benchmarks/results/2026-11-27-e01e201_h200_step_tattn_dec*.json); the call alone 0.18 ms
-# forward against cuDNN's 0.23 (CUDA-graph timed; ...-5ac384b_h200_attention.json). The encoder's
-# (50 tokens, head dim 64) is not listed: its forward took 0.03 against 0.06 ms, but its forward +
-# backward was timed with the host's launch overhead in (its capture failed, fixed since), and
-# the step with it (fm_fast_tattn) has not been timed.
-TRITON_AUTO = frozenset({((9, 0), 32)})
+# Where ``auto`` takes fastmae's Triton kernel: (compute capability, part, head dim), each a call at
+# which it made the whole training step faster. The MAE decoder's (197 tokens, head dim 32) on an
+# H200: the ViT-B step at batch 256 1.55x HF eager with it in the decoder against 1.49x without
+# (5370 / 5181 img/s in two calls a minute apart, benchmarks/results/2026-11-27-e01e201_h200_step_
+# tattn_dec*.json); the call alone 0.18 ms forward against cuDNN's 0.23 (CUDA-graph timed;
+# ...-5ac384b_h200_attention.json). No encoder is listed: MAE's (50 tokens, head dim 64) took
+# 0.03 against 0.06 ms forward, but its forward + backward was timed with the host's launch
+# overhead in (its capture failed, fixed since) and the step with it (fm_fast_tattn) is not timed;
+# a ViT's full 197-token sequence, or another part with head dim 32 (the demo's encoder), never was.
+TRITON_AUTO = frozenset({((9, 0), "decoder", 32)})
+PARTS = ("encoder", "decoder")
 
 
-def triton_auto(device: torch.device, head_dim: int | None) -> bool:
-    """Whether ``auto`` picks ``triton`` for ``head_dim`` on ``device`` (see :data:`TRITON_AUTO`)."""
-    if head_dim is None or device.type != "cuda":
+def triton_auto(device: torch.device, part: str | None, head_dim: int | None) -> bool:
+    """Whether ``auto`` picks ``triton`` for ``part``'s attention at ``head_dim`` on ``device`` (an
+    NVIDIA GPU listed in :data:`TRITON_AUTO`)."""
+    if part is None or head_dim is None or device.type != "cuda" or torch.version.hip is not None:
         return False
-    return (tuple(torch.cuda.get_device_capability(device)), head_dim) in TRITON_AUTO
+    if not torch.cuda.is_available():
+        return False
+    return (tuple(torch.cuda.get_device_capability(device)), part, head_dim) in TRITON_AUTO
 
 
-def resolve_backend(backend: str, device: torch.device | str | None = None, head_dim: int | None = None) -> str:
+def resolve_backend(
+    backend: str,
+    device: torch.device | str | None = None,
+    head_dim: int | None = None,
+    part: str | None = None,
+) -> str:
     """The concrete backend ``backend`` means on ``device``; raises if it cannot run there.
 
-    ``device=None`` means where training will run: CUDA when it is available, else CPU. ``head_dim``
-    (the call's, where known) lets ``auto`` pick the kernel measured fastest at it. Models resolve
-    their backends once, at construction, so nothing in the (compiled) forward probes imports.
+    ``device=None`` means where training will run: CUDA when it is available, else CPU. ``part``
+    (``encoder`` | ``decoder``) and ``head_dim``, where known, let ``auto`` pick the kernel measured
+    fastest for that call. Models resolve their backends once, at construction, so nothing in the
+    (compiled) forward probes imports.
     """
+    if part is not None and part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; one of {', '.join(PARTS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if backend == "auto":
-        if triton_auto(device, head_dim):
+        if triton_auto(device, part, head_dim):
             return "triton"
         if device.type != "cuda" or not xformers_available():
             return "sdpa"
@@ -158,6 +171,14 @@ def attention_sdpa_pad64(qkv: torch.Tensor) -> torch.Tensor:
 
 def attention_triton(qkv: torch.Tensor) -> torch.Tensor:
     """fastmae's Triton kernel: reads q, k, v in place and writes ``(B, N, H, Dh)``, no copies."""
+    if not qkv.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # e.g. a model built with ``auto`` where a Hopper GPU is (the decoder then takes this
+        # kernel), then run on CPU. Before the import: @triton.jit decides at import whether the
+        # kernels are interpreted.
+        raise AttentionBackendError(
+            f"attention backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on {qkv.device.type}; "
+            "build the model with attn_backend='sdpa' (and decoder_attn_backend='sdpa') to run it there"
+        )
     from fastmae.kernels.attention import attention as triton_attention
 
     B, N, _, H, Dh = qkv.shape
@@ -195,5 +216,5 @@ def attention(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
         ``(B, N, H * Dh)``.
     """
     if backend not in _IMPLS:
-        backend = resolve_backend(backend, qkv.device, qkv.shape[-1])
+        backend = resolve_backend(backend, qkv.device)
     return _IMPLS[backend](qkv)

@@ -98,8 +98,8 @@ class Config:
     fused: bool | None = _f(None, "the model's Triton fast path (default: on for CUDA, off for CPU)")
     attn_backend: str = _f(
         "auto",
-        "attention: auto (triton for the decoder's head dim 32 on Hopper GPUs, where it was measured "
-        "faster; else xformers where it runs, else sdpa), sdpa, sdpa_pad64 (head dims under 64 "
+        "attention: auto (triton for the decoder, head dim 32, on compute capability 9.0 GPUs, where "
+        "an H200 measured it faster; else xformers where it runs, else sdpa), sdpa, sdpa_pad64 (head dims under 64 "
         "zero-padded to 64), triton (fastmae's short-sequence kernel), xformers or math "
         "(math = plain fp32-softmax reference)",
     )

@@ -222,12 +222,13 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"unknown residual_dtype {residual_dtype!r}; choose from {', '.join(RESIDUAL_DTYPES)}")
         self.residual_dtype = residual_dtype
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=LN_EPS)
-        # each part's own head dim: ``auto`` may pick another kernel for the decoder's (32 at every
-        # preset) than for the encoder's (64, 80 at ViT-H)
-        self.attn_backend = resolve_backend(attn_backend, head_dim=embed_dim // num_heads)
+        # each part on its own: ``auto`` may pick another kernel for the decoder (197 tokens, head
+        # dim 32 at the ViT presets) than for the encoder (50 tokens, head dim 64 or 80)
+        self.attn_backend = resolve_backend(attn_backend, head_dim=embed_dim // num_heads, part="encoder")
         self.decoder_attn_backend = resolve_backend(
             attn_backend if decoder_attn_backend is None else decoder_attn_backend,
             head_dim=decoder_embed_dim // decoder_num_heads,
+            part="decoder",
         )
         self.fused = fused  # type: ignore[assignment]  # the setter normalises it
         self.norm_pix_loss = norm_pix_loss

@@ -100,12 +100,15 @@ def compiles(cfg: Config, device: torch.device) -> bool:
 
 
 def attention_backends(cfg: Config, device: torch.device) -> dict[str, str]:
-    """The encoder's and the decoder's attention on ``device``, each resolved at its own head dim
-    (``auto`` gives the decoder's 32 fastmae's Triton kernel on Hopper, see fastmae.attention)."""
+    """The encoder's and the decoder's attention on ``device``, each resolved on its own (``auto``
+    gives the decoder, head dim 32, fastmae's Triton kernel at compute capability 9.0, see
+    fastmae.attention)."""
     decoder = cfg.attn_backend if cfg.decoder_attn_backend == "same" else cfg.decoder_attn_backend
     return {
-        "attn_backend": resolve_backend(cfg.attn_backend, device, cfg.embed_dim // cfg.num_heads),
-        "decoder_attn_backend": resolve_backend(decoder, device, cfg.decoder_embed_dim // cfg.decoder_num_heads),
+        "attn_backend": resolve_backend(cfg.attn_backend, device, cfg.embed_dim // cfg.num_heads, "encoder"),
+        "decoder_attn_backend": resolve_backend(
+            decoder, device, cfg.decoder_embed_dim // cfg.decoder_num_heads, "decoder"
+        ),
     }
 
 

@@ -58,7 +58,7 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.num_classes = num_classes
         self.embed_dim = embed_dim
-        self.attn_backend = resolve_backend(attn_backend, head_dim=embed_dim // num_heads)
+        self.attn_backend = resolve_backend(attn_backend, head_dim=embed_dim // num_heads, part="encoder")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # learnable while fine-tuning (timm's ViT), initialised with the fixed sin-cos embedding;

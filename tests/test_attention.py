@@ -81,22 +81,31 @@ def hopper(monkeypatch):
 
 
 def test_auto_takes_triton_where_it_was_measured_faster(hopper, monkeypatch):
-    """On Hopper ``auto`` gives head dim 32 (MAE's decoder) fastmae's Triton kernel, which made the
-    H200's step faster; the encoder's 64, an unknown head dim, other GPUs and CPU keep sdpa."""
-    assert resolve_backend("auto", "cuda", head_dim=32) == "triton"
-    assert resolve_backend("auto", "cuda", head_dim=64) == "sdpa"
-    assert resolve_backend("auto", "cuda") == "sdpa"
-    assert resolve_backend("sdpa", "cuda", head_dim=32) == "sdpa"  # a named backend is kept
-    assert resolve_backend("auto", "cpu", head_dim=32) == "sdpa"
+    """At compute capability 9.0 ``auto`` gives MAE's decoder (head dim 32) fastmae's Triton kernel,
+    which made the H200's step faster; any encoder (the demo's has head dim 32 too), another head
+    dim, an unknown part, other GPUs, ROCm and CPU keep sdpa."""
+    assert resolve_backend("auto", "cuda", head_dim=32, part="decoder") == "triton"
+    assert resolve_backend("auto", "cuda", head_dim=32, part="encoder") == "sdpa"
+    assert resolve_backend("auto", "cuda", head_dim=64, part="decoder") == "sdpa"
+    assert resolve_backend("auto", "cuda", head_dim=32) == resolve_backend("auto", "cuda") == "sdpa"
+    assert resolve_backend("sdpa", "cuda", head_dim=32, part="decoder") == "sdpa"  # a named backend is kept
+    assert resolve_backend("auto", "cpu", head_dim=32, part="decoder") == "sdpa"
+    with pytest.raises(ValueError, match="unknown part 'head'"):
+        resolve_backend("auto", "cuda", head_dim=32, part="head")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its own capabilities
+    assert resolve_backend("auto", "cuda", head_dim=32, part="decoder") == "sdpa"
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert resolve_backend("auto", "cuda", head_dim=32) == "sdpa"
+    assert resolve_backend("auto", "cuda", head_dim=32, part="decoder") == "sdpa"
 
 
-def test_each_part_resolves_auto_at_its_own_head_dim(hopper):
-    """The model and the trainer: ViT-B's encoder (head dim 64) sdpa, its decoder (32) triton under
-    ``auto``; a backend named for the decoder, or for both, is what runs."""
+def test_each_part_resolves_auto_on_its_own(hopper):
+    """The model, the trainer and the fine-tuning ViT: ViT-B's decoder takes triton under ``auto``,
+    no encoder does (the demo's, head dim 32, included); a backend named for the decoder, or for
+    both, is what runs."""
     from fastmae.config import make_config
     from fastmae.train import attention_backends
+    from fastmae.vit import VisionTransformer
 
     kw = dict(img_size=32, patch_size=8, embed_dim=128, depth=1, num_heads=2, decoder_embed_dim=64,
               decoder_depth=1, decoder_num_heads=2)  # fmt: skip
@@ -105,17 +114,34 @@ def test_each_part_resolves_auto_at_its_own_head_dim(hopper):
     assert m.blocks[0].attn.backend == "sdpa" and m.decoder_blocks[0].attn.backend == "triton"
     m = MaskedAutoencoderViT(**kw, attn_backend="auto", decoder_attn_backend="sdpa")
     assert (m.attn_backend, m.decoder_attn_backend) == ("sdpa", "sdpa")
+    m = MaskedAutoencoderViT(**{**kw, "num_heads": 4}, attn_backend="auto")  # encoder head dim 32
+    assert m.attn_backend == "sdpa"
+    assert VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2,
+                             attn_backend="auto").attn_backend == "sdpa"  # fmt: skip
     cuda = torch.device("cuda")
     cases = {
-        ("auto", "same"): ("sdpa", "triton"),
-        ("sdpa", "same"): ("sdpa", "sdpa"),
-        ("auto", "sdpa"): ("sdpa", "sdpa"),
-        ("triton", "same"): ("triton", "triton"),
+        ("mae_vit_base_patch16", "auto", "same"): ("sdpa", "triton"),
+        ("mae_vit_base_patch16", "sdpa", "same"): ("sdpa", "sdpa"),
+        ("mae_vit_base_patch16", "auto", "sdpa"): ("sdpa", "sdpa"),
+        ("mae_vit_base_patch16", "triton", "same"): ("triton", "triton"),
+        ("demo", "auto", "same"): ("sdpa", "sdpa"),  # encoder head dim 32, decoder 16
     }
-    for (enc, dec), want in cases.items():
-        cfg = make_config({"preset": "mae_vit_base_patch16", "attn_backend": enc, "decoder_attn_backend": dec})
+    for (preset, enc, dec), want in cases.items():
+        cfg = make_config({"preset": preset, "attn_backend": enc, "decoder_attn_backend": dec})
         got = attention_backends(cfg, cuda)
-        assert (got["attn_backend"], got["decoder_attn_backend"]) == want, (enc, dec)
+        assert (got["attn_backend"], got["decoder_attn_backend"]) == want, (preset, enc, dec)
+
+
+def test_a_triton_model_run_on_cpu_says_how_to_build_it_for_cpu(hopper, monkeypatch):
+    """A model built with ``auto`` where a Hopper GPU is takes triton for its decoder; run on CPU
+    (no interpreter) it stops with what to build instead, not a driver error."""
+    kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=1, decoder_embed_dim=64,
+              decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+    m = MaskedAutoencoderViT(**kw, attn_backend="auto")
+    assert m.decoder_attn_backend == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(AttentionBackendError, match="decoder_attn_backend='sdpa'"):
+        m(torch.randn(1, 3, 32, 32))
 
 
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
