@@ -171,10 +171,10 @@ def attention_sdpa_pad64(qkv: torch.Tensor) -> torch.Tensor:
 
 def attention_triton(qkv: torch.Tensor) -> torch.Tensor:
     """fastmae's Triton kernel: reads q, k, v in place and writes ``(B, N, H, Dh)``, no copies."""
-    if not qkv.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not qkv.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and not torch.compiler.is_compiling():
         # e.g. a model built with ``auto`` where a Hopper GPU is (the decoder then takes this
         # kernel), then run on CPU. Before the import: @triton.jit decides at import whether the
-        # kernels are interpreted.
+        # kernels are interpreted. (A trace on CPU, tests/kernels/test_compile_trace.py, runs no kernel.)
         raise AttentionBackendError(
             f"attention backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 on {qkv.device.type}; "
             "build the model with attn_backend='sdpa' (and decoder_attn_backend='sdpa') to run it there"
