@@ -248,8 +248,9 @@ ablations_profile() {
 }
 
 sweep() {  # sweep BUDGET_S: each kernel's launch configurations (rows per program x warps, the
-  # loss's tile order, the unshuffle backward's stages), fwd+bwd GPU time at ViT-B shapes; the JSON
-  # is rewritten after each op, the ops furthest from their goal first (~2-4 s a configuration)
+  # loss's tile order, the unshuffle backward's stages), GPU time at ViT-B shapes of fwd+bwd and of
+  # each pass alone; the JSON is rewritten after each op, the ops furthest from their goal first
+  # (~2-4 s a configuration with fwd+bwd alone; the passes add two short timings each)
   local sargs=(--out "$OUT/sweep.json")
   if [ "$DRY" = 1 ]; then
     sargs+=(--smoke --ops patch_gather masked_mse)

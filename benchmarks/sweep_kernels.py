@@ -154,12 +154,16 @@ def sweep(device: str, smoke: bool, copy_gbps: float, ops: list[str] | None = No
                     block_r, num_warps, knob = rule
                 row.update(rows=block_r, warps=num_warps, default=rule == (block_r, num_warps, knob))
                 row.update(zip(names, knob, strict=True))
-                # fwd+bwd only (the goal's phase; patch_gather's is its forward), GPU time only:
-                # ~50 configurations, each compiled once, fit two minutes.
-                fn = bk.phase_fn(b, "triton", "fwd+bwd")
-                ms = bk.gpu_time_ms(fn) if device == "cuda" else bk.time_ms(fn, device, smoke)
-                gbps = b.min_bytes["fwd+bwd"] / ms / 1e6
-                row["fwd+bwd"] = {"ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps}
+                # fwd+bwd (the goal's phase; patch_gather's is its forward), then the forward and
+                # the backward alone where the op has one: the launchers take one configuration
+                # for both passes, and the phases' fastest say whether one each would pay (the
+                # loss's forward reads, its backward also writes a pred-sized grad). GPU time
+                # only: ~50 configurations, each compiled once, fit two and a half minutes.
+                for phase in ("fwd+bwd", "fwd", "bwd") if b.grad_out is not None else ("fwd+bwd",):
+                    fn = bk.phase_fn(b, "triton", phase)
+                    ms = bk.gpu_time_ms(fn) if device == "cuda" else bk.time_ms(fn, device, smoke)
+                    gbps = b.min_bytes[phase] / ms / 1e6
+                    row[phase] = {"ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps}
             rows.append(row)
             t = row.get("fwd+bwd") or {}
             print(

@@ -1,4 +1,5 @@
-"""report.py's trainer line: the loop's steady img/s against the step harness's fm_fast."""
+"""report.py: the trainer line (the loop's steady img/s against the step harness's fm_fast), the
+memory check, the launch sweep's tables."""
 
 from __future__ import annotations
 
@@ -121,3 +122,22 @@ def test_memory_check_follows_the_checkpointing_the_run_recorded():
     assert "| `fm_fast_no_ac` | `fm_compile` |" in md
     assert "| `fm_fast_gelu` | `fm_compile_gelu` |" in md
     assert "| `fm_fast_bf16res` | `fm_compile_selective_bf16res` |" in md
+
+
+def test_sweep_table_per_pass():
+    """The sweep's rule against its fastest configuration, then each pass's fastest: a configuration
+    per pass pays when their sum beats the fastest single configuration's fwd+bwd."""
+
+    def row(rows, order, fwd, bwd, default=False):
+        t = lambda ms: {"ms": ms, "gbps": 1.0, "pct_of_copy": 10 / ms}  # noqa: E731
+        return {"op": "masked_mse", "rows": rows, "warps": 8, "order": order, "default": default,
+                "fwd+bwd": t(fwd + bwd), "fwd": t(fwd), "bwd": t(bwd)}  # fmt: skip
+
+    rows = [row(4, "image", 0.05, 0.14, default=True), row(4, "gather", 0.08, 0.06), row(2, "image", 0.04, 0.16)]
+    lines = report.sweep_markdown({"rows": rows}).splitlines()
+    assert "| masked_mse | 4x8 | 0.1900 | 53% | 4x8, gather order | 0.1400 | 71% | 1.36 |" in lines
+    # fwd: 2x8 image (0.04); bwd: 4x8 gather (0.06); sum 0.10 against the fastest single 0.14
+    assert lines[-1] == "| masked_mse | 2x8 | 0.0400 | 250% | 4x8, gather order | 0.0600 | 167% | 0.1000 | 1.40 |"
+    # an op swept without its passes alone (patch_gather: no backward) has no per-pass row
+    only = [{"op": "patch_gather", "rows": 8, "warps": 4, "default": True, "fwd+bwd": rows[0]["fwd+bwd"]}]
+    assert "Each pass" not in report.sweep_markdown({"rows": only})

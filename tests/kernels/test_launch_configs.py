@@ -100,6 +100,8 @@ def test_sweep_harness_smoke(device):
     assert len(rows) == 1 + len([c for c in full if c != rule])
     assert {(r["rows"], r["warps"], (r["columns"], r["stages"])) for r in rows[1:]} == set(full) - {rule}
     assert all(r["rel_err_vs_eager"] < 1e-2 and r["fwd+bwd"]["ms"] > 0 for r in rows)
+    # each pass alone too (unshuffle has a backward): what one configuration per pass would give
+    assert all(r["fwd"]["ms"] > 0 and r["bwd"]["ms"] > 0 for r in rows)
     table = sweep_markdown({"rows": rows})
     assert table.splitlines()[-1].startswith(f"| unshuffle | 64x4, {rule[2][0]} cols |")
 
