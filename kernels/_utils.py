@@ -42,6 +42,37 @@ def check_input(t: torch.Tensor, name: str, layout: str, device: torch.device, i
         raise ValueError(f"{name} must be an int64 or int32 tensor, got {t.dtype}")
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    """A clear ValueError unless ``t`` is float32, bfloat16 or float16: the kernels compute in fp32,
+    so a float64 input would come back silently rounded (its ``*_ref`` takes float64)."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype} (the *_ref ops take any float)")
+
+
+def check_patch_size(patch_size: int) -> None:
+    """A clear ValueError for a patch size that is not a positive int (a negative one would pass the
+    shape checks, -8 squared being 64, and return meaningless values)."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+
+
+def check_runs_here(device: torch.device, kernel: Any, op: str) -> None:
+    """A clear RuntimeError for tensors on a device the kernels cannot run on (instead of Triton's
+    "0 active drivers"): CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before the
+    kernels were imported (``@triton.jit`` then makes an interpreted function, not a ``JITFunction``).
+    A ``torch.compile`` trace with fake CPU tensors runs no kernel and passes."""
+    if device.type == "cuda" or not isinstance(kernel, (JITFunction, Autotuner)) or torch.compiler.is_compiling():
+        return
+    raise RuntimeError(
+        f"fastmae.kernels.{op} runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
+        f"(TRITON_INTERPRET=1 set before fastmae is imported); got {device.type} tensors. "
+        "Use the *_ref op, or the model with fused=False"
+    )
+
+
 def is_interpreter(device: torch.device) -> bool:
     """True when kernels run on CPU tensors, i.e. under ``TRITON_INTERPRET=1``."""
     return device.type != "cuda"

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import is_interpreter, launcher, new_output, next_pow2, to_output_dtype
+from ._utils import check_runs_here, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -504,6 +504,7 @@ def attention(qkv: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"attention takes float32, bfloat16 or float16, got {qkv.dtype}")
     if qkv.shape[-1] > 128:  # compiled for sm_90 up to 128 without spills (fp32 included); ViT-H's is 80
         raise ValueError(f"attention supports head dims up to 128, got {qkv.shape[-1]}; use the sdpa backend")
+    check_runs_here(qkv.device, _attn_fwd_kernel, "attention")
     return _attention(qkv)[0]
 
 

@@ -19,7 +19,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
+from ._utils import (
+    check_float,
+    check_input,
+    check_runs_here,
+    is_interpreter,
+    launcher,
+    new_output,
+    next_pow2,
+    to_output_dtype,
+)
 
 
 @triton.jit
@@ -130,6 +139,9 @@ def encoder_input(
     for t, name, layout in ((cls_token, "cls_token", "(1, 1, D)"), (pos_embed, "pos_embed", "(1, 1+L, D)")):
         check_input(t, name, layout, x.device)
     check_input(ids_keep, "ids_keep", "(N, K)", x.device, index=True)
+    for t, name in ((x, "x"), (cls_token, "cls_token"), (pos_embed, "pos_embed")):
+        check_float(t, name)
+    check_runs_here(x.device, _encoder_input_kernel, "encoder_input")
     N, K, D = x.shape
     if cls_token.shape != (1, 1, D) or pos_embed.dim() != 3 or pos_embed.shape[::2] != (1, D):
         raise ValueError(

@@ -21,7 +21,17 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
+from ._utils import (
+    check_float,
+    check_input,
+    check_patch_size,
+    check_runs_here,
+    is_interpreter,
+    launcher,
+    new_output,
+    next_pow2,
+    to_output_dtype,
+)
 
 NORM_PIX_EPS = 1e-6
 
@@ -79,7 +89,7 @@ def _load_patch_rows(
     # instead: pred (and, in the backward, its grad) contiguous, the image's C planes interleaved.
     j = tl.arange(0, CP_PAD * P_PAD)
     if ORDER == PRED_ORDER:
-        c = j % C
+        c = (j % C).to(tl.int64)  # c * stride_c passes 2**31 for a channel-major batch viewed as NCHW
         q = (j // C) % P
         p = j // (C * P)
         in_row = j
@@ -87,7 +97,7 @@ def _load_patch_rows(
     else:
         cp = j // P_PAD
         q = j % P_PAD
-        c = cp // P
+        c = (cp // P).to(tl.int64)
         p = cp % P
         in_row = p * (P * C) + q * C + c
         col_ok = (cp < C * P) & (q < P)
@@ -152,7 +162,7 @@ def _load_patch_rows_gathered(
     p = tl.arange(0, P_PAD)[None, :, None]
     k = tl.arange(0, CP_PAD)[None, None, :]
     line_ok = removed & (p < P) & (k < C * P)
-    c = k // P
+    c = (k // P).to(tl.int64)
     q = k % P
     img_off = n * stride_n + c * stride_c + (hi * P + p) * stride_h + (wi * P + q) * stride_w
     t = tl.load(imgs_ptr + img_off, mask=line_ok, other=0.0).to(tl.float32)
@@ -397,6 +407,11 @@ def masked_mse(
     check_input(imgs, "imgs", "(N, C, H, W)", pred.device)
     check_input(pred, "pred", "(N, L, P*P*C)", pred.device)
     check_input(mask, "mask", "(N, L)", pred.device)
+    check_float(pred, "pred")
+    if imgs.dtype == torch.float64:  # integer pixels are fine: the kernels read them as fp32
+        raise ValueError("imgs must not be float64 (the kernels compute in fp32); masked_mse_ref takes it")
+    check_patch_size(patch_size)
+    check_runs_here(pred.device, _masked_mse_fwd_kernel, "masked_mse")
     N, C, H, W = imgs.shape
     P = patch_size
     if H % P or W % P:
@@ -409,6 +424,10 @@ def masked_mse(
         )
     if imgs.requires_grad:
         raise ValueError("masked_mse gives no grad to imgs (the target); pass imgs.detach()")
+    if mask.requires_grad:
+        raise ValueError(
+            "masked_mse gives no grad to mask (MAE's is 0/1 data); pass mask.detach() or use masked_mse_ref"
+        )
     return _masked_mse(pred, imgs, mask, patch_size, norm_pix_loss)
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2
+from ._utils import check_input, check_patch_size, check_runs_here, is_interpreter, launcher, new_output, next_pow2
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _patch_gather_kernel(
     col_ok = cp < C * P
     if P_PAD != P:
         col_ok = col_ok & (q < P)
-    c = cp // P
+    c = (cp // P).to(tl.int64)  # c * stride_c passes 2**31 for a channel-major batch viewed as NCHW
     p = cp % P
 
     src = (
@@ -130,6 +130,8 @@ def patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) ->
         )
     check_input(imgs, "imgs", "(N, C, H, W)", imgs.device)
     check_input(ids_keep, "ids_keep", "(N, K)", imgs.device, index=True)
+    check_patch_size(patch_size)
+    check_runs_here(imgs.device, _patch_gather_kernel, "patch_gather")
     N, C, H, W = imgs.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"image {H}x{W} is not a multiple of patch_size {patch_size}")

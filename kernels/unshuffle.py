@@ -18,7 +18,17 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import check_input, is_interpreter, launcher, new_output, next_pow2, num_sms, to_output_dtype
+from ._utils import (
+    check_float,
+    check_input,
+    check_runs_here,
+    is_interpreter,
+    launcher,
+    new_output,
+    next_pow2,
+    num_sms,
+    to_output_dtype,
+)
 
 
 @triton.jit
@@ -222,6 +232,9 @@ def unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tens
     for t, name, layout in ((mask_token, "mask_token", "(1, 1, D)"), (pos, "pos", "(1, 1+L, D)")):
         check_input(t, name, layout, x.device)
     check_input(ids_restore, "ids_restore", "(N, L)", x.device, index=True)
+    for t, name in ((x, "x"), (mask_token, "mask_token"), (pos, "pos")):
+        check_float(t, name)
+    check_runs_here(x.device, _unshuffle_fwd_kernel, "unshuffle")
     N, K1, D = x.shape
     L = ids_restore.shape[1]
     if K1 < 1 or ids_restore.shape != (N, L) or K1 - 1 > L:

@@ -1,12 +1,15 @@
-"""The ops' input checks: one clear ValueError for a wrong rank, a float index, another device;
-int32 indices give what int64 ones give."""
+"""The ops' input checks: one clear error for a wrong rank, a float index, another device, float64,
+a patch size that is not positive, tensors where no kernel runs; int32 indices give what int64 ones
+give; a channel stride past 2**31 is read right."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 
-from fastmae.kernels import encoder_input, masked_mse, patch_gather, unshuffle
+from fastmae.kernels import attention, encoder_input, masked_mse, patch_gather, unshuffle
 
 
 def _inputs(device):
@@ -40,6 +43,13 @@ BAD = [
     ("unshuffle", "pos", lambda v: v.to("meta"), "pos is on meta, the other inputs on cpu"),
     ("masked_mse", "pred", lambda v: v.flatten(1), r"pred must be \(N, L, P\*P\*C\), got shape \(2, 3072\)"),
     ("masked_mse", "mask", lambda v: v.to("meta"), "mask is on meta, the other inputs on cpu"),
+    # float64: the kernels compute in fp32 and would hand back silently rounded values
+    ("encoder_input", "cls", lambda v: v.double(), "cls_token must be float32, bfloat16 or float16, got torch.float64"),
+    ("unshuffle", "x", lambda v: v.double(), "x must be float32, bfloat16 or float16, got torch.float64"),
+    ("masked_mse", "pred", lambda v: v.double(), "pred must be float32, bfloat16 or float16, got torch.float64"),
+    ("masked_mse", "imgs", lambda v: v.double(), "imgs must not be float64"),
+    # the ops give no grad to data: a mask that asks for one is refused, not left without it
+    ("masked_mse", "mask", lambda v: v.clone().requires_grad_(), "masked_mse gives no grad to mask"),
 ]
 
 
@@ -57,3 +67,65 @@ def test_int32_ids_give_what_int64_ids_give(op, device):
     want = CALLS[op](t)
     t32 = {k: v.int() if k.startswith("ids") else v for k, v in t.items()}
     assert torch.equal(CALLS[op](t32), want)
+
+
+@pytest.mark.parametrize("patch_size", [0, -8, 8.0])
+def test_patch_size_must_be_a_positive_int(patch_size):
+    # -8 passes the shape checks ((-4) * (-4) = 16 patches) and gave meaningless values; 0 divided by zero
+    t = _inputs("cpu")
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        patch_gather(t["imgs"], t["ids_keep"], patch_size)
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        masked_mse(t["pred"], t["imgs"], t["mask"], patch_size, True)
+
+
+def _a_kernel(x):
+    pass
+
+
+def test_cpu_tensors_without_the_interpreter_are_a_clear_error(monkeypatch):
+    """Kernels compiled for a GPU (a ``JITFunction``, as without TRITON_INTERPRET=1) and CPU tensors:
+    one RuntimeError that says what runs instead, not Triton's "0 active drivers"."""
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    from fastmae.kernels import _utils
+
+    t = _inputs("cpu")
+    jit = JITFunction(_a_kernel)  # what @triton.jit makes without TRITON_INTERPRET=1
+    for op in CALLS:
+        module = importlib.import_module(f"fastmae.kernels.{op}")
+        kernel = {"masked_mse": "_masked_mse_fwd_kernel", "unshuffle": "_unshuffle_fwd_kernel"}.get(op, f"_{op}_kernel")
+        assert isinstance(getattr(module, kernel), triton.runtime.interpreter.InterpretedFunction)
+        monkeypatch.setattr(module, kernel, jit)
+        with pytest.raises(RuntimeError, match=f"fastmae.kernels.{op} runs on CUDA tensors, or on CPU tensors under"):
+            CALLS[op](t)
+    qkv = torch.randn(1, 4, 3, 2, 8)
+    monkeypatch.setattr(importlib.import_module("fastmae.kernels.attention"), "_attn_fwd_kernel", jit)
+    with pytest.raises(RuntimeError, match="fastmae.kernels.attention runs on CUDA tensors"):
+        attention(qkv)
+    _utils.check_runs_here(torch.device("cpu"), object(), "x")  # an interpreted kernel: no error
+
+
+def test_channel_stride_past_int32(device):
+    """A channel-major batch viewed as NCHW: stride_c = 2**30, so the channel offset c * stride_c of
+    the last channel passes 2**31. It was computed in int32 and wrapped (a segfault on CPU).
+
+    3 GiB of address space, uninitialised: only the two images read are ever written, so the pages
+    of the rest are never touched."""
+    base = torch.empty(3, 2**20, 32, 32, dtype=torch.uint8, device=device)
+    imgs = base.permute(1, 0, 2, 3)[-2:]
+    assert imgs.stride(1) == 2**30
+    g = torch.Generator().manual_seed(0)
+    imgs.copy_(torch.randint(0, 256, imgs.shape, dtype=torch.uint8, generator=g))
+    ids_keep = torch.argsort(torch.rand(2, 16, generator=g), dim=1)[:, :4].to(device)
+    from fastmae.kernels import masked_mse_ref, patch_gather_ref
+
+    assert torch.equal(patch_gather(imgs, ids_keep, 8), patch_gather_ref(imgs, ids_keep, 8))
+    pred, mask = (
+        torch.randn(2, 16, 3 * 64, generator=g).to(device),
+        (torch.rand(2, 16, generator=g) < 0.75).float().to(device),
+    )
+    for norm_pix in (False, True):
+        want = masked_mse_ref(pred, imgs.float(), mask, 8, norm_pix)
+        torch.testing.assert_close(masked_mse(pred, imgs, mask, 8, norm_pix), want, rtol=1e-5, atol=0)
