@@ -50,7 +50,7 @@ from fastmae.attention import BACKENDS, AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
 from fastmae.convert import fastmae_state_dict, hf_folder_config, hf_weights_file, load_checkpoint, read_state_dict
-from fastmae.data import DataError, build_loader, open_source
+from fastmae.data import BadFileReport, DataError, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source
 from fastmae.knn import extract_features, knn_accuracy
 from fastmae.lars import LARS
@@ -397,6 +397,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not ckpt.list_checkpoints(run_dir):  # fresh: a report a killed run left is not this one's
+            BadFileReport.discard(run_dir)
     train_src, val_src, num_classes = open_splits(cfg)
     weights = checkpoint if cfg.init == "pretrained" else None
     model = build_classifier(cfg, arch, num_classes, weights).to(device)

@@ -32,6 +32,8 @@ def summary(result: TrainResult, seconds: float) -> str:
             f"  pictures    {result.pictures[-1]}"
             + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
         )
+    if result.bad_files:
+        lines.append(f"  bad files   {result.bad_files} unreadable, skipped: {result.bad_files_report}")
     more = " --epochs N (more epochs than this schedule's)" if result.schedule_done else ""
     lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto{more}")
     return "\n".join(lines)

@@ -38,7 +38,16 @@ from fastmae import checkpoint as ckpt
 from fastmae import distributed, messages
 from fastmae.attention import AttentionBackendError, resolve_backend
 from fastmae.config import Config, ConfigError, accum_iter, learning_rate, parse_config
-from fastmae.data import DataError, build_loader, dali_available, make_demo_dataset, open_source, sample_seed
+from fastmae.data import (
+    BadFileReport,
+    DataError,
+    ShardDataError,
+    build_loader,
+    dali_available,
+    make_demo_dataset,
+    open_source,
+    sample_seed,
+)
 from fastmae.log import MetricsLog
 from fastmae.messages import PROG
 from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay, resolve_activation_checkpointing
@@ -66,6 +75,8 @@ class TrainResult:
     pictures: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stopped: bool = False  # by SIGTERM / SIGUSR1, after a checkpoint
+    bad_files: int = 0  # unreadable images skipped, all ranks (rank 0's count)
+    bad_files_report: Path | None = None
     schedule_done: bool = False  # every epoch of the schedule ran (continuing means more --epochs)
 
 
@@ -237,6 +248,8 @@ def train(cfg: Config) -> TrainResult:
     # rank 0 decides (one view of the file system), every rank gets its answer or its error
     try:
         decided = resolve_run_dir(cfg) if main else None
+        if main and decided[1] is None:  # fresh: before any rank's loader can write its report
+            BadFileReport.discard(decided[0])
     except ConfigError as e:
         decided = e
     decided = distributed.broadcast_object(decided)
@@ -549,6 +562,9 @@ def train(cfg: Config) -> TrainResult:
     result.step = step
     result.stopped = stop
     result.schedule_done = step >= cfg.epochs * opt_steps_per_epoch
+    distributed.barrier()  # every rank's report written (its loader closed above)
+    if main:
+        result.bad_files, result.bad_files_report = BadFileReport.merge(run_dir)
     return result
 
 
@@ -559,13 +575,18 @@ def main(argv: list[str] | None = None) -> int:
     by SIGTERM / SIGUSR1 after writing a checkpoint.
     """
     cfg = parse_config(argv)  # exits 2 with a one-line message on a bad flag
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = rank == 0
     t0 = time.time()
     try:
         result = train(cfg)
         distributed.end_together()
     except (ConfigError, DataError, AttentionBackendError) as e:
-        if is_main:
+        # the set-up's errors are every rank's (rank 0 says it once); a shard's is its reader's alone
+        # (the others only see a lost peer), so that rank says it, whichever it is
+        if isinstance(e, ShardDataError) and world > 1:
+            print(f"{PROG}: error: [rank {rank}] {e}", file=sys.stderr)
+        elif is_main:
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except NonFiniteLoss as e:

@@ -51,7 +51,8 @@ def test_a_bad_knn_source_is_every_ranks_one_line_error(tiny_data, tmp_path):  #
 
 
 def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
-    """Each rank reads its own shard, so each writes the bad files it met to the run directory."""
+    """Each rank reads its own shard, so each writes the bad files it met to the run directory; the
+    run's end joins them into one report and counts them once."""
     data = _flat_copy(tiny_data, tmp_path / "data", 30)
     (data / "bad_a.jpg").write_bytes(b"")
     (data / "bad_b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -63,6 +64,10 @@ def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
         for line in (run / f"bad_files.rank{rank}.txt").read_text().splitlines():
             reported[line.split("\t")[0]] = rank
     assert {os.path.basename(p) for p in reported} == {"bad_a.jpg", "bad_b.jpg"}
+    # at the end, rank 0 joins them: each file once, counted in its summary
+    merged = (run / "bad_files.txt").read_text().splitlines()
+    assert sorted(os.path.basename(line.split("\t")[0]) for line in merged) == ["bad_a.jpg", "bad_b.jpg"]
+    assert proc.stdout.count(f"bad files   2 unreadable, skipped: {run / 'bad_files.txt'}") == 1
 
 
 def test_a_knn_path_without_labels_is_every_ranks_one_line_error(tiny_data, tmp_path):  # noqa: F811
@@ -77,6 +82,26 @@ def test_a_knn_path_without_labels_is_every_ranks_one_line_error(tiny_data, tmp_
     _ranks_exit_2(err)
     assert "labelled" in err and "Connection closed" not in err and err.count("Traceback") == 1
     assert not (run / "config.json").exists()
+
+
+def test_a_shards_data_error_is_told_by_its_rank(tiny_data, tmp_path):  # noqa: F811
+    """Every file rank 1's first image and its 15 stand-ins would read is empty, each of rank 0's
+    slots has a readable one: rank 1 alone stops with "the data set looks broken". It says so itself, with its rank
+    (rank 0 only sees a lost peer; the one line was printed by rank 0 alone, so never)."""
+    from fastmae.data.sampling import EpochPlan, tried_indices
+
+    data = _flat_copy(tiny_data, tmp_path / "data", 64)  # sorted: file i is index i
+    first = int(EpochPlan(64, 4, seed=0, rank=1, world_size=2).batch_indices(0, 0)[0])
+    bad = tried_indices(0, 0, first, 64)
+    for j in EpochPlan(64, 4, seed=0, rank=0, world_size=2).batch_indices(0, 0).tolist():
+        assert tried_indices(0, 0, j, 64) - bad  # each of rank 0's slots has a readable candidate
+    for i in bad:
+        (data / f"{i:02d}.jpg").write_bytes(b"")
+    proc = _torchrun(*tiny_args(data, tmp_path / "run", "--epochs", "1", "--batch-size", "4"))
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("python -m fastmae.train: error:")]
+    assert len(lines) == 1 and lines[0].startswith("python -m fastmae.train: error: [rank 1] "), proc.stderr[-3000:]
+    assert lines[0].endswith("the data set looks broken (see the bad-file report)")
 
 
 def _ranks_exit_2(err: str) -> None:

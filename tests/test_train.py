@@ -320,6 +320,27 @@ def test_bad_data_is_one_line_without_traceback(tmp_path):
     assert err.startswith("python -m fastmae.train: error:")
 
 
+def test_bad_files_are_counted_and_a_fresh_run_drops_a_stale_report(tiny_data, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves its bad-file reports (here from two ranks and
+    a file the new data does not have): a fresh run in that directory starts its report afresh,
+    lists the files it met itself and counts them in its summary."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for i in range(8):  # 72 images, 9 batches of 8: every one read in the epoch
+        (data / "stripes" / f"bad{i}.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "bad_files.txt").write_text("/elsewhere/ghost.jpg\tempty file\n")
+    (run / "bad_files.rank1.txt").write_text("/elsewhere/ghost2.jpg\tempty file\n")
+    assert main(tiny_args(data, run, "--epochs", "1")) == 0
+    assert sorted(p.name for p in run.glob("bad_files*")) == ["bad_files.txt"]
+    listed = [line.split("\t")[0] for line in (run / "bad_files.txt").read_text().splitlines()]
+    assert sorted(listed) == [str(data / "stripes" / f"bad{i}.jpg") for i in range(8)]
+    assert f"bad files   8 unreadable, skipped: {run / 'bad_files.txt'}" in capsys.readouterr().out
+
+
 def test_default_run_dirs_never_overwrite_a_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_run_dir(make_config()) == (Path("runs/demo"), None)

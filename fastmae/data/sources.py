@@ -56,6 +56,12 @@ class DataError(ValueError):
     """A data problem that stops the run before training; ``str(err)`` is one line fit for a CLI."""
 
 
+class ShardDataError(DataError):
+    """A data problem met while reading one process's shard (a slot none of whose stand-ins can be
+    read, a DALI failure no file explains): under torchrun the other ranks may never meet it, so
+    the rank that does reports it."""
+
+
 @dataclass
 class Source:
     """The samples of a data set.
@@ -256,7 +262,11 @@ class BadFileReport:
     is ``<path>\\t<reason>``; the file is appended to as files are found, so it survives a crash.
     It is UTF-8 with ``surrogateescape``: a path whose name is not valid UTF-8 (a str with
     surrogates, as ``os`` gives it) is written as its original bytes and read back unchanged.
+    An existing file is read back (a resumed run's); :meth:`discard` clears a folder for a fresh
+    run, :meth:`merge` joins the ranks' files at a run's end.
     """
+
+    PATTERN = "bad_files*.txt"
 
     def __init__(self, report_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1):
         self.report_path: Path | None = None
@@ -265,10 +275,8 @@ class BadFileReport:
             self.report_path = Path(report_dir) / name
         self._reasons: dict[str, str] = {}
         self._lock = threading.Lock()
-        if self.report_path is not None and self.report_path.is_file():  # a resumed run
-            for line in self.report_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
-                path, _, reason = line.partition("\t")
-                self._reasons.setdefault(path, reason)
+        if self.report_path is not None:  # a resumed run's
+            self._reasons.update(_read_report(self.report_path))
 
     def add(self, path: str, reason: str) -> bool:
         """Record a bad file; returns False when it was already recorded."""
@@ -302,3 +310,51 @@ class BadFileReport:
     @property
     def reasons(self) -> dict[str, str]:
         return dict(self._reasons)
+
+    @classmethod
+    def discard(cls, report_dir: str | os.PathLike) -> None:
+        """Remove the reports in ``report_dir`` before a fresh run: a run killed there before its
+        first checkpoint leaves one, and its files are not the new run's (with another data set,
+        none of them may be)."""
+        for path in Path(report_dir).glob(cls.PATTERN):
+            path.unlink(missing_ok=True)
+
+    @classmethod
+    def merge(cls, report_dir: str | os.PathLike) -> tuple[int, Path | None]:
+        """(distinct bad files, the report listing them all) over every report in ``report_dir``.
+
+        Under torchrun each rank writes its own (``bad_files.rank<r>.txt``), and a resumed run's
+        world size may differ from its first's: with more than one file they are joined into
+        ``bad_files.txt`` (each path once, with its first reason), written atomically. Call it once
+        every rank has finished writing (after a barrier).
+        """
+        files = sorted(Path(report_dir).glob(cls.PATTERN))
+        merged: dict[str, str] = {}
+        for path in files:
+            for bad, reason in _read_report(path).items():
+                merged.setdefault(bad, reason)
+        if not merged:
+            return 0, None
+        if len(files) == 1:
+            return len(merged), files[0]
+        out = Path(report_dir) / "bad_files.txt"
+        tmp = out.with_name(out.name + ".tmp")
+        lines = "".join(f"{bad}\t{reason}\n" for bad, reason in merged.items())
+        tmp.write_text(lines, encoding="utf-8", errors="surrogateescape")
+        os.replace(tmp, out)
+        return len(merged), out
+
+
+def _read_report(path: Path) -> dict[str, str]:
+    """A report's ``{path: reason}``: empty for a missing file, without a torn last line (a kill
+    mid-write)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        return {}
+    reasons: dict[str, str] = {}
+    for line in text.split("\n")[:-1]:  # the last piece is "" or a torn line
+        bad, tab, reason = line.partition("\t")
+        if tab:
+            reasons.setdefault(bad, reason)
+    return reasons

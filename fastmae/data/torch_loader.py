@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator, tried_indices
-from fastmae.data.sources import BadFileReport, DataError, Source
+from fastmae.data.sources import BadFileReport, DataError, ShardDataError, Source
 from fastmae.data.transforms import CROP_RATIO, CROP_SCALE, augment, load_rgb, sample_params
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -204,7 +204,7 @@ class TorchLoader(ScheduledLoader):
             if bad:
                 self.bad_files.extend(bad)
             if error is not None:  # recorded first: the message points to the report
-                raise DataError(error)
+                raise ShardDataError(error)
             images = images.to(self.device, non_blocking=non_blocking).to(self.dtype)
             labels = labels.to(self.device, non_blocking=non_blocking)
             self.step += 1

@@ -311,3 +311,66 @@ def test_bad_file_with_non_utf8_name(tmp_path, odd_files, backend):
     assert x.shape == (4, 3, SIZE, SIZE)
     assert loader.bad_files.paths == [str(tmp_path / name)]
     assert (tmp_path / "run" / "bad_files.txt").read_bytes().startswith(os.fsencode(str(tmp_path / name)) + b"\t")
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_dali_trains_through_a_mostly_corrupt_data_set(tmp_path, odd_files):
+    """70% of 2000 files with corrupt Huffman tables: they pass the host's checks, and each one in
+    flight fails DALI's whole pipeline. A rebuild finds the bad files in flight, but ~70% of their
+    stand-ins are bad too: ~log(45) / log(1 / 0.7) = 11 rebuilds before the first batch of 64,
+    over a former cap of 8 failures in a row, which stopped such a run at its first step where the
+    reference loader trains through. Now every failure is diagnosed and the pipeline rebuilt as
+    often as it takes, and the batch is the reference loader's."""
+
+    rng = np.random.default_rng(0)
+    corrupt, good = odd_files["corrupt"].read_bytes(), odd_files["reference"].read_bytes()
+    for i, bad in enumerate(rng.permutation(2000) < 1400):
+        (tmp_path / (f"{i:04d}.jpg" if bad else f"{i:04d}.png")).write_bytes(corrupt if bad else good)
+    source = open_source(tmp_path)
+    batches = {}
+    for backend in ("torch", "dali"):
+        loader = build_loader(backend, source, batch_size=64, image_size=32, seed=0, num_workers=1)
+        batches[backend] = next(iter(loader))[0]
+        loader.close()
+    assert loader.rebuilds > 8 and loader.bad_files.count > 64
+    assert batches["dali"].shape == (64, 3, 32, 32)
+    assert (batches["dali"] - batches["torch"]).abs().mean().item() < 0.015
+
+
+def test_a_dali_error_is_told_by_its_telling_lines():
+    """DALI's message for a file it cannot decode (as DALI 2.4 words it): the operator and the
+    cause, not its first line ("Critical error in pipeline:")."""
+    from fastmae.data.dali import _error_line
+
+    message = (
+        "Critical error in pipeline:\nCritical error in pipeline:\nError in CPU operator "
+        "`nvidia.dali.fn.decoders.image`,\nwhich was used in the pipeline definition with the following "
+        'traceback:\n\n  File "<stdin>", line 7, in p\n\nencountered:\n\nFailed to decode sample #0 : \n'
+        "Current pipeline object is no longer valid.\nCurrent pipeline object is no longer valid."
+    )
+    assert _error_line(RuntimeError(message)) == (
+        "Error in CPU operator `nvidia.dali.fn.decoders.image`; Failed to decode sample #0"
+    )
+    assert _error_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_bad_file_reports_merge_and_discard(tmp_path):
+    """At a run's end the ranks' reports (and one from a resumed run's other world size) are joined
+    into bad_files.txt, each file once; a torn last line (a kill mid-write) is left out. A fresh
+    run clears them all first."""
+    from fastmae.data import BadFileReport
+
+    BadFileReport(tmp_path, rank=0, world_size=2).extend([("a.jpg", "empty file"), ("b.jpg", "truncated")])
+    BadFileReport(tmp_path, rank=1, world_size=2).add("b.jpg", "truncated")
+    with open(tmp_path / "bad_files.rank3.txt", "w") as f:  # an earlier run's 4th rank, killed mid-line
+        f.write("c.jpg\tnot an image\nd.jp")
+    count, path = BadFileReport.merge(tmp_path)
+    assert (count, path) == (3, tmp_path / "bad_files.txt")
+    assert path.read_text().splitlines() == ["a.jpg\tempty file", "b.jpg\ttruncated", "c.jpg\tnot an image"]
+    assert BadFileReport.merge(tmp_path)[0] == 3  # again, the merged file among them: the same
+    BadFileReport.discard(tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert BadFileReport.merge(tmp_path) == (0, None)
+    one = BadFileReport(tmp_path)  # a single process: its own report is the list
+    one.add("e.jpg", "empty file")
+    assert BadFileReport.merge(tmp_path) == (1, tmp_path / "bad_files.txt")
