@@ -80,7 +80,7 @@ TRITON_CONFIGS: list[tuple[int | bool | None, ...]] = [
     (None, None, None, 64, 64, 8, None, True),
     (64, 128, 4, None, None, None, None, None),
     (128, 64, 8, None, None, None, None, None),
-    (None, None, None, None, None, None, 3, None),
+    (None, None, None, None, None, None, 2, None),
     (None, None, None, None, None, None, 1, None),
     (64, 128, 8, None, None, None, None, None),
     (None, None, None, 64, 128, 8, None, None),

@@ -73,7 +73,8 @@ def xformers_runs(device: str) -> str | None:
 # which it made the whole training step faster. The MAE decoder's (197 tokens, head dim 32) on an
 # H200: the ViT-B step at batch 256 1.55x HF eager with it in the decoder against 1.49x without
 # (5370 / 5181 img/s in two calls a minute apart, benchmarks/results/2026-11-27-e01e201_h200_step_
-# tattn_dec*.json); the call alone 0.18 ms forward against cuDNN's 0.23 (CUDA-graph timed;
+# tattn_dec*.json); the call alone 0.20 ms forward against cuDNN's 0.23 (CUDA-graph timed; 0.18 at
+# the 3 pipeline stages its launch rule has taken since;
 # ...-5ac384b_h200_attention.json). No encoder is listed: MAE's (50 tokens, head dim 64) took
 # 0.03 against 0.06 ms forward, but its forward + backward was timed with the host's launch
 # overhead in (its capture failed, fixed since) and the step with it (fm_fast_tattn) is not timed;

@@ -356,11 +356,17 @@ def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int
     4 x 64 (256), about a third less work on the padded score tiles; a query tail block is a
     second launch. Off until measured. ``benchmarks/bench_attention.py`` times other tilings
     (``TRITON_CONFIGS``, this one included) beside this rule.
+
+    ``stages`` 3 (the key loop's loads issued two blocks ahead): on the H200
+    (benchmarks/results/2026-11-27-5ac384b_h200_attention.json, one run) the decoder's forward
+    took 0.178 against 0.196 ms at 2 stages (CUDA-graph timed) and its forward + backward 0.705
+    against 0.750 (event-timed, the host's launch time in both); the encoder's forward + backward
+    0.596 against 0.687, its forward the same. 1 stage was the slowest in all four.
     """
     if is_interpreter(device):
         block = max(16, min(next_pow2(N), 128))
         return block, block, 1, block, block, 1, 1, False
-    return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 2, False
+    return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 3, False
 
 
 # CUDA's limit on grid axis 1, which holds the (batch, head) pairs: past it (batch 4096 at 16 heads)

@@ -105,8 +105,8 @@ def test_tail_blocks():
 def test_attention_gpu_rule_covers_mae_shapes():
     """The GPU rule's tiles at MAE's shapes: what tests above run, and what the sm_90 build checks."""
     gpu = torch.device("cuda")
-    assert attention_module._launch_config(50, 64, gpu) == (64, 64, 4, 64, 64, 8, 2, False)
-    assert attention_module._launch_config(197, 32, gpu) == (64, 64, 4, 64, 64, 4, 2, False)
+    assert attention_module._launch_config(50, 64, gpu) == (64, 64, 4, 64, 64, 8, 3, False)
+    assert attention_module._launch_config(197, 32, gpu) == (64, 64, 4, 64, 64, 4, 3, False)
     assert (64, 64, 64, 64, False) in TILINGS
 
 
