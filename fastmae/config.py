@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# fields that belong to one invocation, not to the run it continues
+PER_INVOCATION = ("max_steps", "resume", "run_dir", "device")  # device: the machine's, not the run's
+# paths a run's config.json keeps absolute: a resume from another working directory finds them
+PATH_FIELDS = ("data_path", "data_list", "knn_data_path", "knn_data_list", "init_from")
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Field values from a JSON (or, with pyyaml installed, YAML) file; a saved ``config.json`` works."""
     p = Path(path)
@@ -265,7 +271,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{p}: expected a mapping of field names to values")
-    values = {k.replace("-", "_"): v for k, v in values.items() if k != "resolved"}
+    if "resolved" in values:  # a run's saved config.json: its recipe, not where or how far it ran
+        values = {k: v for k, v in values.items() if k != "resolved" and k.replace("-", "_") not in PER_INVOCATION}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{p}: unknown field(s) {', '.join(unknown)}")
@@ -315,26 +323,28 @@ def make_config(overrides: dict[str, Any] | None = None) -> Config:
     return Config(**values)
 
 
-# fields that belong to one invocation, not to the run it continues
-PER_INVOCATION = ("max_steps", "resume", "run_dir", "device")  # device: the machine's, not the run's
-
-
 def parse_config(argv: list[str] | None = None) -> Config:
     """The config from the command line (``argv=None``: ``sys.argv[1:]``); exits 2 with one line on a bad value."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     try:
         file_values = read_config_file(args.pop("config")) if "config" in args else {}
-        saved = Path(args.get("run_dir", "")) / "config.json"
-        if not file_values and args.get("resume") and args.get("run_dir") and saved.is_file():
-            # `--run-dir R --resume ...` continues R's own run: its saved config (preset, data,
-            # recipe) under the flags given, as the stop messages' short command promises; what
-            # only limited that invocation (--max-steps) is not carried over
-            file_values = {k: v for k, v in read_config_file(saved).items() if k not in PER_INVOCATION}
+        resume = args.get("resume", "")
+        run_dir = args.get("run_dir") or (str(Path(resume).parent) if resume not in ("", "auto") else "")
+        saved = Path(run_dir) / "config.json"
+        if resume and run_dir and saved.is_file():
+            # `--run-dir R --resume ...` (or `--resume R/ckpt.pt`) continues R's own run: its saved
+            # config (preset, data, recipe) under a --config file and the flags given, as the stop
+            # messages' short command promises; what only limited that invocation (--max-steps) is
+            # not carried over (read_config_file drops it from a saved config)
+            file_values = {**read_config_file(saved), **file_values}
         if "preset" in args:
             file_values.pop("preset", None)
         cfg = make_config({**file_values, **args})
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        for name in PATH_FIELDS:
+            if getattr(cfg, name):
+                setattr(cfg, name, os.path.abspath(getattr(cfg, name)))
     except ConfigError as e:
         parser.error(str(e))
     return cfg
@@ -353,8 +363,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"image size {cfg.img_size} is not divisible by the patch size {cfg.patch_size}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ConfigError(f"mask ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) < 1:
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    if int(num_patches * (1 - cfg.mask_ratio)) < 1:
         raise ConfigError(f"mask ratio {cfg.mask_ratio} keeps no patch of a {cfg.img_size} px image")
+    if int(num_patches * (1 - cfg.mask_ratio)) == num_patches:  # the loss averages over the removed
+        raise ConfigError(
+            f"mask ratio {cfg.mask_ratio} removes no patch of a {cfg.img_size} px image ({num_patches} patches): "
+            "the loss is over the removed ones (MAE's is 0.75)"
+        )
     for name, dim, heads in (
         ("", cfg.embed_dim, cfg.num_heads),
         ("decoder_", cfg.decoder_embed_dim, cfg.decoder_num_heads),

@@ -1,43 +1,109 @@
 """Where a training run lives, and whether a checkpoint may continue it.
 
-``resolve_run_dir`` picks the run directory and the checkpoint ``--resume`` means;
-``check_resumable`` refuses a checkpoint whose data order or step size differs from this run's.
+``resolve_run_dir`` picks the run directory and the checkpoint ``--resume`` means, and holds the
+directory for this process (two runs writing one directory replaced each other's metrics and
+config and deleted each other's checkpoint being written); ``check_resumable`` refuses a checkpoint
+whose data order or step size differs from this run's.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastmae import checkpoint as ckpt
 from fastmae.cli import flag
 from fastmae.config import Config, ConfigError
 from fastmae.data import DataError
 
+LOCK_NAME = ".fastmae.lock"
+_held: dict[Path, tuple[IO[str], bool]] = {}  # held run directories (resolved): lock file, made here
+
+
+def hold_run_dir(run_dir: Path) -> str | None:
+    """Hold ``run_dir`` for this process (an exclusive ``flock`` on its ``.fastmae.lock``, which the
+    kernel releases when the process ends, killed or not); None when held, else who holds it.
+
+    A directory this process holds already (an earlier run in the same process that raised) is
+    held again. On a file system without locks the run goes on unguarded.
+    """
+    key = run_dir.resolve()
+    if key in _held:
+        return None
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 (held until release_run_dirs or exit)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return holder
+    except OSError:  # no locks on this file system (some network mounts)
+        pass
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held[key] = (f, made)
+    return None
+
+
+def held_run_dir() -> Path | None:
+    """The run directory this process holds (the last it took), or None."""
+    return next(reversed(_held), None)
+
+
+def release_run_dirs() -> None:
+    """Let go of every run directory this process holds (a run's end; the process's exit does it too).
+
+    A directory made for a run that stopped before writing anything (a one-line error at start-up)
+    is removed again, lock file and all: the error leaves nothing behind.
+    """
+    for key, (f, made) in _held.items():
+        f.close()
+        if made and [p.name for p in key.iterdir()] == [LOCK_NAME]:
+            (key / LOCK_NAME).unlink(missing_ok=True)
+            key.rmdir()
+    _held.clear()
+
+
+def _claim(run_dir: Path) -> Path:
+    holder = hold_run_dir(run_dir)
+    if holder is not None:
+        raise ConfigError(
+            f"{run_dir} is in use by another run ({holder}): wait for it to end, or pass another --run-dir"
+        )
+    return run_dir
+
 
 def resolve_run_dir(cfg: Config) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from or None).
+    """(run directory, checkpoint to resume from or None); the directory is held for this process.
 
     The run directory is ``cfg.run_dir``; else the folder of a ``--resume PATH`` checkpoint; else
-    ``runs/<preset>``, or the first ``runs/<preset>-N`` that holds no run yet (with ``--resume
-    auto``: the one whose newest checkpoint is the most recent).
+    ``runs/<preset>``, or the first ``runs/<preset>-N`` that holds no run yet and that no other run
+    is using (with ``--resume auto``: the one whose newest checkpoint is the most recent).
     """
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
         if not cfg.resume and ckpt.list_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
+        _claim(run_dir)
     elif cfg.resume not in ("", "auto"):
-        run_dir = Path(cfg.resume).parent
+        run_dir = _claim(Path(cfg.resume).parent)
     else:
         base = Path("runs") / cfg.preset
         runs = [p for p in [base, *base.parent.glob(f"{base.name}-*")] if ckpt.list_checkpoints(p)]
         if cfg.resume == "auto" and runs:
-            run_dir = max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1][1].stat().st_mtime)
-        else:
+            run_dir = _claim(max(runs, key=lambda p: ckpt.list_checkpoints(p)[-1][1].stat().st_mtime))
+        else:  # a second `python -m fastmae.train` started beside the first takes the next one
             n = 1
-            while ckpt.list_checkpoints(base if n == 1 else Path(f"{base}-{n}")):
+            while ckpt.list_checkpoints(run_dir := base if n == 1 else Path(f"{base}-{n}")) or hold_run_dir(run_dir):
                 n += 1
-            run_dir = base if n == 1 else Path(f"{base}-{n}")
     if cfg.resume == "auto":
         found = ckpt.list_checkpoints(run_dir)
         return run_dir, (found[-1][1] if found else None)

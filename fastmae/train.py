@@ -51,7 +51,7 @@ from fastmae.data import (
 from fastmae.log import MetricsLog
 from fastmae.messages import PROG
 from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay, resolve_activation_checkpointing
-from fastmae.rundir import check_resumable, resolve_run_dir
+from fastmae.rundir import check_resumable, held_run_dir, release_run_dirs, resolve_run_dir
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
@@ -308,6 +308,7 @@ def train(cfg: Config) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step = 0
+    branched_from = None  # resumed from a checkpoint with later ones beside it: see set_aside_later
     if resume_path is not None:
         if cfg.resume == "auto":  # the newest that loads (a damaged one is skipped with a warning)
             loaded = ckpt.load_latest(run_dir)  # on the CPU: load_state_dict copies to the device
@@ -327,6 +328,8 @@ def train(cfg: Config) -> TrainResult:
             scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         step = int(state["step"])
+        if any(s > step for s, _ in ckpt.list_checkpoints(run_dir)):
+            branched_from = step
         del state
     elif cfg.resume == "auto" and main:
         print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
@@ -530,6 +533,9 @@ def train(cfg: Config) -> TrainResult:
                             world_size=world,
                             effective_batch=eff_batch,
                         )
+                        if branched_from is not None:  # this branch's first checkpoint
+                            set_aside_later(run_dir, branched_from)
+                            branched_from = None
                         result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
                         written.append(result.checkpoint)
                     else:
@@ -565,7 +571,25 @@ def train(cfg: Config) -> TrainResult:
     distributed.barrier()  # every rank's report written (its loader closed above)
     if main:
         result.bad_files, result.bad_files_report = BadFileReport.merge(run_dir)
+    release_run_dirs()
     return result
+
+
+def set_aside_later(run_dir: Path, step: int) -> None:
+    """A run resumed from the checkpoint of ``step`` while later ones exist branches off there. At
+    the branch's first checkpoint the later ones (the timeline left behind) are renamed
+    ``*.pt.superseded``: kept, but out of the way of ``--resume auto`` (which went back to them) and
+    of the pruning (which deleted the branch's own checkpoints first, and a save of the same step
+    replaced the old one). A branch that ends before its first checkpoint (a non-finite loss, a
+    kill) leaves the old timeline as it was."""
+    later = [path for s, path in ckpt.list_checkpoints(run_dir) if s > step]
+    for path in later:
+        target, n = path.with_name(path.name + ".superseded"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}.superseded{n}"), n + 1
+        path.rename(target)
+    if later:
+        print(f"branched at step {step}: the {len(later)} later checkpoint(s) renamed *.pt.superseded", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -598,9 +622,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OOM
     except KeyboardInterrupt:
         if is_main:
-            print(f"{PROG}: interrupted; continue from the last checkpoint with --resume auto", file=sys.stderr)
+            where = held_run_dir()
+            print(
+                f"{PROG}: interrupted; continue from the last checkpoint with"
+                + (f" --run-dir {where}" if where else "")
+                + " --resume auto",
+                file=sys.stderr,
+            )
         return 130
     finally:
+        release_run_dirs()
         distributed.cleanup()
     if result.stopped:
         if is_main:

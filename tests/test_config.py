@@ -65,6 +65,40 @@ def test_config_file_then_flags(tmp_path):
     assert parse_config(["--config", str(saved)]) == cfg
 
 
+def test_a_runs_saved_config_as_a_recipe_leaves_where_and_how_far_it_ran(tmp_path):
+    """A run's config.json (it has "resolved") given as --config: its recipe, not its run directory,
+    its resume, its --max-steps or its device (which made a new run continue the old one)."""
+    saved = tmp_path / "config.json"
+    old = {**Config(depth=3, seed=7).to_dict(), "run_dir": str(tmp_path / "old"), "resume": "auto", "max_steps": 40}
+    saved.write_text(json.dumps({**old, "device": "cpu", "resolved": {"lr": 1.0}}))
+    cfg = parse_config(["--config", str(saved)])
+    assert (cfg.depth, cfg.seed) == (3, 7)
+    assert (cfg.run_dir, cfg.resume, cfg.max_steps, cfg.device) == ("", "", 0, "auto")
+
+
+def test_resuming_reads_the_runs_config_under_a_config_file_and_flags(tmp_path):
+    """The run's saved config is the base whichever way the run is named (--run-dir, or --resume
+    with a checkpoint path alone), a --config file over it, the flags over both."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**Config(depth=3, seed=7, blr=1e-3).to_dict(), "resolved": {}}))
+    (run / "ckpt-step000000008.pt").write_bytes(b"")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"blr": 2e-3}))
+    for argv in (["--run-dir", str(run), "--resume", "auto"], ["--resume", str(run / "ckpt-step000000008.pt")]):
+        cfg = parse_config([*argv, "--config", str(recipe), "--seed", "9"])
+        assert (cfg.depth, cfg.blr, cfg.seed) == (3, 2e-3, 9), argv
+
+
+def test_data_paths_are_kept_absolute(tmp_path, monkeypatch):
+    """A run started with a relative --data-path resumes from another working directory."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(["--data-path", "data", "--data-list", "list.txt"])
+    assert (cfg.data_path, cfg.data_list) == (str(tmp_path / "data"), str(tmp_path / "list.txt"))
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -165,6 +199,7 @@ def test_help_lists_presets_and_fields(capsys):
         (["--img-size", "60"], 1, "not divisible by the patch size 8"),
         (["--mask-ratio", "1.0"], 1, "mask ratio must be in [0, 1)"),
         (["--mask-ratio", "-0.1"], 1, "mask ratio must be in [0, 1)"),
+        (["--mask-ratio", "0"], 1, "removes no patch of a 64 px image (64 patches)"),  # was a 0/0 loss
         (["--batch-size", "48", "--effective-batch", "4096"], 3, "not divisible by batch_size 48 x 3"),
         (["--data-path", "/nonexistent/imagenet"], 1, "does not exist"),
         (["--preset", "mae_vit_base_patch16"], 1, "needs --data-path"),

@@ -21,10 +21,10 @@ import torch
 
 from fastmae import messages
 from fastmae import train as train_mod
-from fastmae.config import make_config
+from fastmae.config import ConfigError, make_config
 from fastmae.data import make_demo_dataset
 from fastmae.log import read_metrics
-from fastmae.rundir import resolve_run_dir
+from fastmae.rundir import release_run_dirs, resolve_run_dir
 from fastmae.train import EXIT_NONFINITE, EXIT_OOM, EXIT_STOPPED, lr_at, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,12 +344,52 @@ def test_bad_files_are_counted_and_a_fresh_run_drops_a_stale_report(tiny_data, t
 def test_default_run_dirs_never_overwrite_a_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_run_dir(make_config()) == (Path("runs/demo"), None)
-    (tmp_path / "runs/demo").mkdir(parents=True)
     (tmp_path / "runs/demo/ckpt-step000000010.pt").write_bytes(b"")
     assert resolve_run_dir(make_config()) == (Path("runs/demo-2"), None)  # a second `python -m fastmae.train`
     run_dir, path = resolve_run_dir(make_config({"resume": "auto"}))
     assert run_dir == Path("runs/demo") and path.name == "ckpt-step000000010.pt"
     assert resolve_run_dir(make_config({"resume": str(path)})) == (Path("runs/demo"), path)
+    release_run_dirs()
+
+
+def test_a_run_dir_in_use_is_not_shared(tmp_path, monkeypatch):
+    """Two runs started in one directory replaced each other's metrics and config and deleted the
+    checkpoint the other was writing. A run holds its directory (flock): a default one is passed
+    over, a named one refused, and a killed holder holds nothing (the kernel drops its lock)."""
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    other = open(tmp_path / "runs/demo/.fastmae.lock", "a+")  # another open file: another holder
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.write("pid 4242 on elsewhere\n")
+    other.flush()
+    assert resolve_run_dir(make_config()) == (Path("runs/demo-2"), None)
+    with pytest.raises(ConfigError, match=r"runs/demo is in use by another run \(pid 4242 on elsewhere\)"):
+        resolve_run_dir(make_config({"run_dir": "runs/demo"}))
+    other.close()
+    assert resolve_run_dir(make_config({"run_dir": "runs/demo"})) == (Path("runs/demo"), None)
+    release_run_dirs()
+
+
+def test_a_run_resumed_from_an_older_checkpoint_branches_off(tiny_data, tmp_path, capsys):
+    """Resumed from step 2 of a run that reached 6: at the branch's first checkpoint the old 4 and 6
+    are renamed *.superseded (kept), so --resume auto continues the branch, not the old timeline."""
+    run = tmp_path / "run"
+    args = ["--epochs", "2", "--ckpt-every-steps", "2", "--keep-last", "3"]
+    assert main(tiny_args(tiny_data, run, *args, "--max-steps", "6")) == 0
+    assert (
+        main(tiny_args(tiny_data, run, *args, "--resume", str(run / "ckpt-step000000002.pt"), "--max-steps", "4")) == 0
+    )
+    names = sorted(p.name for p in run.glob("ckpt-*"))
+    assert names == [
+        "ckpt-step000000002.pt", "ckpt-step000000004.pt", "ckpt-step000000004.pt.superseded",
+        "ckpt-step000000006.pt.superseded",
+    ]  # fmt: skip
+    assert "branched at step 2: the 2 later checkpoint(s) renamed *.pt.superseded" in capsys.readouterr().out
+    assert main(tiny_args(tiny_data, run, *args, "--resume", "auto", "--max-steps", "5")) == 0
+    assert "resuming" in capsys.readouterr().out and losses(run)[-1][0] == 5
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.gpu
@@ -496,3 +536,19 @@ def test_a_floor_above_the_peak_lr_and_the_continue_hint(tiny_data, tmp_path, ca
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"--run-dir {tmp_path / 'b'} --resume auto")
     assert main(tiny_args(tiny_data, tmp_path / "b", "--epochs", "1", "--resume", "auto")) == 0
     assert "--resume auto --epochs N" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_ctrl_c_says_which_run_to_continue(tmp_path, monkeypatch, capsys):
+    """The interrupt's message names the run directory, as the SIGTERM one does (a default run
+    directory, runs/<preset>-N, is not something the user typed)."""
+    import fastmae.train as train_module
+    from fastmae.rundir import hold_run_dir
+
+    def interrupted(cfg):
+        hold_run_dir(tmp_path / "runs" / "demo-2")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main([]) == 130
+    where = (tmp_path / "runs" / "demo-2").resolve()
+    assert f"continue from the last checkpoint with --run-dir {where} --resume auto" in capsys.readouterr().err
