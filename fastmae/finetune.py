@@ -50,8 +50,8 @@ from fastmae.attention import BACKENDS, AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
 from fastmae.convert import fastmae_state_dict, hf_folder_config, hf_weights_file, load_checkpoint, read_state_dict
-from fastmae.data import BadFileReport, DataError, build_loader, open_source
-from fastmae.data.eval import EvalLoader, split_source
+from fastmae.data import BadFileReport, DataError, Source, build_loader, open_source
+from fastmae.data.eval import EvalLoader, split_source, to_training_labels
 from fastmae.knn import extract_features, knn_accuracy
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog
@@ -105,7 +105,7 @@ class FinetuneConfig:
     val_fraction: float = _f(0.2, "per-class share held out for validation when --val-path is not given")
     num_classes: int = _f(0, "classes (0 = from the labels)")
     run_dir: str = _f("", "run directory (default runs/finetune-<mode>)")
-    resume: str = _f("", "'auto' = continue the run directory's latest checkpoint")
+    resume: str = _f("", "'' = fresh run, 'auto' = continue the run directory's latest checkpoint")
     seed: int = _f(0, "seed of the head init, data order and augmentation")
 
     epochs: int | None = _f(None, "epochs (recipe: full 100, partial 100, linear 90)")
@@ -205,6 +205,10 @@ def validate(cfg: FinetuneConfig) -> None:
     for name in ("drop_path", "smoothing"):
         if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.resume not in ("", "auto"):  # a run directory keeps one checkpoint: its latest is the run
+        where = Path(cfg.resume).parent if Path(cfg.resume).is_file() else "<the run's folder>"
+        raise ConfigError(f"--resume takes '' or 'auto', got {cfg.resume!r}: continue a run with --run-dir {where} "
+                          "--resume auto")  # fmt: skip
     if not 0 < cfg.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     if cfg.knn_t <= 0:
@@ -322,7 +326,9 @@ def build_classifier(cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int
 # ------------------------------------------------------------------------------------------- data
 
 
-def open_splits(cfg: FinetuneConfig):
+def open_splits(cfg: FinetuneConfig) -> tuple[Source, Source, int]:
+    """(training source, validation source, number of classes), the validation labels in the
+    training classes: the classes are the training set's, the head's outputs and kNN's votes."""
     train = open_source(cfg.train_path, cfg.train_list or None)
     if cfg.val_path:
         val = open_source(cfg.val_path, cfg.val_list or None)
@@ -331,12 +337,13 @@ def open_splits(cfg: FinetuneConfig):
     for name, src in (("training", train), ("validation", val)):
         if min(y for _, y in src.samples) < 0:
             raise DataError(f"the {name} source has unlabelled images: use an ImageFolder tree or a list with labels")
-    labels = 1 + max(y for _, y in train.samples + val.samples)
+    labels = len(train.classes) if train.classes is not None else 1 + max(y for _, y in train.samples)
     if cfg.num_classes and cfg.num_classes < labels:
         raise ConfigError(
             f"--num-classes {cfg.num_classes} but the labels go up to {labels - 1}; leave it 0 (from the labels)"
         )
-    return train, val, cfg.num_classes or labels
+    num_classes = cfg.num_classes or labels
+    return train, to_training_labels(val, train, num_classes), num_classes
 
 
 @torch.no_grad()
@@ -358,6 +365,11 @@ def evaluate(model: torch.nn.Module, loader: EvalLoader, autocast: Any, num_clas
     return {"top1": 100.0 * hits1 / max(n, 1), "top5": 100.0 * hits5 / max(n, 1), "n": int(n)}
 
 
+def optimizer_name(mode: str, optimizer: str) -> str:
+    """``--optimizer`` with ``auto`` resolved: the recipe's LARS for the linear probe, else AdamW."""
+    return optimizer if optimizer != "auto" else ("lars" if mode == "linear" else "adamw")
+
+
 def build_optimizer(
     cfg: FinetuneConfig, model: VisionTransformer, lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -365,7 +377,7 @@ def build_optimizer(
 
     Every group carries an ``lr_scale`` (1 without layer decay) that the schedule multiplies in.
     """
-    name = cfg.optimizer if cfg.optimizer != "auto" else ("lars" if cfg.mode == "linear" else "adamw")
+    name = optimizer_name(cfg.mode, cfg.optimizer)
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
     for g in groups:
         g.pop("names")
@@ -379,6 +391,52 @@ def build_optimizer(
 # -------------------------------------------------------------------------------------------- run
 
 
+def saved_mode(run_dir: Path) -> str | None:
+    """The mode of the run ``run_dir`` holds (its ``config.json``, else ``results.json``), or None."""
+    for name in ("config.json", "results.json"):
+        try:
+            mode = json.loads((run_dir / name).read_text()).get("mode")
+        except (OSError, ValueError, AttributeError):  # absent, or not a run's file: the next one says
+            continue
+        if isinstance(mode, str):
+            return mode
+    return None
+
+
+def check_resumable(
+    cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, path: Path, state: dict[str, Any]
+) -> None:
+    """Refuse, in one line naming both, a checkpoint that another kind of run saved, before loading it.
+
+    Another number of classes or architecture would be a size-mismatch traceback, another mode or
+    pooling missing / unexpected keys, and another optimizer's state (LARS's into AdamW) or another
+    set of trainable blocks would not fit the optimizer: none of it is this run to continue.
+    """
+    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
+    head = state.get("model", {}).get("head.weight")
+    checks = [  # (the checkpoint's, this run's, how to say it); None: the checkpoint does not say
+        (saved.get("mode"), cfg.mode, lambda v: f"--mode {v}"),
+        (None if head is None else int(head.shape[0]), num_classes, lambda v: f"{v} classes"),
+        (saved.get("global_pool"), cfg.global_pool, lambda v: "--global-pool" if v else "--no-global-pool"),
+    ]
+    if "mode" in saved:
+        was = optimizer_name(saved["mode"], saved.get("optimizer", "auto"))
+        checks.append((was, optimizer_name(cfg.mode, cfg.optimizer), lambda v: f"--optimizer {v}"))
+    if cfg.mode == "partial":
+        checks.append((saved.get("trainable_blocks"), cfg.trainable_blocks, lambda v: f"--trainable-blocks {v}"))
+    saved_arch = state.get("architecture")
+    if isinstance(saved_arch, dict):  # keys both have: an older one may lack mlp_ratio (the default)
+        differ = [k for k in arch if k in saved_arch and saved_arch[k] != arch[k]]
+        was, now = ({k: d[k] for k in differ} for d in (saved_arch, arch))
+        checks.append((was, now, lambda v: ", ".join(f"{k} {x}" for k, x in v.items())))
+    for was, now, say in checks:
+        if was is not None and was != now:
+            raise ConfigError(
+                f"cannot resume {path}: it was saved with {say(was)}, this run has {say(now)} "
+                "(the same settings to continue it, or another --run-dir)"
+            )
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
     env = distributed.init_distributed(cfg.device)
@@ -390,16 +448,26 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.mode != "knn" and cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs} (the recipe's "
                           f"warm-up for {cfg.mode} is {recipe(FinetuneConfig(mode=cfg.mode), arch['depth']).warmup_epochs:g})")  # fmt: skip
+    mode = saved_mode(run_dir)
     if cfg.resume != "auto" and ((run_dir / "results.json").is_file() or ckpt.list_checkpoints(run_dir)):
         raise ConfigError(
             f"{run_dir} already holds a run: pass another --run-dir"
-            + (", or --resume auto to continue it" if cfg.mode != "knn" else "")
+            + (", or --resume auto to continue it" if cfg.mode != "knn" and mode in (None, cfg.mode) else "")
+        )
+    if cfg.resume == "auto" and mode not in (None, cfg.mode):  # continuing it would overwrite its results
+        raise ConfigError(
+            f"{run_dir} holds a --mode {mode} run: --resume auto continues it only with --mode {mode}; "
+            f"pass another --run-dir for --mode {cfg.mode}"
         )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not ckpt.list_checkpoints(run_dir):  # fresh: a report a killed run left is not this one's
             BadFileReport.discard(run_dir)
     train_src, val_src, num_classes = open_splits(cfg)
+    # read and checked before anything is built or written: a checkpoint of another run is one line
+    resumed = ckpt.load_latest(run_dir, map_location=device) if cfg.resume == "auto" else None
+    if resumed is not None:
+        check_resumable(cfg, arch, num_classes, *resumed)
     weights = checkpoint if cfg.init == "pretrained" else None
     model = build_classifier(cfg, arch, num_classes, weights).to(device)
     precision, dtype = resolve_precision(cfg, device)
@@ -450,14 +518,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     step, best = 0, 0.0
-    if cfg.resume == "auto":
-        loaded = ckpt.load_latest(run_dir, map_location=device)
-        if loaded is not None:
-            _, state = loaded
+    if resumed is not None:
+        path, state = resumed
+        try:  # what check_resumable cannot see (a checkpoint without its config): still one line
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            ckpt.set_rng_state(state["rng"])
-            step, best = int(state["step"]), float(state["best_top1"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            detail = "; ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+            raise ConfigError(f"cannot resume {path}: {type(e).__name__}: {detail}") from None
+        ckpt.set_rng_state(state["rng"])
+        step, best = int(state["step"]), float(state["best_top1"])
+        resumed = state = None  # the checkpoint's tensors are not held through the run
 
     compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fwd: torch.nn.Module = torch.compile(model) if compiled else model

@@ -184,8 +184,14 @@ def save_reconstruction_grid(
     noise: torch.Tensor | None = None,
     title: str = "",
 ) -> Path:
-    """Write :func:`reconstruction_grid` as a PNG (via a temporary file, so a reader never sees half)."""
+    """Write :func:`reconstruction_grid` as a PNG (via a temporary file, so a reader never sees half).
+
+    ``path`` must name a ``.png``: the format is not taken from the name, and PNG bytes under
+    another extension would mislead every viewer; a lossy format would blur the patch edges.
+    """
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path} does not end in .png: the grid is written as a PNG")
     tmp = path.with_name(path.name + ".tmp")
     reconstruction_grid(model, imgs, mask_ratio, noise, title=title).save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help="a full MAE checkpoint: fastmae run, official MAE .pth, HF folder/file")
     parser.add_argument("images", nargs="+", help="image files or folders (scanned recursively)")
-    parser.add_argument("--out", default="", help="PNG to write (default: <checkpoint name>_recon.png here)")
+    parser.add_argument("--out", default="", help="the .png to write (default: <checkpoint name>_recon.png here)")
     parser.add_argument("--max-images", type=int, default=8, help="rows, spread over the images (default: 8)")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed (default: 0.75)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
@@ -270,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--out {args.out} is a folder; name the PNG to write (e.g. {os.path.join(args.out, 'recon.png')})"
         )
+    if args.out and Path(args.out).suffix.lower() != ".png":  # before the checkpoint is read
+        parser.error(f"--out {args.out}: the grid is written as a PNG (lossless); name a .png file")
     if not 0.0 <= args.mask_ratio < 1.0:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     for name in ("max_images", "num_heads", "decoder_num_heads"):

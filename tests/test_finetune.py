@@ -475,3 +475,86 @@ def test_sigterm_saves_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, la
     resumed, whole = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
+
+
+def _named_classes(root, names, per_class: int = 3, size: int = 32):
+    """An ImageFolder of the classes ``names``; a class's images are the same under any root."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        rng = np.random.default_rng(sum(map(ord, name)))
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_validation_classes_are_the_training_classes_by_name(tmp_path, small, capsys):
+    """A validation tree with fewer classes numbers its folders from 0 (cat, dog = 0, 1 where the
+    training tree has bird, cat, dog = 0, 1, 2): its labels are matched by name, so kNN with k = 1
+    on the training images themselves is 100%, not 0%. A class the training set lacks, or a list's
+    label beyond the training classes, is one line."""
+    _, _, paths = small
+    train = _named_classes(tmp_path / "train", ["bird", "cat", "dog"])
+    val = _named_classes(tmp_path / "val", ["cat", "dog"])
+    base = ["--mode", "knn", "--pretrained", str(paths["run"]), "--train-path", str(train), "--knn-k", "1",
+            "--num-workers", "0", "--no-progress"]  # fmt: skip
+    result = ft.finetune(ft.parse_args([*base, "--val-path", str(val), "--run-dir", str(tmp_path / "a")]))
+    assert result["top1"] == 100.0
+    cfg = ft.parse_args([*base, "--val-path", str(val)])
+    assert sorted({y for _, y in ft.open_splits(cfg)[1].samples}) == [1, 2]
+    _named_classes(tmp_path / "val2", ["cat", "cow"])
+    assert ft.main([*base, "--val-path", str(tmp_path / "val2"), "--run-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the validation class cow of" in err[0] and "not among the 3 training classes" in err[0]
+    (tmp_path / "val.txt").write_text("cat/0.png 1\ndog/0.png 3\n")  # a list's labels are the classes
+    argv = [*base, "--val-path", str(val), "--val-list", str(tmp_path / "val.txt"), "--run-dir", str(tmp_path / "c")]
+    assert ft.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the validation labels go up to 3 but the training set has 3 classes" in err[0], err
+    (tmp_path / "val.txt").write_text("cat/0.png 1\ndog/0.png 2\n")
+    assert ft.finetune(ft.parse_args(argv))["top1"] == 100.0
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, small, capsys):
+    """``--resume auto`` with another number of classes, architecture or mode than the saved run's:
+    one line naming both (not a size-mismatch or missing-keys traceback), and the run is left as it
+    was; a kNN run's results are not overwritten by another mode's; --resume takes no path."""
+    _, data, paths = small
+    base = ["--pretrained", str(paths["run"]), "--train-path", str(data), "--num-workers", "0", "--no-progress",
+            "--batch-size", "16", "--lr", "1e-2", "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "1"]  # fmt: skip
+    run = tmp_path / "run"
+    assert ft.main([*base, "--mode", "full", "--run-dir", str(run)]) == 0
+    saved = {p.name: p.read_bytes() for p in run.iterdir()}
+    (ckpt_path,) = run.glob("ckpt-*.pt")
+    for extra, message in (
+        (["--mode", "full", "--num-classes", "5"], "it was saved with 4 classes, this run has 5 classes"),
+        (["--mode", "full", "--img-size", "40"], "it was saved with img_size 32, this run has img_size 40"),
+        (["--mode", "linear"], f"{run} holds a --mode full run: --resume auto continues it only with --mode full"),
+    ):
+        assert ft.main([*base, *extra, "--run-dir", str(run), "--resume", "auto"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == saved
+    for name in ("config.json", "results.json"):  # the checkpoint says its mode too
+        (run / name).unlink()
+    assert ft.main([*base, "--mode", "linear", "--run-dir", str(run), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and f"cannot resume {ckpt_path}: it was saved with --mode full, this run has --mode linear" in err[0]
+    )
+
+    knn = tmp_path / "knn"
+    assert ft.main([*base, "--mode", "knn", "--run-dir", str(knn)]) == 0
+    before = (knn / "results.json").read_text()
+    assert ft.main([*base, "--mode", "linear", "--run-dir", str(knn)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run: pass another --run-dir" in err and "--resume auto" not in err  # no hint to refuse
+    assert ft.main([*base, "--mode", "linear", "--run-dir", str(knn), "--resume", "auto"]) == 2
+    assert f"{knn} holds a --mode knn run" in capsys.readouterr().err
+    assert (knn / "results.json").read_text() == before
+
+    with pytest.raises(SystemExit) as e:
+        ft.parse_args([*base, "--mode", "full", "--run-dir", str(run), "--resume", str(ckpt_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and f"--resume takes '' or 'auto', got '{ckpt_path}'" in err[-1], err
+    assert f"--run-dir {run} --resume auto" in err[-1]

@@ -63,6 +63,9 @@ def test_grid_has_four_columns_and_a_row_per_image(tmp_path):
     assert grid.size == (4 * cell + 5 * gap, 22 + 3 * (cell + gap) + gap)
     path = save_reconstruction_grid(model, imgs, tmp_path / "g.png", title="step 1")
     assert Image.open(path).format == "PNG" and not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="does not end in .png"):  # PNG bytes under another name mislead
+        save_reconstruction_grid(model, imgs, tmp_path / "g.jpg")
+    assert not (tmp_path / "g.jpg").exists()
     # the visible patches of column 4 are the original's pixels
     arr = torch.tensor(np.array(grid), dtype=torch.float32)
     orig, pasted = (
@@ -220,6 +223,7 @@ def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
         ([str(tmp_path / "none.pth"), str(some_images[0])], "none.pth does not exist"),
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--mask-ratio", "1"], "--mask-ratio must be in [0, 1)"),
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--out", str(tmp_path)], "is a folder; name the PNG"),
+        ([str(tmp_path / "full.pth"), str(some_images[0]), "--out", str(tmp_path / "pic.jpg")], "name a .png file"),
         # heads given that differ from the checkpoint's: its decoder would be another function
         ([str(tmp_path / "run.pt"), str(some_images[0]), "--decoder-num-heads", "1"], "the decoder was not loaded"),
     ):
@@ -227,3 +231,4 @@ def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
             main(args)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and message in err[-1], err
+    assert not (tmp_path / "pic.jpg").exists()

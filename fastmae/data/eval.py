@@ -10,7 +10,8 @@ Rank ``r`` of ``w`` evaluates samples ``r, r + w, r + 2w, ...``: each image exac
 ranks, so summing correct counts over ranks gives the exact accuracy. Unreadable images are left
 out of the evaluation and reported (``report.count`` of them), never a crash.
 
-Also :func:`split_source`, a deterministic train / val split of one labelled source.
+Also :func:`split_source`, a deterministic train / val split of one labelled source, and
+:func:`to_training_labels`, a separate validation source's labels in the training classes.
 """
 
 from __future__ import annotations
@@ -151,3 +152,33 @@ def split_source(
     )
     # the listed-but-missing files go with the training half, whose loader reports them
     return make(train, source.missing), make(val)
+
+
+def to_training_labels(val: Source, train: Source, num_classes: int) -> Source:
+    """``val`` with its labels as indices into ``train``'s classes (``num_classes`` of them).
+
+    An ImageFolder's label is the index of its class in *its own* sorted folder list: a validation
+    tree with fewer classes than the training tree (cat, dog against bird, cat, dog) numbers them
+    differently, and every image would be scored against another class. Named classes are matched
+    by name (a validation class the training set lacks is an error); where either side has no names
+    (a file list), the integer labels are the classes, and must be below ``num_classes``.
+    """
+    if val.classes is not None and train.classes is not None and val.classes != train.classes:
+        index = {name: i for i, name in enumerate(train.classes)}
+        used = sorted({val.classes[y] for _, y in val.samples})  # an empty class folder scores nothing
+        unknown = [name for name in used if name not in index]
+        if unknown:
+            raise DataError(
+                f"the validation class{'es' if len(unknown) > 1 else ''} {', '.join(unknown[:5])}"
+                f"{', ...' if len(unknown) > 5 else ''} of {val.root} {'are' if len(unknown) > 1 else 'is'} not among "
+                f"the {len(train.classes)} training classes of {train.root}"
+            )
+        samples = [(path, index[val.classes[y]]) for path, y in val.samples]
+        return Source(root=val.root, samples=samples, kind=val.kind, classes=list(train.classes), missing=val.missing)
+    top = max((y for _, y in val.samples), default=-1)
+    if top >= num_classes:
+        raise DataError(
+            f"the validation labels go up to {top} but the training set has {num_classes} classes "
+            f"(0 to {num_classes - 1}; --num-classes for classes the training images lack)"
+        )
+    return val
