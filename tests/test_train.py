@@ -6,6 +6,7 @@ takes a second or two; the subprocess tests pay torch's import (~3 s) each.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -121,6 +122,9 @@ def test_gradient_accumulation_changes_nothing(tiny_data, tmp_path, n_images):
         assert ra["lr"] == rb["lr"], f"step {s}"
         assert ra["epoch"] == rb["epoch"] == round(s / steps_per_epoch, 4), f"step {s}"
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), f"step {s}"  # measured 1e-7: the sums' order
+    # the config records what ran: --accum-iter set the accumulation, the demo's effective_batch (0) did not
+    resolved = json.loads((tmp_path / "b" / "config.json").read_text())["resolved"]
+    assert (resolved["accum_iter"], resolved["effective_batch"]) == (2, 8)
 
 
 RESUME_ARGS = ["--epochs", "4", "--ckpt-every-steps", "3"]
