@@ -41,7 +41,7 @@ def test_fastmae_to_hf_to_fastmae_is_identity(norm_pix_loss):
     imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16, dtype=torch.float64)
     out = hf(pixel_values=imgs, noise=noise)
     loss, pred, _ = back(imgs, mask_ratio=0.6, noise=noise)
-    torch.testing.assert_close(pred, out.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pred, out.logits, rtol=1e-14, atol=1e-14)
 
 
 def test_official_full_checkpoint_loads_strict(tmp_path):

@@ -28,7 +28,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):  # noqa: F811
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
     for (s, a), (_, b) in zip(one, two, strict=True):
-        assert b == pytest.approx(a, rel=1e-5), f"step {s}"
+        assert b == pytest.approx(a, rel=1e-6), f"step {s}"  # measured 1e-7: the all-reduce's order
     assert (
         read_metrics(tmp_path / "two" / "metrics.jsonl")[0]["lr"]
         == read_metrics(tmp_path / "one" / "metrics.jsonl")[0]["lr"]

@@ -279,7 +279,7 @@ def test_two_processes_match_one(tmp_path, labelled):
     assert two["top1"] == one["top1"] and two["top5"] == one["top5"]
     a = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
     b = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
-    assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-5)
+    assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-6)  # measured 1.8e-7
 
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0)

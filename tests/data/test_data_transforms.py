@@ -102,9 +102,10 @@ def test_augment_crop_flip_normalize():
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(augment(img, CropParams(0, 0, 32, 32, True), 32, use_torchvision=False), want.flip(-1))
-    # a crop window: top-left 16 x 8 block upscaled keeps its mean colour
+    # a crop window: the 16 x 8 block at (4, 2) upscaled keeps its mean colour (measured 1.1e-3 off:
+    # the bicubic resize's over- and undershoot; the window one pixel over is 0.037 off)
     sub = augment(img, CropParams(4, 2, 16, 8, False), 16, use_torchvision=False)
-    torch.testing.assert_close(sub.mean((1, 2)), want[:, 4:20, 2:10].mean((1, 2)), atol=0.05, rtol=0)
+    torch.testing.assert_close(sub.mean((1, 2)), want[:, 4:20, 2:10].mean((1, 2)), atol=3e-3, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "L", "LA", "RGBA", "P", "I;16", "I", "1"])

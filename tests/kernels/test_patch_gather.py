@@ -59,7 +59,7 @@ def test_patch_gather_embeds_like_conv(device, close):
     want = torch.gather(emb, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
     with torch.no_grad():
         got = torch.nn.functional.linear(patch_gather(imgs, ids_keep, P), conv.weight.reshape(D, -1), conv.bias)
-    close(got, want, atol=1e-10, name="linear(patch_gather) vs conv")
+    close(got, want, atol=1e-14, name="linear(patch_gather) vs conv")
 
 
 def test_patch_gather_rejects_grad(device):
