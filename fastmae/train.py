@@ -364,7 +364,14 @@ def train(cfg: Config) -> TrainResult:
             total_steps=total_steps,
         )
 
-        (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+        if resume_path is not None and step >= total_steps:  # the run's own config stays what it ran
+            print(
+                f"the run is at step {step}, the end of this schedule ({total_steps} steps): nothing to "
+                "train; more --epochs continue it",
+                flush=True,
+            )
+        else:
+            (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
         log = MetricsLog(run_dir, resume_step=step if resume_path else None)
         what = f"resuming {resume_path} at step {step}" if resume_path else "fresh run"
         if init is not None:

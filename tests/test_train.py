@@ -556,3 +556,17 @@ def test_ctrl_c_says_which_run_to_continue(tmp_path, monkeypatch, capsys):
     assert main([]) == 130
     where = (tmp_path / "runs" / "demo-2").resolve()
     assert f"continue from the last checkpoint with --run-dir {where} --resume auto" in capsys.readouterr().err
+
+
+def test_resuming_a_run_past_the_schedule_trains_nothing_and_keeps_its_config(tiny_data, tmp_path, capsys):
+    """`--resume auto --epochs 1` on a run already 2 epochs in: nothing to train, said so, and the
+    run's config.json keeps the schedule it ran (it was rewritten with epochs 1, which the next bare
+    `--resume auto` then took)."""
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_data, run, "--epochs", "2")) == 0
+    before = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert main(tiny_args(tiny_data, run, "--epochs", "1", "--resume", "auto")) == 0
+    assert "the run is at step 16, the end of this schedule (8 steps): nothing to train" in capsys.readouterr().out
+    assert (run / "config.json").read_text() == before
+    assert [s for s, _ in losses(run)] == list(range(1, 17))
