@@ -18,6 +18,7 @@ import os
 import random
 import re
 import secrets
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,18 +79,22 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint dict, loaded with ``weights_only=True``."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """A checkpoint dict, loaded with ``weights_only=True``; ``mmap``: its tensors mapped from the
+    file, not read into memory (the processes of a node then share one copy in the page cache) where
+    the file is torch's zip format (a legacy or damaged file is read as it is, and says what it is)."""
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
 
 
 def load_latest(
-    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``run_dir`` that loads, or None; an unreadable one is skipped with a warning."""
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, load_checkpoint(path, map_location, mmap)
         except Exception as e:  # a damaged file (disk full, copied partially): fall back to the one before
             logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(e).__name__, e)
     return None

@@ -85,6 +85,12 @@ class Config:
 
     # speed
     device: str = _f("auto", "'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'")
+    dist_timeout: float = _f(
+        30.0,
+        "minutes a process waits in a collective for the others under torchrun before the job is aborted "
+        "(NCCL's own default is 10: rank 0's checkpoint writes and kNN monitor, and first compiles of "
+        "uneven length, are waited for)",
+    )
     precision: str = _f(
         "auto",
         "autocast: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (+ GradScaler) or fp32 (full fp32 matmuls: no TF32)",
@@ -395,6 +401,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"{f.name} must be a finite number, got {getattr(cfg, f.name)!r}")
     if cfg.mlp_ratio <= 0:
         raise ConfigError(f"mlp_ratio must be > 0, got {cfg.mlp_ratio}")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be > 0 minutes, got {cfg.dist_timeout}")
     if cfg.lr is not None and cfg.lr < 0:
         raise ConfigError(f"lr must be >= 0, got {cfg.lr}")
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):

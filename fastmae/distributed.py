@@ -8,6 +8,7 @@ multi-node alike.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 from dataclasses import dataclass
@@ -50,17 +51,25 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun job if there is one (env:// init); set the CUDA device of this process."""
+def init_distributed(device: str = "auto", timeout_min: float | None = None) -> DistEnv:
+    """Join the torchrun job if there is one (env:// init); set the CUDA device of this process.
+
+    ``timeout_min``: how long a collective waits for the other ranks (None: the backend's default,
+    10 minutes for NCCL), past which the job is aborted.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and torch.device(device if device != "auto" else "cpu").index is not None:
+        raise ConfigError(f"--device {device} under torchrun would put every process on one GPU: pass --device cuda")
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+        if timeout_min is not None:
+            kwargs["timeout"] = datetime.timedelta(minutes=timeout_min)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
@@ -90,6 +99,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj``, by rank (``[obj]`` for a world of one)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

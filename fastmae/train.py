@@ -18,6 +18,7 @@ of processes or accumulation steps, so ``4 GPUs x 64 x accum 2`` trains on exact
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,6 @@ from fastmae.config import Config, ConfigError, accum_iter, learning_rate, parse
 from fastmae.data import (
     BadFileReport,
     DataError,
-    ShardDataError,
     build_loader,
     dali_available,
     make_demo_dataset,
@@ -226,7 +226,7 @@ def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training that ``cfg`` describes; raises ConfigError / DataError / NonFiniteLoss."""
-    env = distributed.init_distributed(cfg.device)
+    env = distributed.init_distributed(cfg.device, cfg.dist_timeout)
     device, main = env.device, env.is_main
     accum = accum_iter(cfg, env.world_size)
     eff_batch = cfg.batch_size * env.world_size * accum
@@ -254,7 +254,7 @@ def train(cfg: Config) -> TrainResult:
         decided = e
     decided = distributed.broadcast_object(decided)
     if isinstance(decided, ConfigError):
-        raise decided
+        raise shared(decided)
     run_dir, resume_path = decided
 
     # the model (seeded: the same on every rank) and its --init-from weights before the data, whose
@@ -272,6 +272,8 @@ def train(cfg: Config) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
 
     loader, backend, vis_paths = open_data(cfg, env, run_dir)
+    if env.enabled:
+        check_same_data(loader)
     opt_steps_per_epoch = len(loader) // accum
     if opt_steps_per_epoch == 0:
         raise DataError(
@@ -297,7 +299,7 @@ def train(cfg: Config) -> TrainResult:
             knn = e
         error = distributed.broadcast_object(knn if isinstance(knn, Exception) else None)
         if error is not None:
-            raise error
+            raise shared(error)
 
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, cfg.weight_decay),
@@ -310,14 +312,21 @@ def train(cfg: Config) -> TrainResult:
     step = 0
     branched_from = None  # resumed from a checkpoint with later ones beside it: see set_aside_later
     if resume_path is not None:
-        if cfg.resume == "auto":  # the newest that loads (a damaged one is skipped with a warning)
-            loaded = ckpt.load_latest(run_dir)  # on the CPU: load_state_dict copies to the device
-            if loaded is None:
-                raise ConfigError(f"no loadable checkpoint in {run_dir}")
-            resume_path, state = loaded
+        # Memory-mapped on the host (the ranks of a node share its pages; load_state_dict copies to
+        # the device). With auto, rank 0 picks the newest that loads (a damaged one is skipped with
+        # a warning) and every rank loads that one: each picking its own, a node that saw a newer
+        # file damaged resumed at another step, and the ranks drifted apart.
+        loaded = ckpt.load_latest(run_dir, mmap=True) if cfg.resume == "auto" and main else None
+        if cfg.resume == "auto":
+            picked = distributed.broadcast_object(None if loaded is None else loaded[0])
+            if picked is None:
+                raise shared(ConfigError(f"no loadable checkpoint in {run_dir}"))
+            resume_path = picked
+        if loaded is not None:
+            state = loaded[1]
         else:
             try:
-                state = ckpt.load_checkpoint(resume_path)
+                state = ckpt.load_checkpoint(resume_path, mmap=True)
             except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
                 first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
                 raise ConfigError(f"cannot load the checkpoint {resume_path}: {type(e).__name__}: {first}") from None
@@ -599,6 +608,30 @@ def set_aside_later(run_dir: Path, step: int) -> None:
         print(f"branched at step {step}: the {len(later)} later checkpoint(s) renamed *.pt.superseded", flush=True)
 
 
+def shared(error: Exception) -> Exception:
+    """``error``, marked as one every rank raises from rank 0's answer (a broadcast): said once, by rank 0."""
+    error.shared = True  # type: ignore[attr-defined]
+    return error
+
+
+def check_same_data(loader: Any) -> None:
+    """Under torchrun every rank scans the data itself: refuse to train when they do not see the
+    same images (a node with a partly copied tree, or a stat that failed there). Each rank's epoch
+    order is a permutation of what it sees, so a rank that saw one image fewer would read about a
+    tenth of its images twice in an epoch and miss as many, with no error."""
+    source = loader_source(loader)
+    if source is None:  # synthetic batches
+        return
+    digest = hashlib.sha256(
+        "\n".join(f"{path}\t{label}" for path, label in source.samples).encode(errors="surrogateescape")
+    )
+    views = distributed.all_gather_object((len(source.samples), digest.hexdigest()[:16]))
+    if len(set(views)) > 1:
+        seen = ", ".join(f"rank {r}: {n}" for r, (n, _) in enumerate(views))
+        raise shared(DataError(f"the processes see different data sets (images {seen}; or the same count, other files): "
+                               "every node must see the same --data-path"))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code.
 
@@ -613,9 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
         distributed.end_together()
     except (ConfigError, DataError, AttentionBackendError) as e:
-        # the set-up's errors are every rank's (rank 0 says it once); a shard's is its reader's alone
-        # (the others only see a lost peer), so that rank says it, whichever it is
-        if isinstance(e, ShardDataError) and world > 1:
+        # An error every rank raises from rank 0's answer (a broadcast) is said once, by rank 0. Any
+        # other may be this rank's alone (its shard, its node's view of the files: the others only
+        # see a lost peer), so each rank says its own, with its rank under torchrun.
+        if not getattr(e, "shared", False) and world > 1:
             print(f"{PROG}: error: [rank {rank}] {e}", file=sys.stderr)
         elif is_main:
             print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -214,6 +214,7 @@ def test_help_lists_presets_and_fields(capsys):
         (["--decoder-depth=-1"], 1, "decoder_depth must be >= 0"),  # 0: a linear decoder, allowed
         (["--depth", "0"], 1, "depth must be >= 1"),
         (["--mlp-ratio", "0"], 1, "mlp_ratio must be > 0"),
+        (["--dist-timeout", "0"], 1, "dist_timeout must be > 0 minutes"),
         (["--lr", "-1"], 1, "lr must be >= 0"),
         (["--blr=-1e-4"], 1, "blr must be >= 0"),
         (["--weight-decay", "-0.05"], 1, "weight_decay must be >= 0"),

@@ -125,3 +125,33 @@ def _flat_copy(src: Path, dst: Path, n: int) -> Path:
     for i, p in enumerate(sorted(src.rglob("*.jpg"))[:n]):
         (dst / f"{i:02d}.jpg").write_bytes(p.read_bytes())
     return dst
+
+
+def test_ranks_that_see_different_data_are_refused(monkeypatch):
+    """Each rank scans the data itself; a rank seeing other files would read a permutation of another
+    set (a tenth of its images twice an epoch, as many never) with no error: refused, said once."""
+    from fastmae import distributed
+    from fastmae.data import DataError, Source
+    from fastmae.train import check_same_data
+
+    class Loader:
+        source = Source(root="/d", samples=[("/d/a.jpg", 0), ("/d/b.jpg", 1)], kind="imagefolder")
+
+    monkeypatch.setattr("fastmae.train.loader_source", lambda loader: loader.source)
+    mine = []
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: mine.append(obj) or [obj, obj])
+    check_same_data(Loader())  # the same view on both ranks
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, (1, "0" * 16)])
+    with pytest.raises(DataError, match="the processes see different data sets \\(images rank 0: 2, rank 1: 1") as e:
+        check_same_data(Loader())
+    assert e.value.shared and mine[0][0] == 2
+
+
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """--device cuda:1 under torchrun would put every process on that one GPU."""
+    from fastmae.config import ConfigError
+    from fastmae.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--device cuda:1 under torchrun would put every process on one GPU"):
+        init_distributed("cuda:1")
