@@ -418,6 +418,22 @@ def test_cuda_compiled_bf16_run_and_resume(tiny_data, tmp_path, fused):
         assert a == pytest.approx(b, rel=2e-2), f"step {s}"
 
 
+def test_compiled_bf16_run_resumes_exactly_cpu(tiny_data, tmp_path):
+    """The CPU twin of the CUDA test above: compiled, bf16 autocast, killed-and-resumed (here by
+    --max-steps) gives the uninterrupted run's losses. On CPU the compiled kernels are deterministic,
+    so exactly; the fused path is CUDA's (its kernels are interpreted on CPU, not compiled)."""
+    args = ["--epochs", "2", "--lr", "3e-3", "--device", "cpu", "--compile", "--precision", "bf16",
+            "--ckpt-every-steps", "4"]  # fmt: skip
+    assert main(tiny_args(tiny_data, tmp_path / "ref", *args)) == 0
+    reference = losses(tmp_path / "ref")
+    config = (tmp_path / "ref" / "config.json").read_text()
+    assert '"compile": true' in config and '"precision": "bf16"' in config
+    run = tmp_path / "run"
+    assert main(tiny_args(tiny_data, run, *args, "--max-steps", "5")) == 0
+    assert main(tiny_args(tiny_data, run, *args, "--resume", "auto")) == 0
+    assert losses(run) == reference and len(reference) == 16
+
+
 @pytest.mark.gpu
 def test_cuda_fp32_precision_turns_tf32_off(tiny_data, tmp_path):
     """``--precision fp32`` (the non-finite hint's fallback) means fp32 matmuls, not TF32."""
