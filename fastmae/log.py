@@ -43,11 +43,25 @@ class MetricsLog:
         run_dir: the run directory.
         resume_step: keep the existing records up to this step (None: start the file afresh).
         tensorboard: also write ``run_dir/tb`` when ``torch.utils.tensorboard`` imports.
+        superseded: a run branching off at ``resume_step`` from a timeline that went further (see
+            ``train.set_aside_later``): the records past it are appended to ``metrics.jsonl.superseded``
+            instead of dropped.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        superseded: bool = False,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        records = read_metrics(self.path) if resume_step else []
+        kept = [r for r in records if r.get("step", 0) <= resume_step]
+        later = [r for r in records if r.get("step", 0) > resume_step] if superseded else []
+        if later:
+            with open(self.path.with_name(self.path.name + ".superseded"), "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in later))
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

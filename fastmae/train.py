@@ -42,6 +42,7 @@ from fastmae.config import Config, ConfigError, accum_iter, learning_rate, parse
 from fastmae.data import (
     BadFileReport,
     DataError,
+    ShardDataError,
     build_loader,
     dali_available,
     make_demo_dataset,
@@ -254,7 +255,7 @@ def train(cfg: Config) -> TrainResult:
         decided = e
     decided = distributed.broadcast_object(decided)
     if isinstance(decided, ConfigError):
-        raise shared(decided)
+        raise decided
     run_dir, resume_path = decided
 
     # the model (seeded: the same on every rank) and its --init-from weights before the data, whose
@@ -271,7 +272,10 @@ def train(cfg: Config) -> TrainResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    loader, backend, vis_paths = open_data(cfg, env, run_dir)
+    try:
+        loader, backend, vis_paths = open_data(cfg, env, run_dir)
+    except DataError as e:  # each rank scans the data on its own node
+        raise rank_local(e) from None
     if env.enabled:
         check_same_data(loader)
     opt_steps_per_epoch = len(loader) // accum
@@ -299,7 +303,7 @@ def train(cfg: Config) -> TrainResult:
             knn = e
         error = distributed.broadcast_object(knn if isinstance(knn, Exception) else None)
         if error is not None:
-            raise shared(error)
+            raise error
 
     optimizer = torch.optim.AdamW(
         param_groups_weight_decay(model, cfg.weight_decay),
@@ -320,7 +324,7 @@ def train(cfg: Config) -> TrainResult:
         if cfg.resume == "auto":
             picked = distributed.broadcast_object(None if loaded is None else loaded[0])
             if picked is None:
-                raise shared(ConfigError(f"no loadable checkpoint in {run_dir}"))
+                raise ConfigError(f"no loadable checkpoint in {run_dir}")
             resume_path = picked
         if loaded is not None:
             state = loaded[1]
@@ -329,7 +333,8 @@ def train(cfg: Config) -> TrainResult:
                 state = ckpt.load_checkpoint(resume_path, mmap=True)
             except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
                 first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
-                raise ConfigError(f"cannot load the checkpoint {resume_path}: {type(e).__name__}: {first}") from None
+                error = ConfigError(f"cannot load the checkpoint {resume_path}: {type(e).__name__}: {first}")
+                raise rank_local(error) from None
         check_resumable(state, cfg, eff_batch, loader)  # before loading: a clear error, not a size mismatch
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -373,7 +378,7 @@ def train(cfg: Config) -> TrainResult:
             total_steps=total_steps,
         )
 
-        if resume_path is not None and step >= total_steps:  # the run's own config stays what it ran
+        if resume_path is not None and step >= total_steps:  # the run's config and metrics stay as they ran
             print(
                 f"the run is at step {step}, the end of this schedule ({total_steps} steps): nothing to "
                 "train; more --epochs continue it",
@@ -381,7 +386,8 @@ def train(cfg: Config) -> TrainResult:
             )
         else:
             (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-        log = MetricsLog(run_dir, resume_step=step if resume_path else None)
+            # a branch keeps the records of the timeline it leaves, beside the metrics
+            log = MetricsLog(run_dir, resume_step=step if resume_path else None, superseded=branched_from is not None)
         what = f"resuming {resume_path} at step {step}" if resume_path else "fresh run"
         if init is not None:
             what += f" from {cfg.init_from} ({init})"
@@ -608,9 +614,10 @@ def set_aside_later(run_dir: Path, step: int) -> None:
         print(f"branched at step {step}: the {len(later)} later checkpoint(s) renamed *.pt.superseded", flush=True)
 
 
-def shared(error: Exception) -> Exception:
-    """``error``, marked as one every rank raises from rank 0's answer (a broadcast): said once, by rank 0."""
-    error.shared = True  # type: ignore[attr-defined]
+def rank_local(error: Exception) -> Exception:
+    """``error``, marked as this rank's own: met reading its node's files (the data, a checkpoint),
+    it may be no other rank's, so under torchrun the rank says it itself (see ``main``)."""
+    error.rank_local = True  # type: ignore[attr-defined]
     return error
 
 
@@ -628,8 +635,10 @@ def check_same_data(loader: Any) -> None:
     views = distributed.all_gather_object((len(source.samples), digest.hexdigest()[:16]))
     if len(set(views)) > 1:
         seen = ", ".join(f"rank {r}: {n}" for r, (n, _) in enumerate(views))
-        raise shared(DataError(f"the processes see different data sets (images {seen}; or the same count, other files): "
-                               "every node must see the same --data-path"))  # fmt: skip
+        raise DataError(
+            f"the processes see different data sets (images {seen}; or the same count, other files): "
+            "every node must see the same --data-path"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -646,10 +655,10 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
         distributed.end_together()
     except (ConfigError, DataError, AttentionBackendError) as e:
-        # An error every rank raises from rank 0's answer (a broadcast) is said once, by rank 0. Any
-        # other may be this rank's alone (its shard, its node's view of the files: the others only
-        # see a lost peer), so each rank says its own, with its rank under torchrun.
-        if not getattr(e, "shared", False) and world > 1:
+        # A set-up error is every rank's: rank 0 says it once. One met reading this rank's own files
+        # (its shard, its node's data or checkpoint) may be no other rank's (they only see a lost
+        # peer): under torchrun that rank says it, with its rank.
+        if (isinstance(e, ShardDataError) or getattr(e, "rank_local", False)) and world > 1:
             print(f"{PROG}: error: [rank {rank}] {e}", file=sys.stderr)
         elif is_main:
             print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -144,7 +144,7 @@ def test_ranks_that_see_different_data_are_refused(monkeypatch):
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, (1, "0" * 16)])
     with pytest.raises(DataError, match="the processes see different data sets \\(images rank 0: 2, rank 1: 1") as e:
         check_same_data(Loader())
-    assert e.value.shared and mine[0][0] == 2
+    assert mine[0][0] == 2 and not getattr(e.value, "rank_local", False)  # every rank's: rank 0 says it
 
 
 def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
@@ -155,3 +155,11 @@ def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="--device cuda:1 under torchrun would put every process on one GPU"):
         init_distributed("cuda:1")
+
+
+def test_an_error_every_rank_meets_is_said_once(tiny_data, tmp_path):  # noqa: F811
+    """A set-up error (here the lr floor above the peak) is every rank's: rank 0 alone says it."""
+    proc = _torchrun(*tiny_args(tiny_data, tmp_path / "run", "--epochs", "1", "--batch-size", "4", "--min-lr", "1"))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("python -m fastmae.train: error:")]
+    assert len(lines) == 1 and "min_lr 1 is above the peak lr" in lines[0], proc.stderr[-3000:]
+    _ranks_exit_2(proc.stderr)

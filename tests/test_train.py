@@ -391,6 +391,8 @@ def test_a_run_resumed_from_an_older_checkpoint_branches_off(tiny_data, tmp_path
         "ckpt-step000000006.pt.superseded",
     ]  # fmt: skip
     assert "branched at step 2: the 2 later checkpoint(s) renamed *.pt.superseded" in capsys.readouterr().out
+    # the old timeline's metrics past the branch point are kept beside the branch's
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl.superseded")] == [3, 4, 5, 6]
     assert main(tiny_args(tiny_data, run, *args, "--resume", "auto", "--max-steps", "5")) == 0
     assert "resuming" in capsys.readouterr().out and losses(run)[-1][0] == 5
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5]
@@ -579,10 +581,12 @@ def test_resuming_a_run_past_the_schedule_trains_nothing_and_keeps_its_config(ti
     run's config.json keeps the schedule it ran (it was rewritten with epochs 1, which the next bare
     `--resume auto` then took)."""
     run = tmp_path / "run"
-    assert main(tiny_args(tiny_data, run, "--epochs", "2")) == 0
-    before = (run / "config.json").read_text()
+    assert main(tiny_args(tiny_data, run, "--epochs", "2", "--ckpt-every-steps", "4", "--keep-last", "4")) == 0
+    before = (run / "config.json").read_text(), (run / "metrics.jsonl").read_text()
     capsys.readouterr()
     assert main(tiny_args(tiny_data, run, "--epochs", "1", "--resume", "auto")) == 0
     assert "the run is at step 16, the end of this schedule (8 steps): nothing to train" in capsys.readouterr().out
-    assert (run / "config.json").read_text() == before
+    # from an older checkpoint too: its metrics were cut to that step, with the checkpoints after it kept
+    assert main(tiny_args(tiny_data, run, "--epochs", "1", "--resume", str(run / "ckpt-step000000008.pt"))) == 0
+    assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
     assert [s for s, _ in losses(run)] == list(range(1, 17))

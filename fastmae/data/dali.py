@@ -67,10 +67,18 @@ _JPEG_EOI = b"\xff\xd9"
 def _error_line(error: BaseException) -> str:
     """What a DALI error says failed, on one line: its first lines are often only "Critical error
     in pipeline:", the operator and the cause come later, between a traceback and boilerplate."""
-    noise = ("Critical error in pipeline", "Current pipeline object", "which was used", "File ", "encountered")
     lines = [line.strip().rstrip(" :,") for line in str(error).splitlines()]
-    telling = [line for line in lines if line and not line.startswith(noise)]
-    return "; ".join(telling[:2])[:300] or type(error).__name__
+    lines = [line for line in lines if line]
+    operator = next((line for line in lines if line.startswith("Error in")), None)
+    # the cause follows "encountered:", after the operator's definition site (a traceback's File and
+    # source lines)
+    after = next((i + 1 for i, line in enumerate(lines) if line.startswith("encountered")), None)
+    cause = lines[after] if after is not None and after < len(lines) else None
+    if operator is None and cause is None:
+        noise = ("Critical error in pipeline", "Current pipeline object")
+        telling = [line for line in lines if not line.startswith(noise)]
+        return "; ".join(telling[:2])[:300] or type(error).__name__
+    return "; ".join(part for part in (operator, cause) if part)[:300]
 
 
 def dali_available() -> bool:

@@ -352,6 +352,12 @@ def test_a_dali_error_is_told_by_its_telling_lines():
         "Error in CPU operator `nvidia.dali.fn.decoders.image`; Failed to decode sample #0"
     )
     assert _error_line(RuntimeError("")) == "RuntimeError"
+    # defined in a file, the traceback has a source line after its File line (that was taken as the cause)
+    in_file = message.replace(
+        '  File "<stdin>", line 7, in p\n',
+        '  File "/x/dali.py", line 140, in pipe\n    images = fn.decoders.image(encoded, device="cpu")\n',
+    )
+    assert _error_line(RuntimeError(in_file)) == _error_line(RuntimeError(message))
 
 
 def test_bad_file_reports_merge_and_discard(tmp_path):
