@@ -56,6 +56,7 @@ from fastmae.knn import extract_features, knn_accuracy
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
+from fastmae.rundir import hold_run_dir, release_run_dirs
 from fastmae.train import lr_at, resolve_precision
 from fastmae.vit import VisionTransformer, load_pretrained_encoder, param_groups_lrd
 
@@ -454,6 +455,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             f"{run_dir} already holds a run: pass another --run-dir"
             + (", or --resume auto to continue it" if cfg.mode != "knn" and mode in (None, cfg.mode) else "")
         )
+    # rank 0 holds the run directory for the run (as pretraining does): a second fine-tune started
+    # there would overwrite this one's checkpoint, metrics and results
+    holder = distributed.broadcast_object(hold_run_dir(run_dir) if main else None)
+    if holder is not None:
+        raise ConfigError(
+            f"{run_dir} is in use by another run ({holder}): wait for it to end, or pass another --run-dir"
+        )
     if cfg.resume == "auto" and mode not in (None, cfg.mode):  # continuing it would overwrite its results
         raise ConfigError(
             f"{run_dir} holds a --mode {mode} run: --resume auto continues it only with --mode {mode}; "
@@ -632,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}; continue with the same command and --resume auto (--run-dir {run_dir})", file=sys.stderr)
         return EXIT_STOPPED
     finally:
+        release_run_dirs()
         distributed.cleanup()
     return 0
 

@@ -558,3 +558,23 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, small, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and f"--resume takes '' or 'auto', got '{ckpt_path}'" in err[-1], err
     assert f"--run-dir {run} --resume auto" in err[-1]
+
+
+def test_a_run_dir_in_use_is_not_shared(tmp_path, labelled, capsys):
+    """Rank 0 holds its run directory, as pretraining does: a second fine-tune there is one line."""
+    import fcntl
+
+    data, pre = labelled
+    run_dir = tmp_path / "run-knn"
+    run_dir.mkdir()
+    other = open(run_dir / ".fastmae.lock", "a+")  # another open file: another holder
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.write("pid 4242 on elsewhere\n")
+    other.flush()
+    argv = ["--mode", "knn", "--pretrained", str(pre), "--train-path", str(data), "--run-dir", str(run_dir),
+            "--batch-size", "16", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    assert ft.main(argv) == 2
+    assert f"{run_dir} is in use by another run (pid 4242 on elsewhere)" in capsys.readouterr().err
+    assert not (run_dir / "results.json").exists()
+    other.close()
+    assert ft.main(argv) == 0 and (run_dir / "results.json").is_file()
