@@ -86,7 +86,6 @@ def _a_kernel(x):
 def test_cpu_tensors_without_the_interpreter_are_a_clear_error(monkeypatch):
     """Kernels compiled for a GPU (a ``JITFunction``, as without TRITON_INTERPRET=1) and CPU tensors:
     one RuntimeError that says what runs instead, not Triton's "0 active drivers"."""
-    import triton
     from triton.runtime.jit import JITFunction
 
     from fastmae.kernels import _utils
@@ -96,7 +95,6 @@ def test_cpu_tensors_without_the_interpreter_are_a_clear_error(monkeypatch):
     for op in CALLS:
         module = importlib.import_module(f"fastmae.kernels.{op}")
         kernel = {"masked_mse": "_masked_mse_fwd_kernel", "unshuffle": "_unshuffle_fwd_kernel"}.get(op, f"_{op}_kernel")
-        assert isinstance(getattr(module, kernel), triton.runtime.interpreter.InterpretedFunction)
         monkeypatch.setattr(module, kernel, jit)
         with pytest.raises(RuntimeError, match=f"fastmae.kernels.{op} runs on CUDA tensors, or on CPU tensors under"):
             CALLS[op](t)
