@@ -132,12 +132,30 @@ def set_aside_unverified(run_dir: str | os.PathLike, bad_step: int, written: lis
     mine = {p.resolve() for p in written}
     for s, path in list_checkpoints(run_dir):
         if s >= bad_step - 1 and path.resolve() in mine:
-            target, n = path.with_name(path.name + ".nonfinite"), 1
-            while target.exists():
-                target, n = path.with_name(f"{path.name}.nonfinite{n}"), n + 1
-            path.rename(target)
+            _rename_aside(path, "nonfinite")
     remaining = list_checkpoints(run_dir)
     return remaining[-1][1] if remaining else None
+
+
+def set_aside_later(run_dir: str | os.PathLike, step: int) -> int:
+    """A run resumed from the checkpoint of ``step`` while later ones exist branches off there. At
+    the branch's first checkpoint the later ones (the timeline left behind) are renamed
+    ``*.pt.superseded``: kept, but out of the way of ``--resume auto`` (which went back to them) and
+    of the pruning (which deleted the branch's own checkpoints first, and a save of the same step
+    replaced the old one). A branch that ends before its first checkpoint (a non-finite loss, a
+    kill) leaves the old timeline as it was. Returns how many were renamed."""
+    later = [path for s, path in list_checkpoints(run_dir) if s > step]
+    for path in later:
+        _rename_aside(path, "superseded")
+    return len(later)
+
+
+def _rename_aside(path: Path, suffix: str) -> None:
+    """``path`` renamed ``<name>.<suffix>`` (``.<suffix>1``, ... where that exists: none is overwritten)."""
+    target, n = path.with_name(f"{path.name}.{suffix}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.{suffix}{n}"), n + 1
+    path.rename(target)
 
 
 # ---------------------------------------------------------------------------------------- RNG state

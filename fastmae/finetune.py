@@ -56,7 +56,7 @@ from fastmae.knn import extract_features, knn_accuracy
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
-from fastmae.rundir import hold_run_dir, release_run_dirs
+from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
 from fastmae.train import lr_at, resolve_precision
 from fastmae.vit import VisionTransformer, load_pretrained_encoder, param_groups_lrd
 
@@ -459,9 +459,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # there would overwrite this one's checkpoint, metrics and results
     holder = distributed.broadcast_object(hold_run_dir(run_dir) if main else None)
     if holder is not None:
-        raise ConfigError(
-            f"{run_dir} is in use by another run ({holder}): wait for it to end, or pass another --run-dir"
-        )
+        raise in_use(run_dir, holder)
     if cfg.resume == "auto" and mode not in (None, cfg.mode):  # continuing it would overwrite its results
         raise ConfigError(
             f"{run_dir} holds a --mode {mode} run: --resume auto continues it only with --mode {mode}; "

@@ -44,7 +44,7 @@ class MetricsLog:
         resume_step: keep the existing records up to this step (None: start the file afresh).
         tensorboard: also write ``run_dir/tb`` when ``torch.utils.tensorboard`` imports.
         superseded: a run branching off at ``resume_step`` from a timeline that went further (see
-            ``train.set_aside_later``): the records past it are appended to ``metrics.jsonl.superseded``
+            ``checkpoint.set_aside_later``): the records past it are appended to ``metrics.jsonl.superseded``
             instead of dropped.
     """
 

@@ -72,12 +72,15 @@ def release_run_dirs() -> None:
     _held.clear()
 
 
+def in_use(run_dir: Path, holder: str) -> ConfigError:
+    """The one-line error for a run directory another run holds (``holder``: what its lock file says)."""
+    return ConfigError(f"{run_dir} is in use by another run ({holder}): wait for it to end, or pass another --run-dir")
+
+
 def _claim(run_dir: Path) -> Path:
     holder = hold_run_dir(run_dir)
     if holder is not None:
-        raise ConfigError(
-            f"{run_dir} is in use by another run ({holder}): wait for it to end, or pass another --run-dir"
-        )
+        raise in_use(run_dir, holder)
     return run_dir
 
 

@@ -269,8 +269,6 @@ def train(cfg: Config) -> TrainResult:
             init = init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
         except ValueError as e:
             raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     try:
         loader, backend, vis_paths = open_data(cfg, env, run_dir)
@@ -314,7 +312,7 @@ def train(cfg: Config) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step = 0
-    branched_from = None  # resumed from a checkpoint with later ones beside it: see set_aside_later
+    branched_from = None  # resumed from a checkpoint with later ones beside it: see ckpt.set_aside_later
     if resume_path is not None:
         # Memory-mapped on the host (the ranks of a node share its pages; load_state_dict copies to
         # the device). With auto, rank 0 picks the newest that loads (a damaged one is skipped with
@@ -556,7 +554,9 @@ def train(cfg: Config) -> TrainResult:
                             effective_batch=eff_batch,
                         )
                         if branched_from is not None:  # this branch's first checkpoint
-                            set_aside_later(run_dir, branched_from)
+                            n = ckpt.set_aside_later(run_dir, branched_from)
+                            print(f"branched at step {branched_from}: the {n} later checkpoint(s) renamed "
+                                  "*.pt.superseded", flush=True)  # fmt: skip
                             branched_from = None
                         result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
                         written.append(result.checkpoint)
@@ -595,23 +595,6 @@ def train(cfg: Config) -> TrainResult:
         result.bad_files, result.bad_files_report = BadFileReport.merge(run_dir)
     release_run_dirs()
     return result
-
-
-def set_aside_later(run_dir: Path, step: int) -> None:
-    """A run resumed from the checkpoint of ``step`` while later ones exist branches off there. At
-    the branch's first checkpoint the later ones (the timeline left behind) are renamed
-    ``*.pt.superseded``: kept, but out of the way of ``--resume auto`` (which went back to them) and
-    of the pruning (which deleted the branch's own checkpoints first, and a save of the same step
-    replaced the old one). A branch that ends before its first checkpoint (a non-finite loss, a
-    kill) leaves the old timeline as it was."""
-    later = [path for s, path in ckpt.list_checkpoints(run_dir) if s > step]
-    for path in later:
-        target, n = path.with_name(path.name + ".superseded"), 1
-        while target.exists():
-            target, n = path.with_name(f"{path.name}.superseded{n}"), n + 1
-        path.rename(target)
-    if later:
-        print(f"branched at step {step}: the {len(later)} later checkpoint(s) renamed *.pt.superseded", flush=True)
 
 
 def rank_local(error: Exception) -> Exception:
