@@ -19,6 +19,7 @@ import random
 import re
 import secrets
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,65 @@ def _rename_aside(path: Path, suffix: str) -> None:
     while target.exists():
         target, n = path.with_name(f"{path.name}.{suffix}{n}"), n + 1
     path.rename(target)
+
+
+class RunCheckpoints:
+    """A training run's checkpoints: rank 0 writes them (the other ranks only name them) and
+    remembers the ones this invocation wrote, for :func:`set_aside_unverified`.
+
+    Args:
+        run_dir: the run directory.
+        keep_last: rolling checkpoints kept.
+        keep_every_epochs: keep the checkpoint at the end of every this many epochs too (0: none).
+        main: whether this process writes (rank 0).
+        resumed_from: the checkpoint this invocation started from, or None.
+        branched_from: the step of ``resumed_from`` when later checkpoints lie beside it: they are
+            set aside at the first save (:func:`set_aside_later`).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        keep_last: int,
+        keep_every_epochs: int,
+        main: bool,
+        resumed_from: Path | None = None,
+        branched_from: int | None = None,
+    ):
+        self.run_dir, self.keep_last, self.keep_every_epochs, self.main = run_dir, keep_last, keep_every_epochs, main
+        self.resumed_from, self.branched_from = resumed_from, branched_from
+        self.written: list[Path] = []
+
+    def save(self, step: int, epoch: int, epoch_end: bool, state: Callable[[], dict[str, Any]]) -> Path:
+        """Write ``state()`` (rank 0 only calls it) as the checkpoint of ``step`` in ``epoch`` (0-based);
+        returns its path on every rank."""
+        every = self.keep_every_epochs
+        keep = epoch if every and epoch_end and (epoch + 1) % every == 0 else None
+        if not self.main:
+            return self.run_dir / checkpoint_name(step, keep)
+        state_dict = state()
+        if self.branched_from is not None:  # this branch's first checkpoint
+            n = set_aside_later(self.run_dir, self.branched_from)
+            print(
+                f"branched at step {self.branched_from}: the {n} later checkpoint(s) renamed *.pt.superseded",
+                flush=True,
+            )
+            self.branched_from = None
+        path = save_checkpoint(state_dict, self.run_dir, step, self.keep_last, keep)
+        self.written.append(path)
+        return path
+
+    def last_good(self, bad_step: int) -> str | None:
+        """After a non-finite loss at ``bad_step``: set aside what this invocation wrote from the
+        weights that gave it (rank 0), and name the checkpoint ``--resume auto`` now picks (None:
+        none, or not rank 0)."""
+        last = set_aside_unverified(self.run_dir, bad_step, self.written) if self.main else None
+        if last is None:
+            return None
+        started_here = self.resumed_from is not None and last.resolve() == Path(self.resumed_from).resolve()
+        if started_here and checkpoint_step(last) == bad_step - 1:  # this invocation started from those weights
+            return f"{last} (its weights gave this loss: resume it with other settings)"
+        return str(last)
 
 
 # ---------------------------------------------------------------------------------------- RNG state

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
@@ -45,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fastmae import checkpoint as ckpt
-from fastmae import distributed
+from fastmae import distributed, loop
 from fastmae.attention import BACKENDS, AttentionBackendError
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
@@ -542,68 +540,56 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     log = MetricsLog(run_dir, resume_step=step or None) if main else None
     pbar = tqdm(total=total, initial=step, disable=not (main and cfg.progress), unit="step", file=sys.stdout)
-    loss_sum, n_loss = torch.zeros((), device=device), 0
+    watch = loop.LossWatch(device, env)
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     model.train()
-    # a scheduler's SIGTERM (or SLURM's --signal=USR1@90) stops the run at the next log step, after a
-    # checkpoint, as the trainer does; the ranks agree on it in the log step's all-reduce
-    stop_signals: list[int] = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
     try:
-        while step < total:
-            epoch = step // steps_per_epoch
-            loader.set_epoch(epoch, start_step=step % steps_per_epoch)
-            for images, labels in loader:
-                lr = lr_at(step / steps_per_epoch, peak_lr, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                with autocast:
-                    logits = fwd(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
-                n_loss += 1
-                step += 1
-                pbar.update(1)
-                stopping = False
-                if step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total:
-                    stop_flag = torch.tensor(float(bool(stop_signals)), device=device)
-                    summed, stop = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag])).tolist()
-                    stopping = bool(stop)
-                    train_loss = summed / (n_loss * env.world_size)
-                    if not torch.isfinite(torch.tensor(train_loss)):
-                        raise FloatingPointError(f"non-finite training loss at step {step}: lower --blr / --lr")
-                    loss_sum.zero_()
-                    n_loss = 0
-                    record: dict[str, Any] = dict(
-                        step=step, epoch=round(step / steps_per_epoch, 4), loss=train_loss, lr=lr
-                    )
-                    if step % steps_per_epoch == 0 or step == total:
-                        metrics = evaluate(model, val_loader, autocast, num_classes)
-                        best = max(best, metrics["top1"])
-                        record.update(val_top1=metrics["top1"], val_top5=metrics["top5"])
-                    if main:
-                        log.write(record)
-                        pbar.set_postfix(loss=f"{train_loss:.3f}", top1=f"{metrics.get('top1', 0):.1f}", refresh=False)
-                saved = None
-                if main and (step % steps_per_epoch == 0 or step == total or stopping):
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                             "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg),
-                             "architecture": arch}  # fmt: skip
-                    saved = ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
-                if stopping:
-                    raise Stopped(step, saved)
-                if step == total:
-                    break
+        with loop.stop_requests() as signals:  # a SIGTERM stops at the next log step, after a checkpoint
+            while step < total:
+                epoch = step // steps_per_epoch
+                loader.set_epoch(epoch, start_step=step % steps_per_epoch)
+                for images, labels in loader:
+                    lr = lr_at(step / steps_per_epoch, peak_lr, cfg)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr * g["lr_scale"]
+                    with autocast:
+                        logits = fwd(images)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    watch.add(loss, step)
+                    step += 1
+                    pbar.update(1)
+                    stopping = False
+                    if step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step == total:
+                        train_loss, stopping = watch.sync(bool(signals))
+                        if not math.isfinite(train_loss):
+                            raise FloatingPointError(f"non-finite training loss at step {step}: lower --blr / --lr")
+                        record: dict[str, Any] = dict(
+                            step=step, epoch=round(step / steps_per_epoch, 4), loss=train_loss, lr=lr
+                        )
+                        if step % steps_per_epoch == 0 or step == total:
+                            metrics = evaluate(model, val_loader, autocast, num_classes)
+                            best = max(best, metrics["top1"])
+                            record.update(val_top1=metrics["top1"], val_top5=metrics["top5"])
+                        if main:
+                            log.write(record)
+                            pbar.set_postfix(
+                                loss=f"{train_loss:.3f}", top1=f"{metrics.get('top1', 0):.1f}", refresh=False
+                            )
+                    saved = None
+                    if main and (step % steps_per_epoch == 0 or step == total or stopping):
+                        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                 "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg),
+                                 "architecture": arch}  # fmt: skip
+                        saved = ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
+                    if stopping:
+                        raise Stopped(step, saved)
+                    if step == total:
+                        break
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         pbar.close()
         if log is not None:
             log.close()

@@ -22,9 +22,7 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from fastmae import checkpoint as ckpt
-from fastmae import distributed, messages
+from fastmae import distributed, loop, messages
 from fastmae.attention import AttentionBackendError, resolve_backend
 from fastmae.config import Config, ConfigError, accum_iter, learning_rate, parse_config
 from fastmae.data import (
@@ -63,6 +61,17 @@ _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the message names the step, the last good checkpoint and a hint."""
+
+
+def nonfinite_loss(bad: int, log_step: int, last: str | None) -> NonFiniteLoss:
+    """The error of a non-finite loss at step ``bad``, found at ``log_step``: where to go on from."""
+    return NonFiniteLoss(
+        f"non-finite loss at step {bad} (found at the log step {log_step}); "
+        f"last good checkpoint: {last if last else 'none yet'}"
+        f"{' (continue with --resume auto)' if last else ''}. "
+        "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 (no autocast, no TF32), "
+        "--attn-backend math (the reference's attention), or --no-compile"
+    )
 
 
 @dataclass
@@ -222,6 +231,153 @@ def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any
     return loader, backend, vis_paths
 
 
+# ------------------------------------------------------------------------------------------- set-up
+
+
+def check_settings(cfg: Config, peak_lr: float, precision: str) -> None:
+    """The one-line errors of settings that only make sense together."""
+    if cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
+        raise ConfigError(
+            f"min_lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, or --lr); "
+            "lower --min-lr"
+        )
+    if cfg.residual_dtype == "autocast" and precision != "bf16":
+        raise ConfigError(
+            f"--residual-dtype autocast keeps the residual stream in bf16 and needs --precision bf16 "
+            f"(this run: {precision}; fp32 would leave it unchanged, an fp16 stream can overflow)"
+        )
+
+
+def decide_run_dir(cfg: Config, main: bool) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint to resume or None): rank 0 decides (one view of the file system)
+    and holds the directory; every rank gets its answer or its error."""
+    try:
+        decided = resolve_run_dir(cfg) if main else None
+        if main and decided[1] is None:  # fresh: before any rank's loader can write its report
+            BadFileReport.discard(decided[0])
+    except ConfigError as e:
+        decided = e
+    decided = distributed.broadcast_object(decided)
+    if isinstance(decided, ConfigError):
+        raise decided
+    return decided
+
+
+def load_init(model: MaskedAutoencoderViT, cfg: Config) -> str:
+    """Load ``--init-from`` into ``model`` (every rank reads it; DDP would broadcast rank 0's anyway);
+    returns what was loaded, for the start line."""
+    from fastmae.pretrained import init_weights
+
+    try:
+        return init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
+    except ValueError as e:
+        raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+
+
+def build_knn(cfg: Config, loader: Any, device: torch.device, main: bool) -> Any:
+    """The kNN monitor, built by rank 0 (which alone runs it; None on the others) before anything is
+    written; every rank gets its error (no labels, an empty val split, ...)."""
+    knn = None
+    try:
+        if main:
+            from fastmae.knn import KnnMonitor
+
+            knn = KnnMonitor(
+                knn_images(cfg, loader), cfg.img_size, device, max_images=cfg.knn_max_images, seed=cfg.seed
+            )
+    except (ConfigError, DataError) as e:
+        knn = e
+    error = distributed.broadcast_object(knn if isinstance(knn, Exception) else None)
+    if error is not None:
+        raise error
+    return knn
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run starts."""
+
+    step: int
+    checkpoint: Path
+    branched_from: int | None  # resumed from a checkpoint with later ones beside it (ckpt.set_aside_later)
+
+
+def resume(
+    cfg: Config,
+    run_dir: Path,
+    path: Path,
+    main: bool,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    eff_batch: int,
+    loader: Any,
+) -> Resumed:
+    """Load the checkpoint at ``path`` (with ``--resume auto``, the newest that loads) into the model,
+    optimizer, scaler and RNGs, after checking that it continues this run.
+
+    Memory-mapped on the host (the ranks of a node share its pages; load_state_dict copies to the
+    device). With auto, rank 0 picks the newest that loads (a damaged one is skipped with a warning)
+    and every rank loads that one: each picking its own, a node that saw a newer file damaged
+    resumed at another step, and the ranks drifted apart.
+    """
+    loaded = ckpt.load_latest(run_dir, mmap=True) if cfg.resume == "auto" and main else None
+    if cfg.resume == "auto":
+        picked = distributed.broadcast_object(None if loaded is None else loaded[0])
+        if picked is None:
+            raise ConfigError(f"no loadable checkpoint in {run_dir}")
+        path = picked
+    if loaded is not None:
+        state = loaded[1]
+    else:
+        try:
+            state = ckpt.load_checkpoint(path, mmap=True)
+        except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
+            first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
+            raise rank_local(ConfigError(f"cannot load the checkpoint {path}: {type(e).__name__}: {first}")) from None
+    check_resumable(state, cfg, eff_batch, loader)  # before loading: a clear error, not a size mismatch
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:  # empty when saved without fp16; a new fp16 run's scaler starts fresh then
+        scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    step = int(state["step"])
+    later = any(s > step for s, _ in ckpt.list_checkpoints(run_dir))
+    return Resumed(step=step, checkpoint=path, branched_from=step if later else None)
+
+
+def open_records(cfg: Config, run_dir: Path, resolved: dict[str, Any], resumed: Resumed | None) -> MetricsLog | None:
+    """Rank 0: write the run's ``config.json`` and open its metrics (a branch keeps the records of the
+    timeline it leaves beside them); None, with both left as they ran, when a resumed run is at the
+    end of its schedule already."""
+    step, total = (resumed.step if resumed else 0), resolved["total_steps"]
+    if resumed is not None and step >= total:
+        print(
+            f"the run is at step {step}, the end of this schedule ({total} steps): nothing to train; "
+            "more --epochs continue it",
+            flush=True,
+        )
+        return None
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+    branch = resumed is not None and resumed.branched_from is not None
+    return MetricsLog(run_dir, resume_step=step if resumed else None, superseded=branch)
+
+
+def start_line(cfg: Config, model: MaskedAutoencoderViT, env: distributed.DistEnv, resolved: dict[str, Any]) -> str:
+    """The run's first line: the model, the processes, the batch, the schedule and the fast path."""
+    r = resolved
+    return (
+        f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
+        f"{env.world_size} process(es) on {env.device}, batch {cfg.batch_size} x {env.world_size} x accum "
+        f"{r['accum_iter']} = {r['effective_batch']}, lr {r['lr']:.3g}, {r['total_steps']} steps "
+        f"({r['steps_per_epoch']}/epoch), {r['precision']}, compile={messages.compile_line(r['compile'], cfg.compile_mode)}, "
+        f"fused={','.join(sorted(model.fused)) or 'off'}, attention={messages.attention_line(model)}, "
+        f"activation checkpointing={model.activation_checkpointing}, "
+        + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
+        + f"data={r['data_backend']}"
+    )
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -232,44 +388,16 @@ def train(cfg: Config) -> TrainResult:
     accum = accum_iter(cfg, env.world_size)
     eff_batch = cfg.batch_size * env.world_size * accum
     peak_lr = learning_rate(cfg, env.world_size)
-    if cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
-        raise ConfigError(
-            f"min_lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, or --lr); "
-            "lower --min-lr"
-        )
     precision, dtype = resolve_precision(cfg, device)
+    check_settings(cfg, peak_lr, precision)
     if device.type == "cuda":  # the few fp32 matmuls left under autocast; --precision fp32 means fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    if cfg.residual_dtype == "autocast" and precision != "bf16":
-        raise ConfigError(
-            f"--residual-dtype autocast keeps the residual stream in bf16 and needs --precision bf16 "
-            f"(this run: {precision}; fp32 would leave it unchanged, an fp16 stream can overflow)"
-        )
-
-    # rank 0 decides (one view of the file system), every rank gets its answer or its error
-    try:
-        decided = resolve_run_dir(cfg) if main else None
-        if main and decided[1] is None:  # fresh: before any rank's loader can write its report
-            BadFileReport.discard(decided[0])
-    except ConfigError as e:
-        decided = e
-    decided = distributed.broadcast_object(decided)
-    if isinstance(decided, ConfigError):
-        raise decided
-    run_dir, resume_path = decided
+    run_dir, resume_path = decide_run_dir(cfg, main)
 
     # the model (seeded: the same on every rank) and its --init-from weights before the data, whose
     # scan can take minutes on a large folder: a checkpoint that does not fit is a one-line error first
     model = build_model(cfg, device)
-    init = None
-    if resume_path is None and cfg.init_from:  # every rank reads it (DDP would broadcast rank 0's anyway)
-        from fastmae.pretrained import init_weights
-
-        try:
-            init = init_weights(model, cfg.init_from, num_heads=(cfg.num_heads, cfg.decoder_num_heads))
-        except ValueError as e:
-            raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
-
+    init = load_init(model, cfg) if resume_path is None and cfg.init_from else None
     try:
         loader, backend, vis_paths = open_data(cfg, env, run_dir)
     except DataError as e:  # each rank scans the data on its own node
@@ -285,68 +413,20 @@ def train(cfg: Config) -> TrainResult:
     total_steps = cfg.epochs * opt_steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-
-    # the kNN monitor, built by rank 0 (which alone runs it) before anything is written; every rank
-    # gets its error
-    knn = None
-    if cfg.knn_every:
-        try:
-            if main:
-                from fastmae.knn import KnnMonitor
-
-                knn = KnnMonitor(
-                    knn_images(cfg, loader), cfg.img_size, device, max_images=cfg.knn_max_images, seed=cfg.seed
-                )
-        except (ConfigError, DataError) as e:  # no labels, an empty val split, ...
-            knn = e
-        error = distributed.broadcast_object(knn if isinstance(knn, Exception) else None)
-        if error is not None:
-            raise error
+    knn = build_knn(cfg, loader, device, main) if cfg.knn_every else None
 
     optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, cfg.weight_decay),
-        lr=peak_lr,
-        betas=cfg.betas,
-        fused=device.type == "cuda",
+        param_groups_weight_decay(model, cfg.weight_decay), lr=peak_lr, betas=cfg.betas, fused=device.type == "cuda"
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    step = 0
-    branched_from = None  # resumed from a checkpoint with later ones beside it: see ckpt.set_aside_later
+    resumed = None
     if resume_path is not None:
-        # Memory-mapped on the host (the ranks of a node share its pages; load_state_dict copies to
-        # the device). With auto, rank 0 picks the newest that loads (a damaged one is skipped with
-        # a warning) and every rank loads that one: each picking its own, a node that saw a newer
-        # file damaged resumed at another step, and the ranks drifted apart.
-        loaded = ckpt.load_latest(run_dir, mmap=True) if cfg.resume == "auto" and main else None
-        if cfg.resume == "auto":
-            picked = distributed.broadcast_object(None if loaded is None else loaded[0])
-            if picked is None:
-                raise ConfigError(f"no loadable checkpoint in {run_dir}")
-            resume_path = picked
-        if loaded is not None:
-            state = loaded[1]
-        else:
-            try:
-                state = ckpt.load_checkpoint(resume_path, mmap=True)
-            except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
-                first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
-                error = ConfigError(f"cannot load the checkpoint {resume_path}: {type(e).__name__}: {first}")
-                raise rank_local(error) from None
-        check_resumable(state, cfg, eff_batch, loader)  # before loading: a clear error, not a size mismatch
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:  # empty when saved without fp16; a new fp16 run's scaler starts fresh then
-            scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        step = int(state["step"])
-        if any(s > step for s, _ in ckpt.list_checkpoints(run_dir)):
-            branched_from = step
-        del state
+        resumed = resume(cfg, run_dir, resume_path, main, model, optimizer, scaler, eff_batch, loader)
     elif cfg.resume == "auto" and main:
         print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
-    if resume_path is not None and cfg.init_from and main:
+    if resumed is not None and cfg.init_from and main:
         print(f"--init-from {cfg.init_from} not read: resuming, the checkpoint holds the weights", flush=True)
+    step = resumed.step if resumed else 0
 
     compiled = compiles(cfg, device)
     if compiled and model.activation_checkpointing == "selective":
@@ -358,6 +438,7 @@ def train(cfg: Config) -> TrainResult:
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     log = None
+    pictures = None
     if main:
         resolved = dict(
             world_size=env.world_size,
@@ -375,105 +456,71 @@ def train(cfg: Config) -> TrainResult:
             steps_per_epoch=opt_steps_per_epoch,
             total_steps=total_steps,
         )
-
-        if resume_path is not None and step >= total_steps:  # the run's config and metrics stay as they ran
-            print(
-                f"the run is at step {step}, the end of this schedule ({total_steps} steps): nothing to "
-                "train; more --epochs continue it",
-                flush=True,
-            )
-        else:
-            (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
-            # a branch keeps the records of the timeline it leaves, beside the metrics
-            log = MetricsLog(run_dir, resume_step=step if resume_path else None, superseded=branched_from is not None)
-        what = f"resuming {resume_path} at step {step}" if resume_path else "fresh run"
+        log = open_records(cfg, run_dir, resolved, resumed)
+        what = f"resuming {resumed.checkpoint} at step {step}" if resumed else "fresh run"
         if init is not None:
             what += f" from {cfg.init_from} ({init})"
-        print(
-            f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
-            f"{env.world_size} process(es) on {device}, batch {cfg.batch_size} x {env.world_size} x accum {accum} "
-            f"= {eff_batch}, lr {peak_lr:.3g}, {total_steps} steps ({opt_steps_per_epoch}/epoch), "
-            f"{precision}, compile={messages.compile_line(compiled, cfg.compile_mode)}, fused={','.join(sorted(model.fused)) or 'off'}, attention={messages.attention_line(model)}, "
-            f"activation checkpointing={model.activation_checkpointing}, "
-            + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
-            + f"data={backend}; {what}; run dir {run_dir}",
-            flush=True,
-        )
+        print(f"{start_line(cfg, model, env, resolved)}; {what}; run dir {run_dir}", flush=True)
+        if vis_paths and cfg.vis_samples:
+            from fastmae.visualize import TrainingPictures
 
-    vis_images = None
-    if main and vis_paths and cfg.vis_samples:
-        from fastmae.visualize import pick_images
+            pictures = TrainingPictures(
+                model, vis_paths, cfg.vis_samples, cfg.img_size, cfg.mask_ratio, cfg.seed, run_dir, title=cfg.preset
+            )
 
-        vis_images, vis_paths = pick_images(vis_paths, cfg.vis_samples, cfg.img_size)  # skips unreadable files
-    if vis_images is not None:
-        vis_images = vis_images.to(device)
-        vis_noise = torch.rand(len(vis_paths), model.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
-
-    def save_pictures(tag: str) -> Path | None:
-        if vis_images is None:
-            return None
-        from fastmae.visualize import save_reconstruction_grid
-
-        path = run_dir / f"recon-{tag}.png"
-        title = f"{cfg.preset}, {tag}, step {step}"
-        save_reconstruction_grid(model, vis_images, path, cfg.mask_ratio, vis_noise.to(device), title=title)
-        return path
-
-    result = TrainResult(run_dir=run_dir, step=step, checkpoint=resume_path, metrics=run_dir / "metrics.jsonl")
-    written: list[Path] = []  # the checkpoints this invocation saved (rank 0)
+    result = TrainResult(
+        run_dir=run_dir,
+        step=step,
+        checkpoint=resumed.checkpoint if resumed else None,
+        metrics=run_dir / "metrics.jsonl",
+    )
+    checkpoints = ckpt.RunCheckpoints(
+        run_dir,
+        cfg.keep_last,
+        cfg.keep_every_epochs,
+        main,
+        resumed_from=resumed.checkpoint if resumed else None,
+        branched_from=resumed.branched_from if resumed else None,
+    )
+    watch = loop.LossWatch(device, env)
     noise_gen = torch.Generator(device=device)
-    num_patches = model.num_patches
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     B, world, rank = cfg.batch_size, env.world_size, env.rank
-
-    # device-side interval stats: summed loss (NaN/inf propagate into it) and the first bad step
-    loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
-    micro_in_interval = 0
     t_interval, step_interval = time.perf_counter(), step
     t_start = time.time()
 
-    def flush_interval(epoch_f: float, lr: float) -> bool:
-        """The one host sync of the loop: check finiteness, log the interval's mean loss.
-
-        Returns whether any rank was asked to stop (SIGTERM / SIGUSR1): the ranks agree here.
-        """
-        nonlocal micro_in_interval, t_interval, step_interval
-        stop_flag = torch.tensor(float(bool(stop_signals)), device=device)
-        stats = distributed.all_reduce_sum(torch.stack([loss_sum, stop_flag])).tolist()
-        loss = stats[0] / (micro_in_interval * world)
-        if not math.isfinite(loss):
-            if env.enabled:
-                torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
-            bad = int(first_bad.item())
-            bad = bad if bad <= step else step  # every loss finite, their sum not: name the log step
-            last = ckpt.set_aside_unverified(run_dir, bad, written) if main else None
-            if last is not None and resume_path is not None and last.resolve() == Path(resume_path).resolve():
-                if ckpt.checkpoint_step(last) == bad - 1:  # this run started from the weights that gave it
-                    last = f"{last} (its weights gave this loss: resume it with other settings)"
-            raise NonFiniteLoss(
-                f"non-finite loss at step {bad} (found at the log step {step}); "
-                f"last good checkpoint: {last if last else 'none yet'}"
-                f"{' (continue with --resume auto)' if last else ''}. "
-                "Try a lower --blr/--lr, more --warmup-epochs, --precision fp32 (no autocast, no TF32), "
-                "--attn-backend math (the reference's attention), or --no-compile"
-            )
+    def log_interval(loss: float, epoch_f: float, lr: float) -> None:
+        """Rank 0's record of the interval that ends at ``step``."""
+        nonlocal t_interval, step_interval
         now = time.perf_counter()
         img_s = (step - step_interval) * eff_batch / max(now - t_interval, 1e-9)
-        if main:
-            record = dict(
-                step=step, epoch=round(epoch_f, 4), loss=loss, lr=lr, img_s=round(img_s, 1), time=time.time() - t_start
-            )
-            if device.type == "cuda":  # the allocator's own count: no device sync
-                record["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            log.write(record)
-            result.losses.append(loss)
-            pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
-            if not cfg.progress:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        loss_sum.zero_()
-        micro_in_interval, t_interval, step_interval = 0, now, step
-        return stats[1] > 0
+        t_interval, step_interval = now, step
+        if not main:
+            return
+        record = dict(
+            step=step, epoch=round(epoch_f, 4), loss=loss, lr=lr, img_s=round(img_s, 1), time=time.time() - t_start
+        )
+        if device.type == "cuda":  # the allocator's own count: no device sync
+            record["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        log.write(record)
+        result.losses.append(loss)
+        pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
+        if not cfg.progress:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def state() -> dict[str, Any]:
+        return dict(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            step=step,
+            epoch=epoch,
+            loader=loader.state_dict(),
+            rng=ckpt.rng_state(),
+            config=cfg.to_dict(),
+            world_size=world,
+            effective_batch=eff_batch,
+        )
 
     pbar = tqdm(
         total=total_steps,
@@ -483,105 +530,70 @@ def train(cfg: Config) -> TrainResult:
         dynamic_ncols=True,
         file=sys.stdout,
     )
-    # A scheduler's SIGTERM (or SLURM's --signal=USR1@90) stops the run at the next log step, after a
-    # checkpoint; the ranks agree on it through the log step's all-reduce.
-    stop_signals: list[int] = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
-
     model.train()
     epoch = step // opt_steps_per_epoch
     stop = False
     try:
-        while step < total_steps and not stop:
-            start_micro = (step % opt_steps_per_epoch) * accum
-            loader.set_epoch(epoch, start_step=start_micro)
-            micro = start_micro
-            for images, _ in loader:
-                j = micro % accum
-                if j == 0:
-                    # in optimizer steps, not micro-batches: len(loader) rounds per rank, so a fraction of
-                    # it would move the schedule with the world size and the accumulation
-                    epoch_f = step / opt_steps_per_epoch
-                    lr = lr_at(epoch_f, peak_lr, cfg)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    noise = masking_noise(noise_gen, cfg.seed, step, eff_batch, num_patches)
-                rows = (j * world + rank) * B  # this micro-batch's rows of the effective batch
-                last_micro = j == accum - 1
-                sync = nullcontext() if last_micro or not env.enabled else fwd_model.no_sync()
-                with sync:
-                    with autocast:
-                        loss, _, _ = fwd_model(images, mask_ratio=cfg.mask_ratio, noise=noise[rows : rows + B])
-                    scaler.scale(loss / accum).backward()
-                loss = loss.detach().float()
-                loss_sum += loss
-                first_bad.copy_(torch.where(torch.isfinite(loss), first_bad, first_bad.clamp_max(step + 1)))
-                micro += 1
-                micro_in_interval += 1
-                if not last_micro:
-                    continue
+        with loop.stop_requests() as signals:
+            while step < total_steps and not stop:
+                start_micro = (step % opt_steps_per_epoch) * accum
+                loader.set_epoch(epoch, start_step=start_micro)
+                micro = start_micro
+                for images, _ in loader:
+                    j = micro % accum
+                    if j == 0:
+                        # in optimizer steps, not micro-batches: len(loader) rounds per rank, so a fraction
+                        # of it would move the schedule with the world size and the accumulation
+                        lr = lr_at(step / opt_steps_per_epoch, peak_lr, cfg)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                        noise = masking_noise(noise_gen, cfg.seed, step, eff_batch, model.num_patches)
+                    rows = (j * world + rank) * B  # this micro-batch's rows of the effective batch
+                    last_micro = j == accum - 1
+                    sync = nullcontext() if last_micro or not env.enabled else fwd_model.no_sync()
+                    with sync:
+                        with autocast:
+                            loss, _, _ = fwd_model(images, mask_ratio=cfg.mask_ratio, noise=noise[rows : rows + B])
+                        scaler.scale(loss / accum).backward()
+                    watch.add(loss, step)
+                    micro += 1
+                    if not last_micro:
+                        continue
 
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                pbar.update(1)
-                epoch_end = step % opt_steps_per_epoch == 0
-                save = step % cfg.ckpt_every_steps == 0 or epoch_end or step == total_steps
-                if save or step % cfg.log_every == 0:
-                    stop = flush_interval(step / opt_steps_per_epoch, lr)
-                    save = save or stop
-                if save:
-                    keep = (
-                        epoch
-                        if epoch_end and cfg.keep_every_epochs and (epoch + 1) % cfg.keep_every_epochs == 0
-                        else None
-                    )
-                    if main:
-                        state = dict(
-                            model=model.state_dict(),
-                            optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(),
-                            step=step,
-                            epoch=epoch,
-                            loader=loader.state_dict(),
-                            rng=ckpt.rng_state(),
-                            config=cfg.to_dict(),
-                            world_size=world,
-                            effective_batch=eff_batch,
-                        )
-                        if branched_from is not None:  # this branch's first checkpoint
-                            n = ckpt.set_aside_later(run_dir, branched_from)
-                            print(f"branched at step {branched_from}: the {n} later checkpoint(s) renamed "
-                                  "*.pt.superseded", flush=True)  # fmt: skip
-                            branched_from = None
-                        result.checkpoint = ckpt.save_checkpoint(state, run_dir, step, cfg.keep_last, keep)
-                        written.append(result.checkpoint)
-                    else:
-                        result.checkpoint = run_dir / ckpt.checkpoint_name(step, keep)
-                if knn is not None and (
-                    step == total_steps or (epoch_end and (epoch + 1) % cfg.knn_every == 0)
-                ):  # rank 0 only; the others wait at the next collective
-                    acc = knn.evaluate(model, autocast)
-                    log.write(dict(step=step, epoch=epoch + 1, knn_top1=acc["top1"], knn_top5=acc["top5"]))
-                    pbar.write(f"step {step}: kNN top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
-                if main and (
-                    step == total_steps
-                    or (epoch_end and cfg.vis_every_epochs and (epoch + 1) % cfg.vis_every_epochs == 0)
-                ):
-                    # epochs counted as the metrics count them: the picture after the 3rd is epoch0003
-                    pic = save_pictures(f"epoch{epoch + 1:04d}" if epoch_end else f"step{step:09d}")
-                    if pic:
-                        result.pictures.append(pic)
-                if epoch_end or step == total_steps or stop:
-                    break
-            epoch += not stop
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    pbar.update(1)
+                    epoch_end = step % opt_steps_per_epoch == 0
+                    save = step % cfg.ckpt_every_steps == 0 or epoch_end or step == total_steps
+                    if save or step % cfg.log_every == 0:
+                        mean_loss, stop = watch.sync(bool(signals))
+                        if not math.isfinite(mean_loss):
+                            bad = watch.first_bad_step(step)
+                            raise nonfinite_loss(bad, step, checkpoints.last_good(bad))
+                        log_interval(mean_loss, step / opt_steps_per_epoch, lr)
+                        save = save or stop
+                    if save:
+                        result.checkpoint = checkpoints.save(step, epoch, epoch_end, state)
+                    if knn is not None and (
+                        step == total_steps or (epoch_end and (epoch + 1) % cfg.knn_every == 0)
+                    ):  # rank 0 only; the others wait at the next collective
+                        acc = knn.evaluate(model, autocast)
+                        log.write(dict(step=step, epoch=epoch + 1, knn_top1=acc["top1"], knn_top5=acc["top5"]))
+                        pbar.write(f"step {step}: kNN top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
+                    if pictures is not None and (
+                        step == total_steps
+                        or (epoch_end and cfg.vis_every_epochs and (epoch + 1) % cfg.vis_every_epochs == 0)
+                    ):
+                        # epochs counted as the metrics count them: the picture after the 3rd is epoch0003
+                        pic = pictures.save(f"epoch{epoch + 1:04d}" if epoch_end else f"step{step:09d}", step)
+                        if pic:
+                            result.pictures.append(pic)
+                    if epoch_end or step == total_steps or stop:
+                        break
+                epoch += not stop
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         pbar.close()
         if log is not None:
             log.close()

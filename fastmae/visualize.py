@@ -198,6 +198,50 @@ def save_reconstruction_grid(
     return path
 
 
+class TrainingPictures:
+    """A training run's reconstruction grids: the same few training images under the same masks,
+    each time, so that grids of successive epochs compare (drawn by rank 0).
+
+    Args:
+        model: the MAE (not a compiled or DDP wrapper: it is run in eval mode, then put back).
+        paths: image files to pick from (unreadable ones are skipped).
+        n: rows of a grid.
+        img_size: the model's input size.
+        mask_ratio: the training's.
+        seed: seeds the masks (which images are picked does not depend on it).
+        run_dir: where ``recon-<tag>.png`` is written.
+        title: the grids' title, before the tag.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        paths: Sequence[str],
+        n: int,
+        img_size: int,
+        mask_ratio: float,
+        seed: int,
+        run_dir: Path,
+        title: str = "",
+    ):
+        self.model, self.mask_ratio, self.run_dir, self.title = model, mask_ratio, Path(run_dir), title
+        self.images, picked = pick_images(paths, n, img_size)
+        self.noise = None
+        if self.images is not None:
+            device = next(model.parameters()).device
+            self.images = self.images.to(device)
+            gen = torch.Generator().manual_seed(seed)
+            self.noise = torch.rand(len(picked), model.num_patches, generator=gen).to(device)
+
+    def save(self, tag: str, step: int) -> Path | None:
+        """Write ``recon-<tag>.png`` for the model as it is at ``step``; None when no image was readable."""
+        if self.images is None:
+            return None
+        path = self.run_dir / f"recon-{tag}.png"
+        title = f"{self.title}, {tag}, step {step}" if self.title else f"{tag}, step {step}"
+        return save_reconstruction_grid(self.model, self.images, path, self.mask_ratio, self.noise, title=title)
+
+
 # ---------------------------------------------------------------------- python -m fastmae.visualize
 
 

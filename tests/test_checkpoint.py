@@ -137,3 +137,43 @@ def test_cuda_rng_state_round_trips(tmp_path, monkeypatch):
     assert other.restored == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # saved without CUDA: no "cuda" entry
     assert "cuda" not in ckpt.rng_state()
+
+
+def test_run_checkpoints_names_keeps_and_branches(tmp_path, capsys):
+    for step in (4, 6):  # an older timeline, past the step this run resumed from
+        ckpt.save_checkpoint({"step": step}, tmp_path, step=step, keep_last=5)
+    other = ckpt.RunCheckpoints(tmp_path, keep_last=2, keep_every_epochs=2, main=False, branched_from=2)
+    assert other.save(3, epoch=1, epoch_end=True, state=lambda: pytest.fail("rank 0 alone builds the state"))
+    assert other.save(3, epoch=1, epoch_end=True, state=dict).name == "ckpt-epoch0001-step000000003.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-step000000004.pt", "ckpt-step000000006.pt"]
+
+    run = ckpt.RunCheckpoints(tmp_path, keep_last=2, keep_every_epochs=2, main=True, branched_from=2)
+    assert run.save(3, epoch=0, epoch_end=True, state=lambda: {"step": 3}).name == "ckpt-step000000003.pt"
+    assert "branched at step 2: the 2 later checkpoint(s)" in capsys.readouterr().out
+    assert run.save(5, epoch=1, epoch_end=True, state=lambda: {"step": 5}).name == "ckpt-epoch0001-step000000005.pt"
+    run.save(6, epoch=2, epoch_end=False, state=lambda: {"step": 6})  # once only: the branch's own 6 stays
+    assert not capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt-epoch0001-step000000005.pt",
+        "ckpt-step000000003.pt",
+        "ckpt-step000000004.pt.superseded",
+        "ckpt-step000000006.pt",
+        "ckpt-step000000006.pt.superseded",
+    ]
+    assert [p.name for p in run.written] == [
+        "ckpt-step000000003.pt",
+        "ckpt-epoch0001-step000000005.pt",
+        "ckpt-step000000006.pt",
+    ]
+
+
+def test_run_checkpoints_last_good_after_a_non_finite_loss(tmp_path):
+    first = ckpt.save_checkpoint({"step": 2}, tmp_path, step=2, keep_last=5)  # an earlier invocation's
+    run = ckpt.RunCheckpoints(tmp_path, keep_last=5, keep_every_epochs=0, main=True, resumed_from=first)
+    for step in (3, 4):
+        run.save(step, epoch=0, epoch_end=False, state=lambda: {})
+    assert run.last_good(bad_step=5) == str(tmp_path / "ckpt-step000000003.pt")  # 4 gave step 5's loss
+    assert (tmp_path / "ckpt-step000000004.pt.nonfinite").is_file()
+    # the weights this invocation started from gave the loss: say so
+    assert run.last_good(bad_step=3) == f"{first} (its weights gave this loss: resume it with other settings)"
+    assert ckpt.RunCheckpoints(tmp_path, 5, 0, main=False).last_good(bad_step=3) is None
