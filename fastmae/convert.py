@@ -299,11 +299,19 @@ def hf_weights_file(folder: str | os.PathLike) -> str:
 
 def hf_folder_config(path: Any) -> dict[str, Any] | None:
     """The ``config.json`` of a Hugging Face model folder (it says what the weights do not: the heads,
-    ``norm_pix_loss``); None for anything else."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(os.path.join(path, "config.json")):
+    ``norm_pix_loss``), or of the folder of its weights file (``model.safetensors`` or
+    ``pytorch_model.bin`` given alone, when the config beside it is a ViTMAE one); None for anything else."""
+    if not isinstance(path, (str, os.PathLike)):
         return None
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
+    is_weights_file = os.path.basename(os.fspath(path)) in HF_WEIGHT_FILES and os.path.isfile(path)
+    config = os.path.join(os.path.dirname(path) if is_weights_file else path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        loaded = json.load(f)
+    if is_weights_file and loaded.get("model_type") != "vit_mae":  # e.g. a fastmae run's own config.json
+        return None
+    return loaded
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:

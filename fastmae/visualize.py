@@ -7,9 +7,10 @@ One row per image, four columns: original | masked (the visible patches) | recon
 prediction at every patch) | reconstruction with the visible patches pasted in.
 
 With ``norm_pix_loss`` the model predicts each patch normalised by that patch's own mean and std,
-which it cannot know for a removed patch. The MAE demo un-normalises with the target patch's own
-statistics, which leaks the hidden patch's mean colour and contrast into the picture. Here each
-removed patch is un-normalised with statistics of the *visible* patches only: the mean and std of
+which it cannot know for a removed patch. The official MAE demo draws the raw predictions of its
+``mae_visualize_*`` checkpoints, which were trained on plain pixels; other tools un-normalise with
+the target patch's own statistics (MAE-pytorch's ``run_mae_vis.py``), which leaks the hidden
+patch's mean colour and contrast into the picture. Here each removed patch is un-normalised with statistics of the *visible* patches only: the mean and std of
 the visible patches around it, weighted by a Gaussian of the distance in patches
 (:func:`visible_patch_stats`). The picture then shows only what the model can infer from what it
 sees. Visible patches keep their own statistics (the model sees them).
@@ -101,7 +102,8 @@ def visible_patch_stats(
 
     Returns:
         mean, std ``(N, L, 1)``: a visible patch's own statistics; for a removed patch the
-        Gaussian-weighted average of the visible patches' (the norm-pix loss's unbiased variance).
+        Gaussian-weighted average of the visible patches' (the norm-pix loss's unbiased variance),
+        however far they are; with no visible patch, mean 0 and std 1 (the prediction as it is).
     """
     target = _patchify(imgs.float(), patch_size)
     mean = target.mean(-1)
@@ -109,12 +111,15 @@ def visible_patch_stats(
     h = int(mask.shape[1] ** 0.5)
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(h), indexing="ij")
     pos = torch.stack([yy.flatten(), xx.flatten()], -1).float().to(imgs.device)
-    weights = torch.exp(-(torch.cdist(pos, pos) ** 2) / (2 * sigma**2))  # (L, L)
-    visible = 1.0 - mask.float()
-    norm = (visible @ weights).clamp_min(1e-12)  # weights are symmetric
-    est_mean = ((visible * mean) @ weights) / norm
-    est_std = ((visible * std) @ weights) / norm
-    keep = visible.bool()
+    # the weights of visible patches j for patch l, normalised in the log domain: exp(-d^2 / 2) alone
+    # underflows past ~7 patches, and a patch that far from every visible one (a high mask ratio, a
+    # structured mask) came out with mean and std ~0, a flat grey whatever the model predicted
+    log_w = -(torch.cdist(pos, pos) ** 2) / (2 * sigma**2)  # (j, l)
+    keep = ~mask.bool()
+    w = log_w.unsqueeze(0).masked_fill(~keep.unsqueeze(-1), float("-inf")).softmax(dim=1)  # (N, j, l)
+    # no visible patch at all: NaN weights; the ImageNet mean and unit std show the raw prediction
+    est_mean = torch.einsum("njl,nj->nl", w, mean).nan_to_num(0.0)
+    est_std = torch.einsum("njl,nj->nl", w, std).nan_to_num(1.0)
     return torch.where(keep, mean, est_mean).unsqueeze(-1), torch.where(keep, std, est_std).unsqueeze(-1)
 
 
@@ -327,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_images", "num_heads", "decoder_num_heads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.img_size < 0:
+        parser.error(f"--img-size must be >= 1 (or 0, the checkpoint's), got {args.img_size}")
+    name = Path(args.checkpoint.rstrip("/")).name
+    out = Path(args.out or f"{Path(name).stem}_recon.png")
+    # before the model runs: the nearest existing folder above the PNG must take it
+    existing = next(p for p in [out.parent, *out.parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"cannot write {out}: {existing} is {'not a folder' if not existing.is_dir() else 'not writable'}")
     try:
         paths = image_paths(args.images)
         model, notes = load_mae(
@@ -341,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     if imgs is None:
         parser.error(f"none of the {len(paths)} images decodes")
     noise = torch.rand(len(used), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    name = Path(args.checkpoint.rstrip("/")).name
-    out = Path(args.out or f"{Path(name).stem}_recon.png")
     title = f"{name}, mask ratio {args.mask_ratio}, seed {args.seed}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_reconstruction_grid(model, imgs, out, args.mask_ratio, noise, title=title)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_reconstruction_grid(model, imgs, out, args.mask_ratio, noise, title=title)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        parser.error(f"cannot write {out}: {e.strerror or e}")
     print(
         f"wrote {out} ({len(used)} images: {', '.join(os.path.basename(p) for p in used[:4])}{', ...' if len(used) > 4 else ''})"
     )

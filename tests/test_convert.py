@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -102,6 +104,20 @@ def test_save_pretrained_file_reads_as_the_loaded_model(tmp_path):
     expected = m.state_dict()
     assert from_file.keys() == loaded.keys() == expected.keys()
     assert all(torch.equal(from_file[k], expected[k]) and torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_a_hugging_face_config_is_read_beside_its_weights_file(tmp_path):
+    from fastmae.convert import hf_folder_config
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert hf_folder_config(tmp_path) is None and hf_folder_config(tmp_path / "model.safetensors") is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit_mae", "norm_pix_loss": False}))
+    assert hf_folder_config(tmp_path) == hf_folder_config(tmp_path / "model.safetensors")
+    assert hf_folder_config(tmp_path / "model.safetensors")["norm_pix_loss"] is False
+    # another tool's config.json beside a file of that name (a fastmae run's) is not read as one
+    (tmp_path / "config.json").write_text(json.dumps({"preset": "demo", "norm_pix_loss": True}))
+    assert hf_folder_config(tmp_path / "model.safetensors") is None
+    assert hf_folder_config(tmp_path / "other.safetensors") is None
 
 
 def test_a_folder_reads_as_hugging_face_writes_one(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from fastmae.model import MaskedAutoencoderViT
 from fastmae.visualize import (
     _patchify,
+    _unpatchify,
     load_images,
     reconstruction_grid,
     save_reconstruction_grid,
@@ -28,18 +29,49 @@ def _tiny(norm_pix: bool = True) -> MaskedAutoencoderViT:
     )  # fmt: skip
 
 
+def _weighted_stats(target: torch.Tensor, visible: list[int], side: int, sigma: float = 1.0):
+    """The Gaussian-weighted visible statistics, patch by patch, in float64 (the test's own sums)."""
+    mean, std = target.double().mean(-1), (target.double().var(-1) + 1e-6).sqrt()
+    est_mean = torch.empty(target.shape[0], side * side, dtype=torch.float64)
+    est_std = torch.empty_like(est_mean)
+    for i in range(side * side):
+        d2 = torch.tensor([float((i // side - j // side) ** 2 + (i % side - j % side) ** 2) for j in visible])
+        w = torch.softmax(-d2.double() / (2 * sigma**2), 0)  # exp(-d2/2) / sum, as stable sums
+        est_mean[:, i], est_std[:, i] = mean[:, visible] @ w, std[:, visible] @ w
+    return est_mean, est_std
+
+
 def test_visible_patches_keep_their_own_statistics_and_removed_ones_borrow_their_neighbours():
-    imgs = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    # each patch its own mean and scale, so a wrong weighting (or none) moves the estimates
+    patches = torch.randn(2, 16, 192) * torch.rand(2, 16, 1).mul(3) + torch.randn(2, 16, 1).mul(2)
+    imgs = _unpatchify(patches, 8)
     mask = torch.zeros(2, 16)
-    mask[:, 5] = 1  # one removed patch at (1, 1)
+    removed = [5, 6, 10, 15]
+    mask[:, removed] = 1
     mean, std = visible_patch_stats(imgs, mask, 8)
     target = _patchify(imgs, 8)
-    torch.testing.assert_close(mean[:, 4, 0], target[:, 4].mean(-1))
-    torch.testing.assert_close(std[:, 4, 0], (target[:, 4].var(-1) + 1e-6).sqrt())
-    neighbours = [0, 1, 2, 4, 6, 8, 9, 10]  # within distance sqrt(2): the largest weights
-    lo = target[:, neighbours].mean(-1).min(1).values
-    hi = target[:, neighbours].mean(-1).max(1).values
-    assert ((mean[:, 5, 0] > lo - 1) & (mean[:, 5, 0] < hi + 1)).all()
+    torch.testing.assert_close(target, patches, rtol=0, atol=0)
+    visible = [j for j in range(16) if j not in removed]
+    torch.testing.assert_close(mean[:, visible, 0], target[:, visible].mean(-1))
+    torch.testing.assert_close(std[:, visible, 0], (target[:, visible].var(-1) + 1e-6).sqrt())
+    est_mean, est_std = _weighted_stats(target, visible, 4)
+    torch.testing.assert_close(mean[:, removed, 0].double(), est_mean[:, removed], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std[:, removed, 0].double(), est_std[:, removed], rtol=1e-5, atol=1e-6)
+
+
+def test_a_patch_far_from_every_visible_one_takes_their_statistics():
+    """exp(-d^2/2) underflows past ~7 patches: the far corner once came out with mean and std ~0."""
+    imgs = torch.randn(1, 3, 224, 224) * 0.5 + 2.0
+    mask = torch.ones(1, 196)
+    mask[0, 0] = 0  # only the top-left patch is visible
+    mean, std = visible_patch_stats(imgs, mask, 16)
+    target = _patchify(imgs, 16)[0, 0]
+    torch.testing.assert_close(mean[0, :, 0], target.mean().expand(196))
+    torch.testing.assert_close(std[0, :, 0], (target.var() + 1e-6).sqrt().expand(196))
+    # none visible: the prediction as it is (mean 0, std 1), not NaN
+    mean, std = visible_patch_stats(imgs, torch.ones(1, 196), 16)
+    assert (mean == 0).all() and (std == 1).all()
 
 
 def test_unnormalisation_never_reads_the_removed_pixels():
@@ -178,7 +210,7 @@ def test_cli_reads_official_and_hugging_face_layouts(tmp_path, some_images, caps
     np.testing.assert_array_equal(_png(out), _expected_grid(model, some_images[:2], tmp_path / "hf"))
 
 
-@pytest.mark.parametrize("layout", ["fastmae", "hugging_face"])
+@pytest.mark.parametrize("layout", ["fastmae", "hugging_face", "hugging_face_file"])
 def test_cli_draws_a_plain_pixel_model_as_one(tmp_path, some_images, capsys, layout):
     """A model trained on plain pixels (norm_pix_loss off, as the official mae_visualize_* ones) is
     drawn as one where its checkpoint says so: its predictions are pixels, not un-normalised."""
@@ -196,6 +228,8 @@ def test_cli_draws_a_plain_pixel_model_as_one(tmp_path, some_images, capsys, lay
 
         ckpt = tmp_path / "hf"
         to_hf(model).save_pretrained(ckpt)
+        if layout == "hugging_face_file":  # the weights file alone: the config.json beside it still counts
+            ckpt = ckpt / "model.safetensors"
     out = tmp_path / "grid.png"
     assert main([str(ckpt), *map(str, some_images[:2]), "--out", str(out)]) == 0
     assert "assumed" not in capsys.readouterr().out
@@ -224,6 +258,12 @@ def test_cli_errors_are_one_line(tmp_path, some_images, capsys):
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--mask-ratio", "1"], "--mask-ratio must be in [0, 1)"),
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--out", str(tmp_path)], "is a folder; name the PNG"),
         ([str(tmp_path / "full.pth"), str(some_images[0]), "--out", str(tmp_path / "pic.jpg")], "name a .png file"),
+        (
+            [str(tmp_path / "full.pth"), str(some_images[0]), "--out", str(tmp_path / "full.pth" / "a.png")],
+            "full.pth is not a folder",
+        ),
+        ([str(tmp_path / "full.pth"), str(some_images[0]), "--img-size", "-16"], "--img-size must be >= 1"),
+        ([str(tmp_path / "full.pth"), str(some_images[0]), "--img-size", "20"], "not divisible"),
         # heads given that differ from the checkpoint's: its decoder would be another function
         ([str(tmp_path / "run.pt"), str(some_images[0]), "--decoder-num-heads", "1"], "the decoder was not loaded"),
     ):
