@@ -268,6 +268,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     @fused.setter
     def fused(self, value: bool | Iterable[str]) -> None:
+        if isinstance(value, str):  # one op by name, not its letters
+            value = (value,)
         ops = frozenset(FUSED_OPS if value is True else () if value is False else value)
         unknown = ops - set(FUSED_OPS)
         if unknown:
@@ -349,13 +351,13 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], C, h * p, w * p)
 
-    def _check_inputs(self, imgs: torch.Tensor, mask_ratio: float) -> None:
+    def _check_inputs(self, imgs: torch.Tensor, mask_ratio: float, runs_kernels: bool = True) -> None:
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         expected = (self.in_chans, *self.patch_embed.img_size)
         if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
-        if self._fused and torch.float64 in (imgs.dtype, self.cls_token.dtype):
+        if runs_kernels and self._fused and torch.float64 in (imgs.dtype, self.cls_token.dtype):
             # the kernels compute in fp32: a float64 model would silently get fp32 results
             raise ValueError(
                 f"the fused ops ({', '.join(sorted(self._fused))}) compute in fp32: use fused=False for float64"
@@ -419,7 +421,7 @@ class MaskedAutoencoderViT(nn.Module):
         The feature path for fine-tuning and probing; ``norm=False`` skips the final LayerNorm (the
         MAE fine-tuning recipe's global pool applies its own ``fc_norm`` instead).
         """
-        self._check_inputs(imgs, 0.0)
+        self._check_inputs(imgs, 0.0, runs_kernels=False)  # no fused op runs here: float64 is fine
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = self._residual_stream(torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1))

@@ -101,13 +101,18 @@ def test_each_fused_op_alone_matches_reference(ops, device):
 def test_fused_switch_rejects_unknown_ops():
     with pytest.raises(ValueError, match="unknown fused ops"):
         MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, fused=("gather", "attn"))
+    model = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, fused="loss")
+    assert model.fused == {"loss"}  # one op by name (its letters were taken as three unknown ops)
 
 
 def test_fused_path_refuses_float64():
     """The kernels compute in fp32: a float64 model or batch is an error, not fp32 results in disguise."""
     kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1)
     model = MaskedAutoencoderViT(**kw, decoder_num_heads=2, fused=True).double()
+    imgs = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match="compute in fp32: use fused=False for float64"):
-        model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+        model(imgs)
+    features = model.forward_features(imgs)  # runs no fused op: float64 is fine there
     model.fused = False
+    assert features.dtype == torch.float64 and torch.equal(features, model.forward_features(imgs))
     assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64))[0].dtype == torch.float64
