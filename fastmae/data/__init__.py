@@ -77,7 +77,9 @@ def build_loader(
         raise DataError(f"unknown data backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     if backend == "synthetic":
         n = len(source) // (batch_size * world_size) if source is not None else steps_per_epoch
-        return SyntheticLoader(batch_size, image_size, steps_per_epoch=n, seed=seed, device=device, dtype=dtype)
+        return SyntheticLoader(
+            batch_size, image_size, steps_per_epoch=n, seed=seed, rank=rank, device=device, dtype=dtype
+        )
     if source is None:
         raise DataError(f"the {backend!r} backend needs a data source")
     common = dict(seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype, report_dir=report_dir)

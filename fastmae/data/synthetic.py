@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fastmae.data.sampling import EpochPlan, ScheduledLoader
+from fastmae.data.sampling import EpochPlan, ScheduledLoader, sample_seed
 from fastmae.data.sources import BadFileReport
 
 
@@ -23,6 +23,8 @@ class SyntheticLoader(ScheduledLoader):
         image_size: side S.
         steps_per_epoch: batches per epoch.
         seed: seed of the pool.
+        rank: this process's rank: each rank's pool is its own (under torchrun identical batches on
+            every rank would make the ranks' gradients equal, a data-parallel run that is not one).
         device, dtype: where and how the batches live.
         num_classes: labels are drawn from ``[0, num_classes)``.
         pool: distinct batches kept and cycled.
@@ -35,6 +37,7 @@ class SyntheticLoader(ScheduledLoader):
         *,
         steps_per_epoch: int = 1000,
         seed: int = 0,
+        rank: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         num_classes: int = 1000,
@@ -45,7 +48,7 @@ class SyntheticLoader(ScheduledLoader):
         self.dtype = dtype
         self.bad_files = BadFileReport()
         g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
+        g.manual_seed(sample_seed(seed, rank, 0))
         shape = (pool, batch_size, 3, image_size, image_size)
         self._images = torch.randn(shape, generator=g, device=self.device).to(dtype)
         self._labels = torch.randint(0, num_classes, (pool, batch_size), generator=g, device=self.device)

@@ -169,6 +169,12 @@ def test_synthetic_loader_interface():
     assert not torch.equal(batches[0][0], batches[1][0])
     ld.set_epoch(0, start_step=1)
     _assert_same(_collect(ld), batches[1:])
+    # each rank its own batches, the same on every run
+    rank1 = build_loader("synthetic", None, batch_size=2, image_size=16, steps_per_epoch=3, rank=1, world_size=2)
+    again = build_loader("synthetic", None, batch_size=2, image_size=16, steps_per_epoch=3, rank=1, world_size=2)
+    mine = _collect(rank1)
+    assert len(mine) == 3 and not torch.equal(mine[0][0].half(), batches[0][0])
+    _assert_same(mine, _collect(again))
     with pytest.raises(DataError, match="unknown data backend"):
         build_loader("ffcv", None, batch_size=2)
 
