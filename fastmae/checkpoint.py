@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger("fastmae.checkpoint")
 
@@ -99,6 +100,23 @@ def load_latest(
         except Exception as e:  # a damaged file (disk full, copied partially): fall back to the one before
             logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(e).__name__, e)
     return None
+
+
+def pick_latest(
+    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> tuple[Path, dict[str, Any] | None] | None:
+    """Under torchrun: rank 0's :func:`load_latest` pick, on every rank, as (path, state), the state
+    loaded on rank 0 only (None elsewhere: each rank loads that path itself); None on every rank
+    when rank 0 found none. Each rank picking its own, a node that saw a newer file damaged resumed
+    at another step, and the ranks drifted apart until a collective hung. One process: load_latest."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return load_latest(run_dir, map_location, mmap)
+    loaded = load_latest(run_dir, map_location, mmap) if dist.get_rank() == 0 else None
+    box = [None if loaded is None else loaded[0]]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return None
+    return loaded if loaded is not None else (box[0], None)
 
 
 def save_checkpoint(

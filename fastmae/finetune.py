@@ -469,7 +469,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             BadFileReport.discard(run_dir)
     train_src, val_src, num_classes = open_splits(cfg)
     # read and checked before anything is built or written: a checkpoint of another run is one line
-    resumed = ckpt.load_latest(run_dir, map_location=device) if cfg.resume == "auto" else None
+    # rank 0 picks the checkpoint and every rank loads that one, as in pretraining
+    resumed = ckpt.pick_latest(run_dir, map_location=device) if cfg.resume == "auto" else None
+    if resumed is not None and resumed[1] is None:
+        try:
+            resumed = resumed[0], ckpt.load_checkpoint(resumed[0], map_location=device)
+        except Exception as e:  # damaged as this node sees it
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"cannot load the checkpoint {resumed[0]}: {type(e).__name__}: {first}") from None
     if resumed is not None:
         check_resumable(cfg, arch, num_classes, *resumed)
     weights = checkpoint if cfg.init == "pretrained" else None

@@ -306,7 +306,6 @@ def resume(
     cfg: Config,
     run_dir: Path,
     path: Path,
-    main: bool,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -321,15 +320,13 @@ def resume(
     and every rank loads that one: each picking its own, a node that saw a newer file damaged
     resumed at another step, and the ranks drifted apart.
     """
-    loaded = ckpt.load_latest(run_dir, mmap=True) if cfg.resume == "auto" and main else None
+    state = None
     if cfg.resume == "auto":
-        picked = distributed.broadcast_object(None if loaded is None else loaded[0])
+        picked = ckpt.pick_latest(run_dir, mmap=True)
         if picked is None:
             raise ConfigError(f"no loadable checkpoint in {run_dir}")
-        path = picked
-    if loaded is not None:
-        state = loaded[1]
-    else:
+        path, state = picked
+    if state is None:  # --resume PATH, or a rank other than 0
         try:
             state = ckpt.load_checkpoint(path, mmap=True)
         except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
@@ -421,7 +418,7 @@ def train(cfg: Config) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     resumed = None
     if resume_path is not None:
-        resumed = resume(cfg, run_dir, resume_path, main, model, optimizer, scaler, eff_batch, loader)
+        resumed = resume(cfg, run_dir, resume_path, model, optimizer, scaler, eff_batch, loader)
     elif cfg.resume == "auto" and main:
         print(f"no checkpoint in {run_dir}: starting a fresh run", flush=True)
     if resumed is not None and cfg.init_from and main:

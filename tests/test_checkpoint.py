@@ -177,3 +177,29 @@ def test_run_checkpoints_last_good_after_a_non_finite_loss(tmp_path):
     # the weights this invocation started from gave the loss: say so
     assert run.last_good(bad_step=3) == f"{first} (its weights gave this loss: resume it with other settings)"
     assert ckpt.RunCheckpoints(tmp_path, 5, 0, main=False).last_good(bad_step=3) is None
+
+
+def _pick_on_two_ranks(rank: int, run_dir: str, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # this node sees the newest checkpoint damaged, and must not pick for itself
+            ckpt.load_latest = lambda *a, **k: pytest.fail("rank 1 picked its own checkpoint")
+        path, state = ckpt.pick_latest(run_dir)
+        torch.save({"path": str(path), "state": state}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_rank_0s_pick(tmp_path):
+    import torch.multiprocessing as mp
+
+    for step in (2, 4):
+        ckpt.save_checkpoint({"step": step}, tmp_path, step=step, keep_last=5)
+    out = tmp_path / "picked"
+    mp.spawn(_pick_on_two_ranks, args=(str(tmp_path), str(tmp_path / "init"), str(out)), nprocs=2)
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert rank0 == {"path": str(tmp_path / "ckpt-step000000004.pt"), "state": {"step": 4}}
+    assert rank1 == {"path": rank0["path"], "state": None}  # loaded by the caller, from rank 0's path
+    assert ckpt.pick_latest(tmp_path)[1] == {"step": 4}  # one process: load_latest
