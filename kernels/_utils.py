@@ -73,8 +73,19 @@ def check_runs_here(device: torch.device, kernel: Any, op: str) -> None:
     )
 
 
-def is_interpreter(device: torch.device) -> bool:
-    """True when kernels run on CPU tensors, i.e. under ``TRITON_INTERPRET=1``."""
+def is_interpreter() -> bool:
+    """True when the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before they
+    were made): it decides the interpreter's numerics workarounds (``EMULATE_RTNE``, fp32 dots),
+    whatever the tensors' device. (Keyed on the device, CUDA tensors under the interpreter, which
+    Triton runs by copying them to the host, skipped them: a raw bf16 ``tl.dot``, which the
+    interpreter multiplies as integers, gave attention errors of 1e9.)"""
+    return not isinstance(to_output_dtype, JITFunction)
+
+
+def cpu_tiles(device: torch.device) -> bool:
+    """Whether the launch rules take their small CPU shapes (the interpreter's cost is per program,
+    so few programs of many rows each) for tensors on ``device``: for CPU tensors; CUDA tensors get
+    the GPU's rule, interpreted or not (which is how the tests read the GPU rules on CPU)."""
     return device.type != "cuda"
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import check_runs_here, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
+from ._utils import check_runs_here, cpu_tiles, is_interpreter, launcher, new_output, next_pow2, to_output_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -363,7 +363,7 @@ def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int
     against 0.750 (event-timed, the host's launch time in both); the encoder's forward + backward
     0.596 against 0.687, its forward the same. 1 stage was the slowest in all four.
     """
-    if is_interpreter(device):
+    if cpu_tiles(device):
         block = max(16, min(next_pow2(N), 128))
         return block, block, 1, block, block, 1, 1, False
     return 64, 64, 4, 64, 64, 4 if Dh <= 32 else 8, 3, False
@@ -422,7 +422,7 @@ def _attention(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             TAIL_N=tail_n,
             BLOCK_D=max(16, next_pow2(Dh)),
             DOT_PRECISION=_dot_precision(qkv.dtype),
-            EMULATE_RTNE=is_interpreter(qkv.device),
+            EMULATE_RTNE=is_interpreter(),
             num_warps=warps,
             num_stages=stages,
         )
@@ -472,7 +472,7 @@ def _attention_backward(
             TAIL_N=tail_n,
             BLOCK_D=max(16, next_pow2(Dh)),
             DOT_PRECISION=_dot_precision(qkv.dtype),
-            EMULATE_RTNE=is_interpreter(qkv.device),
+            EMULATE_RTNE=is_interpreter(),
             ONE_BLOCK=N <= bm and N <= bn,
             num_warps=warps,
             num_stages=stages,
@@ -483,6 +483,7 @@ def _attention_backward(
 def _setup_context(ctx, inputs, output) -> None:
     (qkv,) = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # saved for the backward; no grad flows through it
     ctx.save_for_backward(qkv.contiguous(), out, lse)
 
 

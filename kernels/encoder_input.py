@@ -23,6 +23,7 @@ from ._utils import (
     check_float,
     check_input,
     check_runs_here,
+    cpu_tiles,
     is_interpreter,
     launcher,
     new_output,
@@ -72,7 +73,7 @@ def _encoder_input_kernel(
 def _launch_config(n_rows: int, D: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps)."""
     block_d = min(next_pow2(D), 1024)
-    if is_interpreter(device):
+    if cpu_tiles(device):
         return min(128, next_pow2(n_rows)), next_pow2(D), 1
     return max(1, 4096 // block_d), block_d, 4
 
@@ -100,7 +101,7 @@ def _encoder_input(
         D,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
-        EMULATE_RTNE=is_interpreter(x.device),
+        EMULATE_RTNE=is_interpreter(),
         num_warps=num_warps,
     )
     return out

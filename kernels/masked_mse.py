@@ -26,6 +26,7 @@ from ._utils import (
     check_input,
     check_patch_size,
     check_runs_here,
+    cpu_tiles,
     is_interpreter,
     launcher,
     new_output,
@@ -289,7 +290,7 @@ def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[i
     tile, in the image's order (the order, one of ``ORDERS``, is swept: benchmarks/sweep_kernels.py)."""
     p_pad, cp_pad = next_pow2(P), next_pow2(C * P)
     width = p_pad * cp_pad
-    if is_interpreter(device):
+    if cpu_tiles(device):
         return p_pad, cp_pad, min(64, next_pow2(n_rows)), 1, "image"
     return p_pad, cp_pad, max(1, 4096 // width), 8, "image"
 
@@ -367,7 +368,7 @@ def _masked_mse_backward(
     if n_programs > 0:
         _launch(
             _masked_mse_bwd_kernel, (n_programs,), pred, imgs, mask.contiguous(), (scale, grad_pred),
-            n_rows, L, C, patch_size, norm_pix_loss, cfg, EMULATE_RTNE=is_interpreter(pred.device),
+            n_rows, L, C, patch_size, norm_pix_loss, cfg, EMULATE_RTNE=is_interpreter(),
         )  # fmt: skip
     return grad_pred
 

@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._utils import check_input, check_patch_size, check_runs_here, is_interpreter, launcher, new_output, next_pow2
+from ._utils import (
+    check_input,
+    check_patch_size,
+    check_runs_here,
+    cpu_tiles,
+    launcher,
+    new_output,
+    next_pow2,
+)
 
 
 @triton.jit
@@ -73,7 +81,7 @@ def _patch_gather_kernel(
 def _launch_config(n_rows: int, C: int, P: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_CP, num_warps): ~4K elements a program on GPU, fewer bigger tiles on CPU."""
     p_pad = next_pow2(P)
-    if is_interpreter(device):
+    if cpu_tiles(device):
         # The interpreter's cost is per program: one program per many rows and the whole patch.
         return min(64, next_pow2(n_rows)), next_pow2(C * P), 1
     block_cp = max(1, 256 // p_pad)

@@ -22,6 +22,7 @@ from ._utils import (
     check_float,
     check_input,
     check_runs_here,
+    cpu_tiles,
     is_interpreter,
     launcher,
     new_output,
@@ -121,7 +122,7 @@ def _launch_config(n_rows: int, D: int, device: torch.device) -> tuple[int, int,
     """(BLOCK_R, BLOCK_D, num_warps, the backward loop's pipeline stages): ~4K elements a tile on
     GPU, fewer bigger tiles on CPU; one stage (a plain loop) until the sweep
     (benchmarks/sweep_kernels.py) has timed more."""
-    if is_interpreter(device):
+    if cpu_tiles(device):
         return min(128, next_pow2(n_rows)), next_pow2(D), 1, 1
     block_d = min(next_pow2(D), 1024)
     return max(1, 4096 // block_d), block_d, 4, 1
@@ -150,7 +151,7 @@ def _unshuffle(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Ten
         D,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
-        EMULATE_RTNE=is_interpreter(x.device),
+        EMULATE_RTNE=is_interpreter(),
         num_warps=num_warps,
     )
     return out
@@ -189,7 +190,7 @@ def _unshuffle_backward(
             BLOCK_R=block_r,
             BLOCK_D=block_d,
             STAGES=stages,
-            EMULATE_RTNE=is_interpreter(grad_out.device),
+            EMULATE_RTNE=is_interpreter(),
             num_warps=num_warps,
         )
     else:

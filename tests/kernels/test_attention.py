@@ -179,3 +179,44 @@ def test_attention_rejects_bad_input(device):
         attention(torch.randn(1, 4, 3, 1, 16, device=device, dtype=torch.float64))
     with pytest.raises(ValueError, match="head dims up to 128, got 160; use the sdpa backend"):
         attention(torch.randn(1, 4, 3, 1, 160, device=device))
+
+
+def test_attention_lse_is_not_differentiable(device):
+    """The op's second output (the row logsumexp, saved for the backward) takes no grad: marked
+    differentiable, a loss through it got a silent zero grad."""
+    qkv = torch.randn(1, 5, 3, 1, 16, device=device, requires_grad=True)
+    out, lse = torch.ops.fastmae.attention(qkv)
+    assert out.requires_grad and not lse.requires_grad
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_under_the_interpreter_take_its_workarounds(tmp_path):
+    """With TRITON_INTERPRET=1, CUDA tensors are run by the interpreter (copied to the host): keyed
+    on the device, they took the GPU's branches (a raw bf16 tl.dot, which the interpreter multiplies
+    as integers: errors of 1e9). The interpreter's workarounds follow the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from fastmae.attention import attention_math
+from fastmae.kernels import _utils, attention, attention_ref
+assert _utils.is_interpreter()
+qkv = torch.randn(1, 20, 3, 2, 16, device="cuda").bfloat16()
+ref = attention_ref(qkv.float())
+err = (attention(qkv).float() - ref).abs().max().item()
+plain = (attention_math(qkv).reshape(ref.shape).float() - ref).abs().max().item()  # bf16 PyTorch's own
+assert err <= 2 * plain, (err, plain)
+print("ok", err, plain)
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_the_interpreter_is_told_by_the_kernels_not_the_device():
+    from fastmae.kernels import _utils
+
+    interpreted = not isinstance(attention_module._attn_fwd_kernel, _utils.JITFunction)
+    assert _utils.is_interpreter() is interpreted  # no device argument: CUDA tensors can be interpreted too
