@@ -49,8 +49,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, KeyboardInterrupt) and _interrupted(e):
+            # Ctrl-C inside torch.save: its zip writer's clean-up then fails on the torn file ("unexpected
+            # pos"), and that error, not the interrupt, reached the caller: a traceback, not "interrupted"
+            raise KeyboardInterrupt from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -58,6 +62,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether ``error`` was raised while a KeyboardInterrupt was being handled."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:

@@ -40,6 +40,29 @@ def test_crash_during_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch
     assert state["step"] == 1 and torch.equal(state["model"]["w"], _state(1)["model"]["w"])
 
 
+def test_ctrl_c_during_write_is_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C inside torch.save: its zip writer's clean-up fails on the torn file, and that error
+    reached the trainer instead of the KeyboardInterrupt (a traceback and exit 1, not exit 130 with
+    the resume hint)."""
+    ckpt.save_checkpoint(_state(1), tmp_path, step=1, keep_last=3)
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5194048")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt) as info:
+        ckpt.save_checkpoint(_state(2), tmp_path, step=2, keep_last=3)
+    assert "unexpected pos" in str(info.value.__cause__)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-step000000001.pt"]
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not interrupted")))
+    with pytest.raises(RuntimeError, match="not interrupted"):  # other errors stay what they are
+        ckpt.save_checkpoint(_state(2), tmp_path, step=2, keep_last=3)
+
+
 def test_sigkill_during_write_leaves_the_previous_checkpoint(tmp_path):
     """A process killed while it writes a (large) checkpoint: the previous one is still the latest."""
     script = textwrap.dedent(
