@@ -104,6 +104,7 @@ class EvalLoader:
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # not torch's global RNG, which training draws from (see TorchLoader)
         )
 
     def __len__(self) -> int:

@@ -190,6 +190,10 @@ class TorchLoader(ScheduledLoader):
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            # its own generator: an iterator draws its workers' base seed from it, and from torch's
+            # global RNG without one, which a resumed run restores (fine-tuning's drop path draws
+            # from it: a resume's new iterator moved its masks)
+            generator=torch.Generator().manual_seed(seed),
         )
         _LIVE_LOADERS.add(self)
 
