@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
         PROG,
         description=__doc__.split("\n\n")[0],
         epilog="example: python -m fastmae.finetune --mode linear --pretrained runs/demo/ckpt-step000000256.pt "
-        "--train-path ~/.cache/fastmae/demo-2048",
+        "--train-path ~/.cache/fastmae/demo-2048 --optimizer adamw --blr 1e-2 (the recipe's LARS is for batch 16384)",
     )
     values = vars(parser.parse_args(argv))
     cfg = FinetuneConfig(**values)
@@ -369,6 +369,16 @@ def optimizer_name(mode: str, optimizer: str) -> str:
     return optimizer if optimizer != "auto" else ("lars" if mode == "linear" else "adamw")
 
 
+def lars_reach(cfg: FinetuneConfig, peak_lr: float, total: int, steps_per_epoch: int) -> float:
+    """About how far LARS can move a weight matrix over the run, in units of its norm: a step moves
+    it by lr x trust coefficient (0.001) x its norm, which momentum 0.9 adds up to 10x that (the
+    norm itself held fixed). The recipe (batch 16384, lr 6.4, ~7000 steps) reaches ~200; batch 32 on
+    a few thousand images (lr 0.0125) ~0.3, and a user's probe learned nothing in 90 epochs. Raising
+    the lr instead moves the biases and norms, which LARS leaves unscaled, as far: they diverge."""
+    total_lr = sum(lr_at(step / steps_per_epoch, peak_lr, cfg) for step in range(total))
+    return total_lr * 0.001 / (1 - 0.9)
+
+
 def build_optimizer(
     cfg: FinetuneConfig, model: VisionTransformer, lr: float, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -528,6 +538,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    if main and isinstance(optimizer, LARS) and (reach := lars_reach(cfg, peak_lr, total, steps_per_epoch)) < 1:
+        print(
+            f"warning: LARS at lr {peak_lr:.3g} (blr {cfg.blr:g} x effective batch {eff_batch} / 256) can move the "
+            f"head's weights by only ~{reach:.2g}x their norm in {total} steps: it would stay near its random init "
+            "(the recipe's batch 16384 gives lr 6.4). For small batches use e.g. --optimizer adamw --blr 1e-2",
+            flush=True,
+        )
     step, best = 0, 0.0
     if resumed is not None:
         path, state = resumed

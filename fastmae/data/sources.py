@@ -285,7 +285,7 @@ class BadFileReport:
             if path in self._reasons:
                 return False
             self._reasons[path] = reason
-            logger.warning("skipping unreadable image %s: %s", path, reason)
+            logger.warning("unreadable image %s (%s): a stand-in takes its place", path, reason)
             if self.report_path is not None:
                 self.report_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.report_path, "a", encoding="utf-8", errors="surrogateescape") as f:

@@ -147,7 +147,7 @@ def test_bad_file_report_file_dedup_and_resume(tmp_path, caplog):
     assert report.count == 2 and report.paths == ["/d/a.jpg", "/d/b.jpg"]
     lines = (tmp_path / "run" / "bad_files.txt").read_text().splitlines()
     assert lines == ["/d/a.jpg\tOSError: broken data", "/d/b.jpg\tmissing"]
-    assert "skipping unreadable image /d/a.jpg" in caplog.text
+    assert "unreadable image /d/a.jpg (" in caplog.text and "a stand-in takes its place" in caplog.text
     resumed = BadFileReport(tmp_path / "run")  # a restarted run does not write duplicates
     assert not resumed.add("/d/a.jpg", "x")
     assert len((tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == 2
