@@ -484,6 +484,16 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
 
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, os.fspath(path), metadata={"format": "pt", **metadata})
+    as_umask_says(path)
+
+
+def as_umask_says(path: str | os.PathLike) -> None:
+    """Give a written file the mode the umask gives new files (as ``torch.save``'s and ``open``'s
+    get): safetensors (0.8) writes 0600, so an export on a shared machine was readable by its
+    writer alone."""
+    umask = os.umask(0o022)  # read it (there is no other way), then put it back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_safetensors(path: str | os.PathLike) -> StateDict:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fastmae.convert import (
+    as_umask_says,
     fastmae_state_dict,
     hf_folder_config,
     load_checkpoint,
@@ -89,6 +90,8 @@ def export(
         if report.missing:  # the whole model is exported: nothing may stay at its init
             raise KeyError(f"the checkpoint lacks {', '.join(report.missing[:6])}")
         to_hf(mae).save_pretrained(out)
+        for written in out.glob("*.safetensors"):
+            as_umask_says(written)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":

@@ -58,6 +58,24 @@ def test_hf_export_round_trips(run_checkpoint, tmp_path):
     torch.testing.assert_close(hf(pixel_values=imgs, noise=noise).logits, mae(imgs, noise=noise)[1])
 
 
+@pytest.mark.parametrize("to,name", [("timm", "enc.safetensors"), ("timm-cls", "cls.safetensors"), ("hf", "hf")])
+def test_exports_get_the_mode_the_umask_gives(run_checkpoint, tmp_path, to, name):
+    """safetensors writes 0600: on a shared machine colleagues could not read an export."""
+    import os
+    import stat
+
+    if to == "hf":
+        pytest.importorskip("transformers")
+    _, path = run_checkpoint
+    old = os.umask(0o027)
+    try:
+        assert main([str(path), "--to", to, "--out", str(tmp_path / name)]) == 0
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / name).glob("*.safetensors")) if to == "hf" else [tmp_path / name]
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o640 for f in files)
+
+
 def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.pth")])
