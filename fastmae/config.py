@@ -343,7 +343,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
             # config (preset, data, recipe) under a --config file and the flags given, as the stop
             # messages' short command promises; what only limited that invocation (--max-steps) is
             # not carried over (read_config_file drops it from a saved config)
-            file_values = {**read_config_file(saved), **file_values}
+            saved_values = read_config_file(saved)
+            ran = json.loads(saved.read_text()).get("resolved", {}).get("effective_batch")
+            if ran and saved_values.get("effective_batch") == 0 and not saved_values.get("accum_iter"):
+                # its effective batch was batch x its processes: kept on another number of them
+                # (accumulation makes it up), as a fixed one is; the checkpoint holds that batch's steps
+                saved_values["effective_batch"] = ran
+            file_values = {**saved_values, **file_values}
         if "preset" in args:
             file_values.pop("preset", None)
         cfg = make_config({**file_values, **args})

@@ -33,9 +33,17 @@ def summary(result: TrainResult, seconds: float) -> str:
             + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
         )
     if result.bad_files:
-        lines.append(f"  bad files   {result.bad_files} unreadable, skipped: {result.bad_files_report}")
+        lines.append(f"  bad files   {result.bad_files} unreadable, replaced by stand-ins: {result.bad_files_report}")
     more = " --epochs N (more epochs than this schedule's)" if result.schedule_done else ""
-    lines.append(f"continue:     {PROG} --run-dir {result.run_dir} --resume auto{more}")
+    launch = PROG
+    if result.world_size > 1:  # (any number of processes continues it: the effective batch is kept)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", result.world_size))
+        launch = (
+            f"torchrun --standalone --nproc_per_node {per_node} -m fastmae.train"
+            if per_node == result.world_size
+            else "torchrun (as this run was launched) -m fastmae.train"
+        )
+    lines.append(f"continue:     {launch} --run-dir {result.run_dir} --resume auto{more}")
     return "\n".join(lines)
 
 

@@ -88,6 +88,7 @@ class TrainResult:
     bad_files: int = 0  # unreadable images skipped, all ranks (rank 0's count)
     bad_files_report: Path | None = None
     schedule_done: bool = False  # every epoch of the schedule ran (continuing means more --epochs)
+    world_size: int = 1  # the processes it ran on
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -470,6 +471,7 @@ def train(cfg: Config) -> TrainResult:
         step=step,
         checkpoint=resumed.checkpoint if resumed else None,
         metrics=run_dir / "metrics.jsonl",
+        world_size=env.world_size,
     )
     checkpoints = ckpt.RunCheckpoints(
         run_dir,

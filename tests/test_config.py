@@ -90,6 +90,23 @@ def test_resuming_reads_the_runs_config_under_a_config_file_and_flags(tmp_path):
         assert (cfg.depth, cfg.blr, cfg.seed) == (3, 2e-3, 9), argv
 
 
+def test_resuming_on_other_processes_keeps_the_runs_effective_batch(tmp_path):
+    """A run whose effective batch was batch x processes (effective_batch 0, the demo's) resumed on
+    another number of processes keeps the batch it ran (accumulation makes it up): the summary's
+    "continue" command after a 2-process torchrun run was refused on one process."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ran = {**Config(batch_size=64, effective_batch=0).to_dict(), "resolved": {"effective_batch": 128}}
+    (run / "config.json").write_text(json.dumps(ran))
+    argv = ["--run-dir", str(run), "--resume", "auto"]
+    cfg = parse_config(argv)
+    assert cfg.effective_batch == 128 and accum_iter(cfg, 1) == 2
+    assert parse_config([*argv, "--effective-batch", "0"]).effective_batch == 0  # the flags still win
+    assert parse_config(["--config", str(run / "config.json")]).effective_batch == 0  # a new run: its recipe
+    (run / "config.json").write_text(json.dumps({**ran, "accum_iter": 2}))  # a fixed accumulation stays as it was
+    assert parse_config(argv).effective_batch == 0
+
+
 def test_data_paths_are_kept_absolute(tmp_path, monkeypatch):
     """A run started with a relative --data-path resumes from another working directory."""
     (tmp_path / "data").mkdir()

@@ -25,6 +25,9 @@ def test_two_processes_match_one(tiny_data, tmp_path):  # noqa: F811
     proc = _torchrun(*tiny_args(tiny_data, tmp_path / "two", "--epochs", "2"), "--batch-size", "4", "--accum-iter", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("done: step 8") == 1  # rank 0 reports
+    assert f"continue:     torchrun --standalone --nproc_per_node 2 -m fastmae.train --run-dir {tmp_path / 'two'}" in (
+        proc.stdout
+    )
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
     for (s, a), (_, b) in zip(one, two, strict=True):
@@ -67,7 +70,7 @@ def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
     # at the end, rank 0 joins them: each file once, counted in its summary
     merged = (run / "bad_files.txt").read_text().splitlines()
     assert sorted(os.path.basename(line.split("\t")[0]) for line in merged) == ["bad_a.jpg", "bad_b.jpg"]
-    assert proc.stdout.count(f"bad files   2 unreadable, skipped: {run / 'bad_files.txt'}") == 1
+    assert proc.stdout.count(f"bad files   2 unreadable, replaced by stand-ins: {run / 'bad_files.txt'}") == 1
 
 
 def test_a_knn_path_without_labels_is_every_ranks_one_line_error(tiny_data, tmp_path):  # noqa: F811
