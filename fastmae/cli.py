@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, NoReturn
 
 _TYPES = {
     "int": int,
@@ -22,6 +22,15 @@ _TYPES = {
     "str | None": str,
     "tuple[float, float]": float,
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line: ``prog: error: message``, exit 2.
+    argparse prints the whole usage first, 30-odd lines for the trainer's fields, which buried the
+    line that says what is wrong; ``--help`` still shows it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def flag(name: str) -> str:
@@ -52,7 +61,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def dataclass_parser(cls: type, prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
     """An ``argparse`` parser for ``cls`` whose unset flags are absent from the namespace."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description=description,
         epilog=epilog,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastmae.cli import field_type, flag
+from fastmae.cli import ArgumentParser, field_type, flag
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_BACKENDS = ("auto", "sdpa", "sdpa_pad64", "triton", "xformers", "math")
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for name, p in PRESETS.items()
     )
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastmae.train",
         description="MAE pre-training. With no arguments: the demo preset on a generated image set.\n"
         "The defaults shown are the paper's recipe (ViT-B/16 shapes); a preset overrides some of them,\n"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastmae.cli import ArgumentParser
 from fastmae.convert import (
     as_umask_says,
     fastmae_state_dict,
@@ -102,7 +103,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastmae.export", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip

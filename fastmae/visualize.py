@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from fastmae.cli import ArgumentParser
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.transforms import load_rgb
 
@@ -300,7 +301,7 @@ def load_mae(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m fastmae.visualize",
         description="Reconstructions of your images by a pretrained MAE, as a PNG grid: original | masked | "
         "reconstruction | reconstruction + visible patches (one row per image).",

@@ -197,16 +197,19 @@ def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path, uninterr
 
 def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsys):
     """A run stopped after 8 steps continues as batch 4 x accum 2 with selective activation
-    checkpointing (what the out-of-memory hint offers): the losses of batch 8 throughout."""
+    checkpointing (what the out-of-memory hint offers): the losses of batch 8 throughout. The run's
+    effective batch (8: batch x processes) is kept, so --batch-size 4 alone accumulates 2; asking
+    for another effective batch is refused."""
     main(tiny_args(tiny_data, tmp_path / "ref", "--epochs", "2"))
     run = tmp_path / "run"
     assert main(tiny_args(tiny_data, run, "--epochs", "2", "--max-steps", "8")) == 0
     assert main(tiny_args(tiny_data, run, "--epochs", "2")) == 2  # holds a run: refuses to overwrite it
     assert "--resume auto" in capsys.readouterr().err
-    bad = tiny_args(tiny_data, run, "--epochs", "2", "--batch-size", "4", "--resume", "auto")
-    assert main(bad) == 2  # another effective batch would be another run
+    smaller = tiny_args(tiny_data, run, "--epochs", "2", "--batch-size", "4", "--resume", "auto")
+    assert main([*smaller, "--effective-batch", "4"]) == 2  # another effective batch would be another run
     assert "--effective-batch 8" in capsys.readouterr().err
-    assert main([*bad, "--accum-iter", "2", "--activation-checkpointing", "selective"]) == 0
+    assert main([*smaller, "--activation-checkpointing", "selective"]) == 0
+    assert json.loads((run / "config.json").read_text())["resolved"]["accum_iter"] == 2
     resumed, reference = losses(run), losses(tmp_path / "ref")
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, 17))
     for (s, a), (_, b) in zip(resumed, reference, strict=True):
