@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastmae.data.sources import BadFileReport, DataError, Source
+from fastmae.data.torch_loader import usable_workers
 from fastmae.data.transforms import CropParams, augment, load_rgb
 
 EVAL_CROP = 0.875  # 224 / 256
@@ -101,7 +102,7 @@ class EvalLoader:
             _EvalDataset(self.samples, image_size, crop),
             batch_size=batch_size,
             shuffle=False,
-            num_workers=num_workers,
+            num_workers=usable_workers(num_workers),
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # not torch's global RNG, which training draws from (see TorchLoader)

@@ -137,6 +137,15 @@ def _collate(items):
     return images, labels, bad, None
 
 
+def usable_workers(num_workers: int) -> int:
+    """``num_workers``, at most the CPUs this process may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call (macOS)
+        cpus = os.cpu_count() or 1
+    return min(num_workers, cpus)
+
+
 class TorchLoader(ScheduledLoader):
     """PIL/torchvision reference loader.
 
@@ -148,7 +157,8 @@ class TorchLoader(ScheduledLoader):
         rank, world_size: shard of this process.
         device: where batches are delivered (``"cuda"`` pins host memory and copies async).
         dtype: dtype of the delivered images (cast on the device).
-        num_workers: DataLoader workers (0 = in the main process); persistent when > 0.
+        num_workers: DataLoader workers (0 = in the main process), at most the CPUs this process
+            may run on (more only contend; DataLoader warns of a freeze); persistent when > 0.
         report_dir: folder for ``bad_files.txt`` (None: log only).
         prefetch_factor: batches each worker prepares ahead.
         scale, ratio: RandomResizedCrop bounds.
@@ -182,6 +192,7 @@ class TorchLoader(ScheduledLoader):
         self.bad_files.extend((p, "missing") for p in source.missing)
         self._pass_steps: range = range(0)
         dataset = _SampleDataset(source.samples, seed, image_size, scale, ratio)
+        num_workers = usable_workers(num_workers)
         self._loader = DataLoader(
             dataset,
             batch_sampler=_PlanBatchSampler(self),

@@ -205,3 +205,17 @@ def test_resume_step_of_a_used_up_epoch_under_another_global_batch():
     assert plan.resume_step({"num_samples": 10, "seed": 0, "step": 2, "global_batch": 2}) == 1
     with pytest.raises(DataError, match="not a whole number of global batches of 4"):
         plan.resume_step({"num_samples": 10, "seed": 0, "step": 1, "global_batch": 2})
+
+
+def test_workers_are_capped_at_the_usable_cpus(demo_root, monkeypatch):
+    """More workers than CPUs only contend (DataLoader warns of a freeze, twice a fine-tune on 2
+    cores with its default 4): capped."""
+    import os
+
+    from fastmae.data.eval import EvalLoader
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    src = open_source(demo_root)
+    train, val = TorchLoader(src, 2, 32, num_workers=64), EvalLoader(src, 2, 32, num_workers=64)
+    assert train._loader.num_workers == val._loader.num_workers == 2
+    assert TorchLoader(src, 2, 32, num_workers=1)._loader.num_workers == 1
