@@ -28,8 +28,10 @@ mixup and cutmix of the full ImageNet recipe are not applied.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -104,7 +106,8 @@ class FinetuneConfig:
     val_fraction: float = _f(0.2, "per-class share held out for validation when --val-path is not given")
     num_classes: int = _f(0, "classes (0 = from the labels)")
     run_dir: str = _f("", "run directory (default runs/finetune-<mode>)")
-    resume: str = _f("", "'' = fresh run, 'auto' = continue the run directory's latest checkpoint")
+    resume: str = _f("", "'' = fresh run, 'auto' = continue the run directory's latest checkpoint (its config.json "
+                     "gives what the flags do not)")  # fmt: skip
     seed: int = _f(0, "seed of the head init, data order and augmentation")
 
     epochs: int | None = _f(None, "epochs (recipe: full 100, partial 100, linear 90)")
@@ -165,12 +168,35 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
         "--train-path ~/.cache/fastmae/demo-2048 --optimizer adamw --blr 1e-2 (the recipe's LARS is for batch 16384)",
     )
     values = vars(parser.parse_args(argv))
-    cfg = FinetuneConfig(**values)
     try:
+        if values.get("resume") == "auto":  # the run's saved config under the flags given, as pretraining's
+            values = {**saved_config(Path(values.get("run_dir") or f"runs/finetune-{values.get('mode', 'full')}")),
+                      **values}  # fmt: skip
+        for name in PATH_FIELDS:  # a resume from another working directory finds them
+            if values.get(name):
+                values[name] = os.path.abspath(values[name])
+        cfg = FinetuneConfig(**values)
         validate(cfg)
     except ConfigError as e:
         parser.error(str(e))
     return cfg
+
+
+PATH_FIELDS = ("pretrained", "train_path", "train_list", "val_path", "val_list")
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The field values of ``run_dir``'s ``config.json`` (none without one), less what belonged to the
+    invocation that wrote it (its run directory, resume, step limit, device)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"run_dir", "resume", "max_steps", "device"}
+    return {k: v for k, v in saved.items() if k in fields}
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -641,11 +667,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue from the last checkpoint with --resume auto", file=sys.stderr)
+        run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"
+        print(f"{PROG}: interrupted; continue from the last checkpoint with {PROG} --run-dir {run_dir} --resume auto",
+              file=sys.stderr)  # fmt: skip
         return 130
     except Stopped as e:
         run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"
-        print(f"{PROG}: {e}; continue with the same command and --resume auto (--run-dir {run_dir})", file=sys.stderr)
+        print(f"{PROG}: {e}; continue with {PROG} --run-dir {run_dir} --resume auto", file=sys.stderr)
         return EXIT_STOPPED
     finally:
         release_run_dirs()

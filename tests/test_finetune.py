@@ -443,7 +443,12 @@ def test_run_time_errors_are_one_line(tmp_path, labelled, capsys, monkeypatch):
     assert (tmp_path / "c" / "results.json").read_text() == before
     for raised, code, message in (
         (FloatingPointError("non-finite training loss at step 4: lower --blr / --lr"), 1, "non-finite training loss"),
-        (KeyboardInterrupt(), 130, "interrupted; continue from the last checkpoint with --resume auto"),
+        (
+            KeyboardInterrupt(),
+            130,
+            f"interrupted; continue from the last checkpoint with python -m "
+            f"fastmae.finetune --run-dir {tmp_path / 'd'} --resume auto",
+        ),
     ):
         monkeypatch.setattr(ft, "finetune", lambda cfg, e=raised: (_ for _ in ()).throw(e))
         assert ft.main([*base, "--run-dir", str(tmp_path / "d")]) == code
@@ -490,10 +495,11 @@ def test_sigterm_saves_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, la
     assert ft.main([*argv, "--run-dir", str(run)]) == ft.EXIT_STOPPED
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stopped by a signal at step 2; checkpoint" in err[0], err
+    assert err[0].endswith(f"continue with python -m fastmae.finetune --run-dir {run} --resume auto")
     assert [p.name for p in run.glob("ckpt-*.pt")] == ["ckpt-step000000002.pt"]
     assert not (run / "results.json").exists()
     monkeypatch.setattr(ft, "lr_at", lr_at)
-    assert ft.main([*argv, "--run-dir", str(run), "--resume", "auto"]) == 0
+    assert ft.main(["--run-dir", str(run), "--resume", "auto"]) == 0  # the command it said: config.json gives the rest
     keys = ("step", "epoch", "loss", "lr", "val_top1", "val_top5")
     resumed, whole = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
