@@ -187,7 +187,13 @@ def init_weights(
     encoder = [k for k in expected if not _is_decoder_key(k)]
     lacking = [k for k in encoder if k not in sd]
     if lacking:
-        raise ValueError(f"it lacks encoder weights: {_abbrev(lacking, 3)}")
+        why = ""
+        if set(lacking) <= {"norm.weight", "norm.bias"} and "fc_norm.weight" in sd:
+            why = (
+                " (a classifier's or a timm global-pool export's: fc_norm replaced the MAE's final norm; "
+                "start from the checkpoint it was made from)"
+            )
+        raise ValueError(f"it lacks encoder weights: {_abbrev(lacking, 3)}{why}")
     wrong = [k for k in encoder if k not in _POS_EMBEDS and sd[k].shape != expected[k].shape]
     if wrong:  # widths, depth and patch agree, so this is a variant (e.g. mlp_ratio)
         k = wrong[0]
