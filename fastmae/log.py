@@ -58,6 +58,11 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         records = read_metrics(self.path) if resume_step else []
         kept = [r for r in records if r.get("step", 0) <= resume_step]
+        # the kept records' last training time: a resumed run's "time" goes on from it (it restarted
+        # at 0, and a plot of loss against time folded back)
+        self.resumed_time = max(
+            (float(r["time"]) for r in kept if isinstance(r.get("time"), (int, float))), default=0.0
+        )
         later = [r for r in records if r.get("step", 0) > resume_step] if superseded else []
         if later:
             with open(self.path.with_name(self.path.name + ".superseded"), "a") as f:

@@ -486,7 +486,7 @@ def train(cfg: Config) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     B, world, rank = cfg.batch_size, env.world_size, env.rank
     t_interval, step_interval = time.perf_counter(), step
-    t_start = time.time()
+    t_start = time.time() - (log.resumed_time if log is not None else 0.0)  # the run's training time
 
     def log_interval(loss: float, epoch_f: float, lr: float) -> None:
         """Rank 0's record of the interval that ends at ``step``."""

@@ -37,3 +37,13 @@ def test_resume_drops_the_interrupted_runs_later_records_in_both(tmp_path, monke
     log.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert opened == [None, 4]
+
+
+def test_a_resumed_runs_time_goes_on_from_the_kept_records(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    assert log.resumed_time == 0.0
+    for step, t in ((2, 5.0), (4, 9.5), (6, 14.0)):
+        log.write({"step": step, "loss": 1.0, "time": t})
+    log.write({"step": 4, "knn_top1": 50.0})  # a record without a time
+    log.close()
+    assert MetricsLog(tmp_path, resume_step=4, tensorboard=False).resumed_time == 9.5

@@ -210,6 +210,8 @@ def test_resume_on_another_world_size_or_accumulation(tiny_data, tmp_path, capsy
     assert "--effective-batch 8" in capsys.readouterr().err
     assert main([*smaller, "--activation-checkpointing", "selective"]) == 0
     assert json.loads((run / "config.json").read_text())["resolved"]["accum_iter"] == 2
+    times = [r["time"] for r in read_metrics(run / "metrics.jsonl")]
+    assert times == sorted(times) and times[8] > times[7]  # the resumed run's time goes on (it restarted at 0)
     resumed, reference = losses(run), losses(tmp_path / "ref")
     assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, 17))
     for (s, a), (_, b) in zip(resumed, reference, strict=True):
