@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a folder made read-only meanwhile
         parser.error(f"cannot write {out}: {e.strerror or e}")
     print(
-        f"wrote {out} ({len(used)} images: {', '.join(os.path.basename(p) for p in used[:4])}{', ...' if len(used) > 4 else ''})"
+        f"wrote {out} ({len(used)} image{'s' if len(used) > 1 else ''}: "
+        f"{', '.join(os.path.basename(p) for p in used[:4])}{', ...' if len(used) > 4 else ''})"
     )
     return 0
 
