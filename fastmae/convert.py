@@ -13,6 +13,7 @@ Checkpoint files here are for weights; the trainer's resumable checkpoints live 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastmae.model import LN_EPS, MaskedAutoencoderViT
+from fastmae.model import MaskedAutoencoderViT
 
 if TYPE_CHECKING:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -174,12 +175,13 @@ def model_config(model: MaskedAutoencoderViT) -> dict[str, Any]:
 
 
 def hf_config(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> ViTMAEConfig:
-    """A ``ViTMAEConfig`` for ``model``'s architecture (LayerNorm eps 1e-6, exact GELU, no dropout)."""
+    """A ``ViTMAEConfig`` for ``model``'s architecture (its LayerNorm eps, exact GELU, no dropout)."""
     from transformers import ViTMAEConfig
 
     c = model_config(model)
-    if not all(b.norm1.eps == LN_EPS for b in model.blocks):
-        raise ValueError("Hugging Face ViTMAE has one layer_norm_eps; this model's LayerNorms differ from 1e-6")
+    eps = sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)})
+    if len(eps) != 1:
+        raise ValueError(f"Hugging Face ViTMAE has one layer_norm_eps; this model's LayerNorms have {eps}")
     return ViTMAEConfig(
         hidden_size=c["embed_dim"],
         num_hidden_layers=c["depth"],
@@ -196,7 +198,7 @@ def hf_config(model: MaskedAutoencoderViT, mask_ratio: float = 0.75) -> ViTMAECo
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        layer_norm_eps=LN_EPS,
+        layer_norm_eps=eps[0],
         mask_ratio=mask_ratio,
         norm_pix_loss=c["norm_pix_loss"],
     )
@@ -328,10 +330,18 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     try:
         if os.fspath(path).endswith(".safetensors"):
             return load_safetensors(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # the official MAE's training checkpoints (util/misc.save_model: checkpoint-N.pth) hold the run's
+        # argparse.Namespace beside the weights: a plain record, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip, safetensors-header and OS errors all mean: cannot read it
         if isinstance(e, pickle.UnpicklingError):
-            why = "not a torch checkpoint, or it holds more than tensors and plain containers (weights_only=True)"
+            unsupported = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+            why = (
+                f"it holds more than tensors and plain containers ({unsupported[0]}; loaded with weights_only=True)"
+                if unsupported
+                else "not a torch checkpoint, or it holds more than tensors and plain containers (weights_only=True)"
+            )
         else:
             lines = str(e).strip().splitlines()
             why = f"{type(e).__name__}: {lines[0] if lines else ''}"
@@ -423,6 +433,11 @@ def load_official(
     report = LoadReport(loaded=[k for k in sd if k in expected], missing=missing, unexpected=unexpected)
     if missing and not report.encoder_only:
         raise KeyError(f"checkpoint lacks encoder weights: {_abbrev([k for k in missing if not _is_decoder_key(k)])}")
+    if missing and any(_is_decoder_key(k) for k in report.loaded):  # not encoder-only: part of a decoder
+        raise KeyError(
+            f"checkpoint has part of a decoder: it lacks {_abbrev(missing)} (a full checkpoint has all of it, "
+            "an encoder-only one none; a half-loaded decoder would be neither the checkpoint's nor a fresh one)"
+        )
     if unexpected and strict:
         raise KeyError(f"checkpoint has keys the model does not: {_abbrev(unexpected)} (strict=True)")
     for k in report.loaded:

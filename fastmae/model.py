@@ -49,7 +49,13 @@ RESIDUAL_DTYPES = ("float32", "autocast")
 class PatchEmbed(nn.Module):
     """Image to patch embedding, a ``P x P`` stride-``P`` convolution (timm's ``PatchEmbed`` keys)."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+    def __init__(
+        self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768
+    ):
+        if isinstance(img_size, (tuple, list)):  # timm's PatchEmbed, which the reference uses, takes (H, W)
+            if len(img_size) != 2 or img_size[0] != img_size[1]:
+                raise ValueError(f"img_size {tuple(img_size)}: the MAE's patch grid is square, give one side")
+            img_size = int(img_size[0])
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
@@ -175,7 +181,7 @@ class MaskedAutoencoderViT(nn.Module):
     """Masked Autoencoder with a VisionTransformer backbone.
 
     Args:
-        img_size: square input size; must be divisible by ``patch_size``.
+        img_size: square input size (an int, or ``(S, S)`` as timm takes it); divisible by ``patch_size``.
         patch_size: patch side ``P``.
         in_chans: image channels ``C``.
         embed_dim, depth, num_heads: the encoder.
@@ -199,7 +205,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         embed_dim: int = 1024,
@@ -516,6 +522,12 @@ def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     """ViT-H/14 encoder, 512-d 8-block decoder."""
     return _mae(14, 1280, 32, 16, **kwargs)
 
+
+# the official models_mae.py's names (its short ones above are aliases of these there): code that
+# picks a model by name, ``models_mae.__dict__[args.model]``, finds them here too
+mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
+mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
+mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
 
 MODELS: dict[str, Callable[..., MaskedAutoencoderViT]] = {
     "mae_vit_base_patch16": mae_vit_base_patch16,

@@ -1,10 +1,13 @@
 """Fixed 2-D sine-cosine position embeddings, computed exactly as the reference MAE does.
 
 The reference (facebookresearch/mae ``util/pos_embed.py``) builds the grid with
-``np.meshgrid(grid_w, grid_h)`` ("here w goes first") and computes in float32 numpy, so the first
-half of each vector encodes the *column* (w) coordinate and the second half the row (h). Every
-pretrained MAE checkpoint depends on that orientation and on those float32 roundings, so they are
-reproduced here to the bit.
+``np.meshgrid(grid_w, grid_h)`` ("here w goes first"), so the first half of each vector encodes the
+*column* (w) coordinate and the second half the row (h); every pretrained MAE checkpoint depends on
+that orientation. Its frequencies are float64 (``np.arange(..., dtype=np.float)`` in the release
+that trained the published checkpoints; Hugging Face's ViTMAE builds in float64 too), so the table
+is computed in float64 and cast to float32 once, as the reference's ``.float()`` does: bit for bit
+the same. (The repository's later numpy-2 edit, ``np.float32``, rounds in float32 and differs by up
+to 2e-6.)
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
     """
     if embed_dim % 2:
         raise ValueError(f"embed_dim must be even, got {embed_dim}")
-    omega = np.arange(embed_dim // 2, dtype=np.float32)
+    omega = np.arange(embed_dim // 2, dtype=np.float64)  # the release's np.float (see the module docstring)
     omega /= embed_dim / 2.0
     omega = 1.0 / 10000**omega  # (D/2,)
     out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2), outer product

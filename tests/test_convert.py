@@ -46,6 +46,25 @@ def test_fastmae_to_hf_to_fastmae_is_identity(norm_pix_loss):
     torch.testing.assert_close(pred, out.logits, rtol=1e-14, atol=1e-14)
 
 
+def test_a_model_with_another_layer_norm_eps_converts_with_it():
+    """HF's ViTMAEConfig default eps is 1e-12 and the reference constructor's nn.LayerNorm is 1e-5:
+    to_hf refused every eps but 1e-6, so from_hf's model of a default config did not go back."""
+    pytest.importorskip("transformers")
+    from functools import partial
+
+    torch.manual_seed(0)
+    for eps in (1e-5, 1e-12):
+        m = MaskedAutoencoderViT(**TINY, norm_layer=partial(torch.nn.LayerNorm, eps=eps)).double()
+        hf = to_hf(m)
+        assert hf.config.layer_norm_eps == eps
+        imgs, noise = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, 16, dtype=torch.float64)
+        torch.testing.assert_close(hf(pixel_values=imgs, noise=noise).logits, m(imgs, noise=noise)[1])
+        assert to_hf(from_hf(hf)).config.layer_norm_eps == eps
+    m.decoder_norm.eps = 1e-6
+    with pytest.raises(ValueError, match=r"one layer_norm_eps; this model's LayerNorms have \[1e-12, 1e-06\]"):
+        to_hf(m)
+
+
 def test_official_full_checkpoint_loads_strict(tmp_path):
     torch.manual_seed(0)
     src = MaskedAutoencoderViT(**TINY)
@@ -88,6 +107,32 @@ def test_bad_checkpoints_raise():
         load_official(dst, wrong)
     with pytest.raises(ValueError, match="no tensors"):
         read_state_dict({"model": {"epoch": 1}})
+    # part of a decoder (a full checkpoint with decoder tensors missing): not read as encoder-only
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    for gone in ("decoder_pred.", "mask_token", "decoder_blocks.0."):
+        partial = {k: v for k, v in src.items() if not k.startswith(gone)}
+        with pytest.raises(KeyError, match="checkpoint has part of a decoder: it lacks"):
+            load_official(dst, {"model": partial})
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # nothing loaded
+
+
+def test_an_official_training_checkpoint_loads(tmp_path):
+    """The official main_pretrain's checkpoint-N.pth: the weights beside the optimizer, the epoch, the
+    scaler and the run's argparse.Namespace (which weights_only=True refused: "not a torch checkpoint")."""
+    import argparse
+    import datetime
+
+    torch.manual_seed(0)
+    src = MaskedAutoencoderViT(**TINY)
+    path = tmp_path / "checkpoint-399.pth"
+    args = argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True)
+    torch.save({"model": src.state_dict(), "optimizer": {}, "epoch": 399, "scaler": {}, "args": args}, path)
+    dst = MaskedAutoencoderViT(**TINY)
+    assert not load_official(dst, path).missing and _equal_state(src, dst)
+    other = tmp_path / "other.pth"  # what is still refused says what it met
+    torch.save({"model": src.state_dict(), "when": datetime.date(2021, 11, 11)}, other)
+    with pytest.raises(ValueError, match=r"cannot read .*other.pth: it holds more than tensors .*Unsupported global"):
+        load_official(dst, other)
 
 
 def test_save_pretrained_file_reads_as_the_loaded_model(tmp_path):

@@ -16,7 +16,7 @@ from fastmae.model import (
     param_groups_weight_decay,
     random_masking_ids,
 )
-from fastmae.pos_embed import get_2d_sincos_pos_embed
+from fastmae.pos_embed import get_2d_sincos_pos_embed, sincos_pos_embed_tensor
 from tests.helpers import TINY_MAE
 
 TINY = TINY_MAE
@@ -103,11 +103,11 @@ def _sincos_independent(dim: int, grid: int) -> np.ndarray:
     second half the row ``hi`` (the reference's "w goes first" grid), each as ``[sin | cos]``.
     """
     quarter = dim // 4
-    omega = (1.0 / 10000 ** (np.arange(quarter, dtype=np.float32) / np.float32(quarter))).astype(np.float32)
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)  # float64, as the release's np.float
     out = np.zeros((1 + grid * grid, dim), dtype=np.float64)
     for hi in range(grid):
         for wi in range(grid):
-            a, b = np.float32(wi) * omega, np.float32(hi) * omega
+            a, b = wi * omega, hi * omega
             out[1 + hi * grid + wi] = np.concatenate([np.sin(a), np.cos(a), np.sin(b), np.cos(b)])
     return out
 
@@ -118,7 +118,9 @@ def test_pos_embed_matches_independent_formula(dim, grid):
     ours = get_2d_sincos_pos_embed(dim, grid, cls_token=True)
     assert ours.shape == (1 + grid * grid, dim)
     assert np.all(ours[0] == 0)
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-15)  # float64 either way: a few ulps of sin/cos
+    # and the float32 table a model holds is that, cast once (as the reference's .float())
+    assert np.array_equal(sincos_pos_embed_tensor(dim, grid)[0].numpy(), ref.astype(np.float32))
 
 
 def test_pos_embed_matches_hf_builder():
@@ -129,7 +131,7 @@ def test_pos_embed_matches_hf_builder():
     half = hf.shape[-1] // 2
     hf = torch.cat([hf[..., half:], hf[..., :half]], dim=-1)
     m = mae_vit_base_patch16(norm_pix_loss=True)
-    torch.testing.assert_close(m.pos_embed[0].double(), hf, rtol=0, atol=1e-6)
+    assert torch.equal(m.pos_embed[0], hf.float())  # bit for bit (a float32 table was up to 7e-7 off)
     assert not m.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
 
 
@@ -223,6 +225,16 @@ def test_factories_and_keys():
             for sub in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
                 expected |= {f"{part}.{i}.{sub}.weight", f"{part}.{i}.{sub}.bias"}
     assert keys == expected
+    # the official models_mae.py's full names, and timm's (S, S) image size, as the reference takes them
+    import fastmae.model as model_module
+
+    for short in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"):
+        assert getattr(model_module, f"{short}_dec512d8b") is getattr(model_module, short)
+    torch.manual_seed(0)
+    square = MaskedAutoencoderViT(img_size=(32, 32), patch_size=8, embed_dim=48, depth=1, num_heads=2)
+    assert square.patch_embed.img_size == (32, 32) and square.num_patches == 16
+    with pytest.raises(ValueError, match=r"img_size \(32, 48\): the MAE's patch grid is square"):
+        MaskedAutoencoderViT(img_size=(32, 48), patch_size=8)
 
 
 def test_forward_shapes():
