@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fastmae.model import MaskedAutoencoderViT
+from fastmae.model import MaskedAutoencoderViT, mlp_ratio_of
 
 if TYPE_CHECKING:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -169,7 +169,7 @@ def model_config(model: MaskedAutoencoderViT) -> dict[str, Any]:
         "decoder_embed_dim": model.mask_token.shape[-1],
         "decoder_depth": len(dec),
         "decoder_num_heads": dec[0].attn.num_heads,
-        "mlp_ratio": blocks[0].mlp.fc1.out_features / model.cls_token.shape[-1],
+        "mlp_ratio": mlp_ratio_of(model.cls_token.shape[-1], blocks[0].mlp.fc1.out_features),
         "norm_pix_loss": model.norm_pix_loss,
     }
 
@@ -244,7 +244,7 @@ def from_hf(hf: ViTMAEForPreTraining, **kwargs: Any) -> MaskedAutoencoderViT:
         decoder_embed_dim=c.decoder_hidden_size,
         decoder_depth=c.decoder_num_hidden_layers,
         decoder_num_heads=c.decoder_num_attention_heads,
-        mlp_ratio=c.intermediate_size / c.hidden_size,
+        mlp_ratio=mlp_ratio_of(c.hidden_size, c.intermediate_size),
         norm_layer=partial(torch.nn.LayerNorm, eps=c.layer_norm_eps),
         norm_pix_loss=c.norm_pix_loss,
         **kwargs,

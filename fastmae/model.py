@@ -15,6 +15,7 @@ Two paths compute the same function, chosen by ``fused``:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -126,6 +127,16 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def mlp_ratio_of(dim: int, hidden: int) -> float:
+    """The ``mlp_ratio`` whose MLP at width ``dim`` has ``hidden`` units (``int(dim * mlp_ratio)``, as
+    timm's Block): ``hidden / dim`` can land a hair under it in floating point (61 / 28 * 28 is
+    60.99...), and a converted checkpoint then met a layer one unit narrower than its weights."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 class Block(nn.Module):

@@ -23,7 +23,7 @@ from fastmae.convert import (
     load_checkpoint,
     read_state_dict,
 )
-from fastmae.model import MaskedAutoencoderViT
+from fastmae.model import MaskedAutoencoderViT, mlp_ratio_of
 
 
 def _depth(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -81,7 +81,7 @@ def mae_architecture(
             img_size=h["image_size"], patch_size=h["patch_size"], embed_dim=h["hidden_size"],
             depth=h["num_hidden_layers"], num_heads=h["num_attention_heads"],
             decoder_embed_dim=h["decoder_hidden_size"], decoder_depth=h["decoder_num_hidden_layers"],
-            decoder_num_heads=h["decoder_num_attention_heads"], mlp_ratio=h["intermediate_size"] / h["hidden_size"],
+            decoder_num_heads=h["decoder_num_attention_heads"], mlp_ratio=mlp_ratio_of(h["hidden_size"], h["intermediate_size"]),
             norm_pix_loss=bool(h.get("norm_pix_loss", False)),
         )  # fmt: skip
     elif "mask_token" not in sd:
@@ -97,7 +97,7 @@ def mae_architecture(
             decoder_embed_dim=sd["mask_token"].shape[-1],
             decoder_depth=_depth(sd, "decoder_blocks."),
             decoder_num_heads=c.get("decoder_num_heads"),
-            mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / shape["embed_dim"],
+            mlp_ratio=mlp_ratio_of(shape["embed_dim"], sd["blocks.0.mlp.fc1.weight"].shape[0]),
         )
     guessed = []
     for name, given, guess in (

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from fastmae.attention import resolve_backend
-from fastmae.model import LN_EPS, Block, MaskedAutoencoderViT, PatchEmbed
+from fastmae.model import LN_EPS, Block, MaskedAutoencoderViT, PatchEmbed, mlp_ratio_of
 from fastmae.pos_embed import sincos_pos_embed_tensor
 
 
@@ -133,7 +133,7 @@ def vit_from_mae(mae: MaskedAutoencoderViT, **kwargs: Any) -> VisionTransformer:
         embed_dim=mae.cls_token.shape[-1],
         depth=len(blocks),
         num_heads=blocks[0].attn.num_heads,
-        mlp_ratio=blocks[0].mlp.fc1.out_features / mae.cls_token.shape[-1],
+        mlp_ratio=mlp_ratio_of(mae.cls_token.shape[-1], blocks[0].mlp.fc1.out_features),
     )
     return VisionTransformer(**{**arch, **kwargs})
 

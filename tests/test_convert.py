@@ -65,6 +65,27 @@ def test_a_model_with_another_layer_norm_eps_converts_with_it():
         to_hf(m)
 
 
+def test_an_mlp_width_that_is_no_whole_ratio_converts():
+    """61 / 28 * 28 is 60.99...: int() of it made the converted model's MLP one unit narrower than
+    HF's (a size-mismatch traceback); every width of 1 to 4x a few dims round-trips."""
+    from fastmae.model import mlp_ratio_of
+
+    for dim in (28, 48, 96, 100):
+        for hidden in range(dim, 4 * dim + 1):
+            assert int(dim * mlp_ratio_of(dim, hidden)) == hidden, (dim, hidden)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTMAEConfig(
+        hidden_size=28, num_hidden_layers=1, num_attention_heads=2, intermediate_size=61, image_size=16,
+        patch_size=8, decoder_hidden_size=28, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=61, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    hf = transformers.ViTMAEForPreTraining(config).double().eval()
+    m = from_hf(hf)
+    assert m.blocks[0].mlp.fc1.out_features == m.decoder_blocks[0].mlp.fc1.out_features == 61
+    imgs, noise = torch.randn(1, 3, 16, 16, dtype=torch.float64), torch.rand(1, 4, dtype=torch.float64)
+    torch.testing.assert_close(m(imgs, noise=noise)[1], hf(pixel_values=imgs, noise=noise).logits)
+
+
 def test_official_full_checkpoint_loads_strict(tmp_path):
     torch.manual_seed(0)
     src = MaskedAutoencoderViT(**TINY)
