@@ -143,23 +143,30 @@ def uninterrupted(tiny_data, tmp_path_factory) -> list[tuple[int, float]]:
     return losses(run)
 
 
-def _run_until(args: list[str], run: Path, steps: int, sig: signal.Signals) -> subprocess.Popen:
-    """Start the CLI, send ``sig`` once ``steps`` metrics records are written, wait for the end."""
-    proc = run_cli(args)
+def _run_until(args: list[str], run: Path, steps: int, sig: signal.Signals, group: bool = False) -> subprocess.Popen:
+    """Start the CLI, send ``sig`` once ``steps`` metrics records are written, wait for the end;
+    ``group``: to its whole process group (its own session), as torchrun and SLURM signal."""
+    proc = run_cli(args, start_new_session=group)
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline:
         if len(read_metrics(run / "metrics.jsonl")) >= steps:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
             break
         time.sleep(0.002)
     proc.wait()
     return proc
 
 
-def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, uninterrupted):
-    """A scheduler's SIGTERM: the run saves at the next log step, exits 143, and resumes exactly."""
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, uninterrupted, to):
+    """A scheduler's SIGTERM: the run saves at the next log step, exits 143, and resumes exactly.
+    Sent to the process group, it reaches the DataLoader workers too: they died of it, and the run
+    with them ("DataLoader worker ... killed by signal: Terminated", no checkpoint) until they
+    ignored it."""
     run = tmp_path / "run"
-    proc = _run_until(tiny_args(tiny_data, run, *RESUME_ARGS, "--ckpt-every-steps", "1000"), run, 5, signal.SIGTERM)
+    workers = ["--num-workers", "2"] if to == "group" else []  # (the loader's batches do not depend on it)
+    args = tiny_args(tiny_data, run, *RESUME_ARGS, "--ckpt-every-steps", "1000", *workers)
+    proc = _run_until(args, run, 5, signal.SIGTERM, group=to == "group")
     err = proc.stderr.read()
     assert proc.returncode == EXIT_STOPPED, err
     stopped_at = len(read_metrics(run / "metrics.jsonl"))

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastmae.data.sources import BadFileReport, DataError, Source
-from fastmae.data.torch_loader import usable_workers
+from fastmae.data.torch_loader import usable_workers, worker_ignores_stop_signals
 from fastmae.data.transforms import CropParams, augment, load_rgb
 
 EVAL_CROP = 0.875  # 224 / 256
@@ -106,6 +106,7 @@ class EvalLoader:
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # not torch's global RNG, which training draws from (see TorchLoader)
+            worker_init_fn=worker_ignores_stop_signals,
         )
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import weakref
 from collections.abc import Iterator
 
@@ -137,6 +138,20 @@ def _collate(items):
     return images, labels, bad, None
 
 
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: the stop signals are the main process's to handle.
+
+    A scheduler signals the whole process group (torchrun's ``killpg``, SLURM, ``kill -- -PGID``):
+    the workers' own SIGTERM handler (PyTorch's) killed them, and the main process raised "DataLoader
+    worker ... killed by signal: Terminated" before it could save and stop. Ignored here, the main
+    process takes its stop at the next log step and shuts the workers down as usual (they also exit
+    when it dies). SIGINT likewise: Ctrl-C interrupts the main process, not every worker with a
+    traceback of its own.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def usable_workers(num_workers: int) -> int:
     """``num_workers``, at most the CPUs this process may run on."""
     try:
@@ -205,6 +220,7 @@ class TorchLoader(ScheduledLoader):
             # global RNG without one, which a resumed run restores (fine-tuning's drop path draws
             # from it: a resume's new iterator moved its masks)
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=worker_ignores_stop_signals,
         )
         _LIVE_LOADERS.add(self)
 
