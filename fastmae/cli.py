@@ -29,7 +29,10 @@ class ArgumentParser(argparse.ArgumentParser):
     argparse prints the whole usage first, 30-odd lines for the trainer's fields, which buried the
     line that says what is wrong; ``--help`` still shows it."""
 
+    last_error: str | None = None  # the message of the last refusal, for the other torchrun ranks
+
     def error(self, message: str) -> NoReturn:
+        ArgumentParser.last_error = message
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 

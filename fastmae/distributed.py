@@ -11,13 +11,18 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from fastmae.cli import ArgumentParser
 from fastmae.config import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -72,6 +77,62 @@ def init_distributed(device: str = "auto", timeout_min: float | None = None) -> 
             kwargs["timeout"] = datetime.timedelta(minutes=timeout_min)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def parse_together(parse: Callable[[list[str] | None], T], argv: list[str] | None) -> T:
+    """``parse(argv)``; under torchrun, a rank whose command line is refused (a data path or a config
+    file missing on its node) first tells the others before it exits. Refused before the process group
+    formed, it left the others waiting for it in their first collective for --dist-timeout (30 min)."""
+    try:
+        return parse(argv)
+    except SystemExit as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and e.code == 2:
+            _join_to_fail(ArgumentParser.last_error or "its command line was refused", argv)
+        raise
+
+
+def _join_to_fail(error: str, argv: list[str] | None) -> None:
+    """Join the process group for :func:`start_together` alone, with ``error``, and leave."""
+    device = "auto"
+    args = list(argv if argv is not None else sys.argv[1:])
+    for i, arg in enumerate(args):  # the backend the others chose follows the device
+        if arg == "--device" and i + 1 < len(args):
+            device = args[i + 1]
+        elif arg.startswith("--device="):
+            device = arg.split("=", 1)[1]
+    try:
+        init_distributed(device if device in ("auto", "cpu", "cuda") else "auto")
+        start_together(None, error)
+    except Exception:  # noqa: BLE001  (its own error is what this rank reports)
+        pass
+    finally:
+        cleanup()
+
+
+def start_together(settings: dict[str, Any] | None, error: str | None = None) -> None:
+    """Under torchrun, the ranks' first collective: whether each could start, and with which settings.
+
+    Raises (on the ranks that started) when one could not (its error was refused before the group
+    formed, see :func:`parse_together`), or when the ranks run different settings: each node reads
+    its own config files, and a node with another --blr or --log-every trained a diverging copy of
+    the model without a word (or hung, at a log step the others did not take).
+    """
+    if not dist.is_initialized():
+        return
+    views = all_gather_object((error, settings))
+    if error is not None:
+        return
+    failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(views) if e is not None]
+    if failed:
+        raise ConfigError(f"a process could not start ({'; '.join(failed)})")
+    differ = sorted({k for _, s in views for k in s if any(v.get(k) != s.get(k) for _, v in views)})
+    if differ:
+        shown = ", ".join(
+            f"{k} ({', '.join(f'rank {r}: {s.get(k)!r}' for r, (_, s) in enumerate(views))})" for k in differ[:3]
+        )
+        raise ConfigError(
+            f"the processes run different settings: {shown}; every node must get the same flags and files"
+        )
 
 
 def end_together() -> None:

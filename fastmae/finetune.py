@@ -57,7 +57,7 @@ from fastmae.lars import LARS
 from fastmae.log import MetricsLog
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
-from fastmae.train import lr_at, resolve_precision
+from fastmae.train import LOCAL_SETTINGS, lr_at, resolve_precision
 from fastmae.vit import VisionTransformer, load_pretrained_encoder, param_groups_lrd
 
 PROG = "python -m fastmae.finetune"
@@ -475,6 +475,7 @@ def check_resumable(
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
     env = distributed.init_distributed(cfg.device)
+    distributed.start_together({k: v for k, v in to_dict(cfg).items() if k not in LOCAL_SETTINGS})
     device, main = env.device, env.is_main
     checkpoint = load_pretrained(cfg) if cfg.pretrained else None
     arch = architecture(cfg, checkpoint)
@@ -656,7 +657,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = distributed.parse_together(parse_args, argv)
     try:
         finetune(cfg)
         distributed.end_together()

@@ -56,6 +56,7 @@ EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_OOM = 4
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
+LOCAL_SETTINGS = ("num_workers", "progress", "device")  # a node's own: the others' need not match
 _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
 
 
@@ -382,6 +383,8 @@ def start_line(cfg: Config, model: MaskedAutoencoderViT, env: distributed.DistEn
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training that ``cfg`` describes; raises ConfigError / DataError / NonFiniteLoss."""
     env = distributed.init_distributed(cfg.device, cfg.dist_timeout)
+    # what may differ between nodes without changing the run: workers, the progress bar, the device flag
+    distributed.start_together({k: v for k, v in cfg.to_dict().items() if k not in LOCAL_SETTINGS})
     device, main = env.device, env.is_main
     accum = accum_iter(cfg, env.world_size)
     eff_batch = cfg.batch_size * env.world_size * accum
@@ -641,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     0 done, 2 bad configuration or data, 3 non-finite loss, 4 out of memory, 130 Ctrl-C, 143 stopped
     by SIGTERM / SIGUSR1 after writing a checkpoint.
     """
-    cfg = parse_config(argv)  # exits 2 with a one-line message on a bad flag
+    cfg = distributed.parse_together(parse_config, argv)  # exits 2 with a one-line message on a bad flag
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     is_main = rank == 0
     t0 = time.time()

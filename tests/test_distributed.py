@@ -166,3 +166,82 @@ def test_an_error_every_rank_meets_is_said_once(tiny_data, tmp_path):  # noqa: F
     lines = [line for line in proc.stderr.splitlines() if line.startswith("python -m fastmae.train: error:")]
     assert len(lines) == 1 and "min_lr 1 is above the peak lr" in lines[0], proc.stderr[-3000:]
     _ranks_exit_2(proc.stderr)
+
+
+RANKED = """
+import os, sys
+from fastmae.train import main
+sys.exit(main([a.replace("{rank}", os.environ["RANK"]) for a in sys.argv[1:]]))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_with_other_settings_are_refused(tiny_data, tmp_path):  # noqa: F811
+    """Each node reads its own config files: a node with another --blr trained a diverging copy of
+    the model without a word. Every rank's settings are compared at the start."""
+    script = tmp_path / "ranked.py"
+    script.write_text(RANKED)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    args = tiny_args(tiny_data, tmp_path / "run", "--epochs", "1", "--batch-size", "4", "--blr", "1{rank}e-3")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("python -m fastmae.train: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "the processes run different settings: blr (rank 0: 0.01, rank 1: 0.011)" in lines[0]
+    _ranks_exit_2(proc.stderr)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_rank_refused_before_the_group_forms_does_not_leave_the_others_waiting(tiny_data, tmp_path):  # noqa: F811
+    """Two nodes (two torchrun agents, one process each); node 1's --data-path does not exist there.
+    Refused before the process group formed, its process left, and node 0's waited for it in its
+    first collective for --dist-timeout (30 min): now it joins to say so, and both end at once."""
+    script = tmp_path / "ranked.py"
+    script.write_text(RANKED)
+    (tmp_path / "data0").symlink_to(tiny_data)  # data{rank}: node 0 has it, node 1 not
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = tiny_args(tmp_path / "data{rank}", tmp_path / "run", "--epochs", "1", "--batch-size", "4")
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"localhost:{port}",
+                "--rdzv_id",
+                "t",
+                str(script),
+                *args,
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        outs = [a.communicate(timeout=120) for a in agents]  # the old behaviour: --dist-timeout, 30 min
+    finally:
+        for a in agents:
+            a.kill()
+    err = "".join(e for _, e in outs)
+    assert all(a.returncode != 0 for a in agents), err[-3000:]
+    assert "--data-path" in err and "does not exist" in err
+    assert "error: a process could not start (rank 1: --data-path" in err  # said by rank 0
