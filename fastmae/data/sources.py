@@ -324,9 +324,9 @@ class BadFileReport:
         """(distinct bad files, the report listing them all) over every report in ``report_dir``.
 
         Under torchrun each rank writes its own (``bad_files.rank<r>.txt``), and a resumed run's
-        world size may differ from its first's: with more than one file they are joined into
-        ``bad_files.txt`` (each path once, with its first reason), written atomically. Call it once
-        every rank has finished writing (after a barrier).
+        world size may differ from its first's: they are joined into ``bad_files.txt`` (each path
+        once, with its first reason; also where one rank alone met bad files, so that the list is always
+        there), written atomically. Call it once every rank has finished writing (after a barrier).
         """
         files = sorted(Path(report_dir).glob(cls.PATTERN))
         merged: dict[str, str] = {}
@@ -335,9 +335,9 @@ class BadFileReport:
                 merged.setdefault(bad, reason)
         if not merged:
             return 0, None
-        if len(files) == 1:
-            return len(merged), files[0]
         out = Path(report_dir) / "bad_files.txt"
+        if files == [out]:  # a single process: its own report is the list
+            return len(merged), out
         tmp = out.with_name(out.name + ".tmp")
         lines = "".join(f"{bad}\t{reason}\n" for bad, reason in merged.items())
         tmp.write_text(lines, encoding="utf-8", errors="surrogateescape")

@@ -380,3 +380,7 @@ def test_bad_file_reports_merge_and_discard(tmp_path):
     one = BadFileReport(tmp_path)  # a single process: its own report is the list
     one.add("e.jpg", "empty file")
     assert BadFileReport.merge(tmp_path) == (1, tmp_path / "bad_files.txt")
+    BadFileReport.discard(tmp_path)
+    BadFileReport(tmp_path, rank=1, world_size=2).add("f.jpg", "truncated")  # one rank alone met any
+    assert BadFileReport.merge(tmp_path) == (1, tmp_path / "bad_files.txt")
+    assert (tmp_path / "bad_files.txt").read_text() == "f.jpg\ttruncated\n"
