@@ -35,16 +35,22 @@ def summary(result: TrainResult, seconds: float) -> str:
     if result.bad_files:
         lines.append(f"  bad files   {result.bad_files} unreadable, replaced by stand-ins: {result.bad_files_report}")
     more = " --epochs N (more epochs than this schedule's)" if result.schedule_done else ""
+    lines.append(f"continue:     {continue_command(result.run_dir, result.world_size)}{more}")
+    return "\n".join(lines)
+
+
+def continue_command(run_dir: os.PathLike | str, world_size: int) -> str:
+    """The command that continues the run in ``run_dir``: under torchrun, torchrun with the run's
+    processes per node (any number of processes continues it: the effective batch is kept)."""
     launch = PROG
-    if result.world_size > 1:  # (any number of processes continues it: the effective batch is kept)
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", result.world_size))
+    if world_size > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         launch = (
             f"torchrun --standalone --nproc_per_node {per_node} -m fastmae.train"
-            if per_node == result.world_size
+            if per_node == world_size
             else "torchrun (as this run was launched) -m fastmae.train"
         )
-    lines.append(f"continue:     {launch} --run-dir {result.run_dir} --resume auto{more}")
-    return "\n".join(lines)
+    return f"{launch} --run-dir {run_dir} --resume auto"
 
 
 def compile_line(compiled: bool, mode: str) -> str:

@@ -582,7 +582,8 @@ def train(cfg: Config) -> TrainResult:
                         step == total_steps or (epoch_end and (epoch + 1) % cfg.knn_every == 0)
                     ):  # rank 0 only; the others wait at the next collective
                         acc = knn.evaluate(model, autocast)
-                        log.write(dict(step=step, epoch=epoch + 1, knn_top1=acc["top1"], knn_top5=acc["top5"]))
+                        epoch_f = round(step / opt_steps_per_epoch, 4)  # as the loss records count it
+                        log.write(dict(step=step, epoch=epoch_f, knn_top1=acc["top1"], knn_top5=acc["top5"]))
                         pbar.write(f"step {step}: kNN top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
                     if pictures is not None and (
                         step == total_steps
@@ -592,6 +593,8 @@ def train(cfg: Config) -> TrainResult:
                         pic = pictures.save(f"epoch{epoch + 1:04d}" if epoch_end else f"step{step:09d}", step)
                         if pic:
                             result.pictures.append(pic)
+                    if save:  # the next interval's img/s counts training, not this checkpoint, kNN or picture
+                        t_interval = time.perf_counter()
                     if epoch_end or step == total_steps or stop:
                         break
                 epoch += not stop
@@ -670,12 +673,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if is_main:
             where = held_run_dir()
-            print(
-                f"{PROG}: interrupted; continue from the last checkpoint with"
-                + (f" --run-dir {where}" if where else "")
-                + " --resume auto",
-                file=sys.stderr,
-            )
+            if where is not None and not ckpt.list_checkpoints(where):
+                print(f"{PROG}: interrupted before the run's first checkpoint: nothing to continue", file=sys.stderr)
+            else:
+                command = messages.continue_command(where, world) if where else f"{PROG} ... --resume auto"
+                print(f"{PROG}: interrupted; continue from the last checkpoint with {command}", file=sys.stderr)
         return 130
     finally:
         release_run_dirs()
@@ -684,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(
                 f"{PROG}: stopped by a signal at step {result.step}; checkpoint {result.checkpoint}; "
-                f"continue with --run-dir {result.run_dir} --resume auto",
+                f"continue with {messages.continue_command(result.run_dir, result.world_size)}",
                 file=sys.stderr,
             )
         return EXIT_STOPPED

@@ -43,7 +43,9 @@ def test_topk_and_label_checks():
 
 
 def test_knn_monitor_during_pretraining(tmp_path):
-    """``--knn-every 1``: a kNN record per epoch in metrics.jsonl, from the labelled training set."""
+    """``--knn-every 1``: a kNN record per epoch in metrics.jsonl, from the labelled training set,
+    and one at the run's last step, mid-epoch here (its epoch counted as the loss records count it;
+    it said 2 at step 9, with 6 steps an epoch)."""
     from fastmae.data import make_demo_dataset
     from fastmae.log import read_metrics
     from fastmae.train import main
@@ -52,10 +54,11 @@ def test_knn_monitor_during_pretraining(tmp_path):
     args = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
             "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2", "--num-workers", "0",
             "--no-progress", "--log-every", "1", "--warmup-epochs", "1", "--epochs", "2", "--batch-size", "8",
-            "--data-path", str(data), "--run-dir", str(tmp_path / "run"), "--knn-every", "1"]  # fmt: skip
+            "--data-path", str(data), "--run-dir", str(tmp_path / "run"), "--knn-every", "1",
+            "--max-steps", "9"]  # fmt: skip
     assert main(args) == 0
     knn = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "knn_top1" in r]
-    assert [r["epoch"] for r in knn] == [1, 2]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(6, 1.0), (9, 1.5)]
     assert all(0.0 <= r["knn_top1"] <= 100.0 and r["knn_top5"] == 100.0 for r in knn)  # 4 classes
 
 

@@ -583,9 +583,14 @@ def test_ctrl_c_says_which_run_to_continue(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train", interrupted)
-    assert main([]) == 130
+    assert main([]) == 130  # before its first checkpoint: there is nothing to continue
+    assert "interrupted before the run's first checkpoint: nothing to continue" in capsys.readouterr().err
     where = (tmp_path / "runs" / "demo-2").resolve()
-    assert f"continue from the last checkpoint with --run-dir {where} --resume auto" in capsys.readouterr().err
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "ckpt-step000000004.pt").write_bytes(b"")
+    assert main([]) == 130
+    err = capsys.readouterr().err
+    assert f"continue from the last checkpoint with python -m fastmae.train --run-dir {where} --resume auto" in err
 
 
 def test_resuming_a_run_past_the_schedule_trains_nothing_and_keeps_its_config(tiny_data, tmp_path, capsys):
