@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "The defaults shown are the paper's recipe (ViT-B/16 shapes); a preset overrides some of them,\n"
         "a --config file overrides the preset, and flags override both.",
         epilog=f"presets (--preset NAME, default demo) and what they set:\n{presets}\n\n"
-        "multi-GPU: torchrun --nproc_per_node 8 -m fastmae.train --preset mae_vit_base_patch16 --data-path ...",
+        "multi-GPU: torchrun --nproc_per_node 8 -m fastmae.train --preset mae_vit_base_patch16 --data-path ...\n\n"
+        "exit codes: 0 done, 2 a bad setting or data, 3 a non-finite loss, 4 out of memory, 5 a collective\n"
+        "timed out (torchrun), 130 Ctrl-C, 143 stopped by SIGTERM / SIGUSR1 after a checkpoint",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -447,9 +449,11 @@ def accum_iter(cfg: Config, world_size: int) -> int:
     if cfg.effective_batch == 0:
         return 1
     if cfg.effective_batch % per_step:
+        fits = [b for b in range(cfg.batch_size, 0, -1) if cfg.effective_batch % (b * world_size) == 0]
+        hint = f" (--batch-size {fits[0]} keeps it)" if fits else ""
         raise ConfigError(
             f"effective batch {cfg.effective_batch} is not divisible by batch_size {cfg.batch_size} x "
-            f"{world_size} process(es) = {per_step}; change --batch-size, --effective-batch or --accum-iter"
+            f"{world_size} process(es) = {per_step}; change --batch-size{hint}, --effective-batch or --accum-iter"
         )
     return cfg.effective_batch // per_step
 

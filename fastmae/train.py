@@ -55,6 +55,7 @@ from fastmae.rundir import check_resumable, held_run_dir, release_run_dirs, reso
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_OOM = 4
+EXIT_DIST_TIMEOUT = 5
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 LOCAL_SETTINGS = ("num_workers", "progress", "device")  # a node's own: the others' need not match
 _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
@@ -212,6 +213,11 @@ def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any
                 print(f"generating {cfg.demo_images} demo images in {root} (once)", flush=True)
             make_demo_dataset(root, n_images=cfg.demo_images, size=96, seed=0)
         distributed.barrier()
+        if not (root / "fastmae_demo.json").is_file():  # another node: rank 0 made it on its own
+            raise DataError(
+                f"the demo's images are made once, by rank 0, in {root}, which this node does not see: "
+                "on several nodes set FASTMAE_CACHE to a folder every node shares"
+            )
         source = open_source(root)
     loader = build_loader(
         backend,
@@ -644,8 +650,8 @@ def check_same_data(loader: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code.
 
-    0 done, 2 bad configuration or data, 3 non-finite loss, 4 out of memory, 130 Ctrl-C, 143 stopped
-    by SIGTERM / SIGUSR1 after writing a checkpoint.
+    0 done, 2 bad configuration or data, 3 non-finite loss, 4 out of memory, 5 a collective timed out
+    (torchrun), 130 Ctrl-C, 143 stopped by SIGTERM / SIGUSR1 after writing a checkpoint.
     """
     cfg = distributed.parse_together(parse_config, argv)  # exits 2 with a one-line message on a bad flag
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -670,6 +676,19 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError:
         print(f"{PROG}: error: {messages.out_of_memory_hint(cfg)}", file=sys.stderr)  # every rank: which one ran out
         return EXIT_OOM
+    except RuntimeError as e:  # gloo's timeouts are plain RuntimeErrors, c10d's DistErrors
+        text = str(e).lower()
+        if world == 1 or ("timed out" not in text and "timeout" not in text):
+            raise
+        # a collective waited --dist-timeout for the others: one died or hangs (its own output says
+        # which), or rank 0's checkpoint write or kNN pass took longer than that
+        print(
+            f"{PROG}: error: [rank {rank}] waited --dist-timeout ({cfg.dist_timeout:g} min) for the other "
+            "processes: one has stopped or hangs (see its output), or rank 0's checkpoint write or kNN pass "
+            "took longer (raise --dist-timeout)",
+            file=sys.stderr,
+        )
+        return EXIT_DIST_TIMEOUT
     except KeyboardInterrupt:
         if is_main:
             where = held_run_dir()

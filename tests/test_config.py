@@ -218,6 +218,7 @@ def test_help_lists_presets_and_fields(capsys):
         (["--mask-ratio", "-0.1"], 1, "mask ratio must be in [0, 1)"),
         (["--mask-ratio", "0"], 1, "removes no patch of a 64 px image (64 patches)"),  # was a 0/0 loss
         (["--batch-size", "48", "--effective-batch", "4096"], 3, "not divisible by batch_size 48 x 3"),
+        (["--batch-size", "64", "--effective-batch", "64"], 2, "change --batch-size (--batch-size 32 keeps it)"),
         (["--data-path", "/nonexistent/imagenet"], 1, "does not exist"),
         (["--preset", "mae_vit_base_patch16"], 1, "needs --data-path"),
         (["--depth", "two"], 1, "invalid int value"),

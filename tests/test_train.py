@@ -607,3 +607,36 @@ def test_resuming_a_run_past_the_schedule_trains_nothing_and_keeps_its_config(ti
     assert main(tiny_args(tiny_data, run, "--epochs", "1", "--resume", str(run / "ckpt-step000000008.pt"))) == 0
     assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
     assert [s for s, _ in losses(run)] == list(range(1, 17))
+
+
+def test_a_collective_that_timed_out_is_one_line_with_the_hint(monkeypatch, capsys):
+    """gloo raises a plain RuntimeError ("Timed out waiting 3000ms for recv operation") when another
+    rank stopped or hangs: a traceback that did not mention --dist-timeout."""
+    import fastmae.train as train_module
+
+    def stuck(cfg):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation")
+
+    monkeypatch.setattr(train_module, "train", stuck)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--dist-timeout", "0.05"]) == train_module.EXIT_DIST_TIMEOUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[rank 1] waited --dist-timeout (0.05 min) for the other processes" in err[0], err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Timed out"):  # one process: not a collective's, left as it is
+        main([])
+
+
+def test_demo_images_another_node_does_not_see_are_a_one_line_error(tmp_path, monkeypatch):
+    """The demo's images are made by rank 0 alone: a node with its own FASTMAE_CACHE failed on a
+    missing folder, with no word of why."""
+    from fastmae import distributed
+    from fastmae.config import make_config
+    from fastmae.data import DataError
+    from fastmae.train import open_data
+
+    monkeypatch.setenv("FASTMAE_CACHE", str(tmp_path / "cache"))
+    env = distributed.DistEnv(rank=1, world_size=2)  # not rank 0: nothing made here
+    with pytest.raises(DataError, match="made once, by rank 0, in .*set FASTMAE_CACHE to a folder every node shares"):
+        open_data(make_config({"demo_images": 32}), env, tmp_path / "run")
