@@ -669,8 +669,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"
-        print(f"{PROG}: interrupted; continue from the last checkpoint with {PROG} --run-dir {run_dir} --resume auto",
-              file=sys.stderr)  # fmt: skip
+        if not ckpt.list_checkpoints(run_dir):
+            print(f"{PROG}: interrupted before the run's first checkpoint: nothing to continue", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted; continue from the last checkpoint with {PROG} --run-dir {run_dir} "
+                  "--resume auto", file=sys.stderr)  # fmt: skip
         return 130
     except Stopped as e:
         run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"

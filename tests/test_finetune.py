@@ -446,14 +446,19 @@ def test_run_time_errors_are_one_line(tmp_path, labelled, capsys, monkeypatch):
         (
             KeyboardInterrupt(),
             130,
-            f"interrupted; continue from the last checkpoint with python -m "
-            f"fastmae.finetune --run-dir {tmp_path / 'd'} --resume auto",
+            "interrupted before the run's first checkpoint: nothing to continue",
         ),
     ):
         monkeypatch.setattr(ft, "finetune", lambda cfg, e=raised: (_ for _ in ()).throw(e))
         assert ft.main([*base, "--run-dir", str(tmp_path / "d")]) == code
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    (tmp_path / "d").mkdir(exist_ok=True)
+    (tmp_path / "d" / "ckpt-step000000004.pt").write_bytes(b"")  # with a checkpoint: how to go on from it
+    assert ft.main([*base, "--run-dir", str(tmp_path / "d")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"continue from the last checkpoint with python -m fastmae.finetune --run-dir {tmp_path / 'd'} "
+                        "--resume auto"), err  # fmt: skip
 
 
 def test_a_guessed_head_count_is_said(tmp_path, capsys):
