@@ -48,15 +48,6 @@ def xformers_available() -> bool:
     return True
 
 
-def xformers_probe_dtype(device: str) -> torch.dtype:
-    """bf16, or fp16 on a GPU older than compute capability 8.0: xformers refuses bf16 there ("only
-    supported on A100+"), where training runs fp16 (or fp32), which it does run."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and tuple(torch.cuda.get_device_capability(dev)) < (8, 0):
-        return torch.float16
-    return torch.bfloat16
-
-
 @functools.cache
 def xformers_runs(device: str) -> str | None:
     """None when xformers' attention runs on ``device`` (a tiny forward and backward), else why not.
@@ -69,7 +60,9 @@ def xformers_runs(device: str) -> str | None:
     try:
         from xformers.ops import memory_efficient_attention
 
-        q = torch.randn(1, 8, 2, 64, device=device, dtype=xformers_probe_dtype(device), requires_grad=True)
+        # bf16, the dtype --precision auto trains in on every GPU (xformers refuses it below compute
+        # capability 8.0, where sdpa then runs; an fp16 probe there let xformers be picked for bf16)
+        q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
         memory_efficient_attention(q, q, q).sum().backward()
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)

@@ -185,15 +185,6 @@ def test_xformers_probe_runs_a_kernel(fake_xformers):
     assert xformers_runs("cpu") is None
 
 
-def test_xformers_probe_runs_the_dtype_training_would(monkeypatch):
-    # xformers refuses bf16 below compute capability 8.0 (V100, T4), where training runs fp16: a bf16
-    # probe there called a working xformers broken
-    assert attention_mod.xformers_probe_dtype("cpu") == torch.bfloat16
-    for capability, dtype in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert attention_mod.xformers_probe_dtype("cuda:0") == dtype
-
-
 def test_xformers_that_does_not_run_falls_back_or_errors(fake_xformers, monkeypatch):
     fake_xformers.memory_efficient_attention = lambda q, k, v: q  # imports; whether it runs is patched below
     monkeypatch.setattr(attention_mod, "xformers_runs", lambda device: "RuntimeError: no kernel image")
