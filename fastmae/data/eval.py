@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastmae.data.sources import BadFileReport, DataError, Source
-from fastmae.data.torch_loader import usable_workers, worker_ignores_stop_signals
+from fastmae.data.torch_loader import stop_workers, usable_workers, worker_ignores_stop_signals
 from fastmae.data.transforms import CropParams, augment, load_rgb
 
 EVAL_CROP = 0.875  # 224 / 256
@@ -113,15 +113,19 @@ class EvalLoader:
         return len(self._loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, bad in self._loader:
-            for path, reason in bad:
-                self.bad_files.add(path, reason)
-            if len(labels) == 0:
-                continue
-            yield (
-                images.to(self.device, self.dtype, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-            )
+        batches = iter(self._loader)
+        try:
+            for images, labels, bad in batches:
+                for path, reason in bad:
+                    self.bad_files.add(path, reason)
+                if len(labels) == 0:
+                    continue
+                yield (
+                    images.to(self.device, self.dtype, non_blocking=True),
+                    labels.to(self.device, non_blocking=True),
+                )
+        finally:
+            stop_workers(batches)  # also when the caller stops early or raises
 
 
 def split_source(

@@ -20,6 +20,7 @@ import os
 import signal
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -144,12 +145,25 @@ def worker_ignores_stop_signals(worker_id: int) -> None:
     A scheduler signals the whole process group (torchrun's ``killpg``, SLURM, ``kill -- -PGID``):
     the workers' own SIGTERM handler (PyTorch's) killed them, and the main process raised "DataLoader
     worker ... killed by signal: Terminated" before it could save and stop. Ignored here, the main
-    process takes its stop at the next log step and shuts the workers down as usual (they also exit
-    when it dies). SIGINT likewise: Ctrl-C interrupts the main process, not every worker with a
+    process takes its stop at the next log step and shuts the workers down as usual (``stop_workers``
+    kills one stuck in a read; an idle one also exits when the main process dies). SIGINT likewise: Ctrl-C interrupts the main process, not every worker with a
     traceback of its own.
     """
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers(iterator: Any) -> None:
+    """Shut a DataLoader iterator's workers down, then kill any still alive. DataLoader's own last
+    resort, SIGTERM, is ignored by them (``worker_ignores_stop_signals``): a worker blocked in a read
+    (a stalled network mount) would keep the process from exiting, as multiprocessing joins it then."""
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    iterator._shutdown_workers()
+    for worker in getattr(iterator, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def usable_workers(num_workers: int) -> int:
@@ -243,9 +257,7 @@ class TorchLoader(ScheduledLoader):
 
     def close(self) -> None:
         """Stop the persistent workers (the loader can be iterated again: they restart)."""
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        stop_workers(getattr(self._loader, "_iterator", None))
         self._loader._iterator = None
 
     def __del__(self) -> None:

@@ -219,3 +219,29 @@ def test_workers_are_capped_at_the_usable_cpus(demo_root, monkeypatch):
     train, val = TorchLoader(src, 2, 32, num_workers=64), EvalLoader(src, 2, 32, num_workers=64)
     assert train._loader.num_workers == val._loader.num_workers == 2
     assert TorchLoader(src, 2, 32, num_workers=1)._loader.num_workers == 1
+
+
+def test_a_worker_stuck_in_a_read_is_killed_at_close(demo_root, monkeypatch):
+    """The workers ignore SIGTERM (a scheduler's, for the main process to handle), so DataLoader's
+    last resort (terminate) no longer stops one blocked in a read (a stalled network mount), and the
+    process would not exit: close() kills it."""
+    import time
+
+    import fastmae.data.torch_loader as torch_loader
+
+    real = torch_loader.load_rgb
+    reads = []
+
+    def stalling(path, *a, **k):  # runs in the (forked) worker: its reads after the first batch stall
+        reads.append(path)
+        if len(reads) > 2:
+            time.sleep(3600)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(torch_loader, "load_rgb", stalling)
+    loader = TorchLoader(open_source(demo_root), 2, 32, num_workers=1)
+    loader.set_epoch(0)
+    next(iter(loader))
+    workers = list(loader._loader._iterator._workers)
+    loader.close()
+    assert workers and not any(w.is_alive() for w in workers)
