@@ -347,7 +347,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
             # not carried over (read_config_file drops it from a saved config)
             saved_values = read_config_file(saved)
             ran = json.loads(saved.read_text()).get("resolved", {}).get("effective_batch")
-            if ran and saved_values.get("effective_batch") == 0 and not saved_values.get("accum_iter"):
+            from fastmae.checkpoint import list_checkpoints
+
+            resumes = resume != "auto" or bool(list_checkpoints(run_dir))  # a start that never saved: fresh
+            if resumes and ran and saved_values.get("effective_batch") == 0 and not saved_values.get("accum_iter"):
                 # its effective batch was batch x its processes: kept on another number of them
                 # (accumulation makes it up), as a fixed one is; the checkpoint holds that batch's steps
                 saved_values["effective_batch"] = ran

@@ -99,6 +99,9 @@ def test_resuming_on_other_processes_keeps_the_runs_effective_batch(tmp_path):
     ran = {**Config(batch_size=64, effective_batch=0).to_dict(), "resolved": {"effective_batch": 128}}
     (run / "config.json").write_text(json.dumps(ran))
     argv = ["--run-dir", str(run), "--resume", "auto"]
+    # a start that never saved (killed before its first checkpoint): --resume auto starts afresh, as asked
+    assert parse_config(argv).effective_batch == 0
+    (run / "ckpt-step000000004.pt").write_bytes(b"")
     cfg = parse_config(argv)
     assert cfg.effective_batch == 128 and accum_iter(cfg, 1) == 2
     assert parse_config([*argv, "--effective-batch", "0"]).effective_batch == 0  # the flags still win
