@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -96,17 +97,30 @@ def _join_to_fail(error: str, argv: list[str] | None) -> None:
     device = "auto"
     args = list(argv if argv is not None else sys.argv[1:])
     for i, arg in enumerate(args):  # the backend the others chose follows the device
-        if arg == "--device" and i + 1 < len(args):
-            device = args[i + 1]
-        elif arg.startswith("--device="):
-            device = arg.split("=", 1)[1]
+        name, _, value = arg.partition("=")
+        if name == "--config" and (value or i + 1 < len(args)):
+            device = _config_device(value or args[i + 1], device)
+        elif len(name) >= 5 and "--device".startswith(name):  # argparse takes --dev for --device
+            device = value or (args[i + 1] if i + 1 < len(args) else device)
+    if device not in ("auto", "cpu", "cuda"):  # cuda:N: the others refuse it before joining
+        return
     try:
-        init_distributed(device if device in ("auto", "cpu", "cuda") else "auto")
+        init_distributed(device, timeout_min=2.0)  # bounded: a rank that never comes must not hold this one
         start_together(None, error)
     except Exception:  # noqa: BLE001  (its own error is what this rank reports)
         pass
     finally:
         cleanup()
+
+
+def _config_device(path: str, default: str) -> str:
+    """The ``device`` a JSON config file sets, if it can be read here, else ``default``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("device", default)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if isinstance(value, str) else default
 
 
 def start_together(settings: dict[str, Any] | None, error: str | None = None) -> None:

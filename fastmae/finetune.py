@@ -475,7 +475,9 @@ def check_resumable(
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
     env = distributed.init_distributed(cfg.device)
-    distributed.start_together({k: v for k, v in to_dict(cfg).items() if k not in LOCAL_SETTINGS})
+    # the paths may differ (a node-local copy); the data's sameness is not checked here, unlike pretraining's
+    local = (*LOCAL_SETTINGS, *PATH_FIELDS, "attn_backend")
+    distributed.start_together({k: v for k, v in to_dict(cfg).items() if k not in local})
     device, main = env.device, env.is_main
     checkpoint = load_pretrained(cfg) if cfg.pretrained else None
     arch = architecture(cfg, checkpoint)

@@ -57,7 +57,13 @@ EXIT_NONFINITE = 3
 EXIT_OOM = 4
 EXIT_DIST_TIMEOUT = 5
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
-LOCAL_SETTINGS = ("num_workers", "progress", "device")  # a node's own: the others' need not match
+# a node's own, the others' need not match: workers, progress bar, device flag, how it computes (the
+# same function), what rank 0 alone uses, how long it waits
+LOCAL_SETTINGS = (
+    "num_workers", "progress", "device", "compile", "compile_mode", "activation_checkpointing", "attn_backend",
+    "decoder_attn_backend", "fused", "vis_samples", "vis_every_epochs", "keep_last", "keep_every_epochs",
+    "dist_timeout", "knn_max_images",
+)  # fmt: skip
 _NOISE_SALT = 0x4D41534B  # "MASK": keeps the noise stream apart from the data's sample seeds
 
 
@@ -678,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OOM
     except RuntimeError as e:  # gloo's timeouts are plain RuntimeErrors, c10d's DistErrors
         text = str(e).lower()
-        if world == 1 or ("timed out" not in text and "timeout" not in text):
+        gloo = "timed out waiting" in text or "application timeout" in text
+        if world == 1 or not (gloo or isinstance(e, torch.distributed.DistError) and "timeout" in text):
             raise
         # a collective waited --dist-timeout for the others: one died or hangs (its own output says
         # which), or rank 0's checkpoint write or kNN pass took longer than that

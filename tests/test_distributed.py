@@ -245,3 +245,28 @@ def test_a_rank_refused_before_the_group_forms_does_not_leave_the_others_waiting
     assert all(a.returncode != 0 for a in agents), err[-3000:]
     assert "--data-path" in err and "does not exist" in err
     assert "error: a process could not start (rank 1: --data-path" in err  # said by rank 0
+
+
+def test_a_refused_rank_joins_with_the_others_device_or_not_at_all(tmp_path, monkeypatch):
+    """The refused rank guesses the backend the others chose from its device: from the flag (argparse's
+    --dev abbreviation too) or a --config file; with --device cuda:N (which the others refuse before
+    joining) it does not join at all, where it would wait for them."""
+    from fastmae import distributed
+
+    joined = []
+    monkeypatch.setattr(distributed, "init_distributed", lambda device, timeout_min=None: joined.append(device))
+    monkeypatch.setattr(distributed, "start_together", lambda settings, error=None: None)
+    config = tmp_path / "c.json"
+    config.write_text('{"device": "cpu", "blr": 1e-3}')
+    for argv, device in (
+        (["--device", "cpu"], "cpu"),
+        (["--dev", "cuda"], "cuda"),
+        (["--device=cpu"], "cpu"),
+        (["--config", str(config)], "cpu"),
+        (["--config", str(tmp_path / "missing.json")], "auto"),
+        (["--depth", "2"], "auto"),
+        (["--device", "cuda:1"], None),
+    ):
+        joined.clear()
+        distributed._join_to_fail("refused", argv)
+        assert joined == ([device] if device else []), argv
