@@ -197,3 +197,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank_local(error: Exception) -> Exception:
+    """``error``, marked as this rank's own: met reading its node's files (the data, a checkpoint),
+    it may be no other rank's, so under torchrun the rank says it itself (see ``main``)."""
+    error.rank_local = True  # type: ignore[attr-defined]
+    return error

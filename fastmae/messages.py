@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastmae.config import Config
 from fastmae.model import resolve_activation_checkpointing
 
 if TYPE_CHECKING:
+    from fastmae.distributed import DistEnv
     from fastmae.model import MaskedAutoencoderViT
     from fastmae.train import TrainResult
 
@@ -109,3 +110,18 @@ def out_of_memory_hint(cfg: Config) -> str:
     if not ways:
         return f"{where} with full activation checkpointing: this model needs a GPU with more memory"
     return f"{where}; try " + ", or ".join(ways) + "; --resume auto continues a run"
+
+
+def start_line(cfg: Config, model: MaskedAutoencoderViT, env: DistEnv, resolved: dict[str, Any]) -> str:
+    """The run's first line: the model, the processes, the batch, the schedule and the fast path."""
+    r = resolved
+    return (
+        f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
+        f"{env.world_size} process(es) on {env.device}, batch {cfg.batch_size} x {env.world_size} x accum "
+        f"{r['accum_iter']} = {r['effective_batch']}, lr {r['lr']:.3g}, {r['total_steps']} steps "
+        f"({r['steps_per_epoch']}/epoch), {r['precision']}, compile={compile_line(r['compile'], cfg.compile_mode)}, "
+        f"fused={','.join(sorted(model.fused)) or 'off'}, attention={attention_line(model)}, "
+        f"activation checkpointing={model.activation_checkpointing}, "
+        + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
+        + f"data={r['data_backend']}"
+    )

@@ -3,7 +3,7 @@
 ``resolve_run_dir`` picks the run directory and the checkpoint ``--resume`` means, and holds the
 directory for this process (two runs writing one directory replaced each other's metrics and
 config and deleted each other's checkpoint being written); ``check_resumable`` refuses a checkpoint
-whose data order or step size differs from this run's.
+whose data order or step size differs from this run's; ``resume`` loads the one that continues it.
 """
 
 from __future__ import annotations
@@ -11,13 +11,17 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+import torch
 
 from fastmae import checkpoint as ckpt
 from fastmae.cli import flag
 from fastmae.config import Config, ConfigError
 from fastmae.data import DataError
+from fastmae.distributed import rank_local
 
 LOCK_NAME = ".fastmae.lock"
 _held: dict[Path, tuple[IO[str], bool]] = {}  # held run directories (resolved): lock file, made here
@@ -140,3 +144,53 @@ def check_resumable(state: dict[str, Any], cfg: Config, eff_batch: int, loader: 
             f"the checkpoint was trained with effective batch {state['effective_batch']}, this run's is "
             f"{eff_batch}: set --effective-batch {state['effective_batch']} (or --batch-size / --accum-iter)"
         )
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run starts."""
+
+    step: int
+    checkpoint: Path
+    branched_from: int | None  # resumed from a checkpoint with later ones beside it (ckpt.set_aside_later)
+
+
+def resume(
+    cfg: Config,
+    run_dir: Path,
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    eff_batch: int,
+    loader: Any,
+) -> Resumed:
+    """Load the checkpoint at ``path`` (with ``--resume auto``, the newest that loads) into the model,
+    optimizer, scaler and RNGs, after checking that it continues this run.
+
+    Memory-mapped on the host (the ranks of a node share its pages; load_state_dict copies to the
+    device). With auto, rank 0 picks the newest that loads (a damaged one is skipped with a warning)
+    and every rank loads that one: each picking its own, a node that saw a newer file damaged
+    resumed at another step, and the ranks drifted apart.
+    """
+    state = None
+    if cfg.resume == "auto":
+        picked = ckpt.pick_latest(run_dir, mmap=True)
+        if picked is None:
+            raise ConfigError(f"no loadable checkpoint in {run_dir}")
+        path, state = picked
+    if state is None:  # --resume PATH, or a rank other than 0
+        try:
+            state = ckpt.load_checkpoint(path, mmap=True)
+        except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
+            first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
+            raise rank_local(ConfigError(f"cannot load the checkpoint {path}: {type(e).__name__}: {first}")) from None
+    check_resumable(state, cfg, eff_batch, loader)  # before loading: a clear error, not a size mismatch
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:  # empty when saved without fp16; a new fp16 run's scaler starts fresh then
+        scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    step = int(state["step"])
+    later = any(s > step for s, _ in ckpt.list_checkpoints(run_dir))
+    return Resumed(step=step, checkpoint=path, branched_from=step if later else None)

@@ -18,7 +18,6 @@ of processes or accumulation steps, so ``4 GPUs x 64 x accum 2`` trains on exact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,16 +40,14 @@ from fastmae.data import (
     BadFileReport,
     DataError,
     ShardDataError,
-    build_loader,
-    dali_available,
-    make_demo_dataset,
-    open_source,
     sample_seed,
 )
+from fastmae.distributed import rank_local
 from fastmae.log import MetricsLog
-from fastmae.messages import PROG
+from fastmae.messages import PROG, start_line
 from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay, resolve_activation_checkpointing
-from fastmae.rundir import check_resumable, held_run_dir, release_run_dirs, resolve_run_dir
+from fastmae.run_data import check_same_data, knn_images, open_data
+from fastmae.rundir import Resumed, held_run_dir, release_run_dirs, resolve_run_dir, resume
 
 EXIT_BAD_CONFIG = 2
 EXIT_NONFINITE = 3
@@ -170,79 +167,10 @@ def build_model(cfg: Config, device: torch.device) -> MaskedAutoencoderViT:
     return model.to(device)
 
 
-def loader_source(loader: Any) -> Any:
-    """The labelled source behind a real loader, or None (synthetic data, unlabelled images)."""
-    source = getattr(loader, "source", None)
-    if source is None or not source.samples or min(y for _, y in source.samples) < 0:
-        return None
-    return source
-
-
-def knn_images(cfg: Config, loader: Any) -> Any:
-    """The kNN monitor's labelled source: ``--knn-data-path``, else the training source if it has labels."""
-    if cfg.knn_data_path:
-        return open_source(cfg.knn_data_path, cfg.knn_data_list or None)
-    if loader_source(loader) is not None:
-        return loader_source(loader)
-    raise ConfigError("--knn-every needs labelled images: --knn-data-path, or a labelled --data-path")
-
-
 def resolve_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtype | None]:
     """(name, autocast dtype): bf16 on CUDA, fp32 (no autocast) on CPU, unless ``cfg.precision`` says otherwise."""
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     return precision, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-def cache_dir() -> Path:
-    """``$FASTMAE_CACHE``, else ``$XDG_CACHE_HOME/fastmae``, else ``~/.cache/fastmae``."""
-    if os.environ.get("FASTMAE_CACHE"):
-        return Path(os.environ["FASTMAE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastmae"
-
-
-def open_data(cfg: Config, env: distributed.DistEnv, run_dir: Path) -> tuple[Any, str, list[str]]:
-    """(loader, backend name, the source's paths on rank 0: the reconstruction grids pick from them)."""
-    backend = cfg.data_backend
-    if backend == "auto":
-        backend = "dali" if env.device.type == "cuda" and dali_available() else "torch"
-    if backend == "synthetic":
-        source = None
-    elif cfg.data_path:
-        source = open_source(cfg.data_path, cfg.data_list or None)
-    else:  # the demo builds its own image set once, in the user's cache
-        root = cache_dir() / f"demo-{cfg.demo_images}"
-        if env.is_main:
-            if not (root / "fastmae_demo.json").is_file():
-                print(f"generating {cfg.demo_images} demo images in {root} (once)", flush=True)
-            make_demo_dataset(root, n_images=cfg.demo_images, size=96, seed=0)
-        distributed.barrier()
-        if not (root / "fastmae_demo.json").is_file():  # another node: rank 0 made it on its own
-            raise DataError(
-                f"the demo's images are made once, by rank 0, in {root}, which this node does not see: "
-                "on several nodes set FASTMAE_CACHE to a folder every node shares"
-            )
-        source = open_source(root)
-    loader = build_loader(
-        backend,
-        source,
-        batch_size=cfg.batch_size,
-        image_size=cfg.img_size,
-        seed=cfg.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        device=env.device,
-        # fp32 under bf16 autocast too: the norm-pix targets are read from the images, as the
-        # reference reads them (a bf16 image would round each target by ~0.4%); the patch GEMM casts
-        # its own input, and a batch is ~0.6 MB an image
-        dtype=torch.float32,
-        num_workers=cfg.num_workers,
-        report_dir=run_dir,  # every rank: each reads its own shard (bad_files.rank<r>.txt)
-    )
-    vis_paths = [path for path, _ in source.samples] if source is not None and env.is_main else []
-    return loader, backend, vis_paths
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -307,56 +235,6 @@ def build_knn(cfg: Config, loader: Any, device: torch.device, main: bool) -> Any
     return knn
 
 
-@dataclass
-class Resumed:
-    """Where a resumed run starts."""
-
-    step: int
-    checkpoint: Path
-    branched_from: int | None  # resumed from a checkpoint with later ones beside it (ckpt.set_aside_later)
-
-
-def resume(
-    cfg: Config,
-    run_dir: Path,
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    eff_batch: int,
-    loader: Any,
-) -> Resumed:
-    """Load the checkpoint at ``path`` (with ``--resume auto``, the newest that loads) into the model,
-    optimizer, scaler and RNGs, after checking that it continues this run.
-
-    Memory-mapped on the host (the ranks of a node share its pages; load_state_dict copies to the
-    device). With auto, rank 0 picks the newest that loads (a damaged one is skipped with a warning)
-    and every rank loads that one: each picking its own, a node that saw a newer file damaged
-    resumed at another step, and the ranks drifted apart.
-    """
-    state = None
-    if cfg.resume == "auto":
-        picked = ckpt.pick_latest(run_dir, mmap=True)
-        if picked is None:
-            raise ConfigError(f"no loadable checkpoint in {run_dir}")
-        path, state = picked
-    if state is None:  # --resume PATH, or a rank other than 0
-        try:
-            state = ckpt.load_checkpoint(path, mmap=True)
-        except Exception as e:  # not a checkpoint, damaged, or from an incompatible version
-            first = (str(e).strip().splitlines() or [""])[0]  # torch's load errors run to many lines
-            raise rank_local(ConfigError(f"cannot load the checkpoint {path}: {type(e).__name__}: {first}")) from None
-    check_resumable(state, cfg, eff_batch, loader)  # before loading: a clear error, not a size mismatch
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:  # empty when saved without fp16; a new fp16 run's scaler starts fresh then
-        scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"])
-    step = int(state["step"])
-    later = any(s > step for s, _ in ckpt.list_checkpoints(run_dir))
-    return Resumed(step=step, checkpoint=path, branched_from=step if later else None)
-
-
 def open_records(cfg: Config, run_dir: Path, resolved: dict[str, Any], resumed: Resumed | None) -> MetricsLog | None:
     """Rank 0: write the run's ``config.json`` and open its metrics (a branch keeps the records of the
     timeline it leaves beside them); None, with both left as they ran, when a resumed run is at the
@@ -372,21 +250,6 @@ def open_records(cfg: Config, run_dir: Path, resolved: dict[str, Any], resumed: 
     (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
     branch = resumed is not None and resumed.branched_from is not None
     return MetricsLog(run_dir, resume_step=step if resumed else None, superseded=branch)
-
-
-def start_line(cfg: Config, model: MaskedAutoencoderViT, env: distributed.DistEnv, resolved: dict[str, Any]) -> str:
-    """The run's first line: the model, the processes, the batch, the schedule and the fast path."""
-    r = resolved
-    return (
-        f"{cfg.preset}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M params, "
-        f"{env.world_size} process(es) on {env.device}, batch {cfg.batch_size} x {env.world_size} x accum "
-        f"{r['accum_iter']} = {r['effective_batch']}, lr {r['lr']:.3g}, {r['total_steps']} steps "
-        f"({r['steps_per_epoch']}/epoch), {r['precision']}, compile={messages.compile_line(r['compile'], cfg.compile_mode)}, "
-        f"fused={','.join(sorted(model.fused)) or 'off'}, attention={messages.attention_line(model)}, "
-        f"activation checkpointing={model.activation_checkpointing}, "
-        + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
-        + f"data={r['data_backend']}"
-    )
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -624,33 +487,6 @@ def train(cfg: Config) -> TrainResult:
         result.bad_files, result.bad_files_report = BadFileReport.merge(run_dir)
     release_run_dirs()
     return result
-
-
-def rank_local(error: Exception) -> Exception:
-    """``error``, marked as this rank's own: met reading its node's files (the data, a checkpoint),
-    it may be no other rank's, so under torchrun the rank says it itself (see ``main``)."""
-    error.rank_local = True  # type: ignore[attr-defined]
-    return error
-
-
-def check_same_data(loader: Any) -> None:
-    """Under torchrun every rank scans the data itself: refuse to train when they do not see the
-    same images (a node with a partly copied tree, or a stat that failed there). Each rank's epoch
-    order is a permutation of what it sees, so a rank that saw one image fewer would read about a
-    tenth of its images twice in an epoch and miss as many, with no error."""
-    source = loader_source(loader)
-    if source is None:  # synthetic batches
-        return
-    digest = hashlib.sha256(
-        "\n".join(f"{path}\t{label}" for path, label in source.samples).encode(errors="surrogateescape")
-    )
-    views = distributed.all_gather_object((len(source.samples), digest.hexdigest()[:16]))
-    if len(set(views)) > 1:
-        seen = ", ".join(f"rank {r}: {n}" for r, (n, _) in enumerate(views))
-        raise DataError(
-            f"the processes see different data sets (images {seen}; or the same count, other files): "
-            "every node must see the same --data-path"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,7 +140,7 @@ def test_ranks_that_see_different_data_are_refused(monkeypatch):
     class Loader:
         source = Source(root="/d", samples=[("/d/a.jpg", 0), ("/d/b.jpg", 1)], kind="imagefolder")
 
-    monkeypatch.setattr("fastmae.train.loader_source", lambda loader: loader.source)
+    monkeypatch.setattr("fastmae.run_data.loader_source", lambda loader: loader.source)
     mine = []
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: mine.append(obj) or [obj, obj])
     check_same_data(Loader())  # the same view on both ranks
