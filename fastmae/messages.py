@@ -123,5 +123,18 @@ def start_line(cfg: Config, model: MaskedAutoencoderViT, env: DistEnv, resolved:
         f"fused={','.join(sorted(model.fused)) or 'off'}, attention={attention_line(model)}, "
         f"activation checkpointing={model.activation_checkpointing}, "
         + (f"residual stream={model.residual_dtype}, " if model.residual_dtype != "float32" else "")
-        + f"data={r['data_backend']}"
+        + f"data={r['data_backend']}{data_workers_note(cfg.num_workers, r)}"
     )
+
+
+def data_workers_note(asked: int, resolved: dict[str, Any]) -> str:
+    """`` (N workers)`` after the data backend; says so when ``--num-workers`` was cut to the CPUs."""
+    backend, n = resolved["data_backend"], resolved.get("data_workers", 0)
+    if backend == "synthetic":
+        return ""
+    kind = "threads" if backend == "dali" else "workers"
+    if n == 0:
+        return " (read in the main process)"
+    if n < asked:
+        return f" ({n} {kind}: --num-workers {asked} is more than the {n} CPUs this process may use)"
+    return f" ({n} {kind})"

@@ -329,6 +329,7 @@ def train(cfg: Config) -> TrainResult:
             decoder_attn_backend=model.decoder_attn_backend,
             activation_checkpointing=model.activation_checkpointing,
             data_backend=backend,
+            data_workers=loader.workers,
             steps_per_epoch=opt_steps_per_epoch,
             total_steps=total_steps,
         )

@@ -99,6 +99,18 @@ def test_tiny_run_learns_and_leaves_its_files(tiny_data, tmp_path, capsys):
     assert '"lr": ' in (run / "config.json").read_text()
     for what in ("checkpoint", "metrics", "pictures", str(ckpts[-1])):
         assert what in out
+    assert "data=torch (read in the main process); fresh run" in out
+
+
+def test_the_start_line_says_how_many_workers_read_and_why_fewer():
+    """--num-workers is cut to the CPUs the process may use (more only contend): say so, once."""
+    note = messages.data_workers_note
+    assert note(8, {"data_backend": "torch", "data_workers": 2}) == (
+        " (2 workers: --num-workers 8 is more than the 2 CPUs this process may use)"
+    )
+    assert note(2, {"data_backend": "torch", "data_workers": 2}) == " (2 workers)"
+    assert note(4, {"data_backend": "dali", "data_workers": 4}) == " (4 threads)"
+    assert note(8, {"data_backend": "synthetic", "data_workers": 0}) == ""
 
 
 @pytest.mark.parametrize("n_images", [64, 60])

@@ -509,6 +509,10 @@ class DaliLoader(ScheduledLoader):
     def buffered_batches(self) -> int:
         return self.prefetch
 
+    @property
+    def workers(self) -> int:
+        return self.num_threads
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         steps = self._steps()
         # One pipeline serves successive passes: it is rebuilt only when its next batch is not the

@@ -169,6 +169,11 @@ class ScheduledLoader:
         """Batches the loader prepares ahead of the consumer (workers x prefetch, a DALI queue)."""
         return 0
 
+    @property
+    def workers(self) -> int:
+        """Processes or threads preparing batches (DataLoader workers, DALI CPU threads; 0: none)."""
+        return 0
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if not 0 <= start_step <= len(self):
             raise DataError(f"start step {start_step} outside [0, {len(self)}]")

@@ -242,6 +242,10 @@ class TorchLoader(ScheduledLoader):
     def buffered_batches(self) -> int:
         return self._loader.num_workers * (self._loader.prefetch_factor or 0)
 
+    @property
+    def workers(self) -> int:
+        return self._loader.num_workers
+
     def __iter__(self) -> Iterator[Batch]:
         self._pass_steps = self._steps()
         non_blocking = self.device.type == "cuda"
