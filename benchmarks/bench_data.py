@@ -139,6 +139,23 @@ def measure(
     }
 
 
+def dali_host_feed(loader, batches: int = 4) -> dict[str, float]:
+    """What DALI's feed costs the host per image, alone: reading the bytes (the loader's I/O
+    threads, one batch ahead), parsing the header and drawing the crop window and flip. It runs on
+    the thread that calls the pipeline (the training loop's), so a rate near the model's img/s
+    would limit training whatever the decoders do. Timed on a scratch feeder (another epoch)."""
+    from fastmae.data.dali import _Feeder
+
+    feeder = _Feeder(loader, epoch=10_000, step=0)
+    feeder()  # starts the I/O pool and the read-ahead
+    t = time.perf_counter()
+    for _ in range(batches):
+        feeder()
+    dt = time.perf_counter() - t
+    n = batches * loader.plan.batch_size
+    return {"host_feed_us_per_img": 1e6 * dt / n, "host_feed_img_per_s": n / dt}
+
+
 def tv_cuda_batches(source, batch_size: int, image_size: int, dtype: torch.dtype, seed: int = 0):
     """torchvision's nvJPEG path: host file reads, batched ``decode_jpeg(device="cuda")``, GPU crop/resize."""
     import torchvision.transforms.v2.functional as F
@@ -280,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
             if backend == "dali":
                 row["decode"] = "mixed (GPU)" if device.type == "cuda" else "cpu"
             drain = loader.buffered_batches if loader is not None else 0
+            if backend == "dali":
+                row.update(dali_host_feed(loader))
             row.update(measure(batches, args.batch_size, device, args.warmup, args.steps, args.repeats, drain))
             if loader is not None:
                 loader.close()

@@ -179,6 +179,13 @@ def data_row_name(row: dict[str, Any]) -> str:
     return f"{row.get('backend')} ({', '.join(parts)})"
 
 
+def _host_feed_note(row: dict[str, Any]) -> str:
+    """DALI's host-side feed alone (bytes, header, crop draws on the training thread), when measured."""
+    if row.get("host_feed_img_per_s") is None:
+        return ""
+    return f"host feed alone {row['host_feed_img_per_s']:.0f} img/s ({row['host_feed_us_per_img']:.0f} µs/img)"
+
+
 def data_markdown(rep: dict[str, Any]) -> str:
     """A short table of a ``bench_data`` report: img/s per loader backend."""
     lines = [
@@ -190,7 +197,7 @@ def data_markdown(rep: dict[str, Any]) -> str:
     for r in rep.get("results", []):
         lines.append(
             f"| {data_row_name(r)} | {r.get('workers', '–')} | {r.get('device', '–')} "
-            f"| {_f(r.get('img_per_s'), '.0f')} | {r.get('skipped', '')} |"
+            f"| {_f(r.get('img_per_s'), '.0f')} | {r.get('skipped', '')}{_host_feed_note(r)} |"
         )
     if rep.get("dali_over_best_torch") is not None:
         lines += ["", f"DALI / best torch loader: {rep['dali_over_best_torch']:.2f}x"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import report
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_data.py"
 
 
@@ -31,6 +33,9 @@ def test_bench_data_smoke(tmp_path):
             {"jpeg_fancy_upsampling": False, "hw_decoder_load": 0.9},
         ]
         assert all(r["img_per_s"] > 0 for r in dali)
+        # the host's share of DALI's feed, timed alone: finite, and not slower than the whole loader
+        assert all(r["host_feed_img_per_s"] > r["img_per_s"] for r in dali), dali
+        assert "host feed alone" in report.data_markdown(record)
         assert [bench.data_row_name(r) for r in dali] == ["dali (fancy)", "dali (plain, hw 0.9)"]
 
 
