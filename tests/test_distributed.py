@@ -12,7 +12,9 @@ import pytest
 
 from fastmae.log import read_metrics
 from fastmae.train import main
-from tests.test_train import REPO, losses, one_thread, tiny_args, tiny_data  # noqa: F401 (fixtures)
+from tests.training import REPO, losses, tiny_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_match_one(tiny_data, tmp_path):  # noqa: F811

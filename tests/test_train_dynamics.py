@@ -20,7 +20,9 @@ from fastmae.convert import to_hf
 from fastmae.data import build_loader, open_source
 from fastmae.model import param_groups_weight_decay
 from fastmae.train import build_model, lr_at, main, masking_noise
-from tests.test_train import losses, one_thread, tiny_args, tiny_data  # noqa: F401 (fixtures)
+from tests.training import losses, tiny_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 50
 
