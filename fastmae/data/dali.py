@@ -41,6 +41,7 @@ import concurrent.futures
 import io
 import os
 import struct
+import weakref
 from collections import deque
 from collections.abc import Iterator
 
@@ -197,27 +198,51 @@ def _read_bytes(path: str) -> bytes | Exception:
         return exc
 
 
+class _Fed:
+    """A batch fed to the pipeline and not yet returned by it."""
+
+    __slots__ = ("pos", "used", "bad", "error")
+
+    def __init__(self, pos: tuple[int, int], used: list[int], bad: list, error: Exception | None = None):
+        self.pos = pos  # (epoch, step)
+        self.used = used  # dataset indices fed
+        self.bad = bad  # (path, reason) of the files skipped for it: reported when it is delivered
+        self.error = error  # a data error held back until the batch is due (a stand-in was fed)
+
+
 class _Feeder:
     """The ``external_source`` callable: one call = one step's host batch, in plan order.
 
     It starts at (epoch, step) and runs on into the following epochs, so one pipeline serves a
     whole run and its prefetch queue carries over epoch ends (building a mixed pipeline costs
-    seconds: a rebuild per epoch cost 3.5 s per epoch on an H200). ``inflight`` holds the
-    positions fed and not yet returned, oldest first: the next ``run()`` returns ``inflight[0]``.
+    seconds: a rebuild per epoch cost 3.6-4.3 s per epoch on an H200). ``inflight`` holds the
+    batches fed and not yet returned, oldest first: the next ``run()`` returns ``inflight[0]``.
+    Feeding ahead must not act before the batch is due: the files it skips are reported on
+    delivery, and a data error (no readable stand-in) is held back with the batch and raised when
+    it is due, so an epoch the run never reaches cannot end the one it is in.
 
     The files of the next step are read ahead on the loader's I/O threads (reads release the
     GIL; on network file systems per-file latency, not bandwidth, is what limits a serial read).
     """
 
     def __init__(self, loader: DaliLoader, epoch: int, step: int):
-        self.loader = loader
+        # a proxy: the pipeline holds this callable, and a loader dropped without close() must not
+        # be kept alive (with its pipeline's threads and GPU memory) by that cycle until a gc pass
+        self.loader = weakref.proxy(loader)
         self.next = (epoch, step)  # the position the next call feeds
-        self.inflight: deque[tuple[int, int, list[int]]] = deque()  # (epoch, step, dataset indices fed)
+        self.inflight: deque[_Fed] = deque()
         self.ahead: dict[tuple[int, int], list] = {}
+        self._last: tuple | None = None  # the last batch fed: the stand-in for one held back
 
     def head(self) -> tuple[int, int]:
         """(epoch, step) of the batch the pipeline's next ``run()`` returns."""
-        return self.inflight[0][:2] if self.inflight else self.next
+        return self.inflight[0].pos if self.inflight else self.next
+
+    def skip_to(self, pos: tuple[int, int]) -> None:
+        """Feed from ``pos`` on (a position at or after ``next``); what is in flight stays."""
+        if pos != self.next:
+            self.next = pos
+            self.ahead.clear()
 
     def _after(self, pos: tuple[int, int]) -> tuple[int, int]:
         epoch, step = pos
@@ -239,23 +264,31 @@ class _Feeder:
             self.ahead[self.next] = self._read_ahead(self.next)
         else:
             reads = [None] * len(idx)
-        enc, anchors, shapes, flips, labels, used = [], [], [], [], [], []
-        for index, read in zip(idx, reads, strict=True):
-            data, params, j = ld._prepare(epoch, int(index), read)
-            enc.append(np.frombuffer(data, dtype=np.uint8))
-            anchors.append((params.left, params.top))
-            shapes.append((params.width, params.height))
-            flips.append(int(params.flip))
-            labels.append(ld.source.samples[j][1])
-            used.append(j)
-        self.inflight.append((epoch, step, used))
-        return (
+        enc, anchors, shapes, flips, labels, used, bad = [], [], [], [], [], [], []
+        try:
+            for index, read in zip(idx, reads, strict=True):
+                data, params, j = ld._prepare(epoch, int(index), read, bad)
+                enc.append(np.frombuffer(data, dtype=np.uint8))
+                anchors.append((params.left, params.top))
+                shapes.append((params.width, params.height))
+                flips.append(int(params.flip))
+                labels.append(ld.source.samples[j][1])
+                used.append(j)
+        except DataError as exc:
+            if self._last is None:  # the batch asked for now: nothing to hold back
+                ld.bad_files.extend(bad)
+                raise
+            self.inflight.append(_Fed(pos, [], bad, exc))
+            return self._last
+        self.inflight.append(_Fed(pos, used, bad))
+        self._last = (
             enc,
             np.asarray(anchors, dtype=np.float32),
             np.asarray(shapes, dtype=np.float32),
             np.asarray(flips, dtype=np.int32),
             np.asarray(labels, dtype=np.int64),
         )
+        return self._last
 
 
 class DaliLoader(ScheduledLoader):
@@ -319,7 +352,7 @@ class DaliLoader(ScheduledLoader):
         self.jpeg_fancy_upsampling = jpeg_fancy_upsampling
         self.bad_files = BadFileReport(report_dir, rank, world_size)
         self.bad_files.extend((p, "missing") for p in source.missing)
-        self._bad_idx: set[int] = set()  # dataset indices known unreadable
+        self._bad_idx: dict[int, str] = {}  # dataset indices known unreadable -> why
         self._host_decode: set[int] = set()  # readable by PIL, not by DALI
         self.io_threads = io_threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -338,17 +371,20 @@ class DaliLoader(ScheduledLoader):
         return self._pool
 
     def _mark_bad(self, j: int, reason: str) -> None:
-        self._bad_idx.add(j)
-        self.bad_files.add(self.source.samples[j][0], reason)
+        """Skip dataset index ``j`` from now on; it is reported with the first batch delivered that skipped it."""
+        self._bad_idx[j] = reason
 
-    def _prepare(self, epoch: int, index: int, first: bytes | Exception | None = None):
+    def _prepare(self, epoch: int, index: int, first: bytes | Exception | None = None, bad: list | None = None):
         """Encoded bytes, crop params and the dataset index actually used for slot ``index``.
 
         ``first``: the bytes of ``index``'s own file when already read (or the read's error).
+        ``bad``: gets (path, reason) of each unreadable candidate skipped for the slot.
         """
         samples = self.source.samples
+        bad = [] if bad is None else bad
         for attempt, j in candidates(self.plan.seed, epoch, index, len(samples)):
             if j in self._bad_idx:
+                bad.append((samples[j][0], self._bad_idx[j]))
                 continue
             path = samples[j][0]
             try:
@@ -366,6 +402,7 @@ class DaliLoader(ScheduledLoader):
                 h, w = _header_size(data)
             except Exception as exc:
                 self._mark_bad(j, _describe(exc))
+                bad.append((path, self._bad_idx[j]))
                 continue
             gen = sample_generator(self.plan.seed, epoch, index, attempt)
             return data, sample_params(h, w, gen, self.scale, self.ratio), j
@@ -448,7 +485,7 @@ class DaliLoader(ScheduledLoader):
         self.rebuilds += 1
         suspects = [
             j
-            for j in dict.fromkeys(j for *_, used in feeder.inflight for j in used)
+            for j in dict.fromkeys(j for fed in feeder.inflight for j in fed.used)
             if j not in self._bad_idx and j not in self._host_decode
         ]
         pil_ok = []
@@ -523,22 +560,49 @@ class DaliLoader(ScheduledLoader):
         # files corrupt, where the reference loader trains through). The 16-candidate rule of the
         # sampling plan ends a data set where nearly everything is bad.
         while self.step < steps.stop:
-            if self._pipe is None or self._feeder is None or self._feeder.head() != (self.epoch, self.step):
-                self._drop_pipeline()
-                self._feeder = _Feeder(self, self.epoch, self.step)
-                self._pipe = self._build(self._feeder)
-                self.builds += 1
             try:
-                images, labels = self._pipe.run()
-            except RuntimeError as exc:
-                self._diagnose(self._feeder, exc)
+                if not self._at((self.epoch, self.step)):
+                    self._drop_pipeline()
+                    self._feeder = _Feeder(self, self.epoch, self.step)
+                    self._pipe = self._build(self._feeder)
+                    self.builds += 1
+                try:
+                    images, labels = self._pipe.run()
+                except RuntimeError as exc:
+                    try:
+                        self._diagnose(self._feeder, exc)
+                    finally:
+                        self._drop_pipeline()
+                    continue  # rebuild and resume at self.step
+                fed = self._feeder.inflight.popleft()
+                self.bad_files.extend(fed.bad)
+                if fed.error is not None:
+                    raise fed.error
+                images = self._to_torch(images).to(self.dtype)
+                labels = self._to_torch(labels)
+            except BaseException:
+                # Ctrl-C inside run(), a data error: the pipeline's place is no longer known
                 self._drop_pipeline()
-                continue  # rebuild and resume at self.step
-            self._feeder.inflight.popleft()
-            images = self._to_torch(images).to(self.dtype)
-            labels = self._to_torch(labels)
+                raise
             self.step += 1
             yield images, labels
+
+    def _at(self, pos: tuple[int, int]) -> bool:
+        """Whether the pipeline's next batch is ``pos``, after running off the batches in flight
+        before it (at most the prefetch depth: a pass cut short by gradient accumulation, whose
+        last micro-batches of an epoch go unused) and feeding from ``pos`` on."""
+        feeder = self._feeder
+        if self._pipe is None or feeder is None or feeder.head() > pos:
+            return False
+        if feeder.next < pos:
+            feeder.skip_to(pos)
+        try:
+            while feeder.inflight and feeder.inflight[0].pos < pos:
+                self._pipe.run()
+                feeder.inflight.popleft()
+        except Exception:
+            return False  # a batch never delivered failed: rebuild at pos
+        return feeder.head() == pos
 
     def _drop_pipeline(self) -> None:
         self._pipe = self._feeder = None

@@ -10,10 +10,15 @@ units (0.018 = one grey level); a crop shifted by one pixel or a missing flip gi
 
 from __future__ import annotations
 
+import gc
+import shutil
+import weakref
+
 import pytest
 import torch
 
 from fastmae.data import DaliLoader, TorchLoader, dali_available, open_source
+from fastmae.data.sources import ShardDataError
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
 
@@ -86,6 +91,113 @@ def test_dali_one_pipeline_runs_on_across_epochs(demo_root):
     loader.close()
     x, _ = next(iter(loader))
     assert loader.builds == 3 and torch.equal(x, fresh[2 + 3][0])
+
+
+def _fresh(src, epoch, step, **kw):
+    loader = DaliLoader(src, 8, 32, num_threads=2, **kw)
+    loader.set_epoch(epoch, start_step=step)
+    x, y = next(iter(loader))
+    loader.close()
+    return x, y
+
+
+def test_dali_pass_cut_short_runs_off_what_is_in_flight(demo_root):
+    """Gradient accumulation leaves an epoch's last micro-batches unused (the paper's recipe on
+    ImageNet: 20018 batches, accumulation 64): the next epoch is asked for while the pipeline's
+    next batch is still this one's. It runs those off instead of building a new pipeline."""
+    src = open_source(demo_root)
+    loader = DaliLoader(src, 8, 32, seed=4, num_threads=2, prefetch=3)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        used = []
+        for step, (x, _) in enumerate(loader):
+            used.append(x)
+            if step == 2:
+                break  # 3 of 5 batches used
+        assert torch.equal(used[-1], _fresh(src, epoch, 2, seed=4)[0])
+    loader.set_epoch(3, start_step=1)  # forward by more than the prefetch depth
+    x, _ = next(iter(loader))
+    assert loader.builds == 1 and torch.equal(x, _fresh(src, 3, 1, seed=4)[0])
+
+
+def test_dali_an_error_fed_ahead_waits_for_its_batch(demo_root, monkeypatch):
+    """Feeding runs ahead into the next epoch; a data error there (no readable stand-in) must not
+    end the epoch being trained (a run with --epochs 1 lost its last step and its checkpoint)."""
+    src = open_source(demo_root)
+    loader = DaliLoader(src, 8, 32, seed=4, num_threads=2, prefetch=3)
+    real = loader._prepare
+
+    def broken_next_epoch(epoch, index, first=None, bad=None):
+        if epoch == 1:
+            raise ShardDataError(f"16 unreadable images in a row standing in for slot {index}")
+        return real(epoch, index, first, bad)
+
+    monkeypatch.setattr(loader, "_prepare", broken_next_epoch)
+    assert len(list(loader)) == 5  # epoch 0, whole
+    with pytest.raises(ShardDataError, match="16 unreadable images in a row"):
+        next(iter(loader))
+    assert (loader.epoch, loader.step) == (1, 0)
+
+
+def test_dali_reports_only_the_bad_files_of_batches_delivered(demo_root, tmp_path):
+    """A file skipped while feeding ahead is reported when its batch is delivered: an epoch the
+    run never reaches leaves nothing in bad_files.txt (the reference loader reports none either)."""
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    (root / sorted(p.name for p in root.iterdir() if p.is_dir())[0] / "zz_empty.jpg").write_bytes(b"")
+    src = open_source(root)
+    bad = next(i for i, (path, _) in enumerate(src.samples) if path.endswith("zz_empty.jpg"))
+    # a seed where the empty file is in epoch 0's dropped remainder and in epoch 1's first batch
+    seed = next(
+        s
+        for s in range(1000)
+        if bad not in DaliLoader(src, 8, 32, seed=s).plan.permutation(0)[:40]
+        and bad in DaliLoader(src, 8, 32, seed=s).plan.batch_indices(1, 0)
+    )
+    loader = DaliLoader(src, 8, 32, seed=seed, num_threads=2, prefetch=3, report_dir=tmp_path / "run")
+    assert len(list(loader)) == 5 and loader.bad_files.paths == []
+    next(iter(loader))
+    assert loader.bad_files.paths == [src.samples[bad][0]]
+
+
+def test_dali_an_interrupt_inside_run_does_not_shift_the_batches(demo_root, monkeypatch):
+    """Ctrl-C can land in the pipeline's run() after DALI handed a batch out and before the loader
+    booked it: a later pass must not take the next batch for that one (it did, reusing the pipeline)."""
+    src = open_source(demo_root)
+    loader = DaliLoader(src, 8, 32, seed=4, num_threads=2)
+    it = iter(loader)
+    next(it)
+    real_run = loader._pipe.run
+
+    def interrupted():
+        out = real_run()
+        if not hits:
+            hits.append(1)
+            raise KeyboardInterrupt
+        return out
+
+    hits = []
+
+    monkeypatch.setattr(loader._pipe, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        next(it)
+    assert (loader.epoch, loader.step) == (0, 1)
+    x, _ = next(iter(loader))
+    assert torch.equal(x, _fresh(src, 0, 1, seed=4)[0])
+
+
+def test_dali_a_loader_dropped_without_close_is_freed_at_once(demo_root):
+    """The pipeline holds the feeder, which must not hold the loader: a loader dropped without
+    close() kept its pipeline (threads, GPU memory) until a garbage-collector pass."""
+    loader = DaliLoader(open_source(demo_root), 8, 32, num_threads=2)
+    next(iter(loader))
+    ref = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_dali_whole_decode_then_window_equals_region_decode(demo_root):
