@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         row: dict[str, Any] = {"backend": backend, "workers": n, "device": str(device), "dtype": args.dtype}
         if options:
             row["dali_options"] = options
+        loader = None
         try:
             if backend == "tv_cuda":
                 batches = tv_cuda_batches(source, args.batch_size, args.image_size, dtype)
@@ -300,10 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
             if backend == "dali":
                 row.update(dali_host_feed(loader))
             row.update(measure(batches, args.batch_size, device, args.warmup, args.steps, args.repeats, drain))
-            if loader is not None:
-                loader.close()
         except Exception as exc:  # one backend failing must not lose the others' numbers
             row["error"] = f"{type(exc).__name__}: {exc}"
+        finally:  # a failed backend's workers or pipeline must not hold the next one's CPUs and memory
+            if loader is not None:
+                loader.close()
         result["results"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "windows_img_per_s"}), flush=True)
         if args.out:
