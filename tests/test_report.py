@@ -141,3 +141,45 @@ def test_sweep_table_per_pass():
     # an op swept without its passes alone (patch_gather: no backward) has no per-pass row
     only = [{"op": "patch_gather", "rows": 8, "warps": 4, "default": True, "fwd+bwd": rows[0]["fwd+bwd"]}]
     assert "Each pass" not in report.sweep_markdown({"rows": only})
+
+
+def _step_report(when: str, variants: dict[str, float]) -> dict:
+    return {
+        "benchmark": "bench_step",
+        "timings_meaningful": True,
+        "env": {"device": {"name": "GPU"}, "git": {"commit": "abc1234", "dirty": False}, "date_utc": when},
+        "settings": [{"model": "vit", "batch": 8, "variants": {n: {"img_s": v} for n, v in variants.items()}}],
+    }
+
+
+def test_bar_chart_panels_share_one_axis(tmp_path: Path):
+    """The same img/s is the same bar length in every panel (each panel was scaled to its own
+    maximum: HF eager at 3473 img/s drew 474 px in one panel and 457 in the next)."""
+    from PIL import Image
+
+    reports = [
+        _step_report("2026-11-27T20:58:00", {"hf_eager": 1000.0, "fm_fast": 2000.0}),
+        _step_report("2026-11-27T21:00:00", {"hf_eager": 1000.0, "fm_fast_x": 1500.0}),
+    ]
+    png = report.bar_chart(reports, tmp_path / "chart.png")
+    img = Image.open(png).convert("RGB")
+    grey = (150, 150, 150)  # hf_ bars
+
+    def longest_grey_run(y: int) -> int:
+        best = run = 0
+        for x in range(img.width):
+            run = run + 1 if img.getpixel((x, y)) == grey else 0
+            best = max(best, run)
+        return best
+
+    rows = [(y, longest_grey_run(y)) for y in range(img.height)]
+    lengths = []  # (last row, bar length) per bar: rows of a run of >= 20 px, contiguous in y
+    for y, run in rows:
+        if run >= 20:
+            if lengths and lengths[-1][0] == y - 1:
+                lengths[-1] = (y, run)
+            else:
+                lengths.append((y, run))
+    assert len(lengths) == 2 and lengths[0][1] == lengths[1][1] > 0
+    assert report._ticks(5370) == [0, 1000, 2000, 3000, 4000, 5000, 6000]
+    assert report._run_label(reports[0]) != report._run_label(reports[1])  # two runs of one commit told apart
