@@ -362,6 +362,7 @@ def environment(device: str, argv: list[str]) -> dict[str, object]:
             env["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             env["nvidia_smi"] = "unavailable"
+        env["driver"] = common.nvidia_smi()["query"].get("driver_version")
     return env
 
 

@@ -62,11 +62,14 @@ def prefix_of(src: Path, tag: str | None = None) -> str:
         except (OSError, json.JSONDecodeError):
             continue
         env = env if path in reports else env.get("env") if isinstance(env, dict) else None
-        if not isinstance(env, dict) or not isinstance(env.get("device"), dict):
+        if not isinstance(env, dict) or not isinstance(env.get("device"), dict | str):
             continue
         date = str(env.get("date_utc", date))[:10]
         dev = env["device"]
-        gpu = gpu_tag(dev.get("name") if dev.get("type") == "cuda" else "cpu")
+        if isinstance(dev, str):  # bench_kernels' flat env: the device's name, a GPU when it ran on CUDA
+            gpu = gpu_tag(dev if env.get("cuda") else "cpu")
+        else:
+            gpu = gpu_tag(dev.get("name") if dev.get("type") == "cuda" else "cpu")
         break
     return f"{date}{'-' + tag if tag else ''}_{gpu}_"
 

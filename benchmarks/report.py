@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,16 +52,20 @@ def _provenance(rep: dict[str, Any]) -> str:
     """GPU, versions, commit and date of a report (bench_step's ``env`` schema, or bench_kernels' flat one)."""
     env = rep.get("env", {})
     dev = env.get("device", {})
-    if not isinstance(dev, dict):  # bench_kernels: flat keys
-        dev = {"name": dev, "cuda_runtime": env.get("cuda")}
+    flat = not isinstance(dev, dict)
+    if flat:  # bench_kernels: flat keys; older files have the driver in nvidia-smi's text only
+        found = re.search(r"Driver Version:\s*([\d.]+)", str(env.get("nvidia_smi", "")))
+        dev = {"name": dev, "cuda_runtime": env.get("cuda"), "driver": env.get("driver") or (found and found[1])}
     git = env.get("git") or {"commit": env.get("git_commit"), "dirty": env.get("git_dirty")}
+    if not isinstance(git, dict):
+        git = {"commit": env.get("git_commit"), "dirty": env.get("git_dirty")}
     dirty = {True: " (dirty)", False: ""}.get(git.get("dirty"), " (dirty: unknown)")
     versions = env.get("versions") or {"torch_runtime": env.get("torch"), "triton": env.get("triton")}
     return (
-        f"{dev.get('name', '?')}, driver {dev.get('driver', '?')}, CUDA {dev.get('cuda_runtime', '?')}, "
-        f"torch {versions.get('torch_runtime', '?')}, triton {versions.get('triton', '?')}, "
-        f"transformers {versions.get('transformers', '?')}; commit {str(git.get('commit', '?'))[:12]}{dirty}; "
-        f"{env.get('date_utc', '?')}"
+        f"{dev.get('name', '?')}, driver {dev.get('driver') or '?'}, CUDA {dev.get('cuda_runtime', '?')}, "
+        f"torch {versions.get('torch_runtime', '?')}, triton {versions.get('triton', '?')}"
+        + ("" if flat else f", transformers {versions.get('transformers', '?')}")
+        + f"; commit {str(git.get('commit', '?'))[:12]}{dirty}; {env.get('date_utc', '?')}"
     )
 
 

@@ -130,3 +130,27 @@ def test_the_senders_commit_wins_over_the_device_copys_git(monkeypatch):
     assert info["git_seen"]["source"] == "git" and len(info["git_seen"]["commit"]) == 40  # this checkout's
     monkeypatch.delenv("FASTMAE_COMMIT")
     assert common.git_info()["commit"] == info["git_seen"]["commit"]
+
+
+def test_a_kernel_benchmark_alone_is_named_by_its_own_env(tmp_path):
+    """bench_kernels keeps a flat env (device: the GPU's name): a folder holding only its JSON was
+    named with today's date and 'gpu'; the report takes its driver from nvidia-smi's text."""
+    env = {
+        "device": "NVIDIA H200",
+        "cuda": "13.0",
+        "date_utc": "2026-11-27T20:43:49+00:00",
+        "git_commit": "5ac384b",
+        "git_dirty": False,
+        "torch": "2.11.0+cu130",
+        "triton": "3.6.0",
+        "nvidia_smi": "| NVIDIA-SMI 580.159.04     Driver Version: 580.159.04     CUDA Version: 13.0 |",
+    }
+    (tmp_path / "kernels.json").write_text(json.dumps({"benchmark": "bench_kernels", "env": env}))
+    assert prefix_of(tmp_path) == "2026-11-27_h200_"
+    from benchmarks import report
+
+    line = report._provenance({"env": env})
+    assert "NVIDIA H200, driver 580.159.04, CUDA 13.0" in line and "transformers" not in line
+    assert prefix_of(tmp_path, "x") == "2026-11-27-x_h200_"
+    (tmp_path / "kernels.json").write_text(json.dumps({"env": {**env, "device": "x86_64", "cuda": None}}))
+    assert prefix_of(tmp_path).endswith("_cpu_")
