@@ -100,7 +100,12 @@ run() {
     timeout "$(left 110 "$([ "$name" = synthetic ] && echo 125 || echo 20)")" "$PY" -m fastmae.train --preset mae_vit_base_patch16 --data-backend "$name" \
       --data-path "$jpegs" --num-workers 12 --batch-size 256 --effective-batch 256 --max-steps 48 \
       --log-every 8 --no-progress --vis-every-epochs 0 --run-dir "/tmp/fastmae_e2e_$name"
-    cp "/tmp/fastmae_e2e_$name/metrics.jsonl" "$OUT/train_$name.jsonl" 2>/dev/null
+    # the resolved config first (model, batch, versions, commit: a line without img/s), as device.sh does
+    if [ -f "/tmp/fastmae_e2e_$name/metrics.jsonl" ]; then
+      "$PY" -c 'import json, sys; print(json.dumps({"config": json.load(open(sys.argv[1]))}))' \
+        "/tmp/fastmae_e2e_$name/config.json" >"$OUT/train_$name.jsonl" 2>/dev/null || true
+      cat "/tmp/fastmae_e2e_$name/metrics.jsonl" >>"$OUT/train_$name.jsonl"
+    fi
   done
   timeout "$(left 10 0)" "$PY" benchmarks/report.py "$OUT"/data_dali.json "$OUT"/train_*.jsonl
   echo "=== done in $((SECONDS - t0)) s"

@@ -278,7 +278,17 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
     """
     rows = [r for r in rep.get("rows", []) if r.get("img_s")]
     steady = [r["img_s"] for r in rows[1:]]
-    head = f"**Trainer** (`python -m fastmae.train`, `{rep.get('_path', '')}`)"
+    head = f"**Trainer** (`python -m fastmae.train`, `{rep.get('_path', '')}`"
+    config = next((r["config"] for r in rep.get("rows", []) if isinstance(r.get("config"), dict)), None)
+    ran = (config or {}).get("resolved", {}).get("environment")
+    if ran:  # what the run's config.json says it ran on
+        git = ran.get("git") or {}
+        dirty = {True: " (dirty)", False: ""}.get(git.get("dirty"), "")
+        head += (
+            f"; {config.get('preset', '?')}, batch {config.get('batch_size', '?')}; {ran.get('device_name', '?')}, "
+            f"torch {ran.get('torch', '?')}; commit {str(git.get('commit', '?'))[:12]}{dirty}"
+        )
+    head += ")"
     if not steady:
         return f"{head}: fewer than two log intervals with img/s ({len(rows)}), nothing to compare"
     steady.sort()
@@ -297,7 +307,6 @@ def train_markdown(rep: dict[str, Any], reports: Sequence[dict[str, Any]]) -> st
     ]
     # device.sh puts the run's resolved config first: compare with the harness on the same model and
     # batch. Without it, only a single harness setting is unambiguous.
-    config = next((r["config"] for r in rep.get("rows", []) if isinstance(r.get("config"), dict)), None)
     if config is not None:
         model = str(config.get("preset", "")).removeprefix("mae_")
         harness = [(m, v) for m, v in harness if m == model and v.get("batch") == config.get("batch_size")]

@@ -62,7 +62,7 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
 )
 from fastmae.knn import extract_features, knn_accuracy
 from fastmae.lars import LARS
-from fastmae.log import MetricsLog
+from fastmae.log import MetricsLog, run_environment
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
 from fastmae.train import LOCAL_SETTINGS, lr_at, resolve_precision
@@ -362,7 +362,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         num_workers=cfg.num_workers, report_dir=report_dir,
     )  # fmt: skip
     if main:
-        (run_dir / "config.json").write_text(json.dumps({**to_dict(cfg), "architecture": arch}, indent=2) + "\n")
+        saved = {**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}
+        (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         print(
             f"{cfg.mode}: {'pretrained ' + cfg.pretrained if weights is not None else 'random init'}, "
             f"{arch['embed_dim']}-d x {arch['depth']} blocks, {num_classes} classes, "

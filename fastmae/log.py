@@ -8,8 +8,65 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import torch
+
+
+def _source_commit() -> dict[str, Any] | None:
+    """fastmae's commit where it runs from a git checkout (``FASTMAE_COMMIT`` overrides: a copy
+    without its ``.git``), with whether tracked files differ from it; None otherwise."""
+    if os.environ.get("FASTMAE_COMMIT"):
+        return {"commit": os.environ["FASTMAE_COMMIT"], "dirty": None}
+    here = str(Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(changed)}
+
+
+def run_environment(device: torch.device) -> dict[str, Any]:
+    """What a run ran on, for its ``config.json``: the command, versions, the device's name and
+    fastmae's commit (where it runs from a git checkout), so its numbers can be traced and rerun."""
+    from fastmae import __version__
+
+    env: dict[str, Any] = {"fastmae": __version__}
+    if Path(sys.argv[0]).parts[-2:] == ("fastmae", "train.py"):  # python -m fastmae.train (torchrun's workers too)
+        env["command"] = shlex.join(["python", "-m", "fastmae.train", *sys.argv[1:]])
+    env |= {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    source = _source_commit()
+    if source is not None:
+        env["git"] = source
+    return env
 
 
 def _tensorboard_writer(log_dir: Path, purge_step: int | None = None) -> Any:

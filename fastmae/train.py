@@ -43,7 +43,7 @@ from fastmae.data import (
     sample_seed,
 )
 from fastmae.distributed import rank_local
-from fastmae.log import MetricsLog
+from fastmae.log import MetricsLog, run_environment
 from fastmae.messages import PROG, start_line
 from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay, resolve_activation_checkpointing
 from fastmae.run_data import check_same_data, knn_images, open_data
@@ -332,6 +332,7 @@ def train(cfg: Config) -> TrainResult:
             data_workers=loader.workers,
             steps_per_epoch=opt_steps_per_epoch,
             total_steps=total_steps,
+            environment=run_environment(device),
         )
         log = open_records(cfg, run_dir, resolved, resumed)
         what = f"resuming {resumed.checkpoint} at step {step}" if resumed else "fresh run"

@@ -77,6 +77,7 @@ def test_each_mode_trains_and_the_loss_falls(tmp_path, labelled, mode, extra):
     assert 0.0 <= result["top1"] <= 100.0 and result["top5"] == 100.0  # 4 classes: top-5 is everything
     config = json.loads((run_dir / "config.json").read_text())
     assert config["architecture"]["embed_dim"] == 48
+    assert config["environment"]["torch"] == torch.__version__  # what ran, as pretraining's config.json says
 
 
 def test_lars_too_small_to_move_the_head_is_told_and_its_advice_works(tmp_path, labelled, capsys):

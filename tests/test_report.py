@@ -51,6 +51,13 @@ def test_trainer_compared_with_its_own_model_only(tmp_path: Path):
     text = report.train_markdown(rep, [step])
     assert "1.000x the harness's `fm_fast` (vit_base_patch16, batch 256" in text
     assert "vit_large_patch16" not in text
+    # a config.json that says what ran (fastmae writes it since 2026-11-28): named in the heading
+    ran = {"device_name": "NVIDIA H200", "torch": "2.11.0", "git": {"commit": "abcdef1234567", "dirty": False}}
+    config["config"]["resolved"] = {"environment": ran}
+    with_config.write_text("".join(json.dumps(r) + "\n" for r in [config, *rows]))
+    (rep,) = report.load([with_config])
+    text = report.train_markdown(rep, [step])
+    assert "mae_vit_base_patch16, batch 256; NVIDIA H200, torch 2.11.0; commit abcdef123456)" in text
     bare = tmp_path / "bare.jsonl"
     bare.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (rep,) = report.load([bare])

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from fastmae.config import ConfigError, make_config
 from fastmae.log import read_metrics
 from fastmae.rundir import release_run_dirs, resolve_run_dir
 from fastmae.train import lr_at, main
-from tests.training import losses, tiny_args
+from tests.training import REPO, losses, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +52,12 @@ def test_tiny_run_learns_and_leaves_its_files(tiny_data, tmp_path, capsys):
     for what in ("checkpoint", "metrics", "pictures", str(ckpts[-1])):
         assert what in out
     assert "data=torch (read in the main process); fresh run" in out
+    # what ran, for tracing its numbers: versions, device, and the checkout's commit where there is one
+    ran = json.loads((run / "config.json").read_text())["resolved"]["environment"]
+    assert ran["torch"] == torch.__version__ and ran["device_name"]
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        assert ran["git"]["commit"] == head.strip()
 
 
 def test_the_start_line_says_how_many_workers_read_and_why_fewer():
