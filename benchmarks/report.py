@@ -119,6 +119,13 @@ def step_markdown(rep: dict[str, Any]) -> str:
         if skipped:
             lines.append("")
             lines.append("Not timed: " + "; ".join(f"{', '.join(names)} ({why})" for why, names in skipped.items()))
+        fm = s.get("variants", {}).get("fm_fast", {})
+        if fm.get("best_hf_compile") not in (None, "hf_compile"):
+            lines.append("")
+            lines.append(
+                f"Against the fastest HF compiled step (`{fm['best_hf_compile']}`, an SDPA kernel forced): "
+                f"`fm_fast` ×{fm['speedup_vs_best_hf_compile']:.2f}."
+            )
         profiled = {
             n: v["profile"] for n, v in s.get("variants", {}).items() if "kernel_ms_per_step" in v.get("profile", {})
         }

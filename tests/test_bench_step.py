@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import common, report, step_catalogue, step_variants
+from benchmarks import bench_step, common, report, step_catalogue, step_variants
 from fastmae.model import MaskedAutoencoderViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,3 +228,20 @@ def test_compile_options_exist_or_the_variant_is_skipped(monkeypatch):
     monkeypatch.setitem(sv.COMPILE_OPTIONS, "older", {"triton.mix_order_reduction": False, "triton.not_yet": 128})
     reason = sv.why_skip(dataclasses.replace(v, compile="older"), torch.device("cuda"), args)
     assert reason == "this torch's inductor has no option triton.not_yet"
+
+
+def test_fastmae_is_also_compared_with_the_fastest_hf_compiled_step():
+    """HF compiled with an SDPA kernel forced may beat HF compiled as it picks: the fair ratio is
+    against the fastest HF compiled variant whose check passed."""
+    vs = {
+        "hf_eager": {"img_s": 1000.0},
+        "hf_compile": {"img_s": 1200.0},
+        "hf_compile_cudnn": {"img_s": 1300.0},
+        "hf_compile_flash": {"img_s": 1400.0, "check": {"ok": False}},
+        "fm_fast": {"img_s": 1560.0},
+    }
+    bench_step.ratios(vs)
+    fm = vs["fm_fast"]
+    assert fm["speedup_vs_hf_compile"] == pytest.approx(1.3)
+    assert fm["speedup_vs_best_hf_compile"] == pytest.approx(1.2) and fm["best_hf_compile"] == "hf_compile_cudnn"
+    assert "hf_compile_cudnn" in step_catalogue.GROUPS["main"]
