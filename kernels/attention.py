@@ -359,9 +359,10 @@ def _launch_config(N: int, Dh: int, device: torch.device) -> tuple[int, int, int
 
     ``stages`` 3 (the key loop's loads issued two blocks ahead): on the H200
     (benchmarks/results/2026-11-27-5ac384b_h200_attention.json, one run) the decoder's forward
-    took 0.178 against 0.196 ms at 2 stages (CUDA-graph timed) and its forward + backward 0.705
-    against 0.750 (event-timed, the host's launch time in both); the encoder's forward + backward
-    0.596 against 0.687, its forward the same. 1 stage was the slowest in all four.
+    took 0.178 against 0.196 ms at 2 stages, CUDA-graph timed: the one clean comparison. The
+    forward + backward rows (0.705 against 0.750 ms, the encoder's 0.596 against 0.687) fell back
+    to event timing with the host's launch time in, where the same cuDNN kernels timed 0.33 and
+    0.73 ms under two names: they decide nothing. The next attention benchmark settles the rule.
     """
     if cpu_tiles(device):
         block = max(16, min(next_pow2(N), 128))
