@@ -23,6 +23,7 @@ attention matmuls (forward 4·B·H·N²·Dh, forward + backward 3x that). JSON o
 
     python benchmarks/bench_attention.py --out attention.json          # CUDA
     python benchmarks/bench_attention.py --smoke                        # CPU: the plumbing only
+    TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke     # ... with fastmae's kernel interpreted
 """
 
 from __future__ import annotations

@@ -411,9 +411,10 @@ def console_summary(rec: dict[str, Any]) -> str:
 
 def attention_markdown(report: dict[str, Any]) -> str:
     """bench_attention: a row per attention call and implementation; × sdpa is against what fastmae runs."""
-    lines = [
-        f"**Attention calls** ({_provenance(report)})",
-        "",
+    lines = [f"**Attention calls** ({_provenance(report)})", ""]
+    if report.get("smoke"):
+        lines += ["_Smoke run (tiny shapes, or CPU): the numbers below are not measurements._", ""]
+    lines += [
         "| model | part | B×H×N×Dh | impl | fwd ms | fwd+bwd ms | TFLOP/s (fwd+bwd) | % of copy (fwd+bwd) "
         "| × sdpa | kernels |",
         "|---|---|---|---|---|---|---|---|---|---|",

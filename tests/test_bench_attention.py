@@ -60,6 +60,8 @@ def test_report_names_the_fastest_call_and_its_step_saving():
     md = report_md.attention_markdown({**report, "env": {}})
     assert "+1.60 ms of the step († host-timed: not a GPU-time comparison)" in md
     assert md.count("host-timed") == 1  # the encoder's verdict is clean
+    assert "not measurements" not in md
+    assert "not measurements" in report_md.attention_markdown({**report, "env": {}, "smoke": True})
 
 
 def test_smoke_run_records_every_backend(tmp_path):
