@@ -42,8 +42,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` so that a crash never leaves a partial file under that name."""
     path = Path(path)
     tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.pt"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
     try:
+        # inside the try: a Ctrl-C landing as os.open returns must not leave the empty file behind
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for torch.save
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

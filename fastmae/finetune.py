@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -509,12 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt.list_checkpoints(run_dir):
             print(f"{PROG}: interrupted before the run's first checkpoint: nothing to continue", file=sys.stderr)
         else:
-            print(f"{PROG}: interrupted; continue from the last checkpoint with {PROG} --run-dir {run_dir} "
-                  "--resume auto", file=sys.stderr)  # fmt: skip
+            print(f"{PROG}: interrupted; continue from the last checkpoint with {PROG} --run-dir "
+                  f"{shlex.quote(str(run_dir))} --resume auto", file=sys.stderr)  # fmt: skip
         return 130
     except Stopped as e:
         run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"
-        print(f"{PROG}: {e}; continue with {PROG} --run-dir {run_dir} --resume auto", file=sys.stderr)
+        print(f"{PROG}: {e}; continue with {PROG} --run-dir {shlex.quote(str(run_dir))} --resume auto", file=sys.stderr)
         return EXIT_STOPPED
     finally:
         release_run_dirs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from typing import TYPE_CHECKING, Any
 
 from fastmae.config import Config
@@ -51,7 +52,7 @@ def continue_command(run_dir: os.PathLike | str, world_size: int) -> str:
             if per_node == world_size
             else "torchrun (as this run was launched) -m fastmae.train"
         )
-    return f"{launch} --run-dir {run_dir} --resume auto"
+    return f"{launch} --run-dir {shlex.quote(str(run_dir))} --resume auto"  # pasted into a shell as printed
 
 
 def compile_line(compiled: bool, mode: str) -> str:

@@ -63,6 +63,21 @@ def test_ctrl_c_during_write_is_an_interrupt(tmp_path, monkeypatch):
         ckpt.save_checkpoint(_state(2), tmp_path, step=2, keep_last=3)
 
 
+def test_ctrl_c_as_the_temp_file_opens_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C raised as os.open returns (2 of 9 Ctrl-C tries of a real run): the empty temp file
+    it had just made stayed in the run directory."""
+    real_open = os.open
+
+    def open_then_interrupted(path, *args, **kwargs):
+        os.close(real_open(path, *args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(_state(1), tmp_path, step=1, keep_last=3)
+    assert os.listdir(tmp_path) == []
+
+
 def test_sigkill_during_write_leaves_the_previous_checkpoint(tmp_path):
     """A process killed while it writes a (large) checkpoint: the previous one is still the latest."""
     script = textwrap.dedent(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -277,3 +278,8 @@ def test_a_floor_above_the_peak_lr_and_the_continue_hint(tiny_data, tmp_path, ca
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"--run-dir {tmp_path / 'b'} --resume auto")
     assert main(tiny_args(tiny_data, tmp_path / "b", "--epochs", "1", "--resume", "auto")) == 0
     assert "--resume auto --epochs N" in capsys.readouterr().out.strip().splitlines()[-1]
+    # a run directory with a space: the printed command pastes into a shell as it is
+    spaced = tmp_path / "my run"
+    assert main(tiny_args(tiny_data, spaced, "--epochs", "1", "--max-steps", "2")) == 0
+    command = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("continue:").strip()
+    assert shlex.split(command)[-4:] == ["--run-dir", str(spaced), "--resume", "auto"], command
