@@ -106,8 +106,14 @@ def test_resuming_on_other_processes_keeps_the_runs_effective_batch(tmp_path):
     assert cfg.effective_batch == 128 and accum_iter(cfg, 1) == 2
     assert parse_config([*argv, "--effective-batch", "0"]).effective_batch == 0  # the flags still win
     assert parse_config(["--config", str(run / "config.json")]).effective_batch == 0  # a new run: its recipe
-    (run / "config.json").write_text(json.dumps({**ran, "accum_iter": 2}))  # a fixed accumulation stays as it was
-    assert parse_config(argv).effective_batch == 0
+    # a fixed accumulation (batch 64 x 1 process x 2 = 128) resumed on 2 processes: the batch it ran
+    # is kept, the accumulation follows (it was refused, and the hint's --effective-batch 128 with it)
+    (run / "config.json").write_text(json.dumps({**ran, "accum_iter": 2}))
+    cfg = parse_config(argv)
+    assert (cfg.effective_batch, cfg.accum_iter, accum_iter(cfg, 1), accum_iter(cfg, 2)) == (128, 0, 2, 1)
+    assert accum_iter(parse_config([*argv, "--effective-batch", "128"]), 2) == 1
+    assert accum_iter(parse_config([*argv, "--accum-iter", "3"]), 2) == 3  # the flag still wins
+    assert accum_iter(parse_config(["--config", str(run / "config.json"), "--effective-batch", "256"]), 1) == 4
 
 
 def test_data_paths_are_kept_absolute(tmp_path, monkeypatch):
