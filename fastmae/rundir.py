@@ -21,6 +21,7 @@ from fastmae import checkpoint as ckpt
 from fastmae.cli import flag
 from fastmae.config import Config, ConfigError
 from fastmae.data import DataError
+from fastmae.data.sources import samples_digest
 from fastmae.distributed import rank_local
 
 LOCK_NAME = ".fastmae.lock"
@@ -138,6 +139,13 @@ def check_resumable(state: dict[str, Any], cfg: Config, eff_batch: int, loader: 
         raise DataError(
             f"the checkpoint was trained on {saved['num_samples']} images with seed {saved['seed']}; "
             f"this run has {loader.plan.num_samples} with seed {cfg.seed}: the data order would differ"
+        )
+    source = getattr(loader, "source", None)
+    if "samples_digest" in saved and source is not None and saved["samples_digest"] != samples_digest(source):
+        raise DataError(
+            f"the checkpoint was trained on other images ({saved['num_samples']} as here, but a file renamed, "
+            "replaced or relabelled since): the data order would differ; resume on the data it ran on, or "
+            "start a new run from its weights with --init-from"
         )
     if state["effective_batch"] != eff_batch:
         raise ConfigError(

@@ -137,12 +137,12 @@ def test_ranks_that_see_different_data_are_refused(monkeypatch):
     set (a tenth of its images twice an epoch, as many never) with no error: refused, said once."""
     from fastmae import distributed
     from fastmae.data import DataError, Source
+    from fastmae.data.sources import samples_digest
     from fastmae.train import check_same_data
 
-    class Loader:
-        source = Source(root="/d", samples=[("/d/a.jpg", 0), ("/d/b.jpg", 1)], kind="imagefolder")
+    class Loader:  # unlabelled images are checked too (they were left out)
+        source = Source(root="/d", samples=[("/d/a.jpg", -1), ("/d/b.jpg", -1)], kind="scan")
 
-    monkeypatch.setattr("fastmae.run_data.loader_source", lambda loader: loader.source)
     mine = []
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: mine.append(obj) or [obj, obj])
     check_same_data(Loader())  # the same view on both ranks
@@ -150,6 +150,9 @@ def test_ranks_that_see_different_data_are_refused(monkeypatch):
     with pytest.raises(DataError, match="the processes see different data sets \\(images rank 0: 2, rank 1: 1") as e:
         check_same_data(Loader())
     assert mine[0][0] == 2 and not getattr(e.value, "rank_local", False)  # every rank's: rank 0 says it
+    # the same files mounted elsewhere on another node are the same data set
+    elsewhere = Source(root="/mnt/e", samples=[("/mnt/e/a.jpg", -1), ("/mnt/e/b.jpg", -1)], kind="scan")
+    assert samples_digest(elsewhere) == samples_digest(Loader.source)
 
 
 def test_a_gpu_index_under_torchrun_is_refused(monkeypatch):

@@ -187,3 +187,21 @@ def test_resuming_a_run_past_the_schedule_trains_nothing_and_keeps_its_config(ti
     assert main(tiny_args(tiny_data, run, "--epochs", "1", "--resume", str(run / "ckpt-step000000008.pt"))) == 0
     assert ((run / "config.json").read_text(), (run / "metrics.jsonl").read_text()) == before
     assert [s for s, _ in losses(run)] == list(range(1, 17))
+
+
+def test_resuming_on_other_images_of_the_same_count_is_refused(tiny_data, tmp_path, capsys):
+    """A file renamed between the kill and the resume: the same count, another data order (every later
+    loss differed from the uninterrupted run's, with no word). Refused in one line; the count alone
+    was compared."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = tmp_path / "run"
+    assert main(tiny_args(data, run, "--epochs", "2", "--max-steps", "4")) == 0
+    first = sorted(data.rglob("*.jpg"))[0]
+    first.rename(first.with_name("renamed.jpg"))
+    capsys.readouterr()
+    assert main(tiny_args(data, run, "--epochs", "2", "--resume", "auto")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on other images (64 as here, but a file renamed" in err[0], err
+    first.with_name("renamed.jpg").rename(first)
+    assert main(tiny_args(data, run, "--epochs", "2", "--resume", "auto", "--max-steps", "5")) == 0

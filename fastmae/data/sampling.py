@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastmae.data.sources import DataError
+from fastmae.data.sources import DataError, samples_digest
 
 _MASK64 = (1 << 64) - 1
 MAX_ATTEMPTS = 16  # candidates tried for one slot before giving up (all unreadable = broken data set)
@@ -182,7 +182,7 @@ class ScheduledLoader:
 
     def state_dict(self) -> dict:
         p = self.plan
-        return {
+        state = {
             "epoch": self.epoch,
             "step": self.step,
             "seed": p.seed,
@@ -191,6 +191,10 @@ class ScheduledLoader:
             "world_size": p.world_size,
             "global_batch": p.global_batch,
         }
+        source = getattr(self, "source", None)
+        if source is not None:  # which images: a resume on other data of the same count is refused
+            state["samples_digest"] = samples_digest(source)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a saved state, also across world sizes / batch sizes (see ``EpochPlan.resume_step``)."""

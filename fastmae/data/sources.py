@@ -24,6 +24,7 @@ escaping the root, a bad label) raise :class:`DataError` with a one-line message
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -86,6 +87,15 @@ class Source:
     @property
     def paths(self) -> list[str]:
         return [p for p, _ in self.samples]
+
+
+def samples_digest(source: Source) -> str:
+    """A short fingerprint of the samples (paths relative to the root, labels, order): equal for the
+    same data set wherever it is mounted; another when a file is renamed, replaced or relabelled."""
+    h = hashlib.sha256()
+    for path, label in source.samples:
+        h.update(f"{os.path.relpath(path, source.root)}\t{label}\n".encode(errors="surrogateescape"))
+    return h.hexdigest()[:16]
 
 
 def _check_root(root: str | os.PathLike) -> str:
