@@ -43,7 +43,7 @@ from fastmae.data.sources import (
 )
 from fastmae.data.synthetic import SyntheticLoader
 from fastmae.data.testdata import make_demo_dataset
-from fastmae.data.torch_loader import TorchLoader
+from fastmae.data.torch_loader import TorchLoader, usable_workers
 from fastmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropParams, rrc_params, sample_params
 
 BACKENDS = ("dali", "torch", "synthetic")
@@ -85,7 +85,9 @@ def build_loader(
     common = dict(seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype, report_dir=report_dir)
     if backend == "torch":
         return TorchLoader(source, batch_size, image_size, num_workers=num_workers, **common)
-    return DaliLoader(source, batch_size, image_size, num_threads=max(1, num_workers), **common, **(dali_options or {}))
+    # DALI's CPU threads, at most the CPUs this process may use, as the reference loader's workers
+    threads = max(1, usable_workers(num_workers))
+    return DaliLoader(source, batch_size, image_size, num_threads=threads, **common, **(dali_options or {}))
 
 
 __all__ = [

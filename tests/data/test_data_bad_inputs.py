@@ -337,6 +337,29 @@ def test_dali_trains_through_a_mostly_corrupt_data_set(tmp_path, odd_files):
     assert (batches["dali"] - batches["torch"]).abs().mean().item() < 0.015
 
 
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_dali_resumed_knows_the_bad_files_its_run_found(tmp_path, odd_files):
+    """A resumed run reads its bad-file report back: DALI skips those files at once instead of
+    failing a pipeline run and rebuilding for each again (seconds a rebuild on a GPU), and the
+    batches are the same."""
+    data = tmp_path / "data"
+    data.mkdir()
+    corrupt, good = odd_files["corrupt"].read_bytes(), odd_files["reference"].read_bytes()
+    for i in range(24):
+        (data / (f"{i:02d}.jpg" if i % 4 == 0 else f"{i:02d}.png")).write_bytes(corrupt if i % 4 == 0 else good)
+    source, run = open_source(data), tmp_path / "run"
+    first = DaliLoader(source, 4, 32, num_threads=1, report_dir=run)
+    a = [x.clone() for x, _ in first]
+    first.close()
+    assert first.rebuilds > 0 and first.bad_files.count == 6
+    again = DaliLoader(source, 4, 32, num_threads=1, report_dir=run)
+    again.set_epoch(0)
+    b = [x.clone() for x, _ in again]
+    again.close()
+    assert again.rebuilds == 0 and len(a) == len(b) == 6
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_a_dali_error_is_told_by_its_telling_lines():
     """DALI's message for a file it cannot decode (as DALI 2.4 words it): the operator and the
     cause, not its first line ("Critical error in pipeline:")."""

@@ -11,13 +11,14 @@ units (0.018 = one grey level); a crop shifted by one pixel or a missing flip gi
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import weakref
 
 import pytest
 import torch
 
-from fastmae.data import DaliLoader, TorchLoader, dali_available, open_source
+from fastmae.data import DaliLoader, TorchLoader, build_loader, dali_available, open_source
 from fastmae.data.sources import ShardDataError
 
 pytestmark = pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI")
@@ -238,3 +239,11 @@ def test_dali_mixed_gpu_matches_cpu(demo_root, fancy):
         assert xg.is_cuda and yg.is_cuda and xg.dtype == torch.bfloat16
         torch.testing.assert_close(yg.cpu(), yc, rtol=0, atol=0)
         assert (xg.float().cpu() - xc).abs().mean() < 0.03
+
+
+def test_dali_threads_are_capped_at_the_usable_cpus(demo_root):
+    """As the reference loader's workers: more CPU threads than CPUs only contend (the start line
+    says when --num-workers was cut)."""
+    loader = build_loader("dali", open_source(demo_root), batch_size=4, image_size=32, num_workers=10_000)
+    assert loader.workers == len(os.sched_getaffinity(0))
+    assert build_loader("dali", open_source(demo_root), batch_size=4, image_size=32, num_workers=0).workers == 1
