@@ -35,7 +35,7 @@ def summary(result: TrainResult, seconds: float) -> str:
             + (f" (+{len(result.pictures) - 1} earlier)" if len(result.pictures) > 1 else "")
         )
     if result.bad_files:
-        lines.append(f"  bad files   {result.bad_files} unreadable, replaced by stand-ins: {result.bad_files_report}")
+        lines.append(f"  bad files   {result.bad_files} skipped (unreadable or missing): {result.bad_files_report}")
     more = " --epochs N (more epochs than this schedule's)" if result.schedule_done else ""
     lines.append(f"continue:     {continue_command(result.run_dir, result.world_size)}{more}")
     return "\n".join(lines)

@@ -72,7 +72,7 @@ def test_every_rank_reports_its_bad_files(tiny_data, tmp_path):  # noqa: F811
     # at the end, rank 0 joins them: each file once, counted in its summary
     merged = (run / "bad_files.txt").read_text().splitlines()
     assert sorted(os.path.basename(line.split("\t")[0]) for line in merged) == ["bad_a.jpg", "bad_b.jpg"]
-    assert proc.stdout.count(f"bad files   2 unreadable, replaced by stand-ins: {run / 'bad_files.txt'}") == 1
+    assert proc.stdout.count(f"bad files   2 skipped (unreadable or missing): {run / 'bad_files.txt'}") == 1
 
 
 def test_a_knn_path_without_labels_is_every_ranks_one_line_error(tiny_data, tmp_path):  # noqa: F811

@@ -123,7 +123,7 @@ def test_bad_files_are_counted_and_a_fresh_run_drops_a_stale_report(tiny_data, t
     assert sorted(p.name for p in run.glob("bad_files*")) == ["bad_files.txt"]
     listed = [line.split("\t")[0] for line in (run / "bad_files.txt").read_text().splitlines()]
     assert sorted(listed) == [str(data / "stripes" / f"bad{i}.jpg") for i in range(8)]
-    assert f"bad files   8 unreadable, replaced by stand-ins: {run / 'bad_files.txt'}" in capsys.readouterr().out
+    assert f"bad files   8 skipped (unreadable or missing): {run / 'bad_files.txt'}" in capsys.readouterr().out
 
 
 def test_ctrl_c_says_which_run_to_continue(tmp_path, monkeypatch, capsys):

@@ -97,7 +97,9 @@ class EvalLoader:
             raise DataError("the evaluation source has no images")
         self.samples = source.samples[rank::world_size]
         self.device, self.dtype = torch.device(device), dtype
-        self.bad_files = BadFileReport(report_dir, rank=rank, world_size=world_size)
+        self.bad_files = BadFileReport(
+            report_dir, rank=rank, world_size=world_size, outcome="left out of the evaluation"
+        )
         self._loader = DataLoader(
             _EvalDataset(self.samples, image_size, crop),
             batch_size=batch_size,

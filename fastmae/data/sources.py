@@ -278,7 +278,14 @@ class BadFileReport:
 
     PATTERN = "bad_files*.txt"
 
-    def __init__(self, report_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        report_dir: str | os.PathLike | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        outcome: str = "a stand-in takes its place",
+    ):
+        self.outcome = outcome  # what the log says becomes of an unreadable file
         self.report_path: Path | None = None
         if report_dir is not None:
             name = "bad_files.txt" if world_size == 1 else f"bad_files.rank{rank}.txt"
@@ -295,7 +302,10 @@ class BadFileReport:
             if path in self._reasons:
                 return False
             self._reasons[path] = reason
-            logger.warning("unreadable image %s (%s): a stand-in takes its place", path, reason)
+            if reason == "missing":  # a listed file: dropped from the list before anything was drawn
+                logger.warning("listed image %s is missing: left out of the data set", path)
+            else:
+                logger.warning("unreadable image %s (%s): %s", path, reason, self.outcome)
             if self.report_path is not None:
                 self.report_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.report_path, "a", encoding="utf-8", errors="surrogateescape") as f:

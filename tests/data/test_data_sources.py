@@ -148,6 +148,9 @@ def test_bad_file_report_file_dedup_and_resume(tmp_path, caplog):
     lines = (tmp_path / "run" / "bad_files.txt").read_text().splitlines()
     assert lines == ["/d/a.jpg\tOSError: broken data", "/d/b.jpg\tmissing"]
     assert "unreadable image /d/a.jpg (" in caplog.text and "a stand-in takes its place" in caplog.text
+    assert "listed image /d/b.jpg is missing: left out of the data set" in caplog.text  # no stand-in for it
+    BadFileReport(outcome="left out of the evaluation").add("/d/c.jpg", "OSError: x")  # the kNN sets
+    assert "unreadable image /d/c.jpg (OSError: x): left out of the evaluation" in caplog.text
     resumed = BadFileReport(tmp_path / "run")  # a restarted run does not write duplicates
     assert not resumed.add("/d/a.jpg", "x")
     assert len((tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == 2
