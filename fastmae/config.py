@@ -350,12 +350,19 @@ def parse_config(argv: list[str] | None = None) -> Config:
             from fastmae.checkpoint import list_checkpoints
 
             resumes = resume != "auto" or bool(list_checkpoints(run_dir))  # a start that never saved: fresh
-            if resumes and ran and (saved_values.get("effective_batch") == 0 or saved_values.get("accum_iter")):
+            file_values = {**saved_values, **file_values}
+            given = "effective_batch" in args or "accum_iter" in args
+            if (
+                resumes
+                and ran
+                and not given
+                and (file_values.get("effective_batch") == 0 or file_values.get("accum_iter"))
+            ):
                 # its effective batch was batch x its processes (x a fixed accumulation): kept on another
                 # number of them (accumulation makes it up), as a fixed one is; the checkpoint holds that
-                # batch's steps. On the same processes this is the accumulation it ran.
-                saved_values["effective_batch"], saved_values["accum_iter"] = ran, 0
-            file_values = {**saved_values, **file_values}
+                # batch's steps. On the same processes this is the accumulation it ran. After the merge:
+                # a --config recipe repeated on resume must not name another batch than the run's.
+                file_values["effective_batch"], file_values["accum_iter"] = ran, 0
         if "effective_batch" in args and "accum_iter" not in args:
             file_values.pop("accum_iter", None)  # the flag asks for a batch; a file's accumulation would override it
         if "preset" in args:

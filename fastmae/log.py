@@ -18,26 +18,31 @@ from typing import Any
 import torch
 
 
+def _git(here: str, *args: str) -> str:
+    return subprocess.run(
+        ["git", "--no-optional-locks", "-C", here, *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
 def _source_commit() -> dict[str, Any] | None:
-    """fastmae's commit where it runs from a git checkout (``FASTMAE_COMMIT`` overrides: a copy
-    without its ``.git``), with whether tracked files differ from it; None otherwise."""
+    """fastmae's commit where it runs from its own git checkout (``FASTMAE_COMMIT`` overrides: a copy
+    without its ``.git``), with whether tracked files differ from it (None when that took too long);
+    None otherwise, also for a copy installed inside another project's repository."""
     if os.environ.get("FASTMAE_COMMIT"):
         return {"commit": os.environ["FASTMAE_COMMIT"], "dirty": None}
-    here = str(Path(__file__).resolve().parent)
+    package = Path(__file__).resolve().parent
+    here = str(package)
     try:
-        commit = subprocess.run(
-            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        if Path(_git(here, "rev-parse", "--show-toplevel")).resolve() != package.parent:
+            return None  # not fastmae's checkout: a site-packages inside the user's own repository
+        commit = _git(here, "rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": commit, "dirty": bool(changed)}
+    try:
+        dirty: bool | None = bool(_git(here, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"commit": commit, "dirty": dirty}
 
 
 def run_environment(device: torch.device) -> dict[str, Any]:

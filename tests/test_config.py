@@ -114,6 +114,17 @@ def test_resuming_on_other_processes_keeps_the_runs_effective_batch(tmp_path):
     assert accum_iter(parse_config([*argv, "--effective-batch", "128"]), 2) == 1
     assert accum_iter(parse_config([*argv, "--accum-iter", "3"]), 2) == 3  # the flag still wins
     assert accum_iter(parse_config(["--config", str(run / "config.json"), "--effective-batch", "256"]), 1) == 4
+    # the recipe file repeated on resume (it names effective batch 4096; the run ran 64 x 4 = 256 with
+    # --accum-iter 4): the run's batch, not the file's (it was refused: "trained with 256, this run's 4096")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"batch_size": 64, "effective_batch": 4096}))
+    saved = {
+        **Config(batch_size=64, effective_batch=4096, accum_iter=4).to_dict(),
+        "resolved": {"effective_batch": 256},
+    }
+    (run / "config.json").write_text(json.dumps(saved))
+    cfg = parse_config(["--config", str(recipe), *argv])
+    assert (cfg.effective_batch, accum_iter(cfg, 1), accum_iter(cfg, 2)) == (256, 4, 2)
 
 
 def test_data_paths_are_kept_absolute(tmp_path, monkeypatch):

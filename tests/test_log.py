@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
+import pytest
+
+import fastmae
 from fastmae.log import MetricsLog, read_metrics
 
 
@@ -47,3 +54,30 @@ def test_a_resumed_runs_time_goes_on_from_the_kept_records(tmp_path):
     log.write({"step": 4, "knn_top1": 50.0})  # a record without a time
     log.close()
     assert MetricsLog(tmp_path, resume_step=4, tensorboard=False).resumed_time == 9.5
+
+
+def test_the_commit_is_fastmaes_own_not_an_enclosing_repositorys(tmp_path):
+    """Installed (copied) inside another project's git repository, fastmae must not record that
+    project's commit as its own: git -C walks up to whatever repository encloses the package."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    project = tmp_path / "project"
+    site = project / "venv" / "site-packages"
+    shutil.copytree(Path(fastmae.__file__).parent, site / "fastmae", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_AUTHOR_NAME": "u", "GIT_AUTHOR_EMAIL": "u@x",
+           "GIT_COMMITTER_NAME": "u", "GIT_COMMITTER_EMAIL": "u@x"}  # fmt: skip
+    env.pop("FASTMAE_COMMIT", None)
+    subprocess.run(["git", "init", "-q", str(project)], check=True, env=env)
+    (project / "a.txt").write_text("x")
+    subprocess.run(["git", "-C", str(project), "add", "a.txt"], check=True, env=env)
+    subprocess.run(["git", "-C", str(project), "commit", "-qm", "x"], check=True, env=env)
+    code = "from fastmae.log import _source_commit; print(_source_commit())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=site, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None", out
+    repo = Path(fastmae.__file__).resolve().parents[1]
+    if (repo / ".git").exists():  # its own checkout: its own commit
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True
+        )
+        assert head.strip() in out.stdout

@@ -355,10 +355,11 @@ class DaliLoader(ScheduledLoader):
         self._bad_idx: dict[int, str] = {}  # dataset indices known unreadable -> why
         # a resumed run's report: its files are skipped without another failed pipeline run each
         # (a rebuild costs seconds on a GPU); the uninterrupted run knew them by then too
-        index_of = {path: j for j, (path, _) in enumerate(source.samples)}
-        for path, reason in self.bad_files.reasons.items():
-            if path in index_of:
-                self._bad_idx[index_of[path]] = reason
+        if self.bad_files.count:
+            index_of = {path: j for j, (path, _) in enumerate(source.samples)}
+            for path, reason in self.bad_files.reasons.items():
+                if path in index_of:
+                    self._bad_idx[index_of[path]] = reason
         self._host_decode: set[int] = set()  # readable by PIL, not by DALI
         self.io_threads = io_threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -254,3 +254,18 @@ def test_bad_file_report_non_utf8_names(tmp_path):
     assert (tmp_path / "bad_files.txt").read_bytes().startswith(b"/d/caf\xe9.jpg\t")
     resumed = BadFileReport(tmp_path)
     assert resumed.paths == [f"/d/{name}"] and not resumed.add(f"/d/{name}", "again")
+
+
+def test_samples_digest_is_relative_to_the_root_and_computed_once(tmp_path):
+    """The fingerprint a checkpoint records: the same wherever the data is mounted, another for a
+    renamed file; computed once per source (every checkpoint records it)."""
+    from fastmae.data.sources import Source, samples_digest
+
+    a = Source(root="/d", samples=[("/d/x/a.jpg", 0), ("/d/b.jpg", 1)], kind="imagefolder")
+    b = Source(root="/mnt/e", samples=[("/mnt/e/x/a.jpg", 0), ("/mnt/e/b.jpg", 1)], kind="imagefolder")
+    c = Source(root="/d", samples=[("/d/x/a2.jpg", 0), ("/d/b.jpg", 1)], kind="imagefolder")
+    assert samples_digest(a) == samples_digest(b) != samples_digest(c)
+    outside = Source(root="/d", samples=[("/elsewhere/a.jpg", 0)], kind="list")  # relpath's way
+    assert samples_digest(outside) != samples_digest(Source(root="/d", samples=[("/d/a.jpg", 0)], kind="list"))
+    a.samples.append(("/d/c.jpg", 2))  # the cache follows the samples
+    assert samples_digest(a) != samples_digest(b)
