@@ -38,17 +38,22 @@ without it raises a one-line :class:`~fastmae.data.sources.DataError`.
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import os
-import struct
 import weakref
 from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
+from fastmae.data.encoded import (
+    describe,
+    encoded_size,
+    looks_truncated,
+    png_bytes,
+    pnm_rescaled,
+    read_bytes,
+)
 from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator, tried_indices
 from fastmae.data.sources import BadFileReport, DataError, ShardDataError, Source
 from fastmae.data.transforms import (
@@ -56,13 +61,9 @@ from fastmae.data.transforms import (
     CROP_SCALE,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    header_size,
     load_rgb,
     sample_params,
 )
-
-_JPEG_SOI = b"\xff\xd8"
-_JPEG_EOI = b"\xff\xd9"
 
 
 def _error_line(error: BaseException) -> str:
@@ -102,100 +103,6 @@ def _require_dali():
             "pip install nvidia-dali-cuda130, or use the 'torch' backend"
         ) from None
     return fn, types, pipeline_def
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-# start-of-frame markers (baseline, progressive, lossless, ...) carry the image size
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` from a JPEG's frame header, or None where the marker walk fails."""
-    pos, end = 2, len(data) - 9
-    while pos < end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _JPEG_SOF:
-            h, w = struct.unpack_from(">HH", data, pos + 5)
-            return (h, w) if h and w else None
-        if marker == 0xD8 or 0xD0 <= marker <= 0xD7:  # no length field
-            pos += 2
-            continue
-        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
-    return None
-
-
-def _header_size(data: bytes) -> tuple[int, int]:
-    """``(height, width)`` from the encoded bytes' header; raises on what PIL cannot identify.
-
-    JPEG frame headers are read directly (a third of PIL's cost, which matters at several
-    thousand images per second on one host thread); anything else goes through PIL.
-    """
-    if not data:
-        raise OSError("empty file")
-    if data.startswith(_JPEG_SOI):
-        size = _jpeg_size(data)
-        if size is not None:
-            return size
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
-        raise OSError("cannot identify image file") from None
-    with img:
-        return header_size(img)
-
-
-_PNM_MAXVAL_MAGIC = (b"P2", b"P3", b"P5", b"P6")  # grey / colour maps, ASCII or binary
-
-
-def _pnm_rescaled(data: bytes) -> bool:
-    """A PGM/PPM whose maxval is not 255 or 65535: PIL scales its samples to the full range,
-    DALI's decoder does not for binary files (a 12-bit PGM comes out nearly black; ASCII ones it
-    scales, with other rounding), so such a file is decoded on the host."""
-    if data[:2] not in _PNM_MAXVAL_MAGIC:
-        return False
-    tokens: list[bytes] = []
-    pos = 2
-    while len(tokens) < 3 and pos < min(len(data), 4096):
-        c = data[pos : pos + 1]
-        if c == b"#":  # comment to end of line
-            end = data.find(b"\n", pos)
-            pos = len(data) if end < 0 else end + 1
-        elif c.isspace():
-            pos += 1
-        else:
-            start = pos
-            while pos < len(data) and not data[pos : pos + 1].isspace() and data[pos : pos + 1] != b"#":
-                pos += 1
-            tokens.append(data[start:pos])
-    if len(tokens) < 3 or not tokens[2].isdigit():
-        return False  # a broken header: the header check and the decoders decide
-    return int(tokens[2]) not in (255, 65535)
-
-
-def _looks_truncated(data: bytes) -> bool:
-    return data.startswith(_JPEG_SOI) and not data.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
-
-
-def _png_bytes(path: str) -> bytes:
-    buf = io.BytesIO()
-    load_rgb(path).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def _read_bytes(path: str) -> bytes | Exception:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except Exception as exc:  # reported by the caller, like any unreadable file
-        return exc
 
 
 class _Fed:
@@ -251,7 +158,7 @@ class _Feeder:
     def _read_ahead(self, pos: tuple[int, int]) -> list:
         ld = self.loader
         paths = [ld.source.samples[int(i)][0] for i in ld.plan.batch_indices(*pos)]
-        return [ld._io_pool().submit(_read_bytes, p) for p in paths]
+        return [ld._io_pool().submit(read_bytes, p) for p in paths]
 
     def __call__(self):
         pos = self.next
@@ -396,19 +303,19 @@ class DaliLoader(ScheduledLoader):
             path = samples[j][0]
             try:
                 if j in self._host_decode:
-                    data = _png_bytes(path)
+                    data = png_bytes(path)
                 else:
-                    data = first if attempt == 0 and first is not None else _read_bytes(path)
+                    data = first if attempt == 0 and first is not None else read_bytes(path)
                     if isinstance(data, Exception):
                         raise data
-                    if _looks_truncated(data):
+                    if looks_truncated(data):
                         load_rgb(path)  # PIL decides; a clean decode means trailing bytes only
-                    if _pnm_rescaled(data):
+                    if pnm_rescaled(data):
                         self._host_decode.add(j)
-                        data = _png_bytes(path)
-                h, w = _header_size(data)
+                        data = png_bytes(path)
+                h, w = encoded_size(data)
             except Exception as exc:
-                self._mark_bad(j, _describe(exc))
+                self._mark_bad(j, describe(exc))
                 bad.append((path, self._bad_idx[j]))
                 continue
             gen = sample_generator(self.plan.seed, epoch, index, attempt)
@@ -502,7 +409,7 @@ class DaliLoader(ScheduledLoader):
                 load_rgb(self.source.samples[j][0])
             except Exception as exc:
                 if not self._dali_decodes(self.source.samples[j][0]):
-                    self._mark_bad(j, _describe(exc))
+                    self._mark_bad(j, describe(exc))
                     found = True
             else:
                 pil_ok.append(j)
@@ -528,7 +435,7 @@ class DaliLoader(ScheduledLoader):
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            want = _header_size(raw)
+            want = encoded_size(raw)
         except Exception:
             return False
         data = np.frombuffer(raw, dtype=np.uint8)

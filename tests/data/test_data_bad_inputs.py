@@ -229,13 +229,13 @@ def test_rotated_tiff_is_used_as_stored(tmp_path, odd_files, backend, orientatio
 def test_dali_size_disagreement_is_decoded_on_the_host(tmp_path, odd_files, monkeypatch):
     """A file DALI decodes to another size than the host's header gives (as rotated TIFFs did)
     is not a nameless pipeline error: the probe finds it and it is decoded on the host."""
-    real = dali_module._header_size
+    real = dali_module.encoded_size
 
     def wrong_tiff_size(data: bytes) -> tuple[int, int]:  # too big for any crop window to fit
         h, w = real(data)
         return (h + 100, w + 100) if data[:4] == b"II*\x00" else (h, w)
 
-    monkeypatch.setattr(dali_module, "_header_size", wrong_tiff_size)
+    monkeypatch.setattr(dali_module, "encoded_size", wrong_tiff_size)
     buf = io.BytesIO()
     Image.open(odd_files["reference"]).save(buf, format="TIFF", tiffinfo={274: 6})
     source = _with_references(tmp_path, odd_files, "rotated.tif", buf.getvalue())

@@ -135,7 +135,7 @@ def test_jpeg_header_size_equals_pil(mode, progressive):
     """The DALI feeder reads JPEG sizes from the frame header itself; PIL is the reference."""
     import io
 
-    from fastmae.data.dali import _header_size
+    from fastmae.data.encoded import encoded_size as _header_size
 
     img = _image(37, 53).convert(mode)
     buf = io.BytesIO()
