@@ -61,7 +61,7 @@ except ModuleNotFoundError:  # run as a script: the repo root is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import common
 from benchmarks import report as report_mod  # noqa: E402  (after the sys.path fallback above)
-from benchmarks.step_catalogue import GROUPS, VARIANTS, Variant, resolve_variants  # noqa: E402
+from benchmarks.step_catalogue import GROUPS, VARIANTS, Variant, ratios, resolve_variants  # noqa: E402
 from benchmarks.step_variants import (  # noqa: E402  (after the sys.path fallback above)
     MASK_RATIO,
     SHAPES,
@@ -86,31 +86,6 @@ from benchmarks.step_variants import (  # noqa: E402  (after the sys.path fallba
 )
 
 # ---------------------------------------------------------------------- one setting
-
-
-def ratios(vs: dict[str, dict]) -> None:
-    """Each variant's img/s and peak memory against HF eager and HF compiled; and against the fastest
-    HF compiled variant that passed its check (an SDPA kernel forced may beat what HF's compiled step
-    picks itself: the fair baseline is the best of them)."""
-    for ref_name in ("hf_eager", "hf_compile"):
-        ref = vs.get(ref_name, {})
-        for vr in vs.values():
-            if ref.get("img_s") and vr.get("img_s"):
-                vr[f"speedup_vs_{ref_name}"] = vr["img_s"] / ref["img_s"]
-            ref_mem = ref.get("memory", {}).get("peak_bytes")
-            if ref_mem and vr.get("memory") and vr.get("batch") == ref.get("batch"):
-                vr[f"memory_vs_{ref_name}"] = vr["memory"]["peak_bytes"] / ref_mem
-    compiled = [
-        (n, v)
-        for n, v in vs.items()
-        if n.startswith("hf_compile") and v.get("img_s") and v.get("check", {}).get("ok", True)
-    ]
-    if compiled:
-        best, ref = max(compiled, key=lambda nv: nv[1]["img_s"])
-        for vr in vs.values():
-            if vr.get("img_s"):
-                vr["speedup_vs_best_hf_compile"] = vr["img_s"] / ref["img_s"]
-                vr["best_hf_compile"] = best
 
 
 class Setting:

@@ -1,4 +1,5 @@
-"""The step benchmark's variants: each way of running the training step, and the groups of them.
+"""The step benchmark's variants: each way of running the training step, the groups of them, and
+the baselines each is compared with (HF eager, HF compiled, the fastest HF compiled).
 
 ``bench_step.py --variants`` takes names and group names; ``step_variants.py`` builds and runs them.
 """
@@ -301,3 +302,31 @@ def resolve_variants(names: Sequence[str]) -> list[Variant]:
                 if n not in out:
                     out.append(n)
     return [VARIANTS[n] for n in out]
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def ratios(vs: dict[str, dict]) -> None:
+    """Each variant's img/s and peak memory against HF eager and HF compiled; and against the fastest
+    HF compiled variant that passed its check (an SDPA kernel forced may beat what HF's compiled step
+    picks itself: the fair baseline is the best of them)."""
+    for ref_name in ("hf_eager", "hf_compile"):
+        ref = vs.get(ref_name, {})
+        for vr in vs.values():
+            if ref.get("img_s") and vr.get("img_s"):
+                vr[f"speedup_vs_{ref_name}"] = vr["img_s"] / ref["img_s"]
+            ref_mem = ref.get("memory", {}).get("peak_bytes")
+            if ref_mem and vr.get("memory") and vr.get("batch") == ref.get("batch"):
+                vr[f"memory_vs_{ref_name}"] = vr["memory"]["peak_bytes"] / ref_mem
+    compiled = [
+        (n, v)
+        for n, v in vs.items()
+        if n.startswith("hf_compile") and v.get("img_s") and v.get("check", {}).get("ok", True)
+    ]
+    if compiled:
+        best, ref = max(compiled, key=lambda nv: nv[1]["img_s"])
+        for vr in vs.values():
+            if vr.get("img_s"):
+                vr["speedup_vs_best_hf_compile"] = vr["img_s"] / ref["img_s"]
+                vr["best_hf_compile"] = best

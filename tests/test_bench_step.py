@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import bench_step, common, report, step_catalogue, step_variants
+from benchmarks import common, report, step_catalogue, step_variants
 from fastmae.model import MaskedAutoencoderViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_fastmae_is_also_compared_with_the_fastest_hf_compiled_step():
         "hf_compile_flash": {"img_s": 1400.0, "check": {"ok": False}},
         "fm_fast": {"img_s": 1560.0},
     }
-    bench_step.ratios(vs)
+    step_catalogue.ratios(vs)
     fm = vs["fm_fast"]
     assert fm["speedup_vs_hf_compile"] == pytest.approx(1.3)
     assert fm["speedup_vs_best_hf_compile"] == pytest.approx(1.2) and fm["best_hf_compile"] == "hf_compile_cudnn"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import chart, report
 
 
 def test_trainer_against_the_harness(tmp_path: Path):
@@ -188,5 +188,5 @@ def test_bar_chart_panels_share_one_axis(tmp_path: Path):
             else:
                 lengths.append((y, run))
     assert len(lengths) == 2 and lengths[0][1] == lengths[1][1] > 0
-    assert report._ticks(5370) == [0, 1000, 2000, 3000, 4000, 5000, 6000]
-    assert report._run_label(reports[0]) != report._run_label(reports[1])  # two runs of one commit told apart
+    assert chart.ticks(5370) == [0, 1000, 2000, 3000, 4000, 5000, 6000]
+    assert chart.run_label(reports[0]) != chart.run_label(reports[1])  # two runs of one commit told apart
