@@ -256,9 +256,9 @@ def test_bad_file_report_non_utf8_names(tmp_path):
     assert resumed.paths == [f"/d/{name}"] and not resumed.add(f"/d/{name}", "again")
 
 
-def test_samples_digest_is_relative_to_the_root_and_computed_once(tmp_path):
+def test_samples_digest_is_relative_to_the_root_and_follows_the_samples(tmp_path):
     """The fingerprint a checkpoint records: the same wherever the data is mounted, another for a
-    renamed file; computed once per source (every checkpoint records it)."""
+    renamed file; its per-source cache (every checkpoint records it) follows a change of samples."""
     from fastmae.data.sources import Source, samples_digest
 
     a = Source(root="/d", samples=[("/d/x/a.jpg", 0), ("/d/b.jpg", 1)], kind="imagefolder")
