@@ -201,7 +201,9 @@ def _host_feed_note(row: dict[str, Any]) -> str:
     """DALI's host-side feed alone (bytes, header, crop draws on the training thread), when measured."""
     if row.get("host_feed_img_per_s") is None:
         return ""
-    return f"host feed alone {row['host_feed_img_per_s']:.0f} img/s ({row['host_feed_us_per_img']:.0f} µs/img)"
+    note = f"host feed alone {row['host_feed_img_per_s']:.0f} img/s ({row['host_feed_us_per_img']:.0f} µs/img"
+    cpu = row.get("host_feed_thread_cpu_us_per_img")  # from 2026-11-28 on
+    return note + (f", {cpu:.0f} µs/img on the training thread)" if cpu is not None else ")")
 
 
 def data_markdown(rep: dict[str, Any]) -> str:

@@ -2,10 +2,12 @@
 
 ``RandomResizedCrop(size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic)`` + horizontal flip
 (p = 0.5) + ImageNet mean/std normalisation, CHW float. The crop parameters follow torchvision's
-``RandomResizedCrop.get_params`` draw for draw (10 tries, then the centre-crop fallback) and the
-flip is torchvision's ``torch.rand(1) < p``, both from an explicit generator, so with the same
-generator state this module, torchvision and the DALI backend (which gets the parameters from
-here) crop the same window.
+``RandomResizedCrop.get_params`` (10 tries, then the centre-crop fallback) and the flip is
+torchvision's ``rand < p``, both drawn from an explicit stream, so both backends (the DALI one
+gets its parameters from here) crop the same window. The loaders' stream is
+:class:`~fastmae.data.sampling.SampleRandom`; given a ``torch.Generator`` instead, the draws are
+torchvision's own, one-element torch ops in its order and float32 rounding, so with the same
+generator state this module and torchvision crop the same window (tested).
 
 Images are read with PIL and converted to RGB: CMYK, grayscale, palette and RGBA (alpha dropped,
 as torchvision's loader does) via ``Image.convert``; 16-bit grayscale by keeping the top 8 bits
@@ -65,29 +67,58 @@ def _log_ratio(ratio: tuple[float, float]) -> torch.Tensor:
     return torch.log(torch.tensor(ratio))
 
 
+class _TorchDraws:
+    """A ``torch.Generator`` drawing as torchvision's ``RandomResizedCrop`` and flip do."""
+
+    __slots__ = ("g",)
+
+    def __init__(self, generator: torch.Generator):
+        self.g = generator
+
+    def uniform(self, low: float, high: float) -> float:
+        return torch.empty(1).uniform_(low, high, generator=self.g).item()
+
+    def log_uniform(self, low: float, high: float) -> float:
+        # log bounds and exp in float32 as torchvision does: a float64 exp can round a boundary
+        # case differently
+        log_ratio = _log_ratio((low, high))
+        return torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=self.g)).item()
+
+    def randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high, size=(1,), generator=self.g).item())
+
+    def random(self) -> float:
+        return torch.rand(1, generator=self.g).item()
+
+
+def _draws(generator):
+    return _TorchDraws(generator) if isinstance(generator, torch.Generator) else generator
+
+
 def rrc_params(
     height: int,
     width: int,
-    generator: torch.Generator,
+    generator,
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[int, int, int, int]:
     """torchvision's ``RandomResizedCrop.get_params``, drawing from ``generator``.
 
+    ``generator``: a :class:`~fastmae.data.sampling.SampleRandom` (the loaders' stream) or a
+    ``torch.Generator`` (torchvision's draws, value for value).
+
     Returns ``(top, left, crop_height, crop_width)``.
     """
+    draws = _draws(generator)
     area = height * width
-    log_ratio = _log_ratio(tuple(ratio))
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        # exp in float32 as torchvision does: a float64 exp can round a boundary case differently
-        log_ar = torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)
-        aspect_ratio = torch.exp(log_ar).item()
+        target_area = area * draws.uniform(scale[0], scale[1])
+        aspect_ratio = draws.log_uniform(ratio[0], ratio[1])
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:
-            i = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-            j = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            i = draws.randint(0, height - h + 1)
+            j = draws.randint(0, width - w + 1)
             return i, j, h, w
     # Fallback to central crop
     in_ratio = float(width) / float(height)
@@ -106,14 +137,15 @@ def rrc_params(
 def sample_params(
     height: int,
     width: int,
-    generator: torch.Generator,
+    generator,
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
     flip_p: float = FLIP_P,
 ) -> CropParams:
-    """Crop window then flip, drawn in torchvision's order from one generator."""
-    top, left, h, w = rrc_params(height, width, generator, scale, ratio)
-    flip = bool(torch.rand(1, generator=generator).item() < flip_p)
+    """Crop window then flip, drawn in torchvision's order from one stream (see :func:`rrc_params`)."""
+    draws = _draws(generator)
+    top, left, h, w = rrc_params(height, width, draws, scale, ratio)
+    flip = draws.random() < flip_p
     return CropParams(top, left, h, w, flip)
 
 

@@ -35,6 +35,8 @@ def test_bench_data_smoke(tmp_path):
         assert all(r["img_per_s"] > 0 for r in dali)
         # the host's share of DALI's feed, timed alone: finite, and not slower than the whole loader
         assert all(r["host_feed_img_per_s"] > r["img_per_s"] for r in dali), dali
+        # the feeding thread's CPU time is part of the feed's wall time
+        assert all(0 < r["host_feed_thread_cpu_us_per_img"] <= r["host_feed_us_per_img"] for r in dali), dali
         assert "host feed alone" in report.data_markdown(record)
         assert [bench.data_row_name(r) for r in dali] == ["dali (fancy)", "dali (plain, hw 0.9)"]
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fastmae.data import IMAGENET_MEAN, IMAGENET_STD, rrc_params, sample_params
+from fastmae.data.sampling import SampleRandom, sample_generator
 from fastmae.data.transforms import CropParams, augment, to_rgb
 from tests.data.conftest import translucent
 
@@ -26,10 +27,16 @@ def needs_tv(test):
     return pytest.mark.interop(pytest.mark.skipif(not HAVE_TV, reason="torchvision does not import here")(test))
 
 
+# the loaders' stream, and a torch.Generator (torchvision's draws)
+STREAMS = {"splitmix": SampleRandom, "torch": lambda seed: torch.Generator().manual_seed(seed)}
+stream_kinds = pytest.mark.parametrize("stream", list(STREAMS))
+
+
+@stream_kinds
 @pytest.mark.parametrize("hw", [(375, 500), (48, 64), (200, 37), (96, 96)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_rrc_params_within_bounds(hw):
+def test_rrc_params_within_bounds(hw, stream):
     h, w = hw
-    g = torch.Generator().manual_seed(0)
+    g = STREAMS[stream](0)
     for _ in range(300):
         top, left, ch, cw = rrc_params(h, w, g)
         assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
@@ -40,8 +47,9 @@ def test_rrc_params_within_bounds(hw):
             assert 3 / 4 * 0.85 <= ratio <= 4 / 3 / 0.85
 
 
-def test_rrc_params_fallback_center_crop():
-    g = torch.Generator().manual_seed(0)
+@stream_kinds
+def test_rrc_params_fallback_center_crop(stream):
+    g = STREAMS[stream](0)
     # 1 x 100: no window of area >= 20 with ratio <= 4/3 fits; fallback clamps the ratio
     assert rrc_params(1, 100, g) == (0, 49, 1, 1)
     # 100 x 10: too tall; fallback keeps the width and takes a 4:3-ratio-bound height in the middle
@@ -50,20 +58,82 @@ def test_rrc_params_fallback_center_crop():
     assert rrc_params(10, 10, g, scale=(2.0, 3.0)) == (0, 0, 10, 10)
 
 
-def test_rrc_params_deterministic_and_seed_dependent():
-    a = [rrc_params(375, 500, torch.Generator().manual_seed(s)) for s in range(20)]
-    b = [rrc_params(375, 500, torch.Generator().manual_seed(s)) for s in range(20)]
+@stream_kinds
+def test_rrc_params_deterministic_and_seed_dependent(stream):
+    a = [rrc_params(375, 500, STREAMS[stream](s)) for s in range(20)]
+    b = [rrc_params(375, 500, STREAMS[stream](s)) for s in range(20)]
     assert a == b and len(set(a)) == 20
 
 
-def test_flip_rate_and_scale_spread():
+@stream_kinds
+def test_flip_rate_and_scale_spread(stream):
     flips, areas = [], []
     for s in range(2000):
-        p = sample_params(100, 100, torch.Generator().manual_seed(s))
+        p = sample_params(100, 100, STREAMS[stream](s))
         flips.append(p.flip)
         areas.append(p.height * p.width / 1e4)
     assert 0.45 < np.mean(flips) < 0.55
     assert min(areas) < 0.25 and max(areas) > 0.95  # the whole (0.2, 1.0) range is used
+
+
+def _crop_stats(params: list, h: int, w: int) -> np.ndarray:
+    """Per crop: area fraction, log aspect ratio, centre x and y (fractions), flip."""
+    return np.array(
+        [
+            (
+                p.height * p.width / (h * w),
+                math.log(p.width / p.height),
+                (p.left + p.width / 2) / w,
+                (p.top + p.height / 2) / h,
+                p.flip,
+            )
+            for p in params
+        ]
+    )
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (64, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_splitmix_stream_draws_the_torchvision_distribution(hw):
+    """The loaders' stream against torchvision's draws (a torch.Generator through the same
+    algorithm): each statistic's mean agrees within 5 standard errors of the difference, over
+    4000 samples each (a draw mapped wrongly, e.g. the aspect ratio not log-uniform or a biased
+    offset, moves a mean by tens of them)."""
+    h, w = hw
+    n = 4000
+    fast = _crop_stats([sample_params(h, w, sample_generator(0, 0, i)) for i in range(n)], h, w)
+    ref = _crop_stats([sample_params(h, w, torch.Generator().manual_seed(10_000 + i)) for i in range(n)], h, w)
+    se = np.sqrt(fast.var(0) / n + ref.var(0) / n)
+    z = np.abs(fast.mean(0) - ref.mean(0)) / se
+    assert (z < 5).all(), dict(zip(["area", "log_ratio", "cx", "cy", "flip"], z.round(2), strict=True))
+
+
+def test_splitmix_reference_outputs():
+    """splitmix64's published outputs for seed 1234567 (Vigna's splitmix64.c): the stream is the
+    specified one, so a run's crops survive a torch or Python upgrade on resume."""
+    r = SampleRandom(1234567)
+    assert [r.next64() for _ in range(5)] == [
+        6457827717110365317,
+        3203168211198807973,
+        9817491932198370423,
+        4593380528125082431,
+        16408922859458223821,
+    ]
+
+
+def test_splitmix_draws_in_range_and_unbiased():
+    r = SampleRandom(7)
+    u = np.array([r.random() for _ in range(20_000)])
+    assert u.min() >= 0 and u.max() < 1
+    counts = np.histogram(u, bins=10, range=(0, 1))[0]
+    assert np.abs(counts - 2000).max() < 5 * math.sqrt(2000 * 0.9)  # 5 sigma per bin
+    k = np.array([r.randint(3, 6) for _ in range(9000)])
+    assert set(k.tolist()) == {3, 4, 5}
+    assert np.abs(np.bincount(k)[3:] - 3000).max() < 5 * math.sqrt(3000 * 2 / 3)
+    assert all(r.randint(5, 6) == 5 for _ in range(10))
+    assert all(0 <= r.randint(0, 2**40) < 2**40 for _ in range(1000))
+    a = np.array([r.log_uniform(3 / 4, 4 / 3) for _ in range(10_000)])
+    assert a.min() >= 3 / 4 and a.max() <= 4 / 3
+    assert abs(np.log(a).mean()) < 5 * (math.log(4 / 3) / math.sqrt(3)) / 100  # log-uniform about 0
 
 
 @needs_tv
