@@ -21,8 +21,10 @@ PROG = "python -m fastmae.train"
 
 def summary(result: TrainResult, seconds: float) -> str:
     losses = result.losses
+    # a resumed run's time and losses are this invocation's: say from which step
+    resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
     lines = [
-        f"done: step {result.step} in {seconds / 60:.1f} min"
+        f"done: step {result.step}{resumed} in {seconds / 60:.1f} min"
         + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if len(losses) > 1 else ""),
         f"  run dir     {result.run_dir}",
         f"  checkpoint  {result.checkpoint}",

@@ -94,6 +94,7 @@ class TrainResult:
     bad_files_report: Path | None = None
     schedule_done: bool = False  # every epoch of the schedule ran (continuing means more --epochs)
     world_size: int = 1  # the processes it ran on
+    start_step: int = 0  # the step this invocation began at (a resumed run's checkpoint)
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -352,6 +353,7 @@ def train(cfg: Config) -> TrainResult:
         checkpoint=resumed.checkpoint if resumed else None,
         metrics=run_dir / "metrics.jsonl",
         world_size=env.world_size,
+        start_step=step,
     )
     checkpoints = ckpt.RunCheckpoints(
         run_dir,

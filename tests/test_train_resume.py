@@ -52,7 +52,7 @@ def _run_until(args: list[str], run: Path, steps: int, sig: signal.Signals, grou
 
 
 @pytest.mark.parametrize("to", ["process", "group"])
-def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, uninterrupted, to):
+def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, uninterrupted, to, capsys):
     """A scheduler's SIGTERM: the run saves at the next log step, exits 143, and resumes exactly.
     Sent to the process group, it reaches the DataLoader workers too: they died of it, and the run
     with them ("DataLoader worker ... killed by signal: Terminated", no checkpoint) until they
@@ -69,6 +69,8 @@ def test_sigterm_stops_after_a_checkpoint_and_resumes_exactly(tiny_data, tmp_pat
     assert main(tiny_args(tiny_data, run, *RESUME_ARGS, "--resume", "auto")) == 0
     for (s, a), (_, b) in zip(losses(run), uninterrupted, strict=True):
         assert a == b, f"step {s} (stopped after {stopped_at})"  # bitwise: the same ops in the same order
+    # the summary's time and loss range are the resumed invocation's: it says where that began
+    assert f"done: step {len(uninterrupted)} (resumed at step {stopped_at}) in " in capsys.readouterr().out
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tiny_data, tmp_path, uninterrupted):
