@@ -20,10 +20,13 @@ weights: without a fastmae config they are guessed by width (``--num-heads`` to 
 labelled ImageFolder trees or file lists with labels; ``--val-fraction`` splits one source per class
 when there is no ``--val-path``.
 
-It runs on the trainer's machinery: the torchrun process group, bf16 autocast and
-``torch.compile`` on CUDA, DDP, the loaders, the lr schedule, atomic checkpoints and the metrics
-log. Training augmentation is the pretraining loader's (random-resized crop + flip); RandAugment,
-mixup and cutmix of the full ImageNet recipe are not applied.
+It runs on the trainer's machinery: the torchrun process group, bf16 autocast (fp16 with loss
+scaling) and ``torch.compile`` on CUDA, DDP, the loaders, the lr schedule, atomic checkpoints and the
+metrics log. Training augmentation is the pretraining loader's random-resized crop + flip, at the
+official fine-tuning's and probe's scale (0.08, 1) (``--min-scale``); RandAugment, mixup, cutmix and
+random erasing of the full ImageNet recipe are not applied. A run continues (``--resume auto``) at
+the effective batch (batch x processes) it started with. Under torchrun, kNN votes and scores over
+every rank's share.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from fastmae.attention import AttentionBackendError
 from fastmae.cli import to_dict
 from fastmae.config import ConfigError
 from fastmae.convert import fastmae_state_dict, hf_folder_config, load_checkpoint, read_state_dict
-from fastmae.data import BadFileReport, DataError, Source, build_loader, open_source
+from fastmae.data import BadFileReport, DataError, EpochPlan, Source, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source, to_training_labels
 from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetune is the CLI's module)
     ARCHS,
@@ -307,6 +310,42 @@ def check_resumable(
             )
 
 
+def check_same_schedule(
+    path: Path, state: dict[str, Any], eff_batch: int, steps_per_epoch: int, batch_size: int, world_size: int
+) -> None:
+    """Refuse, in one line, to continue a checkpoint whose step counted other batches: its step
+    would land in another epoch, at another lr (the epoch is step / steps an epoch, the lr scales
+    with the effective batch). A checkpoint that does not say (an older one) is taken as is."""
+    was = state.get("effective_batch")
+    if was is not None and int(was) != eff_batch:
+        raise ConfigError(
+            f"cannot resume {path}: it trained at an effective batch of {was} (--batch-size x processes), this run "
+            f"has {eff_batch} ({batch_size} x {world_size}): continue it with a --batch-size and process count "
+            f"whose product is {was}"
+        )
+    was = state.get("steps_per_epoch")
+    if was is not None and int(was) != steps_per_epoch:
+        raise ConfigError(
+            f"cannot resume {path}: its epochs were {was} steps, this run's training data gives {steps_per_epoch}: "
+            "the training images changed (continue it on the same data, or start another --run-dir)"
+        )
+
+
+def all_features(encode: Any, loader: EvalLoader, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of the whole set: each rank encodes its share, and under torchrun every
+    rank gets every share (the kNN vote needs all the training images, and scores all the
+    validation ones). A share may be empty (fewer images than processes)."""
+    try:
+        part: tuple[torch.Tensor, torch.Tensor] | None = extract_features(encode, loader)
+    except ValueError:  # no batches in this rank's share
+        part = None
+    parts = distributed.all_gather_object(part) if world_size > 1 else [part]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise DataError("no images to extract features from")
+    return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
     env = distributed.init_distributed(cfg.device)
@@ -353,6 +392,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             raise ConfigError(f"cannot load the checkpoint {resumed[0]}: {type(e).__name__}: {first}") from None
     if resumed is not None:
         check_resumable(cfg, arch, num_classes, *resumed)
+        if cfg.mode != "knn":  # before config.json is written: a refused resume leaves the run as it was
+            plan = EpochPlan(len(train_src), cfg.batch_size, cfg.seed, env.rank, env.world_size)
+            check_same_schedule(*resumed, plan.global_batch, plan.steps_per_epoch, cfg.batch_size, env.world_size)
     weights = checkpoint if cfg.init == "pretrained" else None
     model = build_classifier(cfg, arch, num_classes, weights).to(device)
     precision, dtype = resolve_precision(cfg, device)
@@ -381,12 +423,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.eval()
         encode = lambda x: model.forward_features(x)  # noqa: E731
         with torch.no_grad(), autocast:
-            train_f, train_y = extract_features(encode, train_eval)
-            val_f, val_y = extract_features(encode, val_loader)
+            train_f, train_y = all_features(encode, train_eval, env.world_size)
+            val_f, val_y = all_features(encode, val_loader, env.world_size)
         result = {"mode": "knn", "k": cfg.knn_k, **knn_accuracy(train_f, train_y, val_f, val_y, num_classes,
                                                                  cfg.knn_k, cfg.knn_t)}  # fmt: skip
-        if env.world_size > 1:
-            result["note"] = "rank 0's shard of the data only"
         if main:
             (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
             print(f"kNN (k={cfg.knn_k}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)
@@ -395,11 +435,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     loader = build_loader(
         cfg.data_backend, train_src, batch_size=cfg.batch_size, image_size=arch["img_size"], seed=cfg.seed,
         rank=env.rank, world_size=env.world_size, device=device, dtype=torch.float32,
-        num_workers=cfg.num_workers, report_dir=report_dir,
+        num_workers=cfg.num_workers, report_dir=report_dir, scale=(cfg.min_scale, 1.0),
     )  # fmt: skip
     eff_batch = cfg.batch_size * env.world_size
     peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    if cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
+        raise ConfigError(f"--min-lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, "
+                          "or --lr); lower --min-lr")  # fmt: skip
     optimizer = build_optimizer(cfg, model, peak_lr, device)
+    # fp16 needs loss scaling (the official code's NativeScaler): the grads reaching the encoder
+    # through the head's 2e-5 init are ~1e-7, zero in fp16, and only the head and norm would train
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
@@ -416,6 +462,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         try:  # what check_resumable cannot see (a checkpoint without its config): still one line
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
             detail = "; ".join(line.strip() for line in str(e).strip().splitlines()[:3])
             raise ConfigError(f"cannot resume {path}: {type(e).__name__}: {detail}") from None
@@ -446,8 +494,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         logits = fwd(images)
                     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.smoothing)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     watch.add(loss, step)
                     step += 1
                     pbar.update(1)
@@ -472,7 +521,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     if main and (step % steps_per_epoch == 0 or step == total or stopping):
                         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                  "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg),
-                                 "architecture": arch}  # fmt: skip
+                                 "architecture": arch, "scaler": scaler.state_dict(), "effective_batch": eff_batch,
+                                 "steps_per_epoch": steps_per_epoch}  # fmt: skip
                         saved = ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
                     if stopping:
                         raise Stopped(step, saved)

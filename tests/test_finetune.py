@@ -136,6 +136,67 @@ def test_recipe_defaults_by_mode_and_size():
     assert (probe.weight_decay, probe.blr, probe.global_pool, probe.epochs) == (0.0, 0.1, False, 90)
     mine = ft.recipe(ft.FinetuneConfig(mode="full", train_path="x", layer_decay=0.5), depth=12)
     assert mine.layer_decay == 0.5
+    # FINETUNE.md's epochs: B fine-tunes 100 and probes 90; L/H fine-tune 50 and probe 50 ("sufficient")
+    epochs = {(m, d): ft.recipe(ft.FinetuneConfig(mode=m, train_path="x"), depth=d).epochs
+              for m in ("full", "partial", "linear") for d in (12, 24, 32)}  # fmt: skip
+    assert epochs == {("full", 12): 100, ("full", 24): 50, ("full", 32): 50, ("partial", 12): 100,
+                      ("partial", 24): 100, ("partial", 32): 100, ("linear", 12): 90, ("linear", 24): 50,
+                      ("linear", 32): 50}  # fmt: skip
+    # the official fine-tuning and probe crop with torchvision's default scale, not pretraining's 0.2
+    assert base.min_scale == probe.min_scale == 0.08
+
+
+def test_training_crops_use_min_scale(tmp_path, labelled, monkeypatch):
+    """The training loader gets RandomResizedCrop's scale (--min-scale, 1.0), on either backend."""
+    from fastmae.data import build_loader, dali_available, open_source
+
+    data, pre = labelled
+    seen = []
+
+    def recording(*args, **kwargs):
+        loader = build_loader(*args, **kwargs)
+        seen.append(loader.scale)
+        return loader
+
+    monkeypatch.setattr(ft, "build_loader", recording)
+    for extra in ([], ["--min-scale", "0.35"]):
+        _run(tmp_path / str(len(seen)), data, pre, "linear", "--epochs", "1", "--warmup-epochs", "0", "--max-steps",
+             "1", *extra)  # fmt: skip
+    assert seen == [(0.08, 1.0), (0.35, 1.0)]
+    backends = ["torch", "dali"] if dali_available() else ["torch"]
+    for backend in backends:
+        loader = build_loader(backend, open_source(str(data)), batch_size=4, image_size=32, scale=(0.5, 1.0))
+        assert loader.scale == (0.5, 1.0), backend
+        loader.close()
+
+
+def test_fp16_scales_the_loss_so_the_encoder_trains(tmp_path, labelled, monkeypatch):
+    """--precision fp16: the grads reaching the encoder through the head's 2e-5 init are ~1e-7,
+    at or under fp16's smallest numbers, unless the loss is scaled (the official NativeScaler). The
+    first step's grad of block 0's qkv, as the optimizer gets it, against fp32's: 0.57 relative
+    error unscaled here (all of it zero with a wider model), 0.001 scaled."""
+    data, pre = labelled
+    build_optimizer, first_grad = ft.build_optimizer, {}
+
+    def recording(cfg, model, lr, device):
+        optimizer = build_optimizer(cfg, model, lr, device)
+        qkv = model.blocks[0].attn.qkv.weight
+
+        def hook(*_):
+            first_grad.setdefault(cfg.precision, qkv.grad.clone())
+
+        optimizer.register_step_pre_hook(hook)
+        return optimizer
+
+    monkeypatch.setattr(ft, "build_optimizer", recording)
+    for precision in ("fp32", "fp16"):
+        _, run_dir = _run(tmp_path / precision, data, pre, "full", "--precision", precision, "--lr", "1e-3",
+                          "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "1", "--drop-path", "0")  # fmt: skip
+        (path,) = run_dir.glob("ckpt-*.pt")
+        scaler = torch.load(path, weights_only=True)["scaler"]
+        assert ("scale" in scaler) == (precision == "fp16")  # saved, for an exact resume
+    a, b = first_grad["fp32"], first_grad["fp16"]
+    assert ((b - a).norm() / a.norm()).item() < 0.05
 
 
 def test_architecture_from_weights_alone():
@@ -218,6 +279,25 @@ def test_resume_auto_continues_from_the_last_epoch(tmp_path, labelled):
     }
 
 
+def test_resume_refuses_another_effective_batch_or_data(tmp_path, labelled):
+    """A step counts effective batches of the run's data: with another batch x processes, or another
+    training set, the resumed step would fall in another epoch at another lr (it skipped 3 of 6
+    epochs and doubled the lr on 2 processes): one line, naming what to change."""
+    data, pre = labelled
+    common = ["--lr", "1e-3", "--warmup-epochs", "0", "--drop-path", "0", "--epochs", "1"]
+    _, run_dir = _run(tmp_path, data, pre, "full", *common)
+    with pytest.raises(ft.ConfigError, match=r"effective batch of 16 .*this run has 8 \(8 x 1\)"):
+        ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--batch-size", "8",
+                                   "--epochs", "2"]))  # fmt: skip
+    more = _color_classes(tmp_path / "more", per_class=48)  # the same classes, twice the images
+    with pytest.raises(ft.ConfigError, match="its epochs were 4 steps, this run's training data gives 9"):
+        ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--train-path", str(more),
+                                   "--epochs", "2"]))  # fmt: skip
+    # the refusals left the run as it was (its config.json too, which the next resume reads): it goes on
+    ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--epochs", "2"]))
+    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 8
+
+
 def test_two_processes_match_one(tmp_path, labelled):
     """torchrun, 2 gloo processes x 8 vs 1 process x 16: the same training losses and the same
     validation accuracy (each val image is scored once, on one rank, and the counts are summed)."""
@@ -238,6 +318,25 @@ def test_two_processes_match_one(tmp_path, labelled):
     a = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
     b = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-6)  # measured 1.8e-7
+
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0)
+
+
+def test_knn_on_two_processes_scores_the_whole_set(tmp_path, labelled):
+    """torchrun --mode knn: every rank's share of the training and validation features joins the
+    vote and the score (it scored rank 0's share alone: 38.9% on 2 processes where 1 gave 25.0%)."""
+    data, pre = labelled
+    common = ["--mode", "knn", "--pretrained", str(pre), "--train-path", str(data), "--num-workers", "0",
+              "--no-progress", "--knn-k", "5", "--batch-size", "8"]  # fmt: skip
+    one = ft.finetune(ft.parse_args([*common, "--run-dir", str(tmp_path / "one")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["fastmae.finetune", *common, "--run-dir", str(tmp_path / "two")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (two["top1"], two["top5"]) == (one["top1"], one["top5"]) and "note" not in two
 
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0)
@@ -357,6 +456,7 @@ def test_a_finetuned_checkpoint_is_a_pretrained_init(tmp_path, small):
         (["--precision", "bf17"], "--precision must be one of auto, bf16, fp16, fp32"),
         (["--attn-backend", "flash"], "--attn-backend must be one of"),
         (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+        (["--min-scale", "0"], "--min-scale must be in (0, 1], got 0.0"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path, extra, message, capsys):
@@ -375,6 +475,8 @@ def test_run_time_errors_are_one_line(tmp_path, labelled, capsys, monkeypatch):
     assert "--num-classes 2 but the labels go up to 3" in capsys.readouterr().err
     assert ft.main([*base, "--mode", "linear", "--epochs", "3", "--run-dir", str(tmp_path / "b")]) == 2
     assert "--warmup-epochs 10 is longer than --epochs 3" in capsys.readouterr().err
+    assert ft.main([*base, "--lr", "1e-7", "--run-dir", str(tmp_path / "lr")]) == 2  # the cosine would climb
+    assert "--min-lr 1e-06 is above the peak lr 1e-07" in capsys.readouterr().err
     assert ft.main([*base, "--mode", "knn", "--run-dir", str(tmp_path / "c")]) == 0
     before = (tmp_path / "c" / "results.json").read_text()
     assert ft.main([*base, "--mode", "knn", "--init", "random", "--run-dir", str(tmp_path / "c")]) == 2

@@ -44,7 +44,7 @@ from fastmae.data.sources import (
 from fastmae.data.synthetic import SyntheticLoader
 from fastmae.data.testdata import make_demo_dataset
 from fastmae.data.torch_loader import TorchLoader, usable_workers
-from fastmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropParams, rrc_params, sample_params
+from fastmae.data.transforms import CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, CropParams, rrc_params, sample_params
 
 BACKENDS = ("dali", "torch", "synthetic")
 
@@ -66,8 +66,11 @@ def build_loader(
     report_dir: str | os.PathLike | None = None,
     steps_per_epoch: int = 1000,
     dali_options: dict | None = None,
+    scale: tuple[float, float] = CROP_SCALE,
 ) -> Loader:
     """One loader by backend name; ``num_workers`` is DataLoader workers or DALI threads.
+
+    ``scale``: RandomResizedCrop's area bounds (MAE pretraining's (0.2, 1.0) by default).
 
     ``source`` may be None only for ``"synthetic"`` (which uses ``steps_per_epoch``; the real
     backends derive it from the source). ``dali_options``: more :class:`DaliLoader` arguments
@@ -82,7 +85,9 @@ def build_loader(
         )
     if source is None:
         raise DataError(f"the {backend!r} backend needs a data source")
-    common = dict(seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype, report_dir=report_dir)
+    common = dict(
+        seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype, report_dir=report_dir, scale=scale
+    )
     if backend == "torch":
         return TorchLoader(source, batch_size, image_size, num_workers=num_workers, **common)
     # DALI's CPU threads, at most the CPUs this process may use, as the reference loader's workers

@@ -217,6 +217,7 @@ class TorchLoader(ScheduledLoader):
         self.image_size = image_size
         self.device = torch.device(device)
         self.dtype = dtype
+        self.scale, self.ratio = scale, ratio
         self.bad_files = BadFileReport(report_dir, rank, world_size)
         self.bad_files.extend((p, "missing") for p in source.missing)
         self._pass_steps: range = range(0)
