@@ -315,7 +315,7 @@ class DaliLoader(ScheduledLoader):
                         data = png_bytes(path)
                 h, w = encoded_size(data)
             except Exception as exc:
-                self._mark_bad(j, describe(exc))
+                self._mark_bad(j, describe(exc, path))
                 bad.append((path, self._bad_idx[j]))
                 continue
             gen = sample_generator(self.plan.seed, epoch, index, attempt)
@@ -409,7 +409,7 @@ class DaliLoader(ScheduledLoader):
                 load_rgb(self.source.samples[j][0])
             except Exception as exc:
                 if not self._dali_decodes(self.source.samples[j][0]):
-                    self._mark_bad(j, describe(exc))
+                    self._mark_bad(j, describe(exc, self.source.samples[j][0]))
                     found = True
             else:
                 pil_ok.append(j)

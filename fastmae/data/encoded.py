@@ -17,8 +17,13 @@ _JPEG_SOI = b"\xff\xd8"
 _JPEG_EOI = b"\xff\xd9"
 
 
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def describe(exc: BaseException, path: str | None = None) -> str:
+    """``Type: message`` of a failed read, without ``path`` where the message repeats it (PIL's
+    "cannot identify image file '<path>'"): the report and the log line name the file already."""
+    text = str(exc)
+    if path:
+        text = text.replace(repr(path), "").replace(path, "").strip().rstrip(":").strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # start-of-frame markers (baseline, progressive, lossless, ...) carry the image size

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fastmae.data.sources import BadFileReport, DataError, Source
+from fastmae.data.encoded import describe
+from fastmae.data.sources import BadFileReport, DataError, PackedSamples, Source
 from fastmae.data.torch_loader import stop_workers, usable_workers, worker_ignores_stop_signals
 from fastmae.data.transforms import CropParams, augment, load_rgb
 
@@ -61,7 +62,7 @@ class _EvalDataset(Dataset):
         try:
             return eval_transform(path, self.size, self.crop), label, None
         except Exception as exc:  # any decode failure: leave the image out, report it
-            return torch.zeros(3, self.size, self.size), label, (path, f"{type(exc).__name__}: {exc}")
+            return torch.zeros(3, self.size, self.size), label, (path, describe(exc, path))
 
 
 def _collate(items):
@@ -101,7 +102,7 @@ class EvalLoader:
             report_dir, rank=rank, world_size=world_size, outcome="left out of the evaluation"
         )
         self._loader = DataLoader(
-            _EvalDataset(self.samples, image_size, crop),
+            _EvalDataset(PackedSamples(self.samples), image_size, crop),  # read by forked workers
             batch_size=batch_size,
             shuffle=False,
             num_workers=usable_workers(num_workers),

@@ -33,6 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 logger = logging.getLogger("fastmae.data")
 
 # Formats both PIL and DALI (nvImageCodec) decode.
@@ -87,6 +89,34 @@ class Source:
     @property
     def paths(self) -> list[str]:
         return [p for p, _ in self.samples]
+
+
+class PackedSamples:
+    """``samples[j] -> (path, label)`` over three flat buffers instead of a list of tuples.
+
+    For DataLoader workers: a forked worker that reads a list's items writes their reference counts,
+    and so copies every page of them it touches; at 1.28M samples that was ~250 MiB per worker
+    (8 workers x 8 GPUs: ~15 GiB a node). Reading from these buffers writes nothing (0.3 MiB for
+    200k samples). Paths keep their bytes (``os.fsencode``), so a name that is not UTF-8 comes back
+    as the ``os`` module gave it.
+    """
+
+    def __init__(self, samples: Iterable[tuple[str, int]]):
+        encoded, labels = [], []
+        for path, label in samples:
+            encoded.append(os.fsencode(path))
+            labels.append(label)
+        self._paths = b"".join(encoded)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self._labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, j: int) -> tuple[str, int]:
+        j = range(len(self))[j]  # bounds and negative indices as a list's
+        start = int(self._ends[j - 1]) if j else 0
+        return os.fsdecode(self._paths[start : int(self._ends[j])]), int(self._labels[j])
 
 
 def samples_digest(source: Source) -> str:
@@ -193,6 +223,7 @@ def file_list_source(root: str | os.PathLike, list_file: str | os.PathLike, chec
     list_s = os.path.abspath(os.fspath(list_file))
     if not os.path.isfile(list_s):
         raise DataError(f"file list {list_s} does not exist")
+    inside = os.path.join(root_s, "")  # root_s is normalised: a normalised path under it starts so
     samples: list[tuple[str, int]] = []
     missing: list[str] = []
     # -sig: a BOM would join the first path; surrogateescape: a name that is not UTF-8 (a Latin-1
@@ -205,7 +236,7 @@ def file_list_source(root: str | os.PathLike, list_file: str | os.PathLike, chec
             where = f"{list_s}:{lineno}"
             rel, label = _parse_line(line, where)
             path = os.path.normpath(os.path.join(root_s, rel))
-            if os.path.commonpath([root_s, path]) != root_s:
+            if path != root_s and not path.startswith(inside):  # commonpath took 3.4 s for 1.28M lines
                 raise DataError(f"{where}: path {rel!r} escapes the data root {root_s}")
             if check_files and not os.path.isfile(path):
                 missing.append(path)
@@ -214,8 +245,12 @@ def file_list_source(root: str | os.PathLike, list_file: str | os.PathLike, chec
     if not samples:
         extra = f" ({len(missing)} listed files are missing)" if missing else ""
         raise DataError(f"file list {list_s} gives no images{extra}")
-    if missing:
-        logger.warning("%d files listed in %s are missing; skipping them", len(missing), list_s)
+    if missing:  # one line: a line per file was 20k lines per process for 20k missing files
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        logger.warning(
+            "%d files listed in %s are missing: left out of the data set (%s; the bad-file report lists them all)",
+            len(missing), list_s, shown,
+        )  # fmt: skip
     return Source(root=root_s, samples=samples, kind="list", missing=missing)
 
 
@@ -309,9 +344,9 @@ class BadFileReport:
             if path in self._reasons:
                 return False
             self._reasons[path] = reason
-            if reason == "missing":  # a listed file: dropped from the list before anything was drawn
-                logger.warning("listed image %s is missing: left out of the data set", path)
-            else:
+            # a missing listed file was dropped from the list before anything was drawn, and the
+            # source said so in one line when it was opened: it is only written to the report here
+            if reason != "missing":
                 logger.warning("unreadable image %s (%s): %s", path, reason, self.outcome)
             if self.report_path is not None:
                 self.report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,15 @@ import atexit
 import os
 import signal
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fastmae.data.encoded import describe
 from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator, tried_indices
-from fastmae.data.sources import BadFileReport, DataError, ShardDataError, Source
+from fastmae.data.sources import BadFileReport, DataError, PackedSamples, ShardDataError, Source
 from fastmae.data.transforms import CROP_RATIO, CROP_SCALE, augment, load_rgb, sample_params
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -42,12 +43,8 @@ def _close_live_loaders() -> None:
         loader.close()
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def read_sample(
-    samples: list[tuple[str, int]],
+    samples: Sequence[tuple[str, int]],
     seed: int,
     epoch: int,
     index: int,
@@ -75,7 +72,7 @@ def read_sample(
             img = load_rgb(path)
         except Exception as exc:  # any decode failure means: skip this file
             known_bad.add(j)
-            bad.append((path, _describe(exc)))
+            bad.append((path, describe(exc, path)))
             continue
         params = sample_params(img.height, img.width, sample_generator(seed, epoch, index, attempt), scale, ratio)
         return augment(img, params, size), label, bad
@@ -221,7 +218,7 @@ class TorchLoader(ScheduledLoader):
         self.bad_files = BadFileReport(report_dir, rank, world_size)
         self.bad_files.extend((p, "missing") for p in source.missing)
         self._pass_steps: range = range(0)
-        dataset = _SampleDataset(source.samples, seed, image_size, scale, ratio)
+        dataset = _SampleDataset(PackedSamples(source.samples), seed, image_size, scale, ratio)
         num_workers = usable_workers(num_workers)
         self._loader = DataLoader(
             dataset,
