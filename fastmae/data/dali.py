@@ -18,7 +18,8 @@ current stream: no host round trip on CUDA), cast to the training dtype there.
 ``prefetch_queue_depth`` batches are prepared ahead.
 
 Bad files: before feeding, the host reads the bytes and parses the header. An empty file or a
-non-image is skipped at once; a JPEG without its end-of-image marker (truncated) is skipped if
+non-image is skipped at once; a JPEG without its end-of-image marker (truncated), or whose
+headers libjpeg would refuse (:func:`~fastmae.data.encoded.jpeg_header_problem`), is skipped if
 a full PIL decode fails too. Skipping uses the reference loader's stand-in rule, so both
 backends give the same batch. A file that passes these checks but still makes DALI fail (e.g.
 corrupt Huffman tables) stops the whole pipeline (DALI has no per-sample error): the loader then
@@ -49,6 +50,7 @@ import torch
 from fastmae.data.encoded import (
     describe,
     encoded_size,
+    jpeg_header_problem,
     looks_truncated,
     png_bytes,
     pnm_rescaled,
@@ -308,8 +310,11 @@ class DaliLoader(ScheduledLoader):
                     data = first if attempt == 0 and first is not None else read_bytes(path)
                     if isinstance(data, Exception):
                         raise data
-                    if looks_truncated(data):
-                        load_rgb(path)  # PIL decides; a clean decode means trailing bytes only
+                    # PIL decides: a clean decode means trailing bytes only, or headers the check
+                    # refuses and libjpeg reads. Headers DALI's decoder refuses would stop the
+                    # pipeline and cost a rebuild each (seconds on a GPU: an hour per 1k such files)
+                    if looks_truncated(data) or jpeg_header_problem(data):
+                        load_rgb(path)
                     if pnm_rescaled(data):
                         self._host_decode.add(j)
                         data = png_bytes(path)

@@ -314,14 +314,44 @@ def test_bad_file_with_non_utf8_name(tmp_path, odd_files, backend):
 
 
 @pytest.mark.skipif(not dali_available(), reason="needs DALI")
-def test_dali_trains_through_a_mostly_corrupt_data_set(tmp_path, odd_files):
-    """70% of 2000 files with corrupt Huffman tables: they pass the host's checks, and each one in
-    flight fails DALI's whole pipeline. A rebuild finds the bad files in flight, but ~70% of their
+def test_dali_skips_jpegs_with_refused_headers_without_a_rebuild(tmp_path, odd_files):
+    """A quarter of the files with Huffman tables, a quantization table or a scan header the
+    decoders refuse: the host's header check (confirmed by PIL) skips them before they reach DALI,
+    so no pipeline run fails and none is rebuilt (each costs seconds on a GPU), and the batches are
+    the reference loader's."""
+    from tests.data.test_data_encoded import BROKEN
+
+    good = odd_files["reference"].read_bytes()
+    jpeg = Image.open(odd_files["reference"]).convert("RGB")
+    buf = io.BytesIO()
+    jpeg.save(buf, "JPEG", quality=90)
+    for i in range(32):
+        name = list(BROKEN)[i // 4 % len(BROKEN)]
+        path = tmp_path / (f"{i:02d}.jpg" if i % 4 == 0 else f"{i:02d}.png")
+        path.write_bytes(BROKEN[name][0](buf.getvalue()) if i % 4 == 0 else good)
+    source = open_source(tmp_path)
+    batches = {}
+    for backend in ("torch", "dali"):
+        loader = build_loader(backend, source, batch_size=8, image_size=32, seed=0, num_workers=1)
+        batches[backend] = [x.clone() for x, _ in loader]
+        loader.close()
+    assert loader.rebuilds == 0 and loader.bad_files.count == 8
+    assert len(batches["dali"]) == len(batches["torch"]) == 4
+    for a, b in zip(batches["dali"], batches["torch"], strict=True):
+        assert (a - b).abs().mean().item() < 0.015
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_dali_trains_through_a_mostly_corrupt_data_set(tmp_path, odd_files, monkeypatch):
+    """70% of 2000 files with corrupt Huffman tables that pass the host's checks (the header check
+    is off here, as for a corruption it does not see): each one in flight fails DALI's whole
+    pipeline. A rebuild finds the bad files in flight, but ~70% of their
     stand-ins are bad too: ~log(45) / log(1 / 0.7) = 11 rebuilds before the first batch of 64,
     over a former cap of 8 failures in a row, which stopped such a run at its first step where the
     reference loader trains through. Now every failure is diagnosed and the pipeline rebuilt as
     often as it takes, and the batch is the reference loader's."""
 
+    monkeypatch.setattr(dali_module, "jpeg_header_problem", lambda data: None)
     rng = np.random.default_rng(0)
     corrupt, good = odd_files["corrupt"].read_bytes(), odd_files["reference"].read_bytes()
     for i, bad in enumerate(rng.permutation(2000) < 1400):
@@ -338,10 +368,11 @@ def test_dali_trains_through_a_mostly_corrupt_data_set(tmp_path, odd_files):
 
 
 @pytest.mark.skipif(not dali_available(), reason="needs DALI")
-def test_dali_resumed_knows_the_bad_files_its_run_found(tmp_path, odd_files):
+def test_dali_resumed_knows_the_bad_files_its_run_found(tmp_path, odd_files, monkeypatch):
     """A resumed run reads its bad-file report back: DALI skips those files at once instead of
     failing a pipeline run and rebuilding for each again (seconds a rebuild on a GPU), and the
-    batches are the same."""
+    batches are the same. (The header check is off: files it does not see.)"""
+    monkeypatch.setattr(dali_module, "jpeg_header_problem", lambda data: None)
     data = tmp_path / "data"
     data.mkdir()
     corrupt, good = odd_files["corrupt"].read_bytes(), odd_files["reference"].read_bytes()
