@@ -390,9 +390,16 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         except Exception as e:  # damaged as this node sees it
             first = (str(e).strip().splitlines() or [""])[0]
             raise ConfigError(f"cannot load the checkpoint {resumed[0]}: {type(e).__name__}: {first}") from None
+    # every refusal comes before config.json is written: a refused resume leaves the run as it was
+    # (the next --resume auto reads its flags from that file)
+    eff_batch = cfg.batch_size * env.world_size
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    if cfg.mode != "knn" and cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
+        raise ConfigError(f"--min-lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, "
+                          "or --lr); lower --min-lr")  # fmt: skip
     if resumed is not None:
         check_resumable(cfg, arch, num_classes, *resumed)
-        if cfg.mode != "knn":  # before config.json is written: a refused resume leaves the run as it was
+        if cfg.mode != "knn":
             plan = EpochPlan(len(train_src), cfg.batch_size, cfg.seed, env.rank, env.world_size)
             check_same_schedule(*resumed, plan.global_batch, plan.steps_per_epoch, cfg.batch_size, env.world_size)
     weights = checkpoint if cfg.init == "pretrained" else None
@@ -404,9 +411,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         val_src, cfg.batch_size, arch["img_size"], rank=env.rank, world_size=env.world_size, device=device,
         num_workers=cfg.num_workers, report_dir=report_dir,
     )  # fmt: skip
+
+    def write_config() -> None:
+        if main:
+            saved = {**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}
+            (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+
     if main:
-        saved = {**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}
-        (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         print(
             f"{cfg.mode}: {'pretrained ' + cfg.pretrained if weights is not None else 'random init'}, "
             f"{arch['embed_dim']}-d x {arch['depth']} blocks, {num_classes} classes, "
@@ -416,6 +427,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         )
 
     if cfg.mode == "knn":
+        write_config()
         train_eval = EvalLoader(
             train_src, cfg.batch_size, arch["img_size"], rank=env.rank, world_size=env.world_size, device=device,
             num_workers=cfg.num_workers, report_dir=report_dir,
@@ -437,11 +449,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         rank=env.rank, world_size=env.world_size, device=device, dtype=torch.float32,
         num_workers=cfg.num_workers, report_dir=report_dir, scale=(cfg.min_scale, 1.0),
     )  # fmt: skip
-    eff_batch = cfg.batch_size * env.world_size
-    peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    if cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
-        raise ConfigError(f"--min-lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, "
-                          "or --lr); lower --min-lr")  # fmt: skip
     optimizer = build_optimizer(cfg, model, peak_lr, device)
     # fp16 needs loss scaling (the official code's NativeScaler): the grads reaching the encoder
     # through the head's 2e-5 init are ~1e-7, zero in fp16, and only the head and norm would train
@@ -462,7 +469,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         try:  # what check_resumable cannot see (a checkpoint without its config): still one line
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            if "scaler" in state:
+            if state.get("scaler"):  # empty: a bf16 / fp32 run's (disabled) scaler; absent: an older one
                 scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
             detail = "; ".join(line.strip() for line in str(e).strip().splitlines()[:3])
@@ -470,6 +477,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ckpt.set_rng_state(state["rng"])
         step, best = int(state["step"]), float(state["best_top1"])
         resumed = state = None  # the checkpoint's tensors are not held through the run
+    write_config()  # the resumed state fits: the run goes on under these settings
 
     compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
     fwd: torch.nn.Module = torch.compile(model) if compiled else model

@@ -151,7 +151,9 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"run_dir", "resume", "max_steps", "device"}
-    return {k: v for k, v in saved.items() if k in fields}
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.setdefault("min_scale", 0.2)  # a run from before --min-scale cropped at pretraining's scale
+    return values
 
 
 def validate(cfg: FinetuneConfig) -> None:

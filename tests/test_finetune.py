@@ -146,6 +146,15 @@ def test_recipe_defaults_by_mode_and_size():
     assert base.min_scale == probe.min_scale == 0.08
 
 
+def test_a_run_from_before_min_scale_resumes_at_its_scale(tmp_path):
+    """A config.json written before --min-scale existed: its run cropped at pretraining's 0.2."""
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "full", "batch_size": 16}))
+    assert ft.saved_config(tmp_path)["min_scale"] == 0.2
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "full", "min_scale": 0.08}))
+    assert ft.saved_config(tmp_path)["min_scale"] == 0.08
+    assert ft.saved_config(tmp_path / "none") == {}
+
+
 def test_training_crops_use_min_scale(tmp_path, labelled, monkeypatch):
     """The training loader gets RandomResizedCrop's scale (--min-scale, 1.0), on either backend."""
     from fastmae.data import build_loader, dali_available, open_source
@@ -286,6 +295,9 @@ def test_resume_refuses_another_effective_batch_or_data(tmp_path, labelled):
     data, pre = labelled
     common = ["--lr", "1e-3", "--warmup-epochs", "0", "--drop-path", "0", "--epochs", "1"]
     _, run_dir = _run(tmp_path, data, pre, "full", *common)
+    config = (run_dir / "config.json").read_text()
+    with pytest.raises(ft.ConfigError, match="--min-lr 0.5 is above the peak lr 0.001"):
+        ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--min-lr", "0.5"]))
     with pytest.raises(ft.ConfigError, match=r"effective batch of 16 .*this run has 8 \(8 x 1\)"):
         ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--batch-size", "8",
                                    "--epochs", "2"]))  # fmt: skip
@@ -294,8 +306,12 @@ def test_resume_refuses_another_effective_batch_or_data(tmp_path, labelled):
         ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--train-path", str(more),
                                    "--epochs", "2"]))  # fmt: skip
     # the refusals left the run as it was (its config.json too, which the next resume reads): it goes on
+    assert (run_dir / "config.json").read_text() == config
     ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--epochs", "2"]))
     assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 8
+    # an fp32 (or bf16) run goes on in fp16 with a fresh loss scaler (its own was disabled: empty)
+    ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--epochs", "3", "--precision", "fp16"]))
+    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 12
 
 
 def test_two_processes_match_one(tmp_path, labelled):

@@ -14,8 +14,8 @@ restart at any (epoch, step) without decoding the skipped images:
 - Sample randomness (crop, flip) comes from a :class:`SampleRandom` stream seeded with
   ``sample_seed(seed, epoch, index, attempt)``, never from process or worker RNG state. It is
   splitmix64 in plain Python, fully specified here (so a torch upgrade cannot change a run's crops
-  on resume) and cheap: drawing one sample's crop and flip from a ``torch.Generator`` cost
-  ~65 us of one-element torch ops, most of the DALI feed's host time per image.
+  on resume) and cheap: one sample's crop and flip cost 24-39 us of one-element torch ops from a
+  ``torch.Generator``, 7-10 us from this stream (2-core dev VM), on the thread that feeds DALI.
 - An unreadable image at ``index`` is replaced by the candidates
   ``substitute_index(seed, epoch, index, k, n)`` for k = 1, 2, ...: the first that reads is used,
   with the random stream of ``(seed, epoch, index, k)``. The sequence does not depend on what a
@@ -24,6 +24,7 @@ restart at any (epoch, step) without decoding the skipped images:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
@@ -31,7 +32,12 @@ import numpy as np
 
 from fastmae.data.sources import DataError, samples_digest
 
+logger = logging.getLogger("fastmae.data")
+
 _MASK64 = (1 << 64) - 1
+# the stream each sample's crop and flip come from, in the loaders' state: a state saved before
+# (a torch.Generator's draws) continues the same images in the same order, with other crops
+CROP_STREAM = "splitmix64"
 MAX_ATTEMPTS = 16  # candidates tried for one slot before giving up (all unreadable = broken data set)
 
 
@@ -226,6 +232,7 @@ class ScheduledLoader:
             "batch_size": p.batch_size,
             "world_size": p.world_size,
             "global_batch": p.global_batch,
+            "crop_stream": CROP_STREAM,
         }
         source = getattr(self, "source", None)
         if source is not None:  # which images: a resume on other data of the same count is refused
@@ -235,6 +242,13 @@ class ScheduledLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue a saved state, also across world sizes / batch sizes (see ``EpochPlan.resume_step``)."""
         self.set_epoch(int(state["epoch"]), self.plan.resume_step(state))
+        if getattr(self, "source", None) is not None and state.get("crop_stream") != CROP_STREAM:
+            logger.warning(
+                "the checkpoint's loader drew its crops and flips from a torch.Generator (fastmae before "
+                "2026-11-28), this one from %s: the run continues with the same images in the same order, "
+                "cropped otherwise than an uninterrupted run",
+                CROP_STREAM,
+            )
 
     def _steps(self) -> range:
         """The steps the next pass covers; the pass then advances ``self.step`` as it yields."""

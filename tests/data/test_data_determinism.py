@@ -245,3 +245,18 @@ def test_a_worker_stuck_in_a_read_is_killed_at_close(demo_root, monkeypatch):
     workers = list(loader._loader._iterator._workers)
     loader.close()
     assert workers and not any(w.is_alive() for w in workers)
+
+
+def test_a_state_from_before_the_splitmix_crops_is_told(demo_root, caplog):
+    """A loader state saved before the crops moved from torch.Generator draws to splitmix64 (it has
+    no ``crop_stream``) continues the same images in the same order, with other crops: said once."""
+    src = open_source(demo_root)
+    loader = _loader("torch", src)
+    state = loader.state_dict()
+    assert state["crop_stream"] == "splitmix64"
+    loader.load_state_dict(state)
+    assert "crops" not in caplog.text
+    old = {k: v for k, v in state.items() if k != "crop_stream"}
+    loader.load_state_dict(old)
+    assert "drew its crops and flips from a torch.Generator" in caplog.text
+    assert (loader.epoch, loader.step) == (state["epoch"], state["step"])
