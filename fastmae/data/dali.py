@@ -39,6 +39,7 @@ without it raises a one-line :class:`~fastmae.data.sources.DataError`.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import weakref
 from collections import deque
@@ -105,6 +106,21 @@ def _require_dali():
             "pip install nvidia-dali-cuda130, or use the 'torch' backend"
         ) from None
     return fn, types, pipeline_def
+
+
+_fork_guard = False
+
+
+def _guard_forked_children() -> None:
+    """Once this process builds DALI pipelines: a forked child (a DataLoader worker, e.g. the
+    evaluation loader's) freezes the objects it inherits, so that its garbage collector never tears
+    down a pipeline the parent had dropped but not yet collected. The pipeline's threads do not
+    exist in the child, and its ``Shutdown`` there waited on them for ever (seen: a worker hung at
+    its first allocation). The child's own objects are collected as usual."""
+    global _fork_guard
+    if not _fork_guard and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=gc.freeze)
+        _fork_guard = True
 
 
 class _Fed:
@@ -333,6 +349,7 @@ class DaliLoader(ScheduledLoader):
     # ---- pipeline --------------------------------------------------------------------------
 
     def _build(self, feeder: _Feeder):
+        _guard_forked_children()
         fn, types = self._fn, self._types
         gpu = self.device.type == "cuda"
         size = self.image_size
@@ -444,6 +461,8 @@ class DaliLoader(ScheduledLoader):
         except Exception:
             return False
         data = np.frombuffer(raw, dtype=np.uint8)
+
+        _guard_forked_children()
 
         @self._pipeline_def(batch_size=1, num_threads=1, device_id=self.device.index if gpu else None)
         def probe():
