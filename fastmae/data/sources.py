@@ -308,7 +308,8 @@ def open_source(
 
 
 class BadFileReport:
-    """Files skipped because they could not be read: counted, logged once each, written to a file.
+    """Files skipped because they could not be read: counted, written to a file, the first
+    :attr:`LOG_EACH` logged one by one.
 
     Each line of ``report_dir/bad_files.txt`` (``bad_files.rank<r>.txt`` when ``world_size > 1``)
     is ``<path>\\t<reason>``; the file is appended to as files are found, so it survives a crash.
@@ -319,6 +320,7 @@ class BadFileReport:
     """
 
     PATTERN = "bad_files*.txt"
+    LOG_EACH = 20  # unreadable files logged one by one; the report lists every one
 
     def __init__(
         self,
@@ -333,6 +335,7 @@ class BadFileReport:
             name = "bad_files.txt" if world_size == 1 else f"bad_files.rank{rank}.txt"
             self.report_path = Path(report_dir) / name
         self._reasons: dict[str, str] = {}
+        self._logged = 0  # unreadable files logged one by one, up to LOG_EACH
         self._lock = threading.Lock()
         if self.report_path is not None:  # a resumed run's
             self._reasons.update(_read_report(self.report_path))
@@ -346,8 +349,12 @@ class BadFileReport:
             self._reasons[path] = reason
             # a missing listed file was dropped from the list before anything was drawn, and the
             # source said so in one line when it was opened: it is only written to the report here
-            if reason != "missing":
+            if reason != "missing" and self._logged < self.LOG_EACH:
+                self._logged += 1
                 logger.warning("unreadable image %s (%s): %s", path, reason, self.outcome)
+                if self._logged == self.LOG_EACH:  # a broken data set: thousands of lines otherwise
+                    where = f"{self.report_path} lists them all" if self.report_path else "they are counted"
+                    logger.warning("further unreadable images are not logged one by one: %s", where)
             if self.report_path is not None:
                 self.report_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.report_path, "a", encoding="utf-8", errors="surrogateescape") as f:

@@ -344,3 +344,15 @@ def test_a_read_error_is_described_without_its_path():
     assert describe(missing, path) == "FileNotFoundError: [Errno 2] No such file or directory"
     assert describe(ValueError(""), path) == "ValueError"
     assert describe(OSError("truncated"), None) == "OSError: truncated"
+
+
+def test_a_broken_data_set_logs_its_first_unreadable_files_and_reports_all(tmp_path, caplog):
+    report = BadFileReport(tmp_path)
+    for i in range(BadFileReport.LOG_EACH + 5):
+        report.add(f"/d/{i}.jpg", "OSError: broken")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == BadFileReport.LOG_EACH + 1 and "/d/19.jpg" in lines[-2] and "/d/20.jpg" not in caplog.text
+    assert (
+        lines[-1] == f"further unreadable images are not logged one by one: {tmp_path / 'bad_files.txt'} lists them all"
+    )
+    assert report.count == 25 and len((tmp_path / "bad_files.txt").read_text().splitlines()) == 25
