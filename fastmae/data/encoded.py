@@ -143,6 +143,13 @@ def jpeg_header_problem(data: bytes) -> str | None:
     are not a JPEG, or end before the scan, are None here (other checks see them). Garbage in the
     entropy-coded data is not seen: the decoders decode it with a warning.
     """
+    try:
+        return _walk_jpeg_headers(data)
+    except Exception as exc:  # never raise from a read's check: PIL then decides, as for any doubt
+        return f"the header walk failed ({type(exc).__name__})"
+
+
+def _walk_jpeg_headers(data: bytes) -> str | None:
     if not data.startswith(_JPEG_SOI):
         return None
     quant: set[int] = set()
@@ -190,7 +197,7 @@ def jpeg_header_problem(data: bytes) -> str | None:
         elif marker == 0xDA:  # SOS: the headers end at the first scan
             if frame is None:
                 return "a scan before the frame header"
-            ns = seg[0]
+            ns = seg[0] if seg else 0
             if not 1 <= ns <= 4 or len(seg) != 4 + 2 * ns:
                 return "the scan header's component count and length disagree"
             for k in range(1, 1 + 2 * ns, 2):

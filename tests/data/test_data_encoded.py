@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastmae.data.encoded import jpeg_header_problem
+from fastmae.data.encoded import _walk_jpeg_headers, jpeg_header_problem
 
 
 def _jpeg(**kw) -> bytes:
@@ -84,3 +84,21 @@ def test_what_other_checks_see_is_left_to_them():
     assert jpeg_header_problem(data[: data.index(b"\xff\xda") + 6]) is None  # cut short: truncation check
     assert jpeg_header_problem(b"\x89PNG\r\n\x1a\n" + data) is None  # not a JPEG
     assert jpeg_header_problem(b"") is None
+
+
+def test_the_check_never_raises_on_mutated_or_cut_jpegs():
+    """It runs inside the loader's read of every file: on any bytes it says a problem or None (an
+    empty scan header raised IndexError, and the file was then skipped without PIL's say)."""
+    rng = np.random.default_rng(0)
+    sources = [_jpeg(), _jpeg(progressive=True), _jpeg(mode="L")]
+    for trial in range(3000):
+        data = bytearray(sources[trial % 3])
+        head = data.index(b"\xff\xda") + 16  # the headers and the start of the scan
+        for _ in range(rng.integers(1, 6)):
+            data[rng.integers(2, head)] = rng.integers(0, 256)
+        cut = bytes(data[: rng.integers(2, len(data) + 1)]) if trial % 4 == 0 else bytes(data)
+        said = _walk_jpeg_headers(cut)  # the walk itself (the public check also catches what it raises)
+        assert said is None or isinstance(said, str)
+    sos = _jpeg().index(b"\xff\xda")
+    empty_scan = _jpeg()[:sos] + b"\xff\xda\x00\x02" + _jpeg()[sos + 2 :]
+    assert "scan header" in jpeg_header_problem(empty_scan)
