@@ -185,15 +185,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
-    """Every process's ``obj``, by rank, on rank ``dst``; None on the others (``[obj]`` for a world of one)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
-    return out
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every process (no-op for a world of one)."""
     if not dist.is_initialized():

@@ -331,21 +331,18 @@ def check_same_schedule(
         )
 
 
-def all_features(encode: Any, loader: EvalLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Features and labels of the whole set on rank 0 (None on the others, and where no image was
-    read): each rank encodes its share, and rank 0 gathers them (the kNN vote needs all the
-    training images, and scores all the validation ones; gathered on every rank, ImageNet's would
-    hold several GB on each). A share may be empty (fewer images than processes)."""
+def all_features(encode: Any, loader: EvalLoader, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of the whole set: each rank encodes its share, and under torchrun every
+    rank gets every share (the kNN vote needs all the training images, and scores all the
+    validation ones). A share may be empty (fewer images than processes)."""
     try:
         part: tuple[torch.Tensor, torch.Tensor] | None = extract_features(encode, loader)
     except ValueError:  # no batches in this rank's share
         part = None
-    parts = distributed.gather_object(part)
-    if parts is None:
-        return None
+    parts = distributed.all_gather_object(part) if world_size > 1 else [part]
     parts = [p for p in parts if p is not None]
     if not parts:
-        return None
+        raise DataError("no images to extract features from")
     return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
 
 
@@ -438,17 +435,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.eval()
         encode = lambda x: model.forward_features(x)  # noqa: E731
         with torch.no_grad(), autocast:
-            train, val = all_features(encode, train_eval), all_features(encode, val_loader)
-        result: dict[str, Any] | str | None = None
-        if main:  # rank 0 votes and scores; the others get its result (or its error)
-            result = (
-                {"mode": "knn", "k": cfg.knn_k, **knn_accuracy(*train, *val, num_classes, cfg.knn_k, cfg.knn_t)}
-                if train is not None and val is not None
-                else "no readable images to extract kNN features from (see the bad-file report)"
-            )
-        result = distributed.broadcast_object(result)
-        if isinstance(result, str):
-            raise DataError(result)
+            train_f, train_y = all_features(encode, train_eval, env.world_size)
+            val_f, val_y = all_features(encode, val_loader, env.world_size)
+        result = {"mode": "knn", "k": cfg.knn_k, **knn_accuracy(train_f, train_y, val_f, val_y, num_classes,
+                                                                 cfg.knn_k, cfg.knn_t)}  # fmt: skip
         if main:
             (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
             print(f"kNN (k={cfg.knn_k}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)
