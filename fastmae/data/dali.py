@@ -286,6 +286,7 @@ class DaliLoader(ScheduledLoader):
                 if path in index_of:
                     self._bad_idx[index_of[path]] = reason
         self._host_decode: set[int] = set()  # readable by PIL, not by DALI
+        self._pil_reads: set[int] = set()  # in doubt on the host (truncated? headers?), read by PIL
         self.io_threads = io_threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.rebuilds = 0  # pipelines rebuilt after a decode failure
@@ -329,8 +330,9 @@ class DaliLoader(ScheduledLoader):
                     # PIL decides: a clean decode means trailing bytes only, or headers the check
                     # refuses and libjpeg reads. Headers DALI's decoder refuses would stop the
                     # pipeline and cost a rebuild each (seconds on a GPU: an hour per 1k such files)
-                    if looks_truncated(data) or jpeg_header_problem(data):
+                    if j not in self._pil_reads and (looks_truncated(data) or jpeg_header_problem(data)):
                         load_rgb(path)
+                        self._pil_reads.add(j)  # decided once: not a PIL decode each time it is drawn
                     if pnm_rescaled(data):
                         self._host_decode.add(j)
                         data = png_bytes(path)

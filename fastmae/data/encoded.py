@@ -136,10 +136,12 @@ def _huffman_table_problem(seg: bytes) -> str | None:
 def jpeg_header_problem(data: bytes) -> str | None:
     """What in a JPEG's headers, up to its first scan, the decoders refuse, or None.
 
-    The checks libjpeg-turbo (DALI's CPU decoder) makes before decoding a scan, each of which
-    stops a whole DALI pipeline run (DALI has no per-sample error) and costs a rebuild (seconds on
-    a GPU): quantization and Huffman table headers and lengths, Huffman code counts, the frame's
-    and the first scan's component lists, the scan's components' quantization tables. Bytes that
+    Checks like those libjpeg-turbo (DALI's CPU decoder) makes before decoding a scan, a failure of
+    which stops a whole DALI pipeline run (DALI has no per-sample error) and costs a rebuild
+    (seconds on a GPU): quantization and Huffman table headers and lengths, Huffman code counts,
+    the frame's and the first scan's component lists, the scan's components' quantization tables.
+    Stricter than libjpeg in places (every Huffman table, not only those a scan uses; quantization
+    precision 0 or 1): the loader has PIL decode a flagged file once and feeds it if that works. Bytes that
     are not a JPEG, or end before the scan, are None here (other checks see them). Garbage in the
     entropy-coded data is not seen: the decoders decode it with a warning.
     """

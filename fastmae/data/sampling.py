@@ -244,9 +244,9 @@ class ScheduledLoader:
         self.set_epoch(int(state["epoch"]), self.plan.resume_step(state))
         if getattr(self, "source", None) is not None and state.get("crop_stream") != CROP_STREAM:
             logger.warning(
-                "the checkpoint's loader drew its crops and flips from a torch.Generator (fastmae before "
-                "2026-11-28), this one from %s: the run continues with the same images in the same order, "
-                "cropped otherwise than an uninterrupted run",
+                "the checkpoint's loader state does not say it drew its crops and flips from %s (fastmae "
+                "before the state recorded it drew them from a torch.Generator): the run continues with the "
+                "same images in the same order, maybe cropped otherwise than an uninterrupted run",
                 CROP_STREAM,
             )
 

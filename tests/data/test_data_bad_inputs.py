@@ -438,3 +438,21 @@ def test_bad_file_reports_merge_and_discard(tmp_path):
     BadFileReport(tmp_path, rank=1, world_size=2).add("f.jpg", "truncated")  # one rank alone met any
     assert BadFileReport.merge(tmp_path) == (1, tmp_path / "bad_files.txt")
     assert (tmp_path / "bad_files.txt").read_text() == "f.jpg\ttruncated\n"
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_dali_has_pil_settle_a_doubtful_file_once(tmp_path, odd_files, monkeypatch):
+    """A file the host's checks doubt and PIL reads (the header check is stricter than libjpeg in
+    places) is fed to DALI, and PIL's decode (~0.3-1 ms) is not repeated each time it is drawn."""
+    for i in range(8):
+        (tmp_path / f"{i}.jpg").write_bytes(odd_files["gray"].read_bytes())
+    reads = []
+    monkeypatch.setattr(dali_module, "jpeg_header_problem", lambda data: "in doubt")
+    monkeypatch.setattr(dali_module, "load_rgb", lambda path: reads.append(path) or load_rgb(path))
+    loader = DaliLoader(open_source(tmp_path), 4, 32, num_threads=1)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert len([x for x, _ in loader]) == 2
+    loader.close()
+    assert sorted(reads) == sorted(str(p) for p in tmp_path.glob("*.jpg"))  # once each, over 3 epochs
+    assert loader.bad_files.count == 0 and loader.rebuilds == 0
