@@ -35,6 +35,38 @@ def extract_features(
 
 
 @torch.no_grad()
+def knn_neighbours(
+    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, k: int = 20, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities and labels of each test sample's ``k`` nearest training samples:
+    ``(M_test, k')`` each, ``k' = min(k, M_train)``. Candidates from several shards of the training
+    set merge by :func:`knn_vote` as if found in one."""
+    k = min(k, train_features.shape[0])
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    sims, labels = [], []
+    for start in range(0, test.shape[0], chunk):
+        sim = test[start : start + chunk] @ train.T  # (B, M_train)
+        top_sim, top_idx = sim.topk(k, dim=1)
+        sims.append(top_sim)
+        labels.append(train_labels[top_idx])
+    if not sims:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(sims), torch.cat(labels)
+
+
+def knn_vote(
+    sims: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07
+) -> torch.Tensor:
+    """Class scores ``(M_test, num_classes)``: the ``k`` most similar candidates vote, weighted by
+    ``exp(sim / temperature)``. ``sims`` / ``labels``: ``(M_test, C)`` candidates (C >= 1)."""
+    top_sim, at = sims.topk(min(k, sims.shape[1]), dim=1)
+    votes = torch.zeros(sims.shape[0], num_classes)
+    votes.scatter_add_(1, labels.gather(1, at), (top_sim / temperature).exp())
+    return votes
+
+
+@torch.no_grad()
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -50,20 +82,14 @@ def knn_classify(
         train_features: ``(M_train, D)``; train_labels ``(M_train,)`` in ``[0, num_classes)``.
         test_features: ``(M_test, D)``.
     """
-    if train_labels.min() < 0 or train_labels.max() >= num_classes:
+    check_labels(train_labels, num_classes)
+    sims, labels = knn_neighbours(train_features, train_labels, test_features, k, chunk)
+    return knn_vote(sims, labels, num_classes, k, temperature)
+
+
+def check_labels(train_labels: torch.Tensor, num_classes: int) -> None:
+    if len(train_labels) and (train_labels.min() < 0 or train_labels.max() >= num_classes):
         raise ValueError("kNN needs labels in [0, num_classes); the source has unlabelled images")
-    k = min(k, train_features.shape[0])
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    scores = []
-    for start in range(0, test.shape[0], chunk):
-        sim = test[start : start + chunk] @ train.T  # (B, M_train)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores)
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:

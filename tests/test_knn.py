@@ -96,3 +96,20 @@ def test_knn_monitor_with_nothing_readable_logs_nan_and_restores_the_mode(tmp_pa
     acc = monitor.evaluate(model)
     assert math.isnan(acc["top1"]) and math.isnan(acc["top5"]) and model.training
     assert "kNN monitor skipped" in caplog.text
+
+
+def test_candidates_from_shards_vote_as_the_whole_set():
+    """Fine-tuning's kNN under torchrun: each rank's nearest neighbours in its own share of the
+    training set, joined, vote exactly as the neighbours in the whole set (a shard smaller than k,
+    and an empty one, included)."""
+    from fastmae.knn import knn_neighbours, knn_vote
+
+    g = torch.Generator().manual_seed(1)
+    train, train_y = torch.randn(203, 24, generator=g), torch.randint(0, 7, (203,), generator=g)
+    test = torch.randn(37, 24, generator=g)
+    whole = knn_classify(train, train_y, test, num_classes=7, k=20, temperature=0.07)
+    shards = [slice(0, 90), slice(90, 95), slice(95, 95), slice(95, 203)]
+    parts = [knn_neighbours(train[s], train_y[s], test, k=20) for s in shards]
+    assert [p[0].shape[1] for p in parts] == [20, 5, 0, 20]
+    sims, labels = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
+    torch.testing.assert_close(knn_vote(sims, labels, 7, k=20, temperature=0.07), whole, rtol=1e-6, atol=0)
