@@ -64,7 +64,7 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
     saved_config,
     validate,
 )
-from fastmae.knn import check_labels, extract_features, knn_neighbours, knn_vote, topk_accuracy
+from fastmae.knn import knn_result
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog, run_environment
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
@@ -331,46 +331,6 @@ def check_same_schedule(
         )
 
 
-def own_features(encode: Any, loader: EvalLoader) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Features and labels of this rank's share (None where it has none: fewer images than processes)."""
-    try:
-        return extract_features(encode, loader)
-    except ValueError:  # no batches in this rank's share
-        return None
-
-
-def all_features(encode: Any, loader: EvalLoader, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of the whole set on every rank (each encodes its share)."""
-    part = own_features(encode, loader)
-    parts = distributed.all_gather_object(part) if world_size > 1 else [part]
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        raise DataError("no images to extract features from")
-    return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
-
-
-def knn_result(
-    encode: Any, train: EvalLoader, val: EvalLoader, num_classes: int, k: int, temperature: float, world_size: int
-) -> dict[str, float]:
-    """kNN top-1 / top-5 over the whole sets, split across the ranks: every rank gets all the
-    validation features, takes each one's ``k`` nearest in its own share of the training set, and
-    the candidates of all ranks vote. Each rank holds its own share of the training features only
-    (every share on every rank: several GB each for ImageNet), and every rank votes (on rank 0
-    alone, ImageNet's CPU vote outlasted NCCL's 10-minute wait of the others)."""
-    val_f, val_y = all_features(encode, val, world_size)
-    own = own_features(encode, train)
-    if own is not None:
-        check_labels(own[1], num_classes)
-        candidates = knn_neighbours(*own, val_f, k)
-    else:
-        candidates = (torch.zeros(len(val_f), 0), torch.zeros(len(val_f), 0, dtype=torch.long))
-    parts = distributed.all_gather_object(candidates) if world_size > 1 else [candidates]
-    sims, labels = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
-    if sims.shape[1] == 0:
-        raise DataError("no training images to extract features from")
-    return topk_accuracy(knn_vote(sims, labels, num_classes, k, temperature), val_y)
-
-
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run ``cfg``; returns the final metrics (also in ``run_dir/results.json``)."""
     env = distributed.init_distributed(cfg.device)
@@ -460,7 +420,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.eval()
         encode = lambda x: model.forward_features(x)  # noqa: E731
         with torch.no_grad(), autocast:
-            scores = knn_result(encode, train_eval, val_loader, num_classes, cfg.knn_k, cfg.knn_t, env.world_size)
+            scores = knn_result(encode, train_eval, val_loader, num_classes, cfg.knn_k, cfg.knn_t)
         result = {"mode": "knn", "k": cfg.knn_k, **scores}
         if main:
             (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,43 +17,7 @@ from fastmae import finetune as ft
 from fastmae.knn import KnnMonitor
 from fastmae.log import read_metrics
 from fastmae.model import MaskedAutoencoderViT
-from fastmae.vit import VisionTransformer
-
-REPO = Path(__file__).resolve().parents[1]
-ARCH = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0)
-
-
-def _color_classes(root, per_class: int = 24, size: int = 40):
-    """An ImageFolder of 4 classes told apart by colour (noisy), learnable in a few dozen steps."""
-    rng = np.random.default_rng(0)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
-    for k, c in enumerate(colours):
-        (root / f"class{k}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(np.array(c) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"class{k}" / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    data = _color_classes(root / "data")
-    torch.manual_seed(0)
-    mae = MaskedAutoencoderViT(**{k: v for k, v in ARCH.items() if k != "mlp_ratio"}, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=4)  # fmt: skip
-    pre = root / "ckpt.pt"
-    torch.save({"model": mae.state_dict(), "config": ARCH, "step": 1}, pre)  # a fastmae run checkpoint's layout
-    return data, pre
-
-
-def _run(tmp_path, data, pre, mode, *extra):
-    run_dir = tmp_path / f"run-{mode}"
-    argv = ["--mode", mode, "--pretrained", str(pre), "--train-path", str(data), "--run-dir", str(run_dir),
-            "--batch-size", "16", "--num-workers", "0", "--no-progress", "--log-every", "2", *extra]  # fmt: skip
-    result = ft.finetune(ft.parse_args(argv))
-    assert json.loads((run_dir / "results.json").read_text()) == pytest.approx(result)
-    return result, run_dir
+from tests.finetuning import REPO, SMALL, run_finetune
 
 
 @pytest.mark.parametrize(
@@ -67,7 +30,7 @@ def _run(tmp_path, data, pre, mode, *extra):
 )
 def test_each_mode_trains_and_the_loss_falls(tmp_path, labelled, mode, extra):
     data, pre = labelled
-    result, run_dir = _run(tmp_path, data, pre, mode, *extra)
+    result, run_dir = run_finetune(tmp_path, data, pre, mode, *extra)
     losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert len(losses) >= 6
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
@@ -83,13 +46,13 @@ def test_lars_too_small_to_move_the_head_is_told_and_its_advice_works(tmp_path, 
     run says so at its start, and what it suggests trains."""
     data, pre = labelled
     common = ("--epochs", "3", "--warmup-epochs", "1")
-    flat_result, run_dir = _run(tmp_path / "a", data, pre, "linear", *common)
+    flat_result, run_dir = run_finetune(tmp_path / "a", data, pre, "linear", *common)
     out = capsys.readouterr().out
     warning = next(line for line in out.splitlines() if line.startswith("warning: LARS at lr 0.00625"))
     flat = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert max(flat) - min(flat) < 0.02 * flat[0], flat  # the head stayed where it started
     advice = warning.split("use e.g. ")[1].split()
-    result, run_dir = _run(tmp_path / "b", data, pre, "linear", *common, *advice)
+    result, run_dir = run_finetune(tmp_path / "b", data, pre, "linear", *common, *advice)
     assert "warning: LARS" not in capsys.readouterr().out
     losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert losses[-1] < 0.92 * losses[0], losses  # measured 0.90
@@ -98,7 +61,7 @@ def test_lars_too_small_to_move_the_head_is_told_and_its_advice_works(tmp_path, 
 
 def test_knn_mode_evaluates_without_training(tmp_path, labelled):
     data, pre = labelled
-    result, run_dir = _run(tmp_path, data, pre, "knn")
+    result, run_dir = run_finetune(tmp_path, data, pre, "knn")
     assert result["mode"] == "knn" and result["k"] == 20 and 0.0 <= result["top1"] <= 100.0
     assert not list(run_dir.glob("ckpt-*"))
 
@@ -146,15 +109,6 @@ def test_recipe_defaults_by_mode_and_size():
     assert base.min_scale == probe.min_scale == 0.08
 
 
-def test_a_run_from_before_min_scale_resumes_at_its_scale(tmp_path):
-    """A config.json written before --min-scale existed: its run cropped at pretraining's 0.2."""
-    (tmp_path / "config.json").write_text(json.dumps({"mode": "full", "batch_size": 16}))
-    assert ft.saved_config(tmp_path)["min_scale"] == 0.2
-    (tmp_path / "config.json").write_text(json.dumps({"mode": "full", "min_scale": 0.08}))
-    assert ft.saved_config(tmp_path)["min_scale"] == 0.08
-    assert ft.saved_config(tmp_path / "none") == {}
-
-
 def test_training_crops_use_min_scale(tmp_path, labelled, monkeypatch):
     """The training loader gets RandomResizedCrop's scale (--min-scale, 1.0), on either backend."""
     from fastmae.data import build_loader, dali_available, open_source
@@ -169,7 +123,7 @@ def test_training_crops_use_min_scale(tmp_path, labelled, monkeypatch):
 
     monkeypatch.setattr(ft, "build_loader", recording)
     for extra in ([], ["--min-scale", "0.35"]):
-        _run(tmp_path / str(len(seen)), data, pre, "linear", "--epochs", "1", "--warmup-epochs", "0", "--max-steps",
+        run_finetune(tmp_path / str(len(seen)), data, pre, "linear", "--epochs", "1", "--warmup-epochs", "0", "--max-steps",
              "1", *extra)  # fmt: skip
     assert seen == [(0.08, 1.0), (0.35, 1.0)]
     backends = ["torch", "dali"] if dali_available() else ["torch"]
@@ -199,7 +153,7 @@ def test_fp16_scales_the_loss_so_the_encoder_trains(tmp_path, labelled, monkeypa
 
     monkeypatch.setattr(ft, "build_optimizer", recording)
     for precision in ("fp32", "fp16"):
-        _, run_dir = _run(tmp_path / precision, data, pre, "full", "--precision", precision, "--lr", "1e-3",
+        _, run_dir = run_finetune(tmp_path / precision, data, pre, "full", "--precision", precision, "--lr", "1e-3",
                           "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "1", "--drop-path", "0")  # fmt: skip
         (path,) = run_dir.glob("ckpt-*.pt")
         scaler = torch.load(path, weights_only=True)["scaler"]
@@ -261,59 +215,6 @@ def test_random_init_baseline_keeps_the_architecture(labelled):
         assert torch.equal(vit.blocks[1].attn.qkv.weight, w) == (init == "pretrained")
 
 
-def test_resume_auto_continues_from_the_last_epoch(tmp_path, labelled):
-    data, pre = labelled
-    common = ["--lr", "1e-3", "--warmup-epochs", "1", "--drop-path", "0"]
-    _, run_dir = _run(tmp_path, data, pre, "full", *common, "--epochs", "1")
-    first = read_metrics(run_dir / "metrics.jsonl")
-    # tag the first run's records: a resumed run keeps them, a run that started over would rewrite them
-    first = [{**r, "first_run": True} for r in first]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
-    _run(tmp_path, data, pre, "full", *common, "--epochs", "2", "--resume", "auto")
-    both = read_metrics(run_dir / "metrics.jsonl")
-    assert both[: len(first)] == first  # the first epoch's records are kept, not redone
-    assert not any("first_run" in r for r in both[len(first) :])
-    assert both[-1]["step"] == 2 * first[-1]["step"] and both[-1]["epoch"] == 2.0
-    assert len(list(run_dir.glob("ckpt-*.pt"))) == 1
-    # The resumed run is the uninterrupted one: weights, optimizer state and RNG all restored. (The
-    # first epoch is all warm-up, whose lr does not depend on --epochs.) Same ops, same order, on
-    # CPU: every loss and metric is bit-identical, so compared exactly.
-    result, _ = _run(tmp_path / "uninterrupted", data, pre, "full", *common, "--epochs", "2")
-    whole = read_metrics(tmp_path / "uninterrupted" / "run-full" / "metrics.jsonl")
-    keys = ("step", "epoch", "loss", "lr", "val_top1", "val_top5")
-    assert [[r.get(k) for k in keys] for r in both] == [[r.get(k) for k in keys] for r in whole]
-    resumed = json.loads((run_dir / "results.json").read_text())
-    assert {k: resumed[k] for k in ("step", "top1", "top5", "n_val", "best_top1")} == {
-        k: result[k] for k in ("step", "top1", "top5", "n_val", "best_top1")
-    }
-
-
-def test_resume_refuses_another_effective_batch_or_data(tmp_path, labelled):
-    """A step counts effective batches of the run's data: with another batch x processes, or another
-    training set, the resumed step would fall in another epoch at another lr (it skipped 3 of 6
-    epochs and doubled the lr on 2 processes): one line, naming what to change."""
-    data, pre = labelled
-    common = ["--lr", "1e-3", "--warmup-epochs", "0", "--drop-path", "0", "--epochs", "1"]
-    _, run_dir = _run(tmp_path, data, pre, "full", *common)
-    config = (run_dir / "config.json").read_text()
-    with pytest.raises(ft.ConfigError, match="--min-lr 0.5 is above the peak lr 0.001"):
-        ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--min-lr", "0.5"]))
-    with pytest.raises(ft.ConfigError, match=r"effective batch of 16 .*this run has 8 \(8 x 1\)"):
-        ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--batch-size", "8",
-                                   "--epochs", "2"]))  # fmt: skip
-    more = _color_classes(tmp_path / "more", per_class=48)  # the same classes, twice the images
-    with pytest.raises(ft.ConfigError, match="its epochs were 4 steps, this run's training data gives 9"):
-        ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--train-path", str(more),
-                                   "--epochs", "2"]))  # fmt: skip
-    # the refusals left the run as it was (its config.json too, which the next resume reads): it goes on
-    assert (run_dir / "config.json").read_text() == config
-    ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--epochs", "2"]))
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 8
-    # an fp32 (or bf16) run goes on in fp16 with a fresh loss scaler (its own was disabled: empty)
-    ft.finetune(ft.parse_args(["--run-dir", str(run_dir), "--resume", "auto", "--epochs", "3", "--precision", "fp16"]))
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == 12
-
-
 def test_two_processes_match_one(tmp_path, labelled):
     """torchrun, 2 gloo processes x 8 vs 1 process x 16: the same training losses and the same
     validation accuracy (each val image is scored once, on one rank, and the counts are summed)."""
@@ -336,9 +237,6 @@ def test_two_processes_match_one(tmp_path, labelled):
     assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-6)  # measured 1.8e-7
 
 
-SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0)
-
-
 def test_knn_on_two_processes_scores_the_whole_set(tmp_path, labelled):
     """torchrun --mode knn: every rank's share of the training and validation features joins the
     vote and the score (it scored rank 0's share alone: 38.9% on 2 processes where 1 gave 25.0%)."""
@@ -353,37 +251,6 @@ def test_knn_on_two_processes_scores_the_whole_set(tmp_path, labelled):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"]) and "note" not in two
-
-
-SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=4.0)
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """A width-32, 1-block MAE with a non-trivial final norm, in the layouts ``--pretrained`` takes,
-    and files it refuses."""
-    root = tmp_path_factory.mktemp("small")
-    data = _color_classes(root / "data", per_class=8, size=32)
-    torch.manual_seed(0)
-    mae = MaskedAutoencoderViT(**{k: v for k, v in SMALL.items() if k != "mlp_ratio"}, decoder_embed_dim=32,
-                               decoder_depth=1, decoder_num_heads=2).eval()  # fmt: skip
-    with torch.no_grad():
-        mae.norm.weight.uniform_(0.5, 1.5)
-        mae.norm.bias.uniform_(-0.5, 0.5)
-    sd = mae.state_dict()
-    enc = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
-    paths = {name: root / f"{name}.pt" for name in ("run", "easycv", "ddp", "wide224", "finetuned_gp", "junk")}
-    torch.save({"model": sd, "config": SMALL, "step": 1}, paths["run"])
-    torch.save({"state_dict": {"encoder." + k: v for k, v in enc.items()}}, paths["easycv"])
-    torch.save({"model": {"module." + k: v for k, v in sd.items()}}, paths["ddp"])
-    # ViT-B/16's patch grid at 224 px, but 32 wide
-    wide = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
-                                decoder_depth=1, decoder_num_heads=2)  # fmt: skip
-    torch.save({"model": wide.state_dict()}, paths["wide224"])
-    classifier = VisionTransformer(**SMALL, num_classes=4, global_pool=True)  # a fine-tuned global-pool model
-    torch.save({"model": classifier.state_dict(), "config": ft.to_dict(ft.FinetuneConfig())}, paths["finetuned_gp"])
-    paths["junk"].write_text("not a checkpoint\n")
-    return mae, data, paths
 
 
 @pytest.mark.parametrize("layout", ["easycv", "ddp"])
@@ -528,46 +395,6 @@ def test_a_guessed_head_count_is_said(tmp_path, capsys):
     assert "guessed" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("drop_path", ["0", "0.2"])
-def test_sigterm_saves_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, labelled, capsys, monkeypatch, drop_path):
-    """A scheduler's SIGTERM mid-epoch: the run stops at the next log step after a checkpoint, with
-    one line and exit 143; --resume auto then gives the uninterrupted run's records, bit for bit.
-    Drop path draws from torch's global RNG, which the checkpoint restores: nothing else may draw
-    from it between the two (a DataLoader's iterator drew its base seed there, one draw more in the
-    resumed run, and the drop-path masks moved)."""
-    import os
-    import signal
-
-    data, pre = labelled
-    argv = ["--mode", "full", "--pretrained", str(pre), "--train-path", str(data), "--batch-size", "16",
-            "--num-workers", "0", "--no-progress", "--log-every", "1", "--lr", "1e-3", "--warmup-epochs", "1",
-            "--drop-path", drop_path, "--epochs", "2"]  # fmt: skip
-    assert ft.main([*argv, "--run-dir", str(tmp_path / "whole")]) == 0
-    calls = []
-    lr_at = ft.lr_at
-
-    def lr_at_then_sigterm(*a, **kw):  # the signal arrives during the 2nd step of 4 in the first epoch
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return lr_at(*a, **kw)
-
-    monkeypatch.setattr(ft, "lr_at", lr_at_then_sigterm)
-    run = tmp_path / "stopped"
-    assert ft.main([*argv, "--run-dir", str(run)]) == ft.EXIT_STOPPED
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stopped by a signal at step 2; checkpoint" in err[0], err
-    assert err[0].endswith(f"continue with python -m fastmae.finetune --run-dir {run} --resume auto")
-    assert [p.name for p in run.glob("ckpt-*.pt")] == ["ckpt-step000000002.pt"]
-    assert not (run / "results.json").exists()
-    monkeypatch.setattr(ft, "lr_at", lr_at)
-    assert ft.main(["--run-dir", str(run), "--resume", "auto"]) == 0  # the command it said: config.json gives the rest
-    keys = ("step", "epoch", "loss", "lr", "val_top1", "val_top5")
-    resumed, whole = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
-    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in whole]
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is given back
-
-
 def _named_classes(root, names, per_class: int = 3, size: int = 32):
     """An ImageFolder of the classes ``names``; a class's images are the same under any root."""
     for name in names:
@@ -603,69 +430,3 @@ def test_validation_classes_are_the_training_classes_by_name(tmp_path, small, ca
     assert len(err) == 1 and "the validation labels go up to 3 but the training set has 3 classes" in err[0], err
     (tmp_path / "val.txt").write_text("cat/0.png 1\ndog/0.png 2\n")
     assert ft.finetune(ft.parse_args(argv))["top1"] == 100.0
-
-
-def test_resume_refuses_another_runs_checkpoint(tmp_path, small, capsys):
-    """``--resume auto`` with another number of classes, architecture or mode than the saved run's:
-    one line naming both (not a size-mismatch or missing-keys traceback), and the run is left as it
-    was; a kNN run's results are not overwritten by another mode's; --resume takes no path."""
-    _, data, paths = small
-    base = ["--pretrained", str(paths["run"]), "--train-path", str(data), "--num-workers", "0", "--no-progress",
-            "--batch-size", "16", "--lr", "1e-2", "--warmup-epochs", "0", "--epochs", "1", "--max-steps", "1"]  # fmt: skip
-    run = tmp_path / "run"
-    assert ft.main([*base, "--mode", "full", "--run-dir", str(run)]) == 0
-    saved = {p.name: p.read_bytes() for p in run.iterdir()}
-    (ckpt_path,) = run.glob("ckpt-*.pt")
-    for extra, message in (
-        (["--mode", "full", "--num-classes", "5"], "it was saved with 4 classes, this run has 5 classes"),
-        (["--mode", "full", "--img-size", "40"], "it was saved with img_size 32, this run has img_size 40"),
-        (["--mode", "linear"], f"{run} holds a --mode full run: --resume auto continues it only with --mode full"),
-    ):
-        assert ft.main([*base, *extra, "--run-dir", str(run), "--resume", "auto"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == saved
-    for name in ("config.json", "results.json"):  # the checkpoint says its mode too
-        (run / name).unlink()
-    assert ft.main([*base, "--mode", "linear", "--run-dir", str(run), "--resume", "auto"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        len(err) == 1
-        and f"cannot resume {ckpt_path}: it was saved with --mode full, this run has --mode linear" in err[0]
-    )
-
-    knn = tmp_path / "knn"
-    assert ft.main([*base, "--mode", "knn", "--run-dir", str(knn)]) == 0
-    before = (knn / "results.json").read_text()
-    assert ft.main([*base, "--mode", "linear", "--run-dir", str(knn)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "already holds a run: pass another --run-dir" in err and "--resume auto" not in err  # no hint to refuse
-    assert ft.main([*base, "--mode", "linear", "--run-dir", str(knn), "--resume", "auto"]) == 2
-    assert f"{knn} holds a --mode knn run" in capsys.readouterr().err
-    assert (knn / "results.json").read_text() == before
-
-    with pytest.raises(SystemExit) as e:
-        ft.parse_args([*base, "--mode", "full", "--run-dir", str(run), "--resume", str(ckpt_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and f"--resume takes '' or 'auto', got '{ckpt_path}'" in err[-1], err
-    assert f"--run-dir {run} --resume auto" in err[-1]
-
-
-def test_a_run_dir_in_use_is_not_shared(tmp_path, labelled, capsys):
-    """Rank 0 holds its run directory, as pretraining does: a second fine-tune there is one line."""
-    import fcntl
-
-    data, pre = labelled
-    run_dir = tmp_path / "run-knn"
-    run_dir.mkdir()
-    other = open(run_dir / ".fastmae.lock", "a+")  # another open file: another holder
-    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    other.write("pid 4242 on elsewhere\n")
-    other.flush()
-    argv = ["--mode", "knn", "--pretrained", str(pre), "--train-path", str(data), "--run-dir", str(run_dir),
-            "--batch-size", "16", "--num-workers", "0", "--no-progress"]  # fmt: skip
-    assert ft.main(argv) == 2
-    assert f"{run_dir} is in use by another run (pid 4242 on elsewhere)" in capsys.readouterr().err
-    assert not (run_dir / "results.json").exists()
-    other.close()
-    assert ft.main(argv) == 0 and (run_dir / "results.json").is_file()

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
+from fastmae.data.sampling import SampleRandom
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALE = (0.2, 1.0)
@@ -91,14 +93,14 @@ class _TorchDraws:
         return torch.rand(1, generator=self.g).item()
 
 
-def _draws(generator):
+def _draws(generator: torch.Generator | SampleRandom) -> _TorchDraws | SampleRandom:
     return _TorchDraws(generator) if isinstance(generator, torch.Generator) else generator
 
 
 def rrc_params(
     height: int,
     width: int,
-    generator,
+    generator: torch.Generator | SampleRandom,
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[int, int, int, int]:
@@ -137,7 +139,7 @@ def rrc_params(
 def sample_params(
     height: int,
     width: int,
-    generator,
+    generator: torch.Generator | SampleRandom,
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
     flip_p: float = FLIP_P,
