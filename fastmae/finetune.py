@@ -10,13 +10,20 @@ The three evaluations of the MAE paper, plus kNN on frozen features:
              no weight decay, the encoder frozen (``main_linprobe``).
     knn      no training: cosine kNN (k = 20, T = 0.07, as DINO) on frozen features: the pretrained
              final norm of the mean patch token, the features of the trainer's ``--knn-every``.
+    eval     no training: top-1 / top-5 of a fine-tuned classifier, its head too, on ``--val-path``
+             (``main_finetune.py --eval``): a fastmae run's checkpoint, an official
+             ``mae_finetuned_vit_*.pth`` or a probe's. A fastmae checkpoint names its classes and
+             the validation folders are matched by name; otherwise the labels are the validation
+             source's (an ImageFolder's sorted folders: ImageNet's usual order).
 
 ``--pretrained`` takes a fastmae run checkpoint (its architecture comes with it), an official MAE
 checkpoint, an EasyCV (``encoder.``) or DDP (``module.``) one, a Hugging Face ViTMAE or timm
 ``.safetensors`` file, or a fine-tuned classifier (fastmae's or timm-named): its encoder is the init,
-its head is dropped; a global-pool one's trained ``fc_norm`` is kept, so it cannot start a cls-token
+its head is dropped (kept by ``--mode eval``); a global-pool one's trained ``fc_norm`` is kept, so it cannot start a cls-token
 model (``--mode linear``). Empty means a random init (the baseline). Head counts are not in the
-weights: without a fastmae config they are guessed by width (``--num-heads`` to say). Data:
+weights: without a fastmae config they are guessed by width (``--num-heads`` to say). A checkpoint
+of another patch grid (``--img-size 384`` from a 224 one) has its position embedding resampled
+(bicubic, as the official code). Data:
 labelled ImageFolder trees or file lists with labels; ``--val-fraction`` splits one source per class
 when there is no ``--val-path``.
 
@@ -67,6 +74,7 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
 from fastmae.knn import knn_result
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog, run_environment
+from fastmae.pos_embed import interpolate_pos_embed
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
 from fastmae.train import LOCAL_SETTINGS, lr_at, resolve_precision
@@ -145,8 +153,25 @@ def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict
     return arch
 
 
-def build_classifier(cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, weights: Any) -> VisionTransformer:
+def fit_pos_embed(sd: dict[str, torch.Tensor], grid: int, verbose: bool = True) -> dict[str, torch.Tensor]:
+    """``sd`` with its ``pos_embed`` resampled to a ``grid x grid`` patch grid when it has another
+    (bicubic, the cls row kept: :func:`~fastmae.pos_embed.interpolate_pos_embed`), saying so."""
+    old = weights_shape(sd)["grid"]
+    if old == grid:
+        return sd
+    if verbose:
+        print(f"position embedding interpolated from {old}x{old} to {grid}x{grid} patches (bicubic, as the "
+              "official fine-tuning)", flush=True)  # fmt: skip
+    return {**sd, "pos_embed": interpolate_pos_embed(sd["pos_embed"], grid)}
+
+
+def build_classifier(
+    cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, weights: Any, verbose: bool = True
+) -> VisionTransformer:
     """The classifier, with ``weights``' encoder when given (checked to fit before the model is built).
+
+    A checkpoint of another patch grid (``--img-size`` 384 from a 224 one) has its position
+    embedding resampled as the official fine-tuning does (:func:`fit_pos_embed`).
 
     kNN reads frozen features with nothing trained after them, so its ``fc_norm`` is the pretrained
     final norm (the trainer's kNN monitor's features), not the fresh one that fine-tuning trains.
@@ -163,11 +188,7 @@ def build_classifier(cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int
                     + (f" (--model {cfg.model})" if cfg.model != "auto" else "")
                     + f" has {want[name]}"
                 )
-        if have["grid"] != want["grid"]:
-            raise ConfigError(
-                f"the checkpoint's patch grid {have['grid']}x{have['grid']} differs from --img-size / patch size "
-                f"({want['grid']}x{want['grid']}; no interpolation)"
-            )
+        sd = fit_pos_embed(sd, want["grid"], verbose)
     torch.manual_seed(cfg.seed)
     vit = VisionTransformer(
         **arch,
@@ -226,6 +247,80 @@ def evaluate(model: torch.nn.Module, loader: EvalLoader, autocast: Any, num_clas
     model.train()
     hits1, hits5, n = counts.tolist()
     return {"top1": 100.0 * hits1 / max(n, 1), "top5": 100.0 * hits5 / max(n, 1), "n": int(n)}
+
+
+def classifier_head(sd: dict[str, torch.Tensor]) -> tuple[int, bool, bool]:
+    """(classes, global pool, linear-probe head) of a classifier's weights (fastmae names)."""
+    head = sd.get("head.1.weight", sd.get("head.weight"))
+    if head is None:
+        raise ConfigError("it has no classification head (head.weight): a pretrained encoder is fine-tuned "
+                          "(--mode full / linear) or scored by its features (--mode knn)")  # fmt: skip
+    return int(head.shape[0]), "fc_norm.weight" in sd, "head.1.weight" in sd
+
+
+def score_classifier(
+    cfg: FinetuneConfig, checkpoint: Any, arch: dict[str, Any], env: distributed.DistEnv, run_dir: Path
+) -> dict[str, Any]:
+    """``--mode eval``: top-1 / top-5 of ``--pretrained``'s classifier, head and all, on the validation
+    source, in ``run_dir/results.json``. The labels are matched to the classes a fastmae checkpoint
+    names; without names they are the validation source's own (sorted ImageFolder classes)."""
+    main = env.is_main
+    sd = pretrained_weights(cfg, checkpoint)
+    try:
+        num_classes, global_pool, linear_probe = classifier_head(sd)
+    except ConfigError as e:
+        raise ConfigError(f"--pretrained {cfg.pretrained}: {e}") from None
+    if cfg.global_pool is not None and cfg.global_pool != global_pool:
+        raise ConfigError(f"--pretrained {cfg.pretrained} is a {'global-pool' if global_pool else 'cls-token'} "
+                          f"classifier (fc_norm {'present' if global_pool else 'absent'}): drop --"
+                          f"{'no-' if not cfg.global_pool else ''}global-pool")  # fmt: skip
+    val = open_source(cfg.val_path, cfg.val_list or None)
+    if min(y for _, y in val.samples) < 0:
+        raise DataError("the validation source has unlabelled images: use an ImageFolder tree or a list with labels")
+    classes = checkpoint.get("classes") if isinstance(checkpoint, dict) else None
+    if classes is not None and val.classes is not None:  # a fastmae run's: its training classes, by name
+        named = Source(root=cfg.pretrained, samples=[], kind="imagefolder", classes=list(classes))
+        val = to_training_labels(val, named, num_classes)
+    elif (top := max(y for _, y in val.samples)) >= num_classes:
+        raise DataError(f"the validation labels go up to {top} but the classifier has {num_classes} outputs")
+    vit = VisionTransformer(
+        **arch, num_classes=num_classes, global_pool=global_pool, linear_probe=linear_probe,
+        attn_backend=cfg.attn_backend,
+    )  # fmt: skip
+    sd = fit_pos_embed(sd, arch["img_size"] // arch["patch_size"], verbose=main)
+    try:
+        missing, unexpected = vit.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        detail = "; ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
+        raise ConfigError(f"--pretrained {cfg.pretrained} does not load as a classifier: {detail}") from None
+    if missing or unexpected:
+        raise ConfigError(f"--pretrained {cfg.pretrained} does not load as a classifier: missing "
+                          f"{missing[:4] or 'none'}, unexpected {unexpected[:4] or 'none'}")  # fmt: skip
+    device = env.device
+    model = vit.to(device).eval()
+    precision, dtype = resolve_precision(cfg, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    loader = EvalLoader(
+        val, cfg.batch_size, arch["img_size"], rank=env.rank, world_size=env.world_size, device=device,
+        num_workers=cfg.num_workers, report_dir=run_dir if main else None,
+    )  # fmt: skip
+    if main:
+        (run_dir / "config.json").write_text(
+            json.dumps({**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}, indent=2) + "\n"
+        )
+        print(f"eval: {cfg.pretrained}, {arch['embed_dim']}-d x {arch['depth']} blocks, {num_classes} classes "
+              f"({'global pool' if global_pool else 'cls token'}{', probe head' if linear_probe else ''}), "
+              f"{len(val)} val images at {arch['img_size']} px, {env.world_size} process(es) on {device}, "
+              f"{precision}; run dir {run_dir}", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    metrics = evaluate(model, loader, autocast, num_classes)
+    result = {"mode": "eval", "top1": metrics["top1"], "top5": metrics["top5"], "n_val": metrics["n"],
+              "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
+    if main:
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"eval: val top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% over {result['n_val']} images; "
+              f"run dir {run_dir}", flush=True)  # fmt: skip
+    return result
 
 
 def optimizer_name(mode: str, optimizer: str) -> str:
@@ -342,14 +437,18 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     arch = architecture(cfg, checkpoint)
     cfg = recipe(cfg, arch["depth"])
     run_dir = Path(cfg.run_dir or f"runs/finetune-{cfg.mode}")
-    if cfg.mode != "knn" and cfg.warmup_epochs > cfg.epochs:
+    if cfg.mode not in ("knn", "eval") and cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than --epochs {cfg.epochs} (the recipe's "
                           f"warm-up for {cfg.mode} is {recipe(FinetuneConfig(mode=cfg.mode), arch['depth']).warmup_epochs:g})")  # fmt: skip
     mode = saved_mode(run_dir)
     if cfg.resume != "auto" and ((run_dir / "results.json").is_file() or ckpt.list_checkpoints(run_dir)):
         raise ConfigError(
             f"{run_dir} already holds a run: pass another --run-dir"
-            + (", or --resume auto to continue it" if cfg.mode != "knn" and mode in (None, cfg.mode) else "")
+            + (
+                ", or --resume auto to continue it"
+                if cfg.mode not in ("knn", "eval") and mode in (None, cfg.mode)
+                else ""
+            )
         )
     # rank 0 holds the run directory for the run (as pretraining does): a second fine-tune started
     # there would overwrite this one's checkpoint, metrics and results
@@ -365,6 +464,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not ckpt.list_checkpoints(run_dir):  # fresh: a report a killed run left is not this one's
             BadFileReport.discard(run_dir)
+    if cfg.mode == "eval":
+        return score_classifier(cfg, checkpoint, arch, env, run_dir)
     train_src, val_src, num_classes = open_splits(cfg)
     # read and checked before anything is built or written: a checkpoint of another run is one line
     # rank 0 picks the checkpoint and every rank loads that one, as in pretraining
@@ -388,7 +489,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             plan = EpochPlan(len(train_src), cfg.batch_size, cfg.seed, env.rank, env.world_size)
             check_same_schedule(*resumed, plan.global_batch, plan.steps_per_epoch, cfg.batch_size, env.world_size)
     weights = checkpoint if cfg.init == "pretrained" else None
-    model = build_classifier(cfg, arch, num_classes, weights).to(device)
+    model = build_classifier(cfg, arch, num_classes, weights, verbose=main).to(device)
     precision, dtype = resolve_precision(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     report_dir = run_dir if main else None
@@ -513,7 +614,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                  "best_top1": best, "rng": ckpt.rng_state(), "config": to_dict(cfg),
                                  "architecture": arch, "scaler": scaler.state_dict(), "effective_batch": eff_batch,
-                                 "steps_per_epoch": steps_per_epoch}  # fmt: skip
+                                 "steps_per_epoch": steps_per_epoch, "classes": train_src.classes}  # fmt: skip
                         saved = ckpt.save_checkpoint(state, run_dir, step, keep_last=1)
                     if stopping:
                         raise Stopped(step, saved)

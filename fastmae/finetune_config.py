@@ -18,9 +18,9 @@ from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
 from fastmae.convert import hf_weights_file
 
-DESCRIPTION = "Using the pretrained encoder: ``python -m fastmae.finetune --mode full|partial|linear|knn``."
+DESCRIPTION = "Using the pretrained encoder: ``python -m fastmae.finetune --mode full|partial|linear|knn|eval``."
 PROG = "python -m fastmae.finetune"
-MODES = ("full", "partial", "linear", "knn")
+MODES = ("full", "partial", "linear", "knn", "eval")
 # name: (patch_size, embed_dim, depth, num_heads)
 ARCHS = {
     "vit_base_patch16": (16, 768, 12, 12),
@@ -37,7 +37,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class FinetuneConfig:
     """A fine-tuning / probing run. ``None`` means: the recipe's value for the mode and model size."""
 
-    mode: str = _f("full", "full | partial | linear | knn", choices=MODES)
+    mode: str = _f("full", "full | partial | linear | knn | eval (score --pretrained's classifier, its head too, on "
+                   "--val-path)", choices=MODES)  # fmt: skip
     pretrained: str = _f(
         "",
         "checkpoint to start from (fastmae run, official MAE, EasyCV, .safetensors, a Hugging Face folder); '' = random init",
@@ -108,6 +109,8 @@ def recipe(cfg: FinetuneConfig, depth: int) -> FinetuneConfig:
         global_pool=not linear,
     )
     values = to_dict(cfg)
+    if cfg.mode == "eval":  # the classifier's weights say how it pools
+        del defaults["global_pool"]
     for k, v in defaults.items():
         if values[k] is None:
             values[k] = v
@@ -157,7 +160,14 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    if not cfg.train_path:
+    if cfg.mode == "eval":
+        if not cfg.pretrained or cfg.init != "pretrained":
+            raise ConfigError("--mode eval scores a trained classifier: name it with --pretrained")
+        if not cfg.val_path:
+            raise ConfigError("--mode eval needs --val-path (a labelled ImageFolder tree, or the root of --val-list)")
+        if cfg.resume:
+            raise ConfigError("--mode eval trains nothing, so there is nothing to --resume")
+    elif not cfg.train_path:
         raise ConfigError("--train-path is required (a labelled ImageFolder tree, or the root of --train-list)")
     for name in ("train_path", "train_list", "val_path", "val_list", "pretrained"):
         path = getattr(cfg, name)

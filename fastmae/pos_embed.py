@@ -59,3 +59,24 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 def sincos_pos_embed_tensor(embed_dim: int, grid_size: int) -> torch.Tensor:
     """``(1, 1 + grid_size**2, embed_dim)`` float32 tensor with the cls row, ready to copy into a model."""
     return torch.from_numpy(get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=True)).float().unsqueeze(0)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid_size: int, num_extra_tokens: int = 1) -> torch.Tensor:
+    """``pos_embed`` (``(1, extra + g*g, D)``) resampled to a ``grid_size x grid_size`` patch grid.
+
+    The official fine-tuning's ``interpolate_pos_embed`` (``util/pos_embed.py``, from DeiT): the extra
+    (cls) tokens are kept, the patch tokens resized as a ``D``-channel image with
+    ``F.interpolate(mode="bicubic", align_corners=False)`` (no antialiasing, also when shrinking), in
+    float32 and cast back. The same grid returns ``pos_embed`` itself.
+    """
+    extra, tokens = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    old = round(tokens.shape[1] ** 0.5)
+    if old * old != tokens.shape[1]:
+        raise ValueError(f"pos_embed has {tokens.shape[1]} patch positions, not a square grid")
+    if old == grid_size:
+        return pos_embed
+    dim = tokens.shape[-1]
+    image = tokens.float().reshape(-1, old, old, dim).permute(0, 3, 1, 2)
+    image = torch.nn.functional.interpolate(image, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
+    tokens = image.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
+    return torch.cat((extra, tokens), dim=1)
