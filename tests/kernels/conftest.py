@@ -71,18 +71,19 @@ def check_against_ref(
 ) -> None:
     """fp32: within 1e-5 of the reference's scale. Low precision: the three-way rule.
 
-    The kernel's error against the fp32 reference may be at most ``factor`` (2 for outputs, 3 for
-    grads) times plain PyTorch's own error in that dtype. When PyTorch is exact there (a pure copy,
-    or an add it rounds just once), 2 x 0 would demand bit-equality even of an op that rounds the
-    same value differently, yet anything larger than a small fraction of one ulp would let a real
-    bug through; the floor is 1/8 ulp at the output's scale.
+    The kernel's error against the fp32 reference may be at most ``factor`` (2, the issue's rule,
+    for outputs and grads) times plain PyTorch's own error in that dtype. When PyTorch is exact there
+    (a pure copy, or an add it rounds just once), 2 x 0 would demand bit-equality even of an op that
+    rounds the same value differently, yet anything larger than a small fraction of one ulp would let
+    a real bug through; the floor is 1/8 ulp of the output's dtype at the output's scale (an fp32
+    loss from bf16 inputs: fp32's ulp).
     """
     scale = max(scale_of(ref_fp32), 1e-30)
     if dtype == torch.float32:
         assert_close(actual, ref_fp32, atol=1e-5 * scale, name=name)
         return
     assert ref_low is not None
-    floor = torch.finfo(dtype).eps / 8 * scale
+    floor = torch.finfo(actual.dtype if actual.is_floating_point() else dtype).eps / 8 * scale
     atol = max(factor * max_err(ref_low, ref_fp32), floor)
     assert_close(actual, ref_fp32, atol=atol, name=f"{name} [{dtype}]")
 

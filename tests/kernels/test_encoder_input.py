@@ -51,8 +51,8 @@ def test_encoder_input(case, dtype, device, seed, check, close, launched):
     same = ref if dtype == torch.float32 else low
     close(out, same[0], atol=0.0, name="out vs PyTorch in the same dtype")
     close(gx, same[1], atol=0.0, name="grad x vs PyTorch in the same dtype")
-    check(gx, ref[1], low[1], dtype, 3, "grad x")
-    check(gcls, ref[2], low[2], dtype, 3, "grad cls_token")
+    check(gx, ref[1], low[1], dtype, 2, "grad x")
+    check(gcls, ref[2], low[2], dtype, 2, "grad cls_token")
 
 
 def test_encoder_input_promotes_like_reference(device, close):
@@ -65,3 +65,19 @@ def test_encoder_input_promotes_like_reference(device, close):
     out = encoder_input(x, cls, pos, ids_keep)
     assert out.dtype == torch.float32
     close(out, encoder_input_ref(x, cls, pos, ids_keep), atol=0.0, name="mixed dtypes")
+
+
+@pytest.mark.gpu
+def test_encoder_input_int64_offsets(device, close):
+    """N * (1 + K) * D > 2**31: the kernel's row offsets must be int64 (its CPU twin: the sm_90
+    codegen test's check that every row program id is widened first)."""
+    N, L, K, D = 42000, 196, 49, 1024
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(N, K, D, device=device, dtype=torch.bfloat16, generator=g)
+    cls_token = torch.randn(1, 1, D, device=device, dtype=torch.bfloat16, generator=g)
+    pos = torch.randn(1, 1 + L, D, device=device, dtype=torch.bfloat16, generator=g)
+    ids_keep = torch.argsort(torch.rand(N, L, device=device, generator=g), dim=1)[:, :K]
+    assert N * (1 + K) * D > 2**31
+    out = encoder_input(x, cls_token, pos, ids_keep)
+    tail = slice(N - 3, N)
+    close(out[tail], encoder_input_ref(x[tail], cls_token, pos, ids_keep[tail]), atol=0.0, name="tail rows")

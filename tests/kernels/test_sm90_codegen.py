@@ -131,7 +131,16 @@ for module, kname, sig, constexprs, div16, num_warps in KERNELS:
         f.write(k.asm["cubin"]); f.flush()
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     ptx = k.asm["ptx"]
+    ttir = k.asm["ttir"].splitlines()
+    pid_uses = {}  # program-id axis -> the ops that take its value (TTIR's SSA names are the source's)
+    for line in ttir:
+        m = re.match(r"\s*(%[\w.]+) = tt\.get_program_id (\w)", line)
+        if m:
+            use = re.compile(re.escape(m.group(1)) + r"(?![\w.])")
+            pid_uses[m.group(2)] = sorted({re.match(r"\s*(?:%\S+ = )?([\w.]+)", other).group(1)
+                                           for other in ttir if other is not line and use.search(other)})
     report[name] = {
+        "pid_uses": pid_uses,
         "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1)),
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
         "loads": collections.Counter(re.findall(r"ld\.global[.\w]*", ptx)),
@@ -208,6 +217,21 @@ def test_vectorized(codegen, kernel, vector_loads, vector_stores):
         assert any(".v4" in op for op in r["loads"]), f"{kernel}: no 16-byte loads: {r['loads']}"
     if vector_stores:
         assert any(".v4" in op for op in r["stores"]), f"{kernel}: no 16-byte stores: {r['stores']}"
+
+
+# the program-id axis that walks the rows (of N * (1 + L) and the like: past 2**31 elements for big
+# batches), and, for attention, the (batch, head) axis
+ROW_AXIS = {"_attn_fwd_kernel": "y", "_attn_bwd_kernel": "y"}
+
+
+def test_row_offsets_are_int64(codegen):
+    """Every kernel widens its row program id to int64 before any arithmetic (``pid.to(tl.int64)``):
+    in int32, ``rows * D`` wraps once a tensor passes 2**31 elements (a GPU test checks one op at
+    such a size). Used as it is, it may only index one element per program (``partial_ptr + pid``)."""
+    for name, r in codegen.items():
+        axis = ROW_AXIS.get(name.split("[")[0], "x")
+        uses = set(r["pid_uses"][axis])
+        assert uses and uses <= {"arith.extsi", "tt.addptr"}, f"{name}: its row program id feeds {sorted(uses)}"
 
 
 def test_unshuffle_backward_pipelines_its_loop(codegen):
