@@ -58,6 +58,19 @@ def hold_run_dir(run_dir: Path) -> str | None:
     return None
 
 
+def _not_held_in_child() -> None:
+    """A forked child (a DataLoader worker) does not hold its parent's run directories. An flock
+    belongs to the open file, which a fork shares: a worker outliving a SIGKILLed trainer (torch's
+    workers notice their parent's death within ~5 s) held the lock, and the immediate ``--resume
+    auto`` was refused as "in use". The child closes its copies; the parent's lock stands."""
+    for f, _ in _held.values():
+        f.close()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_not_held_in_child)
+
+
 def held_run_dir() -> Path | None:
     """The run directory this process holds (the last it took), or None."""
     return next(reversed(_held), None)

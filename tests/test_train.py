@@ -9,7 +9,9 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from fastmae import messages
 from fastmae import train as train_mod
 from fastmae.config import ConfigError, make_config
 from fastmae.log import read_metrics
-from fastmae.rundir import release_run_dirs, resolve_run_dir
+from fastmae.rundir import hold_run_dir, release_run_dirs, resolve_run_dir
 from fastmae.train import lr_at, main
 from tests.training import REPO, losses, tiny_args
 
@@ -127,6 +129,34 @@ def test_a_run_dir_in_use_is_not_shared(tmp_path, monkeypatch):
     other.close()
     assert resolve_run_dir(make_config({"run_dir": "runs/demo"})) == (Path("runs/demo"), None)
     release_run_dirs()
+
+
+def test_a_killed_runs_forked_workers_do_not_hold_its_run_dir(tmp_path):
+    """SIGKILL a run whose forked child (a DataLoader worker) lives on: the directory is free at once
+    (the worker's inherited lock kept an immediate --resume auto out for ~5 s)."""
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+from fastmae.rundir import hold_run_dir
+assert hold_run_dir(Path({str(tmp_path / "run")!r})) is None
+child = os.fork()
+if child == 0:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 1), os.dup2(null, 2)  # the test reads the parent's output to its end
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child = int(proc.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # the worker is still there
+        assert hold_run_dir(tmp_path / "run") is None
+    finally:
+        os.kill(child, signal.SIGKILL)
+        release_run_dirs()
 
 
 @pytest.mark.gpu
