@@ -46,20 +46,50 @@ def field_type(f: dataclasses.Field) -> type:
     return _TYPES[str(f.type)]
 
 
+class AutoBool(argparse.Action):
+    """A ``bool | None`` field: ``--x`` (on), ``--no-x`` (off) and ``--x auto`` (None, the default's
+    rule: what a resumed run or a config file set is set back)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        opts = [*option_strings, "--no-" + option_strings[0][2:]]
+        super().__init__(opts, dest, nargs="?", metavar="auto", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None):
+        if values not in (None, "auto") or (option_string.startswith("--no-") and values is not None):
+            parser.error(f"{option_string} takes no value{'' if option_string.startswith('--no-') else ', or auto'}")
+        setattr(namespace, self.dest, None if values == "auto" else not option_string.startswith("--no-"))
+
+
+def _or_auto(kind: type) -> Any:
+    """``kind``'s converter that reads ``auto`` as None (an optional field's default rule)."""
+
+    def convert(text: str) -> Any:
+        return None if text == "auto" else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names it in "invalid float value"
+    return convert
+
+
+def add_field_argument(parser: argparse.ArgumentParser, f: dataclasses.Field, help_: str, choices: Any = None) -> None:
+    """The flag of the dataclass field ``f``: booleans as ``--x / --no-x``, optional ones (``X | None``)
+    also taking ``auto``, the value None stands for."""
+    kind, optional = field_type(f), str(f.type).endswith("| None")
+    if kind is bool:
+        action = AutoBool if optional else argparse.BooleanOptionalAction
+        parser.add_argument(flag(f.name), action=action, help=help_)
+        return
+    metavar = None if choices else {int: "N", float: "X", str: "STR"}[kind] + ("|auto" if optional else "")
+    parser.add_argument(
+        flag(f.name), type=_or_auto(kind) if optional else kind, choices=choices, nargs=f.metadata.get("nargs"),
+        metavar=metavar, help=help_,
+    )  # fmt: skip
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argument per field of the dataclass ``cls``, its default shown in the help."""
     for f in dataclasses.fields(cls):
-        kind = field_type(f)
         shown = "auto" if f.default is None else f.default
-        help_ = f"{f.metadata.get('help', '')} (default: {shown})"
-        if kind is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
-            continue
-        choices = f.metadata.get("choices")
-        metavar = None if choices else {int: "N", float: "X", str: "STR"}[kind]
-        parser.add_argument(
-            flag(f.name), type=kind, choices=choices, nargs=f.metadata.get("nargs"), metavar=metavar, help=help_
-        )
+        add_field_argument(parser, f, f"{f.metadata.get('help', '')} (default: {shown})", f.metadata.get("choices"))
 
 
 def dataclass_parser(cls: type, prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastmae.cli import ArgumentParser, field_type, flag
+from fastmae.cli import ArgumentParser, add_field_argument, field_type, flag
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ATTN_BACKENDS = ("auto", "sdpa", "sdpa_pad64", "triton", "xformers", "math")
@@ -237,18 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="JSON (or YAML, with pyyaml) file of field values")
     for name, f in FIELDS.items():
         default = f.default
-        help_ = f"{f.metadata['help']} (default: {'auto' if default is None and field_type(f) is bool else default})"
+        help_ = f"{f.metadata['help']} (default: {'auto' if default is None else default})"
         if name == "preset":
             parser.add_argument(flag(name), choices=list(PRESETS), metavar="NAME", help=help_)
-        elif field_type(f) is bool:
-            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_)
         else:
-            choices = CHOICES.get(name)
-            nargs = f.metadata.get("nargs")
-            metavar = None if choices else {int: "N", float: "X", str: "STR"}[field_type(f)]
-            parser.add_argument(
-                flag(name), type=field_type(f), choices=choices, nargs=nargs, metavar=metavar, help=help_
-            )
+            add_field_argument(parser, f, help_, CHOICES.get(name))
     return parser
 
 
@@ -363,6 +356,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
                 # batch's steps. On the same processes this is the accumulation it ran. After the merge:
                 # a --config recipe repeated on resume must not name another batch than the run's.
                 file_values["effective_batch"], file_values["accum_iter"] = ran, 0
+        if "blr" in args and "lr" not in args:
+            file_values.pop("lr", None)  # the flag asks for blr's lr; a saved or file lr would override it
         if "effective_batch" in args and "accum_iter" not in args:
             file_values.pop("accum_iter", None)  # the flag asks for a batch; a file's accumulation would override it
         if "preset" in args:

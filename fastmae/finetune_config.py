@@ -128,8 +128,10 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     values = vars(parser.parse_args(argv))
     try:
         if values.get("resume") == "auto":  # the run's saved config under the flags given, as pretraining's
-            values = {**saved_config(Path(values.get("run_dir") or f"runs/finetune-{values.get('mode', 'full')}")),
-                      **values}  # fmt: skip
+            saved = saved_config(Path(values.get("run_dir") or f"runs/finetune-{values.get('mode', 'full')}"))
+            if "blr" in values and "lr" not in values:  # the flag asks for blr's lr; a saved lr would override it
+                saved.pop("lr", None)
+            values = {**saved, **values}
         for name in PATH_FIELDS:  # a resume from another working directory finds them
             if values.get(name):
                 values[name] = os.path.abspath(values[name])

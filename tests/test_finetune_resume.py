@@ -20,6 +20,17 @@ def test_a_run_from_before_min_scale_resumes_at_its_scale(tmp_path):
     assert ft.saved_config(tmp_path / "none") == {}
 
 
+def test_a_resumed_runs_lr_goes_back_to_blr(tmp_path, labelled):
+    """A run started with --lr keeps it on resume unless --lr auto, or --blr alone, says otherwise."""
+    data, _ = labelled
+    saved = {"mode": "full", "train_path": str(data), "model": "vit_base_patch16", "lr": 1e-3}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resume = ["--run-dir", str(tmp_path), "--resume", "auto"]
+    assert ft.parse_args(resume).lr == 1e-3
+    assert ft.parse_args([*resume, "--lr", "auto"]).lr is None
+    assert (ft.parse_args([*resume, "--blr", "2e-3"]).lr, ft.parse_args([*resume, "--blr", "2e-3"]).blr) == (None, 2e-3)
+
+
 def test_resume_auto_continues_from_the_last_epoch(tmp_path, labelled):
     data, pre = labelled
     common = ["--lr", "1e-3", "--warmup-epochs", "1", "--drop-path", "0"]
