@@ -131,6 +131,26 @@ def test_a_run_dir_in_use_is_not_shared(tmp_path, monkeypatch):
     release_run_dirs()
 
 
+def test_the_demo_preset_end_to_end(tmp_path):
+    """README's first command, scaled down (256 of its 2048 images, 4 of its 8 epochs): the demo set
+    is generated as image files on first use, read by the real loader, the loss falls, and the run
+    leaves a checkpoint, metrics and reconstruction PNGs at the paths it prints."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "FASTMAE_CACHE": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "fastmae.train", "--demo-images", "256", "--epochs", "4", "--run-dir", str(run_dir),
+            "--no-progress"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    images = [p for p in (tmp_path / "cache").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    assert len(images) == 256
+    loss = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert loss[-1] < 0.75 * loss[0], loss  # measured 1.36 -> 0.79
+    printed = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines() if line.startswith("  ")}
+    for what in ("checkpoint", "metrics", "config", "pictures"):
+        assert Path(printed[what]).is_file(), (what, printed)
+    assert Path(printed["checkpoint"]).parent == run_dir and Path(printed["pictures"]).suffix == ".png"
+
+
 def test_a_killed_runs_forked_workers_do_not_hold_its_run_dir(tmp_path):
     """SIGKILL a run whose forked child (a DataLoader worker) lives on: the directory is free at once
     (the worker's inherited lock kept an immediate --resume auto out for ~5 s)."""
