@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and primitive containers only (config as a dict, RNG states as
 tensors), so it loads with ``torch.load(weights_only=True)``. Files are named by the optimizer step,
 ``ckpt-step000001234.pt``; the epoch-end checkpoint of every K-th epoch is named
-``ckpt-epoch0099-step000031200.pt`` and never pruned. Weight conversion (official, Hugging Face)
+``ckpt-epoch0099-step000031200.pt`` (the 100th: 0-based, as the official ``checkpoint-799.pth`` ends
+an 800-epoch run) and never pruned. Weight conversion (official, Hugging Face)
 lives in :mod:`fastmae.convert`; ``checkpoint["model"]`` is an official-key state dict.
 
 Atomicity: the bytes go to a temporary file in the same folder, are flushed and fsynced, then
@@ -62,6 +63,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``path.write_text(text)`` that a crash never leaves torn (a run's ``config.json``, which
+    ``--resume`` reads): a temporary file, fsynced, renamed over ``path``."""
+    path = Path(path)
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.txt"
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

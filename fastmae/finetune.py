@@ -305,8 +305,9 @@ def score_classifier(
         num_workers=cfg.num_workers, report_dir=run_dir if main else None,
     )  # fmt: skip
     if main:
-        (run_dir / "config.json").write_text(
-            json.dumps({**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}, indent=2) + "\n"
+        ckpt.atomic_write_text(
+            run_dir / "config.json",
+            json.dumps({**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}, indent=2) + "\n",
         )
         print(f"eval: {cfg.pretrained}, {arch['embed_dim']}-d x {arch['depth']} blocks, {num_classes} classes "
               f"({'global pool' if global_pool else 'cls token'}{', probe head' if linear_probe else ''}), "
@@ -501,7 +502,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     def write_config() -> None:
         if main:
             saved = {**to_dict(cfg), "architecture": arch, "environment": run_environment(device)}
-            (run_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+            ckpt.atomic_write_text(run_dir / "config.json", json.dumps(saved, indent=2) + "\n")
 
     if main:
         print(

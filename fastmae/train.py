@@ -248,7 +248,9 @@ def open_records(cfg: Config, run_dir: Path, resolved: dict[str, Any], resumed: 
             flush=True,
         )
         return None
-    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n")
+    ckpt.atomic_write_text(
+        run_dir / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=2) + "\n"
+    )
     branch = resumed is not None and resumed.branched_from is not None
     return MetricsLog(run_dir, resume_step=step if resumed else None, superseded=branch)
 

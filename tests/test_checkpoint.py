@@ -241,3 +241,19 @@ def test_every_rank_resumes_from_rank_0s_pick(tmp_path):
     assert rank0 == {"path": str(tmp_path / "ckpt-step000000004.pt"), "state": {"step": 4}}
     assert rank1 == {"path": rank0["path"], "state": None}  # loaded by the caller, from rank 0's path
     assert ckpt.pick_latest(tmp_path)[1] == {"step": 4}  # one process: load_latest
+
+
+def test_config_text_is_written_atomically(tmp_path, monkeypatch):
+    """A run's config.json (what --resume reads) is replaced whole or not at all: a write that fails
+    half-way (here at the fsync) leaves the old text and no temporary file."""
+    path = tmp_path / "config.json"
+    ckpt.atomic_write_text(path, '{"seed": 1}\n')
+
+    def fail(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        ckpt.atomic_write_text(path, '{"seed": 2, "much": "more"}\n')
+    assert path.read_text() == '{"seed": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
