@@ -147,32 +147,55 @@ def _is_image(name: str) -> bool:
 
 
 def _scan(folder: str) -> list[str]:
-    """Image files under ``folder``, recursively, sorted by path (follows symlinked folders).
+    """Image files under ``folder``, recursively, in ``os.walk``'s sorted top-down order (follows
+    symlinked folders).
 
     Each folder is entered once, by the first path that reaches it in sorted walk order: a link
     back up the tree (``imgs/up -> ..``) or to itself would otherwise repeat files without end,
     and two links to one folder would list its files twice. Folders are told apart by
-    ``(st_dev, st_ino)``.
+    ``(st_dev, st_ino)``. Only regular files are taken (a broken link too: it is reported as
+    unreadable): a FIFO named ``x.jpg`` hung every loader that opened it. The directory entries'
+    types come with the listing, so this costs no ``stat`` per file.
     """
-    found = []
+    found: list[str] = []
     try:
         st = os.stat(folder)
     except OSError:
         return found
     visited = {(st.st_dev, st.st_ino)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        keep = []
-        for name in sorted(dirnames):
+    stack = [folder]
+    while stack:  # depth first, each folder's files before its subfolders, as os.walk(topdown=True)
+        dirpath = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # unreadable: skipped, as os.walk does
+            continue
+        subdirs = []
+        for entry in entries:
             try:
-                st = os.stat(os.path.join(dirpath, name))
-            except OSError:  # vanished, or a link loop the OS refuses: nothing to read there
-                continue
-            if (st.st_dev, st.st_ino) not in visited:
-                visited.add((st.st_dev, st.st_ino))
-                keep.append(name)
-        dirnames[:] = keep
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                try:
+                    st = os.stat(entry.path)
+                except OSError:  # vanished, or a link loop the OS refuses: nothing to read there
+                    continue
+                if (st.st_dev, st.st_ino) not in visited:
+                    visited.add((st.st_dev, st.st_ino))
+                    subdirs.append(entry.path)
+            elif _is_image(entry.name) and _regular_or_broken_link(entry):
+                found.append(entry.path)
+        stack.extend(reversed(subdirs))
     return found
+
+
+def _regular_or_broken_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return False
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")

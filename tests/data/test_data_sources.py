@@ -252,6 +252,20 @@ def test_scan_two_self_links_do_not_hang(tmp_path):
     assert result[0].paths == [str(tmp_path / "0.jpg")]
 
 
+def test_scan_takes_regular_files_and_broken_links_not_fifos(tmp_path):
+    """A FIFO named like an image hung every loader that opened it (both backends, an audit's repro);
+    a broken link stays in, to be reported as unreadable. The walk's order is os.walk's: a folder's
+    files (sorted) before its subfolders (sorted), depth first."""
+    _touch_images(tmp_path / "flat", ["b.jpg", "a/1.jpg", "a/z/2.jpg", "a0.jpg", "c/3.jpg"])
+    os.mkfifo(tmp_path / "flat" / "pipe.jpg")
+    os.symlink("nowhere.jpg", tmp_path / "flat" / "broken.jpg")
+    paths = [os.path.relpath(p, tmp_path / "flat") for p in folder_scan_source(tmp_path / "flat").paths]
+    assert paths == ["a0.jpg", "b.jpg", "broken.jpg", "a/1.jpg", "a/z/2.jpg", "c/3.jpg"]
+    _touch_images(tmp_path / "tree", ["c1/a.jpg", "c2/b.jpg"])
+    os.mkfifo(tmp_path / "tree" / "c1" / "pipe.png")
+    assert [os.path.basename(p) for p in open_source(tmp_path / "tree").paths] == ["a.jpg", "b.jpg"]
+
+
 def test_bad_file_report_non_utf8_names(tmp_path):
     """A file name that is not UTF-8 (a str with surrogates from ``os``) is written as its bytes."""
     name = os.fsdecode(b"caf\xe9.jpg")
