@@ -45,6 +45,23 @@ def test_dali_cpu_matches_reference(demo_root, size):
         assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL, (diff.mean().item(), diff.max().item())
 
 
+def test_dali_shards_as_the_reference_on_every_rank(demo_root):
+    """Each rank of two gets its own share, the one the reference loader gives it (only rank 0 was
+    compared before): the same images, crops and flips, batch by batch."""
+    src = open_source(demo_root)
+    shares = []
+    for rank in (0, 1):
+        ref = _batches(TorchLoader(src, 4, 32, seed=3, rank=rank, world_size=2, num_workers=0), epoch=1)
+        dali = _batches(DaliLoader(src, 4, 32, seed=3, rank=rank, world_size=2, num_threads=1), epoch=1)
+        assert len(ref) == len(dali) == 5  # 40 images, 20 a rank
+        for (xr, yr), (xd, yd) in zip(ref, dali, strict=True):
+            torch.testing.assert_close(yd, yr, rtol=0, atol=0)
+            diff = (xd - xr).abs()
+            assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL, (rank, diff.mean().item(), diff.max().item())
+        shares.append(torch.cat([x for x, _ in dali]))
+    assert (shares[0] - shares[1]).abs().mean() > 0.1  # two different shares, not one twice
+
+
 def test_dali_cpu_deterministic_across_runs_and_threads(demo_root):
     src = open_source(demo_root)
     a = _batches(DaliLoader(src, 4, 32, seed=1, num_threads=1, io_threads=0))
