@@ -99,14 +99,26 @@ def test_masked_mse_bf16_pred_fp32_images(norm_pix, device, seed, check):
     check(grad, ref[1], low[1], torch.bfloat16, 2, "grad pred")
 
 
-def test_masked_mse_nothing_masked_is_nan(device, close):
-    """mask ratio 0: sum(mask) == 0 gives NaN loss and NaN grads in the reference; match, don't crash."""
+def test_masked_mse_nothing_masked_is_nan(device, close, monkeypatch):
+    """mask ratio 0: sum(mask) == 0 gives NaN loss and NaN grads in the reference; match, don't crash.
+    The outputs start at 7.0 here, not NaN: NaN is the answer, so a NaN poison could not tell an
+    unwritten element."""
+    import importlib
+
+    made = []
+
+    def sevens(shape, dtype, device):
+        made.append(shape)
+        return torch.full(shape, 7.0, dtype=dtype, device=device)
+
+    monkeypatch.setattr(importlib.import_module("fastmae.kernels.masked_mse"), "new_output", sevens)
     pred, imgs, mask = _make(2, 32, 48, 16, 0.0, torch.float32, device, seed=5)
     assert mask.sum() == 0
     loss, grad = _run(masked_mse, pred, imgs, mask, 16, True)
     ref_loss, ref_grad = _run(masked_mse_ref, pred, imgs, mask, 16, True)
     assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
     close(grad, ref_grad, atol=0.0, name="grad pred")
+    assert len(made) == 2  # the forward's partial sums and the grad
 
 
 def test_masked_mse_scales_grad(device, close):
