@@ -105,7 +105,8 @@ def _op_call(op: str, impl: str, t: dict):
 @pytest.mark.parametrize("impl", ["triton", "ref"])
 @pytest.mark.parametrize("op", ["patch_gather", "encoder_input", "unshuffle", "masked_mse"])  # fastmae.kernels
 def test_kernel_fwd_bwd(benchmark, op, impl, device):
-    """Each kernel's forward + backward against its eager ref, bf16 activations, fp32 params and images.
+    """Each kernel's forward + backward timed beside its eager ref (one pytest-benchmark row each; their
+    agreement is the kernel tests'), bf16 activations, fp32 params and images.
 
     On CUDA at ViT-B/16 shapes, batch 256; on CPU (Triton's interpreter) at tiny shapes, which
     checks the entry runs, not the speed.
