@@ -30,8 +30,9 @@ when there is no ``--val-path``.
 It runs on the trainer's machinery: the torchrun process group, bf16 autocast (fp16 with loss
 scaling) and ``torch.compile`` on CUDA, DDP, the loaders, the lr schedule, atomic checkpoints and the
 metrics log. Training augmentation is the pretraining loader's random-resized crop + flip, at the
-official fine-tuning's and probe's scale (0.08, 1) (``--min-scale``); RandAugment, mixup, cutmix and
-random erasing of the full ImageNet recipe are not applied. A run continues (``--resume auto``) at
+official fine-tuning's and probe's scale (0.08, 1) (``--min-scale``); full and partial fine-tuning
+add the official recipe's mixup 0.8 / CutMix 1.0 (soft targets) and random erasing 0.25 on the batch
+(:mod:`fastmae.mixup`, drawing as timm does); its RandAugment is not applied. A run continues (``--resume auto``) at
 the effective batch (batch x processes) it started with. Under torchrun, kNN votes and scores over
 every rank's share.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shlex
 import sys
 import time
@@ -47,6 +49,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -74,6 +77,7 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
 from fastmae.knn import knn_result
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog, run_environment
+from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy
 from fastmae.pos_embed import interpolate_pos_embed
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
@@ -481,6 +485,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # (the next --resume auto reads its flags from that file)
     eff_batch = cfg.batch_size * env.world_size
     peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    if cfg.mode != "knn" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise ConfigError(f"mixup / CutMix mix a batch with its reverse: --batch-size must be even, got "
+                          f"{cfg.batch_size} (or --mixup 0 --cutmix 0)")  # fmt: skip
     if cfg.mode != "knn" and cfg.min_lr > peak_lr:  # the cosine would climb from the peak to the floor
         raise ConfigError(f"--min-lr {cfg.min_lr:g} is above the peak lr {peak_lr:g} (blr x effective batch / 256, "
                           "or --lr); lower --min-lr")  # fmt: skip
@@ -548,6 +555,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "(the recipe's batch 16384 gives lr 6.4). For small batches use e.g. --optimizer adamw --blr 1e-2",
             flush=True,
         )
+    mix = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mix = Mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
+    # numpy's and Python's generators draw the mixes and the erasing (as the official code's timm
+    # does); seeded per rank as the official seed + rank, and in the checkpoint's RNG states
+    np.random.seed(cfg.seed + env.rank)
+    random.seed(cfg.seed + env.rank)
     step, best = 0, 0.0
     if resumed is not None:
         path, state = resumed
@@ -583,9 +597,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     lr = lr_at(step / steps_per_epoch, peak_lr, cfg)
                     for g in optimizer.param_groups:
                         g["lr"] = lr * g["lr_scale"]
+                    if cfg.reprob > 0:
+                        random_erase(images, cfg.reprob)
+                    target = None
+                    if mix is not None:
+                        images, target = mix(images, labels)
                     with autocast:
                         logits = fwd(images)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.smoothing)
+                    if target is not None:  # mixed: soft targets, the smoothing in them
+                        loss = soft_target_cross_entropy(logits.float(), target)
+                    else:
+                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)

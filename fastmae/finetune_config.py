@@ -69,6 +69,11 @@ class FinetuneConfig:
     weight_decay: float | None = _f(None, "weight decay (recipe: 0.05, linear 0)")
     drop_path: float | None = _f(None, "stochastic depth (recipe: 0.1 B, 0.2 L, 0.3 H; linear 0)")
     smoothing: float | None = _f(None, "label smoothing (recipe: 0.1, linear 0)")
+    mixup: float | None = _f(None, "mixup's Beta alpha, 0 = off (recipe: 0.8, linear 0)")
+    cutmix: float | None = _f(None, "CutMix's Beta alpha, 0 = off (recipe: 1.0, linear 0)")
+    mixup_prob: float = _f(1.0, "probability that a batch is mixed (mixup or CutMix)")
+    mixup_switch_prob: float = _f(0.5, "probability of CutMix instead of mixup when both are on")
+    reprob: float | None = _f(None, "random erasing, per image (recipe: 0.25, linear 0)")
     global_pool: bool | None = _f(None, "average-pool + fc_norm (recipe: on, linear off = cls token)")
     optimizer: str = _f("auto", "auto (recipe: LARS for linear, AdamW otherwise), lars, adamw or sgd",
                         choices=("auto", "lars", "adamw", "sgd"))  # fmt: skip
@@ -106,6 +111,9 @@ def recipe(cfg: FinetuneConfig, depth: int) -> FinetuneConfig:
         weight_decay=0.0 if linear else 0.05,
         drop_path=0.0 if linear else {12: 0.1, 24: 0.2, 32: 0.3}.get(depth, 0.1),
         smoothing=0.0 if linear else 0.1,
+        mixup=0.0 if linear else 0.8,
+        cutmix=0.0 if linear else 1.0,
+        reprob=0.0 if linear else 0.25,
         global_pool=not linear,
     )
     values = to_dict(cfg)
@@ -158,6 +166,8 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"run_dir", "resume", "max_steps", "device"}
     values = {k: v for k, v in saved.items() if k in fields}
     values.setdefault("min_scale", 0.2)  # a run from before --min-scale cropped at pretraining's scale
+    for name in ("mixup", "cutmix", "reprob"):  # a run from before them trained without
+        values.setdefault(name, 0.0)
     return values
 
 
@@ -196,6 +206,12 @@ def validate(cfg: FinetuneConfig) -> None:
                  "min_lr", "layer_decay", "weight_decay"):  # fmt: skip
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("mixup", "cutmix"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
     for name in ("drop_path", "smoothing"):
         if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
