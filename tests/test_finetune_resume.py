@@ -90,7 +90,8 @@ def test_sigterm_saves_and_the_resumed_run_is_the_uninterrupted_one(tmp_path, la
     one line and exit 143; --resume auto then gives the uninterrupted run's records, bit for bit.
     Drop path draws from torch's global RNG, which the checkpoint restores: nothing else may draw
     from it between the two (a DataLoader's iterator drew its base seed there, one draw more in the
-    resumed run, and the drop-path masks moved)."""
+    resumed run, and the drop-path masks moved). The recipe's mixup, CutMix and erasing (on here) draw from
+    numpy's, Python's and torch's generators: restored too."""
     import os
     import signal
 
