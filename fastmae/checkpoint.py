@@ -58,12 +58,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             # pos"), and that error, not the interrupt, reached the caller: a traceback, not "interrupted"
             raise KeyboardInterrupt from e
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -80,6 +84,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself durable
     return path
 
 

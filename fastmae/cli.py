@@ -47,17 +47,16 @@ def field_type(f: dataclasses.Field) -> type:
 
 
 class AutoBool(argparse.Action):
-    """A ``bool | None`` field: ``--x`` (on), ``--no-x`` (off) and ``--x auto`` (None, the default's
-    rule: what a resumed run or a config file set is set back)."""
+    """The ``--x`` of a ``bool | None`` field: ``--x`` (on) and ``--x auto`` (None, the default's rule:
+    what a resumed run or a config file set is set back); ``--no-x`` (off) is its own flag."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
-        opts = [*option_strings, "--no-" + option_strings[0][2:]]
-        super().__init__(opts, dest, nargs="?", metavar="auto", **kwargs)
+        super().__init__(option_strings, dest, nargs="?", metavar="auto", **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None):
-        if values not in (None, "auto") or (option_string.startswith("--no-") and values is not None):
-            parser.error(f"{option_string} takes no value{'' if option_string.startswith('--no-') else ', or auto'}")
-        setattr(namespace, self.dest, None if values == "auto" else not option_string.startswith("--no-"))
+        if values not in (None, "auto"):
+            parser.error(f"{option_string} takes no value, or auto")
+        setattr(namespace, self.dest, None if values == "auto" else True)
 
 
 def _or_auto(kind: type) -> Any:
@@ -74,9 +73,12 @@ def add_field_argument(parser: argparse.ArgumentParser, f: dataclasses.Field, he
     """The flag of the dataclass field ``f``: booleans as ``--x / --no-x``, optional ones (``X | None``)
     also taking ``auto``, the value None stands for."""
     kind, optional = field_type(f), str(f.type).endswith("| None")
+    if kind is bool and optional:
+        parser.add_argument(flag(f.name), action=AutoBool, help=help_)
+        parser.add_argument("--no-" + flag(f.name)[2:], dest=f.name, action="store_false", help="off")
+        return
     if kind is bool:
-        action = AutoBool if optional else argparse.BooleanOptionalAction
-        parser.add_argument(flag(f.name), action=action, help=help_)
+        parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help_)
         return
     metavar = None if choices else {int: "N", float: "X", str: "STR"}[kind] + ("|auto" if optional else "")
     parser.add_argument(

@@ -297,14 +297,14 @@ def _file_value(path: Path, name: str, value: Any) -> Any:
             return isinstance(v, int) and not isinstance(v, bool)
         return isinstance(v, kind)
 
-    if value is None and "None" in str(f.type):
+    if (value is None or value == "auto") and "None" in str(f.type):  # "auto", as on the command line
         return None
     if nargs:
         if isinstance(value, (list, tuple)) and len(value) == nargs and all(map(ok, value)):
             return tuple(kind(v) for v in value)
         raise ConfigError(f"{path}: {name} must be a list of {nargs} {kind.__name__}s, got {value!r}")
     if not ok(value):
-        expected = kind.__name__ + (" or null" if "None" in str(f.type) else "")
+        expected = kind.__name__ + (', null or "auto"' if "None" in str(f.type) else "")
         raise ConfigError(f"{path}: {name} must be {expected}, got {value!r}")
     return kind(value)
 

@@ -157,10 +157,16 @@ def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict
     return arch
 
 
-def fit_pos_embed(sd: dict[str, torch.Tensor], grid: int, verbose: bool = True) -> dict[str, torch.Tensor]:
+def fit_pos_embed(
+    sd: dict[str, torch.Tensor], grid: int, verbose: bool = True, name: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
     """``sd`` with its ``pos_embed`` resampled to a ``grid x grid`` patch grid when it has another
-    (bicubic, the cls row kept: :func:`~fastmae.pos_embed.interpolate_pos_embed`), saying so."""
+    (bicubic, the cls row kept: :func:`~fastmae.pos_embed.interpolate_pos_embed`), saying so. One
+    that is not a cls row + a square grid is a one-line ``ConfigError`` (``name`` says whose)."""
     old = weights_shape(sd)["grid"]
+    if sd["pos_embed"].shape[1] != 1 + old * old:
+        raise ConfigError(f"{name}'s pos_embed has {sd['pos_embed'].shape[1]} rows: not a cls row and a square "
+                          "patch grid, which fastmae's ViT has")  # fmt: skip
     if old == grid:
         return sd
     if verbose:
@@ -192,7 +198,7 @@ def build_classifier(
                     + (f" (--model {cfg.model})" if cfg.model != "auto" else "")
                     + f" has {want[name]}"
                 )
-        sd = fit_pos_embed(sd, want["grid"], verbose)
+        sd = fit_pos_embed(sd, want["grid"], verbose, f"--pretrained {cfg.pretrained}")
     torch.manual_seed(cfg.seed)
     vit = VisionTransformer(
         **arch,
@@ -285,13 +291,21 @@ def score_classifier(
     if classes is not None and val.classes is not None:  # a fastmae run's: its training classes, by name
         named = Source(root=cfg.pretrained, samples=[], kind="imagefolder", classes=list(classes))
         val = to_training_labels(val, named, num_classes)
+    elif val.classes is not None and len(val.classes) != num_classes:
+        # without names the labels are the folders' own sorted indices: a subset of the classes is
+        # numbered afresh and every image scored against another class (0% on a 2-of-4 tree)
+        raise DataError(
+            f"{val.root} has {len(val.classes)} class folders where the classifier has {num_classes} outputs, and "
+            f"--pretrained names no classes: its labels would be the folders' own indices. Give all {num_classes} "
+            "class folders, or a --val-list with the classifier's labels"
+        )
     elif (top := max(y for _, y in val.samples)) >= num_classes:
         raise DataError(f"the validation labels go up to {top} but the classifier has {num_classes} outputs")
     vit = VisionTransformer(
         **arch, num_classes=num_classes, global_pool=global_pool, linear_probe=linear_probe,
         attn_backend=cfg.attn_backend,
     )  # fmt: skip
-    sd = fit_pos_embed(sd, arch["img_size"] // arch["patch_size"], verbose=main)
+    sd = fit_pos_embed(sd, arch["img_size"] // arch["patch_size"], main, f"--pretrained {cfg.pretrained}")
     try:
         missing, unexpected = vit.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # a shape mismatch
@@ -318,7 +332,8 @@ def score_classifier(
               f"{len(val)} val images at {arch['img_size']} px, {env.world_size} process(es) on {device}, "
               f"{precision}; run dir {run_dir}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    metrics = evaluate(model, loader, autocast, num_classes)
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"  # as training's
+    metrics = evaluate(torch.compile(model) if compiled else model, loader, autocast, num_classes)
     result = {"mode": "eval", "top1": metrics["top1"], "top5": metrics["top5"], "n_val": metrics["n"],
               "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
     if main:

@@ -247,7 +247,10 @@ def test_config_text_is_written_atomically(tmp_path, monkeypatch):
     """A run's config.json (what --resume reads) is replaced whole or not at all: a write that fails
     half-way (here at the fsync) leaves the old text and no temporary file."""
     path = tmp_path / "config.json"
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}")) or fsync(fd))
     ckpt.atomic_write_text(path, '{"seed": 1}\n')
+    assert synced == [False, True]  # the file, then its folder (the rename durable)
 
     def fail(fd):
         raise OSError("disk gone")

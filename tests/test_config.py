@@ -106,13 +106,17 @@ def test_optional_fields_go_back_to_auto_and_blr_outranks_a_saved_lr(tmp_path):
     assert (cfg.lr, cfg.blr) == (None, 2e-3)
     assert parse_config([*resume, "--blr", "2e-3", "--lr", "5e-4"]).lr == 5e-4
     assert (parse_config(["--compile"]).compile, parse_config(["--no-compile"]).compile) == (True, False)
+    recipe = tmp_path / "auto.json"  # a config file says it as the flags do (or null)
+    recipe.write_text(json.dumps({"lr": "auto", "compile": "auto", "fused": None}))
+    cfg = parse_config([*resume, "--config", str(recipe)])
+    assert (cfg.lr, cfg.compile, cfg.fused) == (None, None, None)
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["--compile", "yes"], "--compile takes no value, or auto"),
-        (["--no-fused", "auto"], "--no-fused takes no value"),
+        (["--no-fused", "auto"], "unrecognized arguments: auto"),
     ],
 )
 def test_auto_bool_flags_refuse_other_values(argv, message, capsys):
@@ -172,10 +176,10 @@ def test_data_paths_are_kept_absolute(tmp_path, monkeypatch):
     "field, value, message",
     [
         ("keep_last", "2", "keep_last must be int, got '2'"),
-        ("compile", "false", "compile must be bool or null, got 'false'"),  # bool("false") would be True
+        ("compile", "false", "compile must be bool, null or \"auto\", got 'false'"),  # bool("false") would be True
         ("norm_pix_loss", 0, "norm_pix_loss must be bool, got 0"),
         ("epochs", True, "epochs must be int, got True"),
-        ("lr", "1e-3", "lr must be float or null, got '1e-3'"),
+        ("lr", "1e-3", "lr must be float, null or \"auto\", got '1e-3'"),
         ("betas", 0.9, "betas must be a list of 2 floats, got 0.9"),
         ("betas", [0.9, "0.95"], "betas must be a list of 2 floats"),
     ],

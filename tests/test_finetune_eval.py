@@ -178,9 +178,13 @@ def test_eval_matches_validation_classes_by_name(tmp_path, trained):
     assert sum(hits) > len(hits) / 2  # trained: the folders' own labels (0, 1) would score near 0
 
 
-def test_eval_at_another_image_size_resamples(tmp_path, trained, capsys):
+def test_eval_at_another_image_size_resamples(tmp_path, trained, capsys, monkeypatch):
+    """... and compiles where training would (here asked for: the same rule as training's)."""
     data, runs = trained
-    result = run_eval(tmp_path, runs["full"][1], data, "--img-size", "48")
+    compiled = []
+    monkeypatch.setattr(ft.torch, "compile", lambda model: compiled.append(model) or model)
+    result = run_eval(tmp_path, runs["full"][1], data, "--img-size", "48", "--compile")
+    assert len(compiled) == 1
     assert "interpolated from 4x4 to 6x6 patches" in capsys.readouterr().out
     assert result["n_val"] == 96
 
@@ -193,15 +197,26 @@ def test_eval_at_another_image_size_resamples(tmp_path, trained, capsys):
         ("no_val", [], "--mode eval needs --val-path"),
         ("full", ["--resume", "auto"], "nothing to --resume"),
         ("labels", [], "the validation labels go up to 6 but the classifier has 4 outputs"),
+        ("subset", [], "has 2 class folders where the classifier has 4 outputs, and --pretrained names no classes"),
+        ("nonsquare", [], "pos_embed has 21 rows: not a cls row and a square patch grid"),
     ],
 )
 def test_eval_refusals_are_one_line_errors(tmp_path, trained, labelled, capsys, case, extra, message):
     data, runs = trained
-    pretrained = {"encoder": labelled[1], "labels": tmp_path / "official.pth"}.get(case, runs["full"][1])
-    if case == "labels":  # no class names in the checkpoint, and a list whose labels go past its head
-        torch.save({"model": torch.load(runs["full"][1], weights_only=True)["model"]}, pretrained)
+    pretrained = labelled[1] if case == "encoder" else runs["full"][1]
+    weights = torch.load(runs["full"][1], weights_only=True)["model"]
+    if case in ("labels", "subset", "nonsquare"):  # no class names in the checkpoint (the official layout)
+        pretrained = tmp_path / "official.pth"
+        if case == "nonsquare":  # 1 + 4 x 5 positions
+            weights = {**weights, "pos_embed": torch.randn(1, 21, weights["pos_embed"].shape[-1])}
+        torch.save({"model": weights}, pretrained)
+    if case == "labels":  # a list whose labels go past its head
         (tmp_path / "val.txt").write_text("class0/0.png 0\nclass1/0.png 6\n")
         extra = ["--val-list", str(tmp_path / "val.txt")]
+    if case == "subset":  # two of the four class folders: ImageFolder would number them 0 and 1
+        for name in ("class1", "class3"):
+            shutil.copytree(data / name, tmp_path / "sub" / name)
+        extra = ["--val-path", str(tmp_path / "sub")]
     argv = ["--mode", "eval", "--pretrained", str(pretrained), "--run-dir", str(tmp_path / "run"), "--num-workers",
             "0", *([] if case == "no_val" else ["--val-path", str(data)]), *extra]  # fmt: skip
     try:

@@ -194,8 +194,8 @@ def _scan(folder: str) -> list[str]:
 def _regular_or_broken_link(entry: os.DirEntry) -> bool:
     try:
         return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
-    except OSError:
-        return False
+    except OSError:  # a link loop (ELOOP): broken too
+        return entry.is_symlink()
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")

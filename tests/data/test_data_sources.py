@@ -259,8 +259,9 @@ def test_scan_takes_regular_files_and_broken_links_not_fifos(tmp_path):
     _touch_images(tmp_path / "flat", ["b.jpg", "a/1.jpg", "a/z/2.jpg", "a0.jpg", "c/3.jpg"])
     os.mkfifo(tmp_path / "flat" / "pipe.jpg")
     os.symlink("nowhere.jpg", tmp_path / "flat" / "broken.jpg")
+    os.symlink("loop.jpg", tmp_path / "flat" / "loop.jpg")  # broken too (ELOOP)
     paths = [os.path.relpath(p, tmp_path / "flat") for p in folder_scan_source(tmp_path / "flat").paths]
-    assert paths == ["a0.jpg", "b.jpg", "broken.jpg", "a/1.jpg", "a/z/2.jpg", "c/3.jpg"]
+    assert paths == ["a0.jpg", "b.jpg", "broken.jpg", "loop.jpg", "a/1.jpg", "a/z/2.jpg", "c/3.jpg"]
     _touch_images(tmp_path / "tree", ["c1/a.jpg", "c2/b.jpg"])
     os.mkfifo(tmp_path / "tree" / "c1" / "pipe.png")
     assert [os.path.basename(p) for p in open_source(tmp_path / "tree").paths] == ["a.jpg", "b.jpg"]
