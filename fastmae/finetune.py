@@ -31,8 +31,9 @@ It runs on the trainer's machinery: the torchrun process group, bf16 autocast (f
 scaling) and ``torch.compile`` on CUDA, DDP, the loaders, the lr schedule, atomic checkpoints and the
 metrics log. Training augmentation is the pretraining loader's random-resized crop + flip, at the
 official fine-tuning's and probe's scale (0.08, 1) (``--min-scale``); full and partial fine-tuning
-add the official recipe's mixup 0.8 / CutMix 1.0 (soft targets) and random erasing 0.25 on the batch
-(:mod:`fastmae.mixup`, drawing as timm does); its RandAugment is not applied. A run continues (``--resume auto``) at
+add the official recipe's RandAugment ``rand-m9-mstd0.5-inc1`` (:mod:`fastmae.data.randaugment`, in
+the torch loader), mixup 0.8 / CutMix 1.0 (soft targets) and random erasing 0.25 on the batch
+(:mod:`fastmae.mixup`), each drawing as timm does. A run continues (``--resume auto``) at
 the effective batch (batch x processes) it started with. Under torchrun, kNN votes and scores over
 every rank's share.
 """
@@ -63,6 +64,7 @@ from fastmae.config import ConfigError
 from fastmae.convert import fastmae_state_dict, hf_folder_config, load_checkpoint, read_state_dict
 from fastmae.data import BadFileReport, DataError, EpochPlan, Source, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source, to_training_labels
+from fastmae.data.randaugment import RandAugment
 from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetune is the CLI's module)
     ARCHS,
     MODES,
@@ -500,6 +502,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # (the next --resume auto reads its flags from that file)
     eff_batch = cfg.batch_size * env.world_size
     peak_lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
+    if cfg.mode != "knn" and cfg.aa and cfg.data_backend != "torch":
+        raise ConfigError(f"RandAugment (--aa {cfg.aa}) runs in the torch loader: --data-backend torch, or --aa '' "
+                          "to train without it")  # fmt: skip
     if cfg.mode != "knn" and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"mixup / CutMix mix a batch with its reverse: --batch-size must be even, got "
                           f"{cfg.batch_size} (or --mixup 0 --cutmix 0)")  # fmt: skip
@@ -555,6 +560,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg.data_backend, train_src, batch_size=cfg.batch_size, image_size=arch["img_size"], seed=cfg.seed,
         rank=env.rank, world_size=env.world_size, device=device, dtype=torch.float32,
         num_workers=cfg.num_workers, report_dir=report_dir, scale=(cfg.min_scale, 1.0),
+        auto_augment=RandAugment.parse(cfg.aa) if cfg.aa else None,
     )  # fmt: skip
     optimizer = build_optimizer(cfg, model, peak_lr, device)
     # fp16 needs loss scaling (the official code's NativeScaler): the grads reaching the encoder

@@ -17,6 +17,7 @@ from fastmae.attention import BACKENDS
 from fastmae.cli import dataclass_parser, to_dict
 from fastmae.config import ConfigError
 from fastmae.convert import hf_weights_file
+from fastmae.data.randaugment import RandAugment
 
 DESCRIPTION = "Using the pretrained encoder: ``python -m fastmae.finetune --mode full|partial|linear|knn|eval``."
 PROG = "python -m fastmae.finetune"
@@ -74,6 +75,8 @@ class FinetuneConfig:
     mixup_prob: float = _f(1.0, "probability that a batch is mixed (mixup or CutMix)")
     mixup_switch_prob: float = _f(0.5, "probability of CutMix instead of mixup when both are on")
     reprob: float | None = _f(None, "random erasing, per image (recipe: 0.25, linear 0)")
+    aa: str | None = _f(None, "RandAugment policy, timm's string ('' = off; recipe: rand-m9-mstd0.5-inc1, linear ''; "
+                        "the torch loader)")  # fmt: skip
     global_pool: bool | None = _f(None, "average-pool + fc_norm (recipe: on, linear off = cls token)")
     optimizer: str = _f("auto", "auto (recipe: LARS for linear, AdamW otherwise), lars, adamw or sgd",
                         choices=("auto", "lars", "adamw", "sgd"))  # fmt: skip
@@ -114,6 +117,7 @@ def recipe(cfg: FinetuneConfig, depth: int) -> FinetuneConfig:
         mixup=0.0 if linear else 0.8,
         cutmix=0.0 if linear else 1.0,
         reprob=0.0 if linear else 0.25,
+        aa="" if linear else "rand-m9-mstd0.5-inc1",
         global_pool=not linear,
     )
     values = to_dict(cfg)
@@ -168,6 +172,7 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     values.setdefault("min_scale", 0.2)  # a run from before --min-scale cropped at pretraining's scale
     for name in ("mixup", "cutmix", "reprob"):  # a run from before them trained without
         values.setdefault(name, 0.0)
+    values.setdefault("aa", "")
     return values
 
 
@@ -206,6 +211,11 @@ def validate(cfg: FinetuneConfig) -> None:
                  "min_lr", "layer_decay", "weight_decay"):  # fmt: skip
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.aa:
+        try:
+            RandAugment.parse(cfg.aa)
+        except ValueError as e:
+            raise ConfigError(f"--aa: {e}") from None
     for name in ("mixup", "cutmix"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise ConfigError(f"--{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")

@@ -7,7 +7,8 @@ same operations, drawing as timm does (numpy's and Python's global generators, t
 erased pixels: the same seeds give the same batches, an interop test holds them together), applied
 to a whole batch on its device after the loader: erasing per image first, as the transform did,
 then the batch's mix. The generators' states are in every checkpoint, so a resumed run mixes as
-the uninterrupted one. RandAugment, the recipe's fourth, is not applied.
+the uninterrupted one. RandAugment, the recipe's fourth, runs in the loader
+(:mod:`fastmae.data.randaugment`).
 """
 
 from __future__ import annotations

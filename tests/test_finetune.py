@@ -19,7 +19,7 @@ from fastmae.log import read_metrics
 from fastmae.model import MaskedAutoencoderViT
 from tests.finetuning import REPO, SMALL, run_finetune
 
-NO_MIX = ("--mixup", "0", "--cutmix", "0", "--reprob", "0")
+NO_MIX = ("--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "")
 
 
 @pytest.mark.parametrize(
@@ -224,7 +224,7 @@ def test_two_processes_match_one(tmp_path, labelled):
     data, pre = labelled
     common = ["--mode", "full", "--pretrained", str(pre), "--train-path", str(data), "--num-workers", "0",
               "--no-progress", "--log-every", "1", "--lr", "1e-3", "--epochs", "1", "--warmup-epochs", "0",
-              "--drop-path", "0", "--smoothing", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0"]  # fmt: skip
+              "--drop-path", "0", "--smoothing", "0", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", ""]  # fmt: skip
     # (mixup mixes within a process's batch: 2 x 8 and 1 x 16 mix other pairs, as the official code)
     one = ft.finetune(ft.parse_args([*common, "--run-dir", str(tmp_path / "one"), "--batch-size", "16"]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
@@ -436,8 +436,8 @@ def test_validation_classes_are_the_training_classes_by_name(tmp_path, small, ca
     assert ft.finetune(ft.parse_args(argv))["top1"] == 100.0
 
 
-def test_the_recipes_mixup_cutmix_and_erasing_are_on_and_it_learns(tmp_path, labelled, monkeypatch):
-    """Full fine-tuning's recipe mixes every batch (mixup 0.8 / CutMix 1.0, soft targets) and erases
+def test_the_recipes_mixup_cutmix_and_erasing_are_on_and_it_learns(tmp_path, labelled, monkeypatch, capsys):
+    """Full fine-tuning's recipe (RandAugment in the loader, checked in tests/data) mixes every batch (mixup 0.8 / CutMix 1.0, soft targets) and erases
     a quarter of the images, as the official code; it still learns the four colours."""
     data, pre = labelled
     calls = {"mix": 0, "erase": 0}
@@ -458,14 +458,30 @@ def test_the_recipes_mixup_cutmix_and_erasing_are_on_and_it_learns(tmp_path, lab
                                    "1", "--drop-path", "0")  # fmt: skip
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["mixup"], config["cutmix"], config["reprob"], config["smoothing"]) == (0.8, 1.0, 0.25, 0.1)
+    assert config["aa"] == "rand-m9-mstd0.5-inc1"
     assert calls == {"mix": result["step"], "erase": result["step"]} and result["step"] == 16  # 4 epochs of 4
     assert result["top1"] >= 75  # measured 100 (4 classes)
     with pytest.raises(ft.ConfigError, match="--batch-size must be even, got 15"):
         ft.finetune(ft.parse_args(["--mode", "full", "--pretrained", str(pre), "--train-path", str(data),
                                    "--batch-size", "15", "--run-dir", str(tmp_path / "odd")]))  # fmt: skip
+    for argv, message in (
+        (["--data-backend", "dali"], "RandAugment (--aa rand-m9-mstd0.5-inc1) runs in the torch loader"),
+        (["--aa", "rand-m9-x1"], "--aa: unknown RandAugment section 'x1'"),
+    ):
+        argv = ["--mode", "full", "--pretrained", str(pre), "--train-path", str(data), *argv, "--run-dir",
+                str(tmp_path / "refused")]  # fmt: skip
+        try:
+            code = ft.main(argv)
+        except SystemExit as e:  # refused while parsing
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
     # a run from before these flags trained without them, and resumes so
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps({"mode": "full"}))
-    assert {k: ft.saved_config(tmp_path / "old")[k] for k in ("mixup", "cutmix", "reprob")} == dict.fromkeys(
-        ("mixup", "cutmix", "reprob"), 0.0
-    )
+    assert {k: ft.saved_config(tmp_path / "old")[k] for k in ("mixup", "cutmix", "reprob", "aa")} == {
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "reprob": 0.0,
+        "aa": "",
+    }

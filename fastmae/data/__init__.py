@@ -29,6 +29,7 @@ import os
 import torch
 
 from fastmae.data.dali import DaliLoader, dali_available
+from fastmae.data.randaugment import RandAugment
 from fastmae.data.sampling import EpochPlan, sample_seed
 from fastmae.data.sources import (
     IMAGE_EXTENSIONS,
@@ -67,6 +68,7 @@ def build_loader(
     steps_per_epoch: int = 1000,
     dali_options: dict | None = None,
     scale: tuple[float, float] = CROP_SCALE,
+    auto_augment: RandAugment | None = None,
 ) -> Loader:
     """One loader by backend name; ``num_workers`` is DataLoader workers or DALI threads.
 
@@ -89,7 +91,9 @@ def build_loader(
         seed=seed, rank=rank, world_size=world_size, device=device, dtype=dtype, report_dir=report_dir, scale=scale
     )
     if backend == "torch":
-        return TorchLoader(source, batch_size, image_size, num_workers=num_workers, **common)
+        return TorchLoader(source, batch_size, image_size, num_workers=num_workers, auto_augment=auto_augment, **common)
+    if auto_augment is not None:
+        raise DataError(f"RandAugment runs in the torch loader (PIL), not the {backend!r} one: --data-backend torch")
     # DALI's CPU threads, at most the CPUs this process may use, as the reference loader's workers
     threads = max(1, usable_workers(num_workers))
     return DaliLoader(source, batch_size, image_size, num_threads=threads, **common, **(dali_options or {}))

@@ -20,12 +20,14 @@ import os
 import signal
 import weakref
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmae.data.encoded import describe
+from fastmae.data.randaugment import RandAugment, sample_rngs
 from fastmae.data.sampling import EpochPlan, ScheduledLoader, candidates, sample_generator, tried_indices
 from fastmae.data.sources import BadFileReport, DataError, PackedSamples, ShardDataError, Source
 from fastmae.data.transforms import CROP_RATIO, CROP_SCALE, augment, load_rgb, sample_params
@@ -52,8 +54,10 @@ def read_sample(
     scale: tuple[float, float] = CROP_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
     known_bad: set[int] | None = None,
+    auto_augment: RandAugment | None = None,
 ) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
-    """Decode and augment the sample for slot ``index`` of ``epoch``, standing in for bad files.
+    """Decode and augment the sample for slot ``index`` of ``epoch``, standing in for bad files
+    (``auto_augment`` after the crop and flip, drawing from the sample's stream).
 
     Returns:
         image ``(3, S, S)`` float32, its label, and ``[(path, reason), ...]`` of the bad files met.
@@ -74,8 +78,13 @@ def read_sample(
             known_bad.add(j)
             bad.append((path, describe(exc, path)))
             continue
-        params = sample_params(img.height, img.width, sample_generator(seed, epoch, index, attempt), scale, ratio)
-        return augment(img, params, size), label, bad
+        stream = sample_generator(seed, epoch, index, attempt)
+        params = sample_params(img.height, img.width, stream, scale, ratio)
+        then = None
+        if auto_augment is not None:
+            rng, np_rng = sample_rngs(stream.next64())
+            then = partial(auto_augment, rng=rng, np_rng=np_rng)
+        return augment(img, params, size, then=then), label, bad
     err = DataError(
         f"{len(tried_indices(seed, epoch, index, len(samples)))} unreadable images in a row standing in for "
         f"{samples[index][0]}; the data set looks broken (see the bad-file report)"
@@ -85,8 +94,9 @@ def read_sample(
 
 
 class _SampleDataset(Dataset):
-    def __init__(self, samples, seed, size, scale, ratio):
+    def __init__(self, samples, seed, size, scale, ratio, auto_augment=None):
         self.samples = samples
+        self.auto_augment = auto_augment
         self.seed = seed
         self.size = size
         self.scale = scale
@@ -103,8 +113,9 @@ class _SampleDataset(Dataset):
         epoch, index = key
         try:
             img, label, bad = read_sample(
-                self.samples, self.seed, epoch, index, self.size, self.scale, self.ratio, self.known_bad
-            )
+                self.samples, self.seed, epoch, index, self.size, self.scale, self.ratio, self.known_bad,
+                self.auto_augment,
+            )  # fmt: skip
         except DataError as exc:
             return None, None, getattr(exc, "bad_files", []), str(exc)
         return img, label, bad, None
@@ -188,6 +199,7 @@ class TorchLoader(ScheduledLoader):
         report_dir: folder for ``bad_files.txt`` (None: log only).
         prefetch_factor: batches each worker prepares ahead.
         scale, ratio: RandomResizedCrop bounds.
+        auto_augment: RandAugment after the crop and flip (fine-tuning's), or None.
 
     Iterating yields ``(images [B, 3, S, S] dtype on device, labels [B] int64 on device)``.
     """
@@ -208,6 +220,7 @@ class TorchLoader(ScheduledLoader):
         prefetch_factor: int = 2,
         scale: tuple[float, float] = CROP_SCALE,
         ratio: tuple[float, float] = CROP_RATIO,
+        auto_augment: RandAugment | None = None,
     ):
         super().__init__(EpochPlan(len(source), batch_size, seed, rank, world_size))
         self.source = source
@@ -218,7 +231,7 @@ class TorchLoader(ScheduledLoader):
         self.bad_files = BadFileReport(report_dir, rank, world_size)
         self.bad_files.extend((p, "missing") for p in source.missing)
         self._pass_steps: range = range(0)
-        dataset = _SampleDataset(PackedSamples(source.samples), seed, image_size, scale, ratio)
+        dataset = _SampleDataset(PackedSamples(source.samples), seed, image_size, scale, ratio, auto_augment)
         num_workers = usable_workers(num_workers)
         self._loader = DataLoader(
             dataset,

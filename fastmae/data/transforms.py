@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,8 +212,15 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def augment(img: Image.Image, params: CropParams, size: int, use_torchvision: bool | None = None) -> torch.Tensor:
-    """Crop, resize (bicubic, PIL), flip, normalise one RGB image.
+def augment(
+    img: Image.Image,
+    params: CropParams,
+    size: int,
+    use_torchvision: bool | None = None,
+    then: Callable[[Image.Image], Image.Image] | None = None,
+) -> torch.Tensor:
+    """Crop, resize (bicubic, PIL), flip, normalise one RGB image (``then``, e.g. RandAugment, on the
+    flipped picture before it is normalised, as timm's transform).
 
     Args:
         img: RGB PIL image.
@@ -234,9 +242,13 @@ def augment(img: Image.Image, params: CropParams, size: int, use_torchvision: bo
         img = tf.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], mode.BICUBIC)
         if p.flip:
             img = tf.hflip(img)
+        if then is not None:
+            img = then(img)
         return tf.normalize(tf.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
     img = img.crop((p.left, p.top, p.left + p.width, p.top + p.height)).resize((size, size), Image.Resampling.BICUBIC)
     if p.flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if then is not None:
+        img = then(img)
     x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     return _normalize(x)
