@@ -437,8 +437,9 @@ def test_validation_classes_are_the_training_classes_by_name(tmp_path, small, ca
 
 
 def test_the_recipes_mixup_cutmix_and_erasing_are_on_and_it_learns(tmp_path, labelled, monkeypatch, capsys):
-    """Full fine-tuning's recipe (RandAugment in the loader, checked in tests/data) mixes every batch (mixup 0.8 / CutMix 1.0, soft targets) and erases
-    a quarter of the images, as the official code; it still learns the four colours."""
+    """Full fine-tuning's recipe (RandAugment in the loader, tested in tests/data) mixes every batch
+    (mixup 0.8 / CutMix 1.0, soft targets) and erases a quarter of the images, as the official code;
+    it still learns the four colours."""
     data, pre = labelled
     calls = {"mix": 0, "erase": 0}
     mix_call, erase = ft.Mixup.__call__, ft.random_erase
