@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shlex
 import sys
 import time
@@ -50,7 +49,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -79,7 +77,7 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
 from fastmae.knn import knn_result
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog, run_environment
-from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy
+from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy, step_generators
 from fastmae.pos_embed import interpolate_pos_embed
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
@@ -579,10 +577,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     mix = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mix = Mixup(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
-    # numpy's and Python's generators draw the mixes and the erasing (as the official code's timm
-    # does); seeded per rank as the official seed + rank, and in the checkpoint's RNG states
-    np.random.seed(cfg.seed + env.rank)
-    random.seed(cfg.seed + env.rank)
     step, best = 0, 0.0
     if resumed is not None:
         path, state = resumed
@@ -618,11 +612,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     lr = lr_at(step / steps_per_epoch, peak_lr, cfg)
                     for g in optimizer.param_groups:
                         g["lr"] = lr * g["lr_scale"]
+                    # the step's own generators: every rank mixes its own way, and a resume (whose
+                    # checkpoint holds rank 0's RNG states only) mixes as the uninterrupted run
+                    np_rng, py_rng, gen = step_generators(cfg.seed, env.rank, step, images.device)
                     if cfg.reprob > 0:
-                        random_erase(images, cfg.reprob)
+                        random_erase(images, cfg.reprob, py_rng, gen)
                     target = None
                     if mix is not None:
-                        images, target = mix(images, labels)
+                        images, target = mix(images, labels, np_rng)
                     with autocast:
                         logits = fwd(images)
                     if target is not None:  # mixed: soft targets, the smoothing in them

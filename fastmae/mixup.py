@@ -3,18 +3,20 @@
 MAE's ``main_finetune.py`` takes them from timm: ``Mixup(mixup_alpha=0.8, cutmix_alpha=1.0,
 prob=1.0, switch_prob=0.5, mode="batch", label_smoothing=0.1)`` with ``SoftTargetCrossEntropy``,
 and ``RandomErasing(0.25, mode="pixel", max_count=1)`` in the training transform. These are the
-same operations, drawing as timm does (numpy's and Python's global generators, torch's for the
-erased pixels: the same seeds give the same batches, an interop test holds them together), applied
-to a whole batch on its device after the loader: erasing per image first, as the transform did,
-then the batch's mix. The generators' states are in every checkpoint, so a resumed run mixes as
-the uninterrupted one. RandAugment, the recipe's fourth, runs in the loader
-(:mod:`fastmae.data.randaugment`).
+same operations, drawing as timm does (from numpy's and Python's generators, torch's for the erased
+pixels: with timm's global ones and the same seeds, the same batches; an interop test holds them
+together), applied to a whole batch on its device after the loader: erasing per image first, as the
+transform did, then the batch's mix. Fine-tuning hands them generators of the step's own
+(:func:`step_generators`, from the seed, the rank and the step): each rank mixes its own way, and a
+resumed run, on any rank, mixes as the uninterrupted one. RandAugment, the recipe's fourth, runs in
+the loader (:mod:`fastmae.data.randaugment`).
 """
 
 from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +37,23 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def cutmix_box(height: int, width: int, lam: float) -> tuple[int, int, int, int]:
+def step_generators(
+    seed: int, rank: int, step: int, device: torch.device
+) -> tuple[np.random.RandomState, random.Random, torch.Generator]:
+    """numpy's, Python's and torch's (on ``device``) generators for one training step of one rank:
+    the step's mix and erasing depend on (seed, rank, step) alone, not on what drew before."""
+    from fastmae.data.sampling import sample_seed
+
+    s = sample_seed(seed, step, rank, 0x6D6978)  # a stream apart from the samples' crops
+    return np.random.RandomState(s & 0xFFFFFFFF), random.Random(s), torch.Generator(device).manual_seed(s)
+
+
+def cutmix_box(height: int, width: int, lam: float, rng: Any = np.random) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of CutMix's box for ``lam``: sides ``sqrt(1 - lam)`` of the image's,
     centred at a uniform pixel, clipped to the image (timm's ``rand_bbox``, no margin)."""
     ratio = np.sqrt(1 - lam)
     cut_h, cut_w = int(height * ratio), int(width * ratio)
-    cy, cx = np.random.randint(0, height), np.random.randint(0, width)
+    cy, cx = rng.randint(0, height), rng.randint(0, width)
     top, bottom = np.clip(cy - cut_h // 2, 0, height), np.clip(cy + (cut_h + 1) // 2, 0, height)
     left, right = np.clip(cx - cut_w // 2, 0, width), np.clip(cx + (cut_w + 1) // 2, 0, width)
     return int(top), int(bottom), int(left), int(right)
@@ -68,25 +81,28 @@ class Mixup:
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob, self.label_smoothing = prob, switch_prob, label_smoothing
 
-    def draw(self) -> tuple[float, bool]:
-        """(lam, CutMix or not) for the next batch; lam 1 leaves it as it is."""
-        if np.random.rand() >= self.prob:
+    def draw(self, rng: Any = np.random) -> tuple[float, bool]:
+        """(lam, CutMix or not) for the next batch; lam 1 leaves it as it is. ``rng``: numpy's global
+        generator (timm's) or a ``RandomState``."""
+        if rng.rand() >= self.prob:
             return 1.0, False
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            cutmix = bool(np.random.rand() < self.switch_prob)
+            cutmix = bool(rng.rand() < self.switch_prob)
         else:
             cutmix = self.cutmix_alpha > 0
         alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
-        return float(np.random.beta(alpha, alpha)), cutmix
+        return float(rng.beta(alpha, alpha)), cutmix
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, rng: Any = np.random
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``images`` mixed in place, and their ``(N, num_classes)`` soft targets."""
         if len(images) % 2:
             raise ValueError(f"mixup / CutMix needs an even batch, got {len(images)}")
-        lam, cutmix = self.draw()
+        lam, cutmix = self.draw(rng)
         if lam != 1.0:
             if cutmix:
-                top, bottom, left, right = cutmix_box(images.shape[-2], images.shape[-1], lam)
+                top, bottom, left, right = cutmix_box(images.shape[-2], images.shape[-1], lam, rng)
                 images[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
                 lam = 1.0 - (bottom - top) * (right - left) / float(images.shape[-2] * images.shape[-1])
             else:
@@ -95,24 +111,33 @@ class Mixup:
         return images, soft_targets(labels, self.num_classes, lam, self.label_smoothing)
 
 
-def random_erase(images: torch.Tensor, prob: float, min_area: float = 0.02, max_area: float = 1 / 3) -> torch.Tensor:
+def random_erase(
+    images: torch.Tensor,
+    prob: float,
+    rng: Any = random,
+    generator: torch.Generator | None = None,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+) -> torch.Tensor:
     """Each image of ``(N, C, H, W)`` (normalised) has, with probability ``prob``, one rectangle of
     ``[min_area, max_area]`` of its area and aspect ratio in [0.3, 1/0.3] (log-uniform) replaced by
     standard-normal noise per pixel; ten tries at a box that fits, else none (timm's
-    ``RandomErasing(prob, mode="pixel")``). In place; returns ``images``."""
+    ``RandomErasing(prob, mode="pixel")``). The boxes from ``rng`` (Python's global generator, timm's,
+    or a ``random.Random``), the noise from ``generator`` (torch's global one when None). In place;
+    returns ``images``."""
     _, chans, height, width = images.shape
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
     for img in images:
-        if random.random() > prob:
+        if rng.random() > prob:
             continue
         for _ in range(10):
-            area = random.uniform(min_area, max_area) * height * width
-            aspect = math.exp(random.uniform(*log_aspect))
+            area = rng.uniform(min_area, max_area) * (height * width)
+            aspect = math.exp(rng.uniform(*log_aspect))
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if w < width and h < height:
-                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
                 img[:, top : top + h, left : left + w] = torch.empty(
                     (chans, h, w), dtype=images.dtype, device=images.device
-                ).normal_()
+                ).normal_(generator=generator)
                 break
     return images

@@ -441,18 +441,24 @@ def test_the_recipes_mixup_cutmix_and_erasing_are_on_and_it_learns(tmp_path, lab
     (mixup 0.8 / CutMix 1.0, soft targets) and erases a quarter of the images, as the official code;
     it still learns the four colours."""
     data, pre = labelled
-    calls = {"mix": 0, "erase": 0}
-    mix_call, erase = ft.Mixup.__call__, ft.random_erase
+    calls: list[str] = []  # in order, every step
+    mix_call, erase, soft_ce = ft.Mixup.__call__, ft.random_erase, ft.soft_target_cross_entropy
 
-    def counted_mix(self, images, labels):
-        calls["mix"] += 1
-        return mix_call(self, images, labels)
+    def counted_mix(self, images, labels, rng):
+        calls.append("mix")
+        return mix_call(self, images, labels, rng)
 
-    def counted_erase(images, prob):
-        calls["erase"] += 1
+    def counted_erase(images, prob, rng, generator):
+        calls.append("erase")
         assert prob == 0.25
-        return erase(images, prob)
+        return erase(images, prob, rng, generator)
 
+    def counted_soft_ce(logits, target):
+        calls.append("soft_ce")
+        assert target.shape == logits.shape and not torch.equal(target, target.round())  # smoothed / mixed
+        return soft_ce(logits, target)
+
+    monkeypatch.setattr(ft, "soft_target_cross_entropy", counted_soft_ce)
     monkeypatch.setattr(ft.Mixup, "__call__", counted_mix)
     monkeypatch.setattr(ft, "random_erase", counted_erase)
     result, run_dir = run_finetune(tmp_path, data, pre, "full", "--blr", "2e-2", "--epochs", "4", "--warmup-epochs",
@@ -460,7 +466,8 @@ def test_the_recipes_mixup_cutmix_and_erasing_are_on_and_it_learns(tmp_path, lab
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["mixup"], config["cutmix"], config["reprob"], config["smoothing"]) == (0.8, 1.0, 0.25, 0.1)
     assert config["aa"] == "rand-m9-mstd0.5-inc1"
-    assert calls == {"mix": result["step"], "erase": result["step"]} and result["step"] == 16  # 4 epochs of 4
+    # each step: erasing (the transform's), then the batch's mix, then the soft-target loss
+    assert calls == ["erase", "mix", "soft_ce"] * result["step"] and result["step"] == 16  # 4 epochs of 4
     assert result["top1"] >= 75  # measured 100 (4 classes)
     with pytest.raises(ft.ConfigError, match="--batch-size must be even, got 15"):
         ft.finetune(ft.parse_args(["--mode", "full", "--pretrained", str(pre), "--train-path", str(data),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy, soft_targets
+from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy, soft_targets, step_generators
 
 
 def _batch(n=8, size=24, seed=0):
@@ -129,3 +129,25 @@ def test_random_erasing_draws_as_timm():
     torch.manual_seed(3)
     got = random_erase(x.clone(), 0.25)
     assert not torch.equal(want, x) and torch.equal(got, want)
+
+
+def test_a_steps_generators_depend_on_seed_rank_and_step_alone():
+    """Fine-tuning mixes and erases with generators of the step's own: the same (seed, rank, step)
+    gives the same batch whatever drew before (a resumed run, on any rank), another rank or step
+    another one."""
+
+    def step_batch(seed, rank, step):
+        np_rng, py_rng, gen = step_generators(seed, rank, step, torch.device("cpu"))
+        x, y = _batch(n=16, size=16)
+        random_erase(x, 0.5, py_rng, gen)
+        return Mixup(5)(x, y, np_rng)
+
+    np.random.seed(0)
+    random.seed(0)
+    torch.manual_seed(0)
+    a = step_batch(0, 1, 7)
+    np.random.rand(3), random.random(), torch.rand(2)  # other draws in between change nothing
+    b = step_batch(0, 1, 7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for other in ((0, 0, 7), (0, 1, 8), (1, 1, 7)):
+        assert not torch.equal(step_batch(*other)[0], a[0]), other

@@ -113,17 +113,18 @@ class RandAugment:
     of N(``magnitude``, ``magnitude_std``) clipped to [0, 10]; ``increasing``: the variants that
     grow with the magnitude."""
 
-    magnitude: float = 9.0
+    magnitude: float = 10.0  # timm's defaults, for the sections a policy string leaves out
     num_layers: int = 2
-    magnitude_std: float = 0.5
+    magnitude_std: float = 0.0
     prob: float = 0.5
-    increasing: bool = True
+    increasing: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> RandAugment:
         """timm's config string: ``rand`` then dash-separated ``m<M>``, ``n<N>``, ``mstd<S>``, ``p<P>``,
-        ``inc<0|1>`` (``rand-m9-mstd0.5-inc1``, the official fine-tuning's). A ValueError says what is
-        wrong; timm's other keys (``mmax``, ``t``) are not taken."""
+        ``inc<0|1>`` (``rand-m9-mstd0.5-inc1``, the official fine-tuning's), what it leaves out at
+        timm's defaults (m10, n2, mstd0, p0.5, inc0). A ValueError says what is wrong; timm's other
+        keys (``mmax``, ``t``) are not taken."""
         parts = spec.split("-")
         if parts[0] != "rand":
             raise ValueError(f"a RandAugment policy starts with 'rand' (rand-m9-mstd0.5-inc1), got {spec!r}")
@@ -133,16 +134,18 @@ class RandAugment:
             if m is None:
                 raise ValueError(f"unknown RandAugment section {part!r} in {spec!r} (m, n, mstd, p, inc)")
             key, val = m.groups()
+            if key in ("m", "n", "inc") and not val.isdigit():  # timm's int() refuses these too
+                raise ValueError(f"RandAugment section {part!r} of {spec!r} takes an integer")
             if key == "mstd":
                 values["magnitude_std"] = math.inf if float(val) > 100 else float(val)
             elif key == "m":
-                values["magnitude"] = float(int(float(val)))
+                values["magnitude"] = float(val)
             elif key == "n":
-                values["num_layers"] = int(float(val))
+                values["num_layers"] = int(val)
             elif key == "p":
                 values["prob"] = float(val)
             else:
-                values["increasing"] = bool(int(float(val)))
+                values["increasing"] = bool(int(val))
         return cls(**values)
 
     def __call__(self, img: Image.Image, rng: random.Random, np_rng: np.random.RandomState) -> Image.Image:

@@ -23,7 +23,15 @@ def test_policy_strings():
     assert RandAugment.parse("rand-m9-mstd0.5-inc1") == RandAugment(9.0, 2, 0.5, 0.5, True)
     assert RandAugment.parse("rand-m7-n3-mstd0-p1.0-inc0") == RandAugment(7.0, 3, 0.0, 1.0, False)
     assert RandAugment.parse("rand-m9-mstd101").magnitude_std == math.inf  # timm: > 100 is uniform
-    for bad, message in (("augmix-m9", "starts with 'rand'"), ("rand-m9-mmax12", "unknown RandAugment section")):
+    # what a string leaves out is timm's default (m10, n2, mstd0, p0.5, inc0), not the official policy's
+    assert RandAugment.parse("rand") == RandAugment(10.0, 2, 0.0, 0.5, False)
+    assert RandAugment.parse("rand-m9-mstd0.5") == RandAugment(9.0, 2, 0.5, 0.5, False)
+    for bad, message in (
+        ("augmix-m9", "starts with 'rand'"),
+        ("rand-m9-mmax12", "unknown RandAugment section"),
+        ("rand-m9.5", "takes an integer"),
+        ("rand-n2.5", "takes an integer"),
+    ):
         with pytest.raises(ValueError, match=message):
             RandAugment.parse(bad)
 
@@ -74,7 +82,9 @@ def test_the_loader_applies_it_the_same_with_any_workers(demo_root):
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd0-inc0", "rand-m9-mstd101-p1.0-inc1"])
+@pytest.mark.parametrize(
+    "spec", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd0-inc0", "rand-m9-mstd101-p1.0-inc1", "rand-m9-mstd0.5", "rand"]
+)
 def test_the_same_pictures_as_timm(spec):
     """timm's transform as the official fine-tuning builds it (ImageNet's mean as the fill, bicubic),
     from the global generators seeded as ours: picture for picture the same."""
