@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fastmae.data import make_demo_dataset
-from fastmae.data.eval import center_crop_params, split_source
+from fastmae.data.eval import split_source
 from fastmae.data.sources import open_source
 
 
@@ -22,38 +22,58 @@ def test_split_is_stratified_and_deterministic(tmp_path):
     assert split_source(src, 0.25, seed=3)[1].paths == val.paths
 
 
-def test_center_crop_window():
-    p = center_crop_params(375, 500)
-    assert (p.height, p.width) == (328, 328) and (p.top, p.left) == (23, 86) and not p.flip
+def _picture(tmp_path, w=420, h=300):
+    g = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 0.6, yy * 0.8, (xx + yy) * 0.35], -1) % 256 + g.normal(0, 4, (h, w, 1))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / "a.png")
+    return tmp_path / "a.png"
 
 
 @pytest.mark.parametrize("size", [224, 384])
-def test_eval_transform_is_the_references(tmp_path, size):
+@pytest.mark.parametrize("shape", [(420, 300), (300, 421), (257, 257), (500, 375)])
+def test_eval_transform_is_the_references(tmp_path, size, shape):
     """MAE's util/datasets.py: Resize(size / crop_pct, bicubic) + CenterCrop(size), crop_pct 224/256
-    up to 224 px and 1.0 above (written here with PIL). Crop-then-resize is the same field of view:
-    ~1 grey level apart at 224, where a wrong crop_pct at 384 is ~0.1 apart on average."""
+    up to 224 px and 1.0 above, as torchvision computes them on a PIL image (written out here: the
+    longer side truncated, the window's corner rounded): pixel for pixel."""
     from fastmae.data import IMAGENET_MEAN, IMAGENET_STD
-    from fastmae.data.eval import eval_crop, eval_transform
+    from fastmae.data.eval import eval_crop, eval_transform, resize_center_crop
 
-    g = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:300, 0:420]
-    img = np.stack([xx * 0.6, yy * 0.8, (xx + yy) * 0.35], -1) % 256 + g.normal(0, 4, (300, 420, 1))
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp_path / "a.png")
+    path = _picture(tmp_path, *shape)
     crop_pct = 224 / 256 if size <= 224 else 1.0
     assert eval_crop(size) == crop_pct
-    with Image.open(tmp_path / "a.png") as im:
-        short = int(size / crop_pct)  # torchvision's Resize(int): the shorter side
-        w, h = round(im.width * short / im.height), short
-        im = im.resize((w, h), Image.Resampling.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        ref = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
-    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
-        IMAGENET_STD
-    ).view(3, 1, 1)
-    got = eval_transform(str(tmp_path / "a.png"), size)
-    assert (got - ref).abs().mean() < 0.02
-    wrong = eval_transform(str(tmp_path / "a.png"), size, crop=1.0 if size <= 224 else 224 / 256)
-    assert (wrong - ref).abs().mean() > 0.05  # the check tells the two crops apart
+    with Image.open(path) as im:
+        short = int(size / crop_pct)
+        w, h = (short, int(short * im.height / im.width)) if im.width <= im.height else (
+            int(short * im.width / im.height), short)  # fmt: skip
+        im = im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+        ref = np.asarray(im.crop((left, top, left + size, top + size)))
+        with Image.open(path) as again:
+            assert np.array_equal(np.asarray(resize_center_crop(again.convert("RGB"), size, crop_pct)), ref)
+    x = torch.from_numpy(ref.astype(np.float32) / 255).permute(2, 0, 1)
+    want = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    got = eval_transform(str(path), size)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    wrong = eval_transform(str(path), size, crop=1.0 if size <= 224 else 224 / 256)
+    assert (wrong - want).abs().mean() > 0.05  # the check tells the two crops apart
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("size", [224, 384])
+def test_eval_crop_is_torchvisions(tmp_path, size):
+    """The official evaluation transform itself (torchvision's Resize + CenterCrop on PIL images), on
+    odd and even sides: the same pixels."""
+    tv = pytest.importorskip("torchvision.transforms")
+    from fastmae.data.eval import eval_crop, resize_center_crop
+
+    crop = eval_crop(size)
+    official = tv.Compose([tv.Resize(int(size / crop), interpolation=tv.InterpolationMode.BICUBIC),
+                           tv.CenterCrop(size)])  # fmt: skip
+    for shape in ((420, 300), (300, 421), (257, 257), (500, 375), (333, 999)):
+        with Image.open(_picture(tmp_path, *shape)) as im:
+            im = im.convert("RGB")
+            assert np.array_equal(np.asarray(resize_center_crop(im, size, crop)), np.asarray(official(im))), shape
 
 
 def test_split_keeps_missing_files_and_puts_a_file_on_one_side(tmp_path):
