@@ -335,7 +335,9 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip, safetensors-header and OS errors all mean: cannot read it
-        if isinstance(e, pickle.UnpicklingError):
+        if not isinstance(e, OSError) and not _torch_file_signature(path):
+            why = "not a PyTorch or safetensors checkpoint (neither a zip nor a pickle file)"
+        elif isinstance(e, pickle.UnpicklingError):
             unsupported = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
             why = (
                 f"it holds more than tensors and plain containers ({unsupported[0]}; loaded with weights_only=True)"
@@ -346,6 +348,16 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
             lines = str(e).strip().splitlines()
             why = f"{type(e).__name__}: {lines[0] if lines else ''}"
         raise ValueError(f"cannot read {os.fspath(path)}: {why}") from e
+
+
+def _torch_file_signature(path: str | os.PathLike) -> bool:
+    """Whether the file starts as torch.save writes: a zip archive, or a pickle (protocol 2+)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # cannot tell: the error as it came
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:

@@ -76,7 +76,7 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
 )
 from fastmae.knn import knn_result
 from fastmae.lars import LARS
-from fastmae.log import MetricsLog, run_environment
+from fastmae.log import MetricsLog, record_line, run_environment
 from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy, step_generators
 from fastmae.pos_embed import interpolate_pos_embed
 from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
@@ -548,7 +548,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         encode = lambda x: model.forward_features(x)  # noqa: E731
         with torch.no_grad(), autocast:
             scores = knn_result(encode, train_eval, val_loader, num_classes, cfg.knn_k, cfg.knn_t)
-        result = {"mode": "knn", "k": cfg.knn_k, **scores}
+        result = {"mode": "knn", "k": cfg.knn_k, **scores, "n_val": len(val_src)}
         if main:
             (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
             print(f"kNN (k={cfg.knn_k}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)
@@ -591,6 +591,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         ckpt.set_rng_state(state["rng"])
         step, best = int(state["step"]), float(state["best_top1"])
         resumed = state = None  # the checkpoint's tensors are not held through the run
+        if step >= total and (run_dir / "results.json").is_file():  # finished: its results stand
+            loader.close()
+            result = json.loads((run_dir / "results.json").read_text())
+            if main:
+                print(f"{cfg.mode}: {run_dir} finished at step {step} of {total}; its results stand (val top-1 "
+                      f"{result['top1']:.2f}%, results.json). More --epochs continue it", flush=True)  # fmt: skip
+            return result
     write_config()  # the resumed state fits: the run goes on under these settings
 
     compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -647,6 +654,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                             record.update(val_top1=metrics["top1"], val_top5=metrics["top5"])
                         if main:
                             log.write(record)
+                            if not cfg.progress:  # a batch job's log shows the run going, as pretraining's
+                                print(record_line(record), flush=True)
                             pbar.set_postfix(
                                 loss=f"{train_loss:.3f}", top1=f"{metrics.get('top1', 0):.1f}", refresh=False
                             )

@@ -148,3 +148,8 @@ class MetricsLog:
         self._file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """A metrics record as the log line printed without a progress bar: ``step=8 loss=0.5123 ...``."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())

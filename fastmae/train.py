@@ -43,7 +43,7 @@ from fastmae.data import (
     sample_seed,
 )
 from fastmae.distributed import rank_local
-from fastmae.log import MetricsLog, run_environment
+from fastmae.log import MetricsLog, record_line, run_environment
 from fastmae.messages import PROG, start_line
 from fastmae.model import MaskedAutoencoderViT, param_groups_weight_decay, resolve_activation_checkpointing
 from fastmae.run_data import check_same_data, knn_images, open_data
@@ -389,7 +389,7 @@ def train(cfg: Config) -> TrainResult:
         result.losses.append(loss)
         pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}", refresh=False)
         if not cfg.progress:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            print(record_line(record))
 
     def state() -> dict[str, Any]:
         return dict(

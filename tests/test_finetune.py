@@ -66,6 +66,7 @@ def test_knn_mode_evaluates_without_training(tmp_path, labelled):
     data, pre = labelled
     result, run_dir = run_finetune(tmp_path, data, pre, "knn")
     assert result["mode"] == "knn" and result["k"] == 20 and 0.0 <= result["top1"] <= 100.0
+    assert result["n_val"] == 20  # as the other modes' results say (4 classes x 5 held out)
     assert not list(run_dir.glob("ckpt-*"))
 
 
@@ -286,7 +287,7 @@ def test_knn_features_are_the_trainer_monitors(small):
 @pytest.mark.parametrize(
     "name,extra,message",
     [
-        ("junk", [], "--pretrained: cannot read"),
+        ("junk", [], "junk.pt: not a PyTorch or safetensors checkpoint (neither a zip nor a pickle file"),
         ("run", ["--img-size", "36"], "--img-size 36 is not a multiple of the patch size 8"),
         ("run", ["--num-heads", "3"], "3 heads do not divide the width 32"),
         ("run", ["--mode", "partial", "--trainable-blocks", "5"], "--trainable-blocks must be in [0, 1]"),
