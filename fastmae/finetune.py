@@ -34,12 +34,14 @@ official fine-tuning's and probe's scale (0.08, 1) (``--min-scale``); full and p
 add the official recipe's RandAugment ``rand-m9-mstd0.5-inc1`` (:mod:`fastmae.data.randaugment`, in
 the torch loader), mixup 0.8 / CutMix 1.0 (soft targets) and random erasing 0.25 on the batch
 (:mod:`fastmae.mixup`), each drawing as timm does. A run continues (``--resume auto``) at
-the effective batch (batch x processes) it started with. Under torchrun, kNN votes and scores over
+the effective batch (batch x processes) it started with; on another number of processes, each takes
+its share of it (:func:`batch_for_processes`). Under torchrun, kNN votes and scores over
 every rank's share.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -425,6 +427,21 @@ def check_resumable(
             )
 
 
+def batch_for_processes(cfg: FinetuneConfig, state: dict[str, Any], world_size: int, main: bool) -> FinetuneConfig:
+    """``cfg`` resumed on another number of processes: the per-process batch that keeps the run's
+    effective batch, when the run's own ``--batch-size`` is asked for and the processes divide it
+    (a --batch-size of another value is the user's, and :func:`check_same_schedule` judges it)."""
+    was, saved = state.get("effective_batch"), state.get("config") or {}
+    if was is None or cfg.batch_size * world_size == int(was) or cfg.batch_size != saved.get("batch_size"):
+        return cfg
+    if int(was) % world_size:
+        return cfg  # no per-process batch keeps it: check_same_schedule says what would
+    if main:
+        print(f"resumed on {world_size} process(es): --batch-size {int(was) // world_size} keeps the run's effective "
+              f"batch {was} (it ran {cfg.batch_size} a process)", flush=True)  # fmt: skip
+    return dataclasses.replace(cfg, batch_size=int(was) // world_size)
+
+
 def check_same_schedule(
     path: Path, state: dict[str, Any], eff_batch: int, steps_per_epoch: int, batch_size: int, world_size: int
 ) -> None:
@@ -496,6 +513,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         except Exception as e:  # damaged as this node sees it
             first = (str(e).strip().splitlines() or [""])[0]
             raise ConfigError(f"cannot load the checkpoint {resumed[0]}: {type(e).__name__}: {first}") from None
+    if resumed is not None and cfg.mode != "knn":
+        cfg = batch_for_processes(cfg, resumed[1], env.world_size, main)
     # every refusal comes before config.json is written: a refused resume leaves the run as it was
     # (the next --resume auto reads its flags from that file)
     eff_batch = cfg.batch_size * env.world_size

@@ -11,6 +11,7 @@ import pytest
 
 from fastmae import finetune as ft
 from fastmae.log import read_metrics
+from fastmae.rundir import release_run_dirs
 from tests.finetuning import REPO, color_classes, run_finetune
 
 
@@ -231,3 +232,22 @@ def test_a_resumed_two_process_run_mixes_as_the_uninterrupted_one(tmp_path, labe
     whole = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     resumed = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")]
     assert [s for s, _ in whole] == list(range(1, 9)) and resumed == whole
+
+
+def test_a_run_resumed_on_more_processes_keeps_its_effective_batch(tmp_path, labelled):
+    """A 1-process run (batch 16) resumed under torchrun on 2: each process takes 8, the run's
+    effective batch, and the run finishes (it was refused, naming the product to keep); the next
+    resume's config has the 8."""
+    data, pre = labelled
+    common = ("--lr", "1e-3", "--warmup-epochs", "0", "--drop-path", "0", "--epochs", "2", "--aa", "")
+    _, run_dir = run_finetune(tmp_path, data, pre, "full", *common, "--max-steps", "3")
+    release_run_dirs()  # this process held it (ft.main lets go at its end; ft.finetune does not)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastmae.finetune", "--run-dir", str(run_dir), "--resume", "auto", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed on 2 process(es): --batch-size 8 keeps the run's effective batch 16" in proc.stdout
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 8
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps[-1] == 8 and steps == sorted(set(steps)), steps  # 2 epochs of 4 steps, on to the end
