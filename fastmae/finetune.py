@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -107,8 +108,8 @@ def load_pretrained(cfg: FinetuneConfig) -> Any:
     """``--pretrained``'s contents; a file that is not a checkpoint is a one-line ``ConfigError``."""
     try:
         return load_checkpoint(cfg.pretrained)
-    except ValueError as e:
-        raise ConfigError(f"--pretrained: {e}") from e
+    except ValueError as e:  # as this node reads it
+        raise distributed.rank_local(ConfigError(f"--pretrained: {e}")) from e
 
 
 def pretrained_weights(cfg: FinetuneConfig, checkpoint: Any) -> dict[str, torch.Tensor]:
@@ -512,7 +513,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             resumed = resumed[0], ckpt.load_checkpoint(resumed[0], map_location=device)
         except Exception as e:  # damaged as this node sees it
             first = (str(e).strip().splitlines() or [""])[0]
-            raise ConfigError(f"cannot load the checkpoint {resumed[0]}: {type(e).__name__}: {first}") from None
+            error = ConfigError(f"cannot load the checkpoint {resumed[0]}: {type(e).__name__}: {first}")
+            raise distributed.rank_local(error) from None
     if resumed is not None and cfg.mode != "knn":
         cfg = batch_for_processes(cfg, resumed[1], env.world_size, main)
     # every refusal comes before config.json is written: a refused resume leaves the run as it was
@@ -711,10 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         finetune(cfg)
         distributed.end_together()
     except (ConfigError, DataError, AttentionBackendError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        # as pretraining's: a setting's error is every rank's, and rank 0 says it once; one met reading
+        # this node's files (the data, the checkpoint) may be no other rank's, so that rank says it
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if (isinstance(e, DataError) or getattr(e, "rank_local", False)) and world > 1:
+            print(f"{PROG}: error: [rank {rank}] {e}", file=sys.stderr)
+        elif rank == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverged run: the step and a hint, not a traceback
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank's loss: said once
+            print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         run_dir = cfg.run_dir or f"runs/finetune-{cfg.mode}"

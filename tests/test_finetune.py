@@ -242,6 +242,20 @@ def test_two_processes_match_one(tmp_path, labelled):
     assert len(a) == len(b) > 1 and b == pytest.approx(a, rel=1e-6)  # measured 1.8e-7
 
 
+def test_a_settings_error_under_torchrun_is_said_once(tmp_path, labelled):
+    """A setting refused after the process group formed (a warm-up longer than the run) is every
+    rank's: rank 0 says it once (each rank printed the same line, as a user's walk-through saw)."""
+    data, pre = labelled
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "fastmae.finetune", "--pretrained", str(pre), "--train-path", str(data), "--num-workers", "0",
+           "--epochs", "2", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"{ft.PROG}: error:")]
+    assert len(errors) == 1 and "--warmup-epochs 5 is longer than --epochs 2" in errors[0], proc.stderr[-2000:]
+
+
 def test_knn_on_two_processes_scores_the_whole_set(tmp_path, labelled):
     """torchrun --mode knn: every rank's share of the training and validation features joins the
     vote and the score (it scored rank 0's share alone: 38.9% on 2 processes where 1 gave 25.0%)."""
