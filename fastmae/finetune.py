@@ -35,13 +35,12 @@ add the official recipe's RandAugment ``rand-m9-mstd0.5-inc1`` (:mod:`fastmae.da
 the torch loader), mixup 0.8 / CutMix 1.0 (soft targets) and random erasing 0.25 on the batch
 (:mod:`fastmae.mixup`), each drawing as timm does. A run continues (``--resume auto``) at
 the effective batch (batch x processes) it started with; on another number of processes, each takes
-its share of it (:func:`batch_for_processes`). Under torchrun, kNN votes and scores over
+its share of it (:func:`~fastmae.finetune_resume.batch_for_processes`). Under torchrun, kNN votes and scores over
 every rank's share.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -62,7 +61,6 @@ from fastmae import distributed, loop
 from fastmae.attention import AttentionBackendError
 from fastmae.cli import to_dict
 from fastmae.config import ConfigError
-from fastmae.convert import fastmae_state_dict, hf_folder_config, load_checkpoint, read_state_dict
 from fastmae.data import BadFileReport, DataError, EpochPlan, Source, build_loader, open_source
 from fastmae.data.eval import EvalLoader, split_source, to_training_labels
 from fastmae.data.randaugment import RandAugment
@@ -72,20 +70,28 @@ from fastmae.finetune_config import (  # noqa: F401 (re-exported: fastmae.finetu
     PATH_FIELDS,
     PROG,
     FinetuneConfig,
+    optimizer_name,
     parse_args,
     recipe,
     saved_config,
     validate,
 )
+from fastmae.finetune_model import (  # noqa: F401 (re-exported, as above)
+    architecture,
+    build_classifier,
+    classifier_head,
+    fit_pos_embed,
+    load_pretrained,
+    pretrained_weights,
+)
+from fastmae.finetune_resume import batch_for_processes, check_resumable, check_same_schedule, saved_mode
 from fastmae.knn import knn_result
 from fastmae.lars import LARS
 from fastmae.log import MetricsLog, record_line, run_environment
 from fastmae.mixup import Mixup, random_erase, soft_target_cross_entropy, step_generators
-from fastmae.pos_embed import interpolate_pos_embed
-from fastmae.pretrained import OFFICIAL_HEADS, weights_shape
 from fastmae.rundir import hold_run_dir, in_use, release_run_dirs
 from fastmae.train import LOCAL_SETTINGS, lr_at, resolve_precision
-from fastmae.vit import VisionTransformer, load_pretrained_encoder, param_groups_lrd
+from fastmae.vit import VisionTransformer, param_groups_lrd
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after a checkpoint, as the trainer
 
@@ -96,128 +102,6 @@ class Stopped(Exception):
     def __init__(self, step: int, checkpoint: Path | None):
         super().__init__(f"stopped by a signal at step {step}; checkpoint {checkpoint}")
         self.step, self.checkpoint = step, checkpoint
-
-
-# ------------------------------------------------------------------------------------------ model
-
-
-ARCH_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-
-
-def load_pretrained(cfg: FinetuneConfig) -> Any:
-    """``--pretrained``'s contents; a file that is not a checkpoint is a one-line ``ConfigError``."""
-    try:
-        return load_checkpoint(cfg.pretrained)
-    except ValueError as e:  # as this node reads it
-        raise distributed.rank_local(ConfigError(f"--pretrained: {e}")) from e
-
-
-def pretrained_weights(cfg: FinetuneConfig, checkpoint: Any) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights in fastmae names: wrapper prefixes (DDP ``module.``, EasyCV
-    ``encoder.``) stripped and Hugging Face keys converted, as every reader below expects."""
-    try:
-        return fastmae_state_dict(read_state_dict(checkpoint))
-    except ValueError as e:
-        raise ConfigError(f"--pretrained {cfg.pretrained}: {e}") from e
-
-
-def architecture(cfg: FinetuneConfig, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
-    """The encoder's constructor arguments: a fastmae checkpoint's config, else ``--model`` / the weights.
-
-    A fastmae fine-tuning checkpoint carries its ``architecture``; its ``config`` is the fine-tuning
-    one, without the encoder's, so older ones are read off the weights like any other. The result is
-    checked here, before anything is built, so that a bad combination is a one-line error.
-    """
-    c, saved = (checkpoint.get("config"), checkpoint.get("architecture")) if isinstance(checkpoint, dict) else (0, 0)
-    if cfg.model != "auto":
-        patch, dim, depth, heads = ARCHS[cfg.model]
-        arch = dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, img_size=224)
-    elif isinstance(saved, dict):
-        arch = dict(saved)
-    elif isinstance(c, dict) and all(k in c for k in ARCH_KEYS):
-        arch = {k: c[k] for k in ARCH_KEYS}
-    elif checkpoint is not None:  # weights only: read the shapes
-        shape = weights_shape(pretrained_weights(cfg, checkpoint))
-        dim, patch = shape["embed_dim"], shape["patch_size"]
-        hf = hf_folder_config(cfg.pretrained)  # a Hugging Face folder says its heads
-        heads = hf["num_attention_heads"] if hf else OFFICIAL_HEADS.get(dim, max(1, dim // 64))
-        if not hf and cfg.num_heads is None:  # a wrong guess is another function, silently: say it
-            print(f"guessed num_heads={heads} (the checkpoint does not say; --num-heads if wrong)", flush=True)
-        arch = dict(patch_size=patch, embed_dim=dim, depth=shape["depth"], num_heads=heads,
-                    img_size=shape["grid"] * patch)  # fmt: skip
-    else:
-        raise ConfigError("no architecture: pass --model or a --pretrained checkpoint")
-    if cfg.img_size:
-        arch["img_size"] = cfg.img_size
-    if cfg.num_heads:
-        arch["num_heads"] = cfg.num_heads
-    if arch["img_size"] % arch["patch_size"]:
-        raise ConfigError(f"--img-size {arch['img_size']} is not a multiple of the patch size {arch['patch_size']}")
-    if arch["embed_dim"] % arch["num_heads"]:
-        raise ConfigError(f"{arch['num_heads']} heads do not divide the width {arch['embed_dim']} (--num-heads)")
-    if cfg.mode == "partial" and not 0 <= cfg.trainable_blocks <= arch["depth"]:
-        raise ConfigError(f"--trainable-blocks must be in [0, {arch['depth']}] (the depth), got {cfg.trainable_blocks}")
-    return arch
-
-
-def fit_pos_embed(
-    sd: dict[str, torch.Tensor], grid: int, verbose: bool = True, name: str = "the checkpoint"
-) -> dict[str, torch.Tensor]:
-    """``sd`` with its ``pos_embed`` resampled to a ``grid x grid`` patch grid when it has another
-    (bicubic, the cls row kept: :func:`~fastmae.pos_embed.interpolate_pos_embed`), saying so. One
-    that is not a cls row + a square grid is a one-line ``ConfigError`` (``name`` says whose)."""
-    old = weights_shape(sd)["grid"]
-    if sd["pos_embed"].shape[1] != 1 + old * old:
-        raise ConfigError(f"{name}'s pos_embed has {sd['pos_embed'].shape[1]} rows: not a cls row and a square "
-                          "patch grid, which fastmae's ViT has")  # fmt: skip
-    if old == grid:
-        return sd
-    if verbose:
-        print(f"position embedding interpolated from {old}x{old} to {grid}x{grid} patches (bicubic, as the "
-              "official fine-tuning)", flush=True)  # fmt: skip
-    return {**sd, "pos_embed": interpolate_pos_embed(sd["pos_embed"], grid)}
-
-
-def build_classifier(
-    cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, weights: Any, verbose: bool = True
-) -> VisionTransformer:
-    """The classifier, with ``weights``' encoder when given (checked to fit before the model is built).
-
-    A checkpoint of another patch grid (``--img-size`` 384 from a 224 one) has its position
-    embedding resampled as the official fine-tuning does (:func:`fit_pos_embed`).
-
-    kNN reads frozen features with nothing trained after them, so its ``fc_norm`` is the pretrained
-    final norm (the trainer's kNN monitor's features), not the fresh one that fine-tuning trains.
-    """
-    sd = None
-    if weights is not None:
-        sd = pretrained_weights(cfg, weights)
-        have = weights_shape(sd)
-        want = dict(arch, grid=arch["img_size"] // arch["patch_size"])
-        for name in ("patch_size", "embed_dim", "depth"):
-            if have[name] != want[name]:
-                raise ConfigError(
-                    f"--pretrained {cfg.pretrained} has {name} {have[name]} where the model"
-                    + (f" (--model {cfg.model})" if cfg.model != "auto" else "")
-                    + f" has {want[name]}"
-                )
-        sd = fit_pos_embed(sd, want["grid"], verbose, f"--pretrained {cfg.pretrained}")
-    torch.manual_seed(cfg.seed)
-    vit = VisionTransformer(
-        **arch,
-        num_classes=num_classes,
-        global_pool=cfg.global_pool,
-        drop_path_rate=cfg.drop_path,
-        linear_probe=cfg.mode == "linear",
-        attn_backend=cfg.attn_backend,
-    )
-    if sd is not None:
-        try:
-            load_pretrained_encoder(vit, sd, pretrained_fc_norm=cfg.mode == "knn")
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"--pretrained {cfg.pretrained} does not load: {e.args[0]}") from e
-    vit.freeze_for("linear" if cfg.mode in ("linear", "knn") else cfg.mode, cfg.trainable_blocks)
-    return vit
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -260,15 +144,6 @@ def evaluate(model: torch.nn.Module, loader: EvalLoader, autocast: Any, num_clas
     model.train()
     hits1, hits5, n = counts.tolist()
     return {"top1": 100.0 * hits1 / max(n, 1), "top5": 100.0 * hits5 / max(n, 1), "n": int(n)}
-
-
-def classifier_head(sd: dict[str, torch.Tensor]) -> tuple[int, bool, bool]:
-    """(classes, global pool, linear-probe head) of a classifier's weights (fastmae names)."""
-    head = sd.get("head.1.weight", sd.get("head.weight"))
-    if head is None:
-        raise ConfigError("it has no classification head (head.weight): a pretrained encoder is fine-tuned "
-                          "(--mode full / linear) or scored by its features (--mode knn)")  # fmt: skip
-    return int(head.shape[0]), "fc_norm.weight" in sd, "head.1.weight" in sd
 
 
 def score_classifier(
@@ -340,15 +215,15 @@ def score_classifier(
     result = {"mode": "eval", "top1": metrics["top1"], "top5": metrics["top5"], "n_val": metrics["n"],
               "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
     if main:
-        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_results(run_dir, result)
         print(f"eval: val top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% over {result['n_val']} images; "
               f"run dir {run_dir}", flush=True)  # fmt: skip
     return result
 
 
-def optimizer_name(mode: str, optimizer: str) -> str:
-    """``--optimizer`` with ``auto`` resolved: the recipe's LARS for the linear probe, else AdamW."""
-    return optimizer if optimizer != "auto" else ("lars" if mode == "linear" else "adamw")
+def write_results(run_dir: Path, result: dict[str, Any]) -> None:
+    """A finished run's ``results.json`` (every mode's, rank 0's)."""
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def lars_reach(cfg: FinetuneConfig, peak_lr: float, total: int, steps_per_epoch: int) -> float:
@@ -380,88 +255,6 @@ def build_optimizer(
 
 
 # -------------------------------------------------------------------------------------------- run
-
-
-def saved_mode(run_dir: Path) -> str | None:
-    """The mode of the run ``run_dir`` holds (its ``config.json``, else ``results.json``), or None."""
-    for name in ("config.json", "results.json"):
-        try:
-            mode = json.loads((run_dir / name).read_text()).get("mode")
-        except (OSError, ValueError, AttributeError):  # absent, or not a run's file: the next one says
-            continue
-        if isinstance(mode, str):
-            return mode
-    return None
-
-
-def check_resumable(
-    cfg: FinetuneConfig, arch: dict[str, Any], num_classes: int, path: Path, state: dict[str, Any]
-) -> None:
-    """Refuse, in one line naming both, a checkpoint that another kind of run saved, before loading it.
-
-    Another number of classes or architecture would be a size-mismatch traceback, another mode or
-    pooling missing / unexpected keys, and another optimizer's state (LARS's into AdamW) or another
-    set of trainable blocks would not fit the optimizer: none of it is this run to continue.
-    """
-    saved = state.get("config") if isinstance(state.get("config"), dict) else {}
-    head = state.get("model", {}).get("head.weight")
-    checks = [  # (the checkpoint's, this run's, how to say it); None: the checkpoint does not say
-        (saved.get("mode"), cfg.mode, lambda v: f"--mode {v}"),
-        (None if head is None else int(head.shape[0]), num_classes, lambda v: f"{v} classes"),
-        (saved.get("global_pool"), cfg.global_pool, lambda v: "--global-pool" if v else "--no-global-pool"),
-    ]
-    if "mode" in saved:
-        was = optimizer_name(saved["mode"], saved.get("optimizer", "auto"))
-        checks.append((was, optimizer_name(cfg.mode, cfg.optimizer), lambda v: f"--optimizer {v}"))
-    if cfg.mode == "partial":
-        checks.append((saved.get("trainable_blocks"), cfg.trainable_blocks, lambda v: f"--trainable-blocks {v}"))
-    saved_arch = state.get("architecture")
-    if isinstance(saved_arch, dict):  # keys both have: an older one may lack mlp_ratio (the default)
-        differ = [k for k in arch if k in saved_arch and saved_arch[k] != arch[k]]
-        was, now = ({k: d[k] for k in differ} for d in (saved_arch, arch))
-        checks.append((was, now, lambda v: ", ".join(f"{k} {x}" for k, x in v.items())))
-    for was, now, say in checks:
-        if was is not None and was != now:
-            raise ConfigError(
-                f"cannot resume {path}: it was saved with {say(was)}, this run has {say(now)} "
-                "(the same settings to continue it, or another --run-dir)"
-            )
-
-
-def batch_for_processes(cfg: FinetuneConfig, state: dict[str, Any], world_size: int, main: bool) -> FinetuneConfig:
-    """``cfg`` resumed on another number of processes: the per-process batch that keeps the run's
-    effective batch, when the run's own ``--batch-size`` is asked for and the processes divide it
-    (a --batch-size of another value is the user's, and :func:`check_same_schedule` judges it)."""
-    was, saved = state.get("effective_batch"), state.get("config") or {}
-    if was is None or cfg.batch_size * world_size == int(was) or cfg.batch_size != saved.get("batch_size"):
-        return cfg
-    if int(was) % world_size:
-        return cfg  # no per-process batch keeps it: check_same_schedule says what would
-    if main:
-        print(f"resumed on {world_size} process(es): --batch-size {int(was) // world_size} keeps the run's effective "
-              f"batch {was} (it ran {cfg.batch_size} a process)", flush=True)  # fmt: skip
-    return dataclasses.replace(cfg, batch_size=int(was) // world_size)
-
-
-def check_same_schedule(
-    path: Path, state: dict[str, Any], eff_batch: int, steps_per_epoch: int, batch_size: int, world_size: int
-) -> None:
-    """Refuse, in one line, to continue a checkpoint whose step counted other batches: its step
-    would land in another epoch, at another lr (the epoch is step / steps an epoch, the lr scales
-    with the effective batch). A checkpoint that does not say (an older one) is taken as is."""
-    was = state.get("effective_batch")
-    if was is not None and int(was) != eff_batch:
-        raise ConfigError(
-            f"cannot resume {path}: it trained at an effective batch of {was} (--batch-size x processes), this run "
-            f"has {eff_batch} ({batch_size} x {world_size}): continue it with a --batch-size and process count "
-            f"whose product is {was}"
-        )
-    was = state.get("steps_per_epoch")
-    if was is not None and int(was) != steps_per_epoch:
-        raise ConfigError(
-            f"cannot resume {path}: its epochs were {was} steps, this run's training data gives {steps_per_epoch}: "
-            "the training images changed (continue it on the same data, or start another --run-dir)"
-        )
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -571,7 +364,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             scores = knn_result(encode, train_eval, val_loader, num_classes, cfg.knn_k, cfg.knn_t)
         result = {"mode": "knn", "k": cfg.knn_k, **scores, "n_val": len(val_src)}
         if main:
-            (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_results(run_dir, result)
             print(f"kNN (k={cfg.knn_k}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%", flush=True)
         return result
 
@@ -640,14 +433,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                     lr = lr_at(step / steps_per_epoch, peak_lr, cfg)
                     for g in optimizer.param_groups:
                         g["lr"] = lr * g["lr_scale"]
-                    # the step's own generators: every rank mixes its own way, and a resume (whose
-                    # checkpoint holds rank 0's RNG states only) mixes as the uninterrupted run
-                    np_rng, py_rng, gen = step_generators(cfg.seed, env.rank, step, images.device)
-                    if cfg.reprob > 0:
-                        random_erase(images, cfg.reprob, py_rng, gen)
                     target = None
-                    if mix is not None:
-                        images, target = mix(images, labels, np_rng)
+                    if cfg.reprob > 0 or mix is not None:
+                        # the step's own generators: every rank mixes its own way, and a resume (whose
+                        # checkpoint holds rank 0's RNG states only) mixes as the uninterrupted run
+                        np_rng, py_rng, gen = step_generators(cfg.seed, env.rank, step, images.device)
+                        if cfg.reprob > 0:
+                            random_erase(images, cfg.reprob, py_rng, gen)
+                        if mix is not None:
+                            images, target = mix(images, labels, np_rng)
                     with autocast:
                         logits = fwd(images)
                     if target is not None:  # mixed: soft targets, the smoothing in them
@@ -701,7 +495,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result = {"mode": cfg.mode, "step": step, "top1": metrics["top1"], "top5": metrics["top5"], "n_val": metrics["n"], "best_top1": max(best, metrics["top1"]),
               "minutes": (time.perf_counter() - t0) / 60}  # fmt: skip
     if main:
-        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_results(run_dir, result)
         print(f"{cfg.mode}: val top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  (best top-1 "
               f"{result['best_top1']:.2f}%); run dir {run_dir}", flush=True)  # fmt: skip
     return result

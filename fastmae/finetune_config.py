@@ -129,6 +129,11 @@ def recipe(cfg: FinetuneConfig, depth: int) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
+def optimizer_name(mode: str, optimizer: str) -> str:
+    """``--optimizer`` with ``auto`` resolved: the recipe's LARS for the linear probe, else AdamW."""
+    return optimizer if optimizer != "auto" else ("lars" if mode == "linear" else "adamw")
+
+
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     parser = dataclass_parser(
         FinetuneConfig,
